@@ -1,0 +1,3 @@
+from tieremu.cli import main
+
+main()

@@ -1,0 +1,132 @@
+"""The `tieremu` command line: one click group, a subcommand per job; each subcommand's work lives in its layer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from tieremu import __version__
+from tieremu.bench.placement import bench_placement
+from tieremu.errors import TieremuError
+from tieremu.numa.sysfs import ROOT_ENV
+from tieremu.numa.topology import discover
+from tieremu.runner.experiment import run_experiment
+from tieremu.runner.manifest import topology_summary
+from tieremu.runner.spec import load_experiment
+from tieremu.tiers.check import NOT_ENFORCED, check_tiers
+from tieremu.tiers.config import load_tier_map
+from tieremu.tiers.resolve import resolve
+from tieremu.views import checks_table, hops_table, placement_bench_table, topology_table
+
+
+class _Group(click.Group):
+    """Prints TieremuError as one clear line and exits 2 instead of showing a traceback."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except TieremuError as exc:
+            click.echo(f"tieremu: error: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tieremu")
+def main() -> None:
+    """tieremu: memory-tier emulation testbed for LLM inference on real Linux NUMA."""
+
+
+def _config(*parts: str) -> str:
+    """A shipped config: from the source tree tieremu runs from, else relative to the working directory."""
+    shipped = Path(__file__).resolve().parents[1] / "configs" / Path(*parts)
+    return str(shipped if shipped.exists() else Path("configs", *parts))
+
+
+def _console() -> Console:
+    return Console(width=max(120, Console().width))
+
+
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the topology as JSON instead of a table.")
+@click.option("--sysfs-root", type=click.Path(exists=True, file_okay=False), default=None,
+              help=f"Read sys/ and proc/ under this directory instead of / (also: ${ROOT_ENV}).")
+def topo(as_json: bool, sysfs_root: str | None) -> None:
+    """Show the machine as tiers see it: one row per NUMA node with CPUs, memory, SLIT distances, HMAT
+    latency/bandwidth, memory tier and whether it is CPU-less."""
+    topology = discover(sysfs_root)
+    if as_json:
+        _print_json({"root": topology.root, "online": list(topology.online),
+                     "cpuless_nodes": list(topology.cpuless_nodes), **topology_summary(topology),
+                     "knobs": asdict(topology.knobs)})
+    else:
+        _console().print(topology_table(topology))
+
+
+@main.command()
+@click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
+              help="Tier map YAML (default: configs/tiers/cxl-expander.yaml).")
+@click.option("--size-mib", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Size of the region allocated per tier.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def check(tiers_file: str | None, size_mib: int, as_json: bool) -> None:
+    """For every tier: allocate a small region, ask the kernel where its pages are, and report `enforced`,
+    `emulated` or `not enforced` with the reason. Exits 1 when any tier is not enforced."""
+    tier_map = load_tier_map(tiers_file or _config("tiers", "cxl-expander.yaml"))
+    resolved = resolve(tier_map, discover())
+    checks = check_tiers(resolved, size_mib << 20)
+    if as_json:
+        _print_json({"tier_map": tier_map.name, "checks": [c.to_dict() for c in checks]})
+    else:
+        _console().print(checks_table(checks))
+    if any(c.status == NOT_ENFORCED for c in checks):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False), default=None, required=False)
+@click.option("--out", "out_root", type=click.Path(file_okay=False), default="results", show_default=True,
+              help="Results root; the run lands in OUT/<experiment>/<timestamp>/.")
+def run(spec: str | None, out_root: str) -> None:
+    """Run an experiment spec (default: configs/experiments/default.yaml) and write its result folder:
+    manifest.json, metrics.jsonl and summary.csv."""
+    experiment = load_experiment(spec or _config("experiments", "default.yaml"))
+    console = _console()
+    console.print(f"[bold]{experiment.name}[/]: {experiment.description}")
+    result = run_experiment(experiment, Path(out_root))
+    console.print(topology_table(result.topology))
+    for t in result.resolved.tiers:
+        console.print(f"tier [bold]{t.name}[/]: {t.label} — {t.reason}")
+    console.print(checks_table(result.checks))
+    if result.hops:
+        console.print(hops_table(result.hops))
+    console.print(f"results: {result.path}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print figures and ratios (medians over repeats, with load and steal time)."""
+
+
+@bench.command("placement")
+@click.option("--size-mib", default=256, show_default=True, type=click.IntRange(min=1), help="Region size.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats.")
+@click.option("--hugepages", is_flag=True, help="Back the region with transparent huge pages.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_placement_cmd(size_mib: int, repeats: int, hugepages: bool, as_json: bool) -> None:
+    """Placement-query speed (pages/s) and migration throughput (GB/s) between every pair of memory nodes."""
+    result = bench_placement(discover(), size_mib << 20, repeats, hugepages)
+    if as_json:
+        _print_json(asdict(result))
+        return
+    _console().print(placement_bench_table(result))
+    for note in result.notes:
+        click.echo(f"note: {note}")

@@ -1,0 +1,1 @@
+"""Experiment specs, run manifests and results on disk."""

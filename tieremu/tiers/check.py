@@ -1,0 +1,82 @@
+"""Is my memory where I think it is? Allocate a small region per tier and ask the kernel where it landed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tieremu.errors import CapabilityError, InvalidNodeError, NumaError, PlacementError
+from tieremu.numa import syscalls
+from tieremu.numa.pages import Placement
+from tieremu.numa.sysfs import format_list
+from tieremu.tiers.region import allocate
+from tieremu.tiers.resolve import Backing, ResolvedTier, ResolvedTierMap
+
+ENFORCED = "enforced"
+EMULATED = "emulated"
+NOT_ENFORCED = "not enforced"
+
+DEFAULT_CHECK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class TierCheck:
+    tier: str
+    backing: str  # real | vm | emulated
+    status: str  # enforced | emulated | not enforced
+    nodes: tuple[int, ...]  # where the memory was asked to go
+    achieved_fraction: float  # share of the region's pages found on those nodes
+    placement: Placement | None
+    reason: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "tier": self.tier, "backing": self.backing, "status": self.status, "nodes": list(self.nodes),
+            "achieved_fraction": self.achieved_fraction, "reason": self.reason,
+            "pages_by_node": self.placement.by_node if self.placement else {},
+            "pages_absent": self.placement.absent if self.placement else {},
+        }
+
+
+def check_tiers(resolved: ResolvedTierMap, nbytes: int = DEFAULT_CHECK_BYTES) -> list[TierCheck]:
+    return [check_tier(t, nbytes) for t in resolved.tiers]
+
+
+def check_tier(tier: ResolvedTier, nbytes: int = DEFAULT_CHECK_BYTES) -> TierCheck:
+    spec = tier.spec
+
+    def verdict(status: str, fraction: float, placement: Placement | None, reason: str) -> TierCheck:
+        return TierCheck(tier.name, tier.label, status, tier.nodes, fraction, placement, reason)
+
+    try:
+        region = allocate(nbytes, tier.nodes, spec.policy)
+    except CapabilityError as exc:
+        return verdict(NOT_ENFORCED, 0.0, None, f"no CAP_SYS_NICE: {exc}")
+    except InvalidNodeError as exc:
+        return verdict(NOT_ENFORCED, 0.0, None, f"node missing: {exc}")
+    except NumaError as exc:
+        return verdict(NOT_ENFORCED, 0.0, None, f"policy refused: {exc}")
+    try:
+        placement = region.placement()
+    finally:
+        region.close()
+
+    fraction = placement.fraction_on(tier.nodes)
+    if fraction < 1.0:
+        return verdict(NOT_ENFORCED, fraction, placement,
+                       f"only {fraction:.1%} of pages on node {format_list(tier.nodes)}: {placement.describe()}")
+    if spec.policy in (syscalls.Policy.INTERLEAVE, syscalls.Policy.WEIGHTED_INTERLEAVE) and len(tier.nodes) > 1:
+        unused = [n for n in tier.nodes if placement.by_node.get(n, 0) == 0]
+        if unused:
+            return verdict(NOT_ENFORCED, fraction, placement,
+                           f"{spec.policy.name.lower()} left node {format_list(unused)} empty: {placement.describe()}")
+    if tier.backing is Backing.EMULATED:
+        return verdict(EMULATED, fraction, placement, tier.reason)
+    return verdict(ENFORCED, fraction, placement, f"{placement.pages} of {placement.pages} pages on node "
+                                                  f"{format_list(tier.nodes)} ({spec.policy.name.lower()})")
+
+
+def raise_unless_enforced(checks: list[TierCheck]) -> None:
+    """For callers that must not carry on with unenforced placement."""
+    bad = [c for c in checks if c.status == NOT_ENFORCED]
+    if bad:
+        raise PlacementError("; ".join(f"tier {c.tier}: {c.reason}" for c in bad))

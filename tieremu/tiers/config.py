@@ -1,0 +1,124 @@
+"""Tier maps as written in `configs/tiers/*.yaml`: which tiers exist, where their memory lives, how fast they should be.
+
+A tier map is a list ordered fastest first, which is also the demotion order later layers walk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tieremu.configfile import Section, load_yaml, positive
+from tieremu.numa.syscalls import Policy
+
+KINDS = ("numa",)
+POLICIES = tuple(p.name.lower() for p in Policy if p.takes_nodes)
+
+
+@dataclass(frozen=True)
+class TimingTarget:
+    """How fast a tier should be when it is emulated: absolute figures or ratios to the local node."""
+
+    latency_ns: float | None = None
+    latency_ratio: float | None = None
+    bandwidth_gbps: float | None = None
+    bandwidth_ratio: float | None = None
+
+    def describe(self) -> str:
+        parts = []
+        if self.latency_ns is not None:
+            parts.append(f"latency {self.latency_ns:g} ns")
+        if self.latency_ratio is not None:
+            parts.append(f"latency {self.latency_ratio:g}x local")
+        if self.bandwidth_gbps is not None:
+            parts.append(f"bandwidth {self.bandwidth_gbps:g} GB/s")
+        if self.bandwidth_ratio is not None:
+            parts.append(f"bandwidth {self.bandwidth_ratio:g}x local")
+        return ", ".join(parts) or "no targets"
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    name: str
+    kind: str
+    nodes: tuple[int, ...]
+    policy: Policy
+    weights: tuple[int, ...] | None
+    allow_emulation: bool
+    emulate: TimingTarget | None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class TierMap:
+    name: str
+    tiers: tuple[TierSpec, ...]
+    description: str = ""
+    source: Path | None = None
+
+    def tier(self, name: str) -> TierSpec:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tier {name!r} in tier map {self.name!r}; tiers: {', '.join(self.names)}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tiers)
+
+
+def load_tier_map(path: str | Path) -> TierMap:
+    return parse_tier_map(load_yaml(path))
+
+
+def parse_tier_map(doc: Section) -> TierMap:
+    name = doc.get("name", str)
+    description = doc.get("description", str, "")
+    tiers = tuple(_tier(s) for s in doc.sections("tiers"))
+    doc.done()
+    if not tiers:
+        raise doc.error("tiers", "a tier map needs at least one tier")
+    seen: set[str] = set()
+    for i, t in enumerate(tiers):
+        if t.name in seen:
+            raise doc.error(f"tiers[{i}].name", f"duplicate tier name {t.name!r}")
+        seen.add(t.name)
+    return TierMap(name=name, tiers=tiers, description=description, source=doc.source)
+
+
+def _tier(s: Section) -> TierSpec:
+    name = s.get("name", str)
+    kind = s.get("kind", str, "numa", choices=KINDS)
+    nodes = s.ints("nodes")
+    if not nodes or any(n < 0 for n in nodes):
+        raise s.error("nodes", f"{list(nodes)}: give one or more node ids (0 or greater)")
+    policy = Policy.from_name(s.get("policy", str, "bind", choices=POLICIES))
+    weights = s.ints("weights", None)
+    if policy == Policy.WEIGHTED_INTERLEAVE:
+        if weights is None or len(weights) != len(nodes) or any(not 1 <= w <= 255 for w in weights):
+            raise s.error("weights", f"{weights}: weighted_interleave needs one weight (1..255) per node of "
+                                     f"{list(nodes)}")
+    elif weights is not None:
+        raise s.error("weights", f"only valid with policy weighted_interleave, not {policy.name.lower()}")
+    if policy == Policy.PREFERRED and len(nodes) != 1:
+        raise s.error("nodes", f"{list(nodes)}: policy preferred takes exactly one node (use preferred_many)")
+    allow = s.get("allow_emulation", bool, False)
+    emulate = _timing(s.section("emulate")) if s.has("emulate") else None
+    description = s.get("description", str, "")
+    s.done()
+    return TierSpec(name, kind, nodes, policy, weights, allow, emulate, description)
+
+
+def _timing(s: Section) -> TimingTarget:
+    target = TimingTarget(
+        latency_ns=s.get("latency_ns", float, None, check=positive),
+        latency_ratio=s.get("latency_ratio", float, None, check=positive),
+        bandwidth_gbps=s.get("bandwidth_gbps", float, None, check=positive),
+        bandwidth_ratio=s.get("bandwidth_ratio", float, None, check=positive),
+    )
+    s.done()
+    if target.latency_ns is not None and target.latency_ratio is not None:
+        raise s.error("latency_ns", "give latency_ns or latency_ratio, not both")
+    if target.bandwidth_gbps is not None and target.bandwidth_ratio is not None:
+        raise s.error("bandwidth_gbps", "give bandwidth_gbps or bandwidth_ratio, not both")
+    return target

@@ -1,0 +1,102 @@
+"""Resolving a tier map against the machine: each tier becomes real, vm or emulated, and says which and why.
+
+Nothing is ever silently emulated: a tier whose node is missing is an error unless its config allows
+emulation, and then every result that touches it carries the `emulated` label.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+from tieremu.errors import ResolutionError
+from tieremu.numa.sysfs import format_list
+from tieremu.numa.topology import Topology
+from tieremu.tiers.config import TierMap, TierSpec
+
+IN_VM_ENV = "TIEREMU_IN_VM"
+
+
+class Backing(enum.Enum):
+    """What makes a tier, which decides what its figures mean."""
+
+    REAL = "real"  # a real NUMA node: figures are `measured`
+    VM = "vm"  # a node of tieremu's QEMU guest: semantics real, speeds are emulation artefacts
+    EMULATED = "emulated"  # the node is missing; memory lives on a real node and a timing model applies
+
+    @property
+    def origin(self) -> str:
+        return "emulated" if self is Backing.EMULATED else "measured"
+
+
+@dataclass(frozen=True)
+class ResolvedTier:
+    spec: TierSpec
+    backing: Backing
+    nodes: tuple[int, ...]  # the nodes its memory really goes to
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def label(self) -> str:
+        return self.backing.value
+
+
+@dataclass(frozen=True)
+class ResolvedTierMap:
+    tier_map: TierMap
+    tiers: tuple[ResolvedTier, ...]
+
+    def tier(self, name: str) -> ResolvedTier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise ResolutionError(f"no tier {name!r} in tier map {self.tier_map.name!r}; "
+                              f"tiers: {', '.join(self.tier_map.names)}")
+
+    @property
+    def any_emulated(self) -> bool:
+        return any(t.backing is Backing.EMULATED for t in self.tiers)
+
+
+def in_vm() -> bool:
+    """Whether we run inside tieremu's multi-node QEMU guest (`tieremu vm run` sets the variable)."""
+    return os.environ.get(IN_VM_ENV) == "1"
+
+
+def resolve(tier_map: TierMap, topology: Topology, *, vm: bool | None = None) -> ResolvedTierMap:
+    vm = in_vm() if vm is None else vm
+    return ResolvedTierMap(tier_map, tuple(_resolve_tier(t, topology, vm) for t in tier_map.tiers))
+
+
+def _resolve_tier(spec: TierSpec, topo: Topology, vm: bool) -> ResolvedTier:
+    missing = [n for n in spec.nodes if n not in topo.memory_nodes]
+    if not missing:
+        backing = Backing.VM if vm else Backing.REAL
+        where = "in the QEMU guest" if vm else "on this machine"
+        return ResolvedTier(spec, backing, spec.nodes, f"node {format_list(spec.nodes)} exists {where}")
+    valid = format_list(topo.memory_nodes) or "none"
+    if not spec.allow_emulation:
+        raise ResolutionError(
+            f"tier {spec.name!r}: node {format_list(missing)} does not exist or has no memory on this machine "
+            f"(memory nodes: {valid}); set allow_emulation: true in the tier map to emulate it on the "
+            "nearest real node, or change its nodes"
+        )
+    host = _emulation_host(topo)
+    target = spec.emulate.describe() if spec.emulate else "no timing targets"
+    return ResolvedTier(
+        spec, Backing.EMULATED, (host,),
+        f"node {format_list(missing)} missing (memory nodes: {valid}); emulated on node {host} ({target})",
+    )
+
+
+def _emulation_host(topo: Topology) -> int:
+    """The real memory node nearest to the CPUs that will run the workload (the first CPU node)."""
+    if not topo.memory_nodes:
+        raise ResolutionError("this machine reports no memory node; cannot host an emulated tier")
+    origin = topo.cpu_nodes[0] if topo.cpu_nodes else topo.memory_nodes[0]
+    return topo.nearest_memory_node(origin)

@@ -1,0 +1,79 @@
+"""Terminal tables for what the commands compute; the data itself stays in dataclasses."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from tieremu.bench.placement import PlacementBench
+from tieremu.numa.sysfs import format_list
+from tieremu.numa.topology import Topology
+from tieremu.tiers.check import TierCheck
+from tieremu.workloads.roundtrip import Hop
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f}"
+
+
+def topology_table(topo: Topology) -> Table:
+    table = Table(title=f"NUMA topology ({topo.root})")
+    for col in ("node", "cpus", "cpu-less", "memory MiB", "free MiB", "distances", "HMAT read lat/bw",
+                "HMAT write lat/bw", "memory tier"):
+        table.add_column(col)
+    for n in topo.nodes.values():
+        acc = n.access.get(0) or n.access.get(1)
+        read = f"{acc.read_latency_ns} ns / {acc.read_bandwidth_mbps} MB/s" if acc else "-"
+        write = f"{acc.write_latency_ns} ns / {acc.write_bandwidth_mbps} MB/s" if acc else "-"
+        table.add_row(str(n.id), format_list(n.cpus) or "-", "yes" if n.cpuless else "no",
+                      _mib(n.mem_total_bytes), _mib(n.mem_free_bytes),
+                      " ".join(str(n.distances[d]) for d in sorted(n.distances)), read, write,
+                      "-" if n.memory_tier is None else str(n.memory_tier))
+    k = topo.knobs
+    table.caption = (f"numa_balancing={k.numa_balancing} demotion_enabled={k.demotion_enabled} "
+                     f"THP={k.thp_enabled} memory tiers: "
+                     + (" ".join(f"{t}:{format_list(ns)}" for t, ns in topo.memory_tiers.items()) or "-"))
+    if topo.node_memory_underreported:
+        table.caption += ("\nnote: per-node MemTotal adds up to less than the system's: this kernel defers "
+                          "memory init, so per-node free memory under-reports here")
+    return table
+
+
+def checks_table(checks: list[TierCheck]) -> Table:
+    table = Table(title="Tier placement check")
+    for col in ("tier", "backing", "nodes", "status", "on nodes", "reason"):
+        table.add_column(col, overflow="fold")
+    style = {"enforced": "green", "emulated": "yellow", "not enforced": "red"}
+    for c in checks:
+        table.add_row(c.tier, c.backing, format_list(c.nodes), f"[{style[c.status]}]{c.status}[/]",
+                      f"{c.achieved_fraction:.1%}", c.reason)
+    return table
+
+
+def hops_table(hops: list[Hop]) -> Table:
+    table = Table(title="Migration round trip (pages asked of the kernel after every hop)")
+    for col in ("hop", "node", "origin", "pages", "moved", "already", "failed", "GB/s", "on target", "data", "note"):
+        table.add_column(col, overflow="fold")
+    for h in hops:
+        table.add_row(f"{h.source} → {h.target}", str(h.target_node), h.origin, str(h.pages), str(h.moved),
+                      str(h.already), str(sum(h.failed.values())), f"{h.gb_per_s:.2f}" if h.moved else "-",
+                      f"{h.fraction_on_target:.1%}", "intact" if h.checksum_ok else "[red]CORRUPT[/]", h.note)
+    return table
+
+
+def placement_bench_table(b: PlacementBench) -> Table:
+    page = "2 MiB THP" if b.hugepages else f"{b.page_size // 1024} KiB"
+    table = Table(title=f"Placement bench: {b.size_bytes >> 20} MiB region, {page} pages, "
+                        f"median of {b.repeats} ({b.origin})")
+    for col in ("operation", "median", "min", "max", "spread"):
+        table.add_column(col)
+    for label, s, unit in (("placement query (move_pages, no nodes)", b.query_pages_per_s, "pages/s"),
+                           ("move_pages to current node (no-op)", b.noop_move_pages_per_s, "pages/s")):
+        table.add_row(label, f"{s.median:,.0f} {unit}", f"{s.min:,.0f}", f"{s.max:,.0f}", f"{s.spread:.1%}")
+    for m in b.migrations:
+        s = m.gb_per_s
+        table.add_row(f"migrate node {m.source} → {m.target}", f"{s.median:.2f} GB/s", f"{s.min:.2f}",
+                      f"{s.max:.2f}", f"{s.spread:.1%}")
+    load = b.load
+    table.caption = (f"load {load.loadavg_1m:.2f} on {load.cpus} CPUs, steal {load.steal_fraction:.1%}"
+                     + (" — NOISY run" if load.noisy else ""))
+    return table

@@ -1,0 +1,1 @@
+"""Workloads that drive the tiers: micro-benchmarks now; decode runs and trace replay later."""

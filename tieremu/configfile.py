@@ -79,6 +79,8 @@ class Section:
         return Section(value, self.key_path(key), self.source)
 
     def has(self, key: str) -> bool:
+        """Whether key is present; asking makes it a known key of this section."""
+        self._seen.add(key)
         return key in self.data
 
     def sections(self, key: str) -> list[Section]:

@@ -18,7 +18,8 @@ T = TypeVar("T")
 
 
 def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
-    return Path(root if root is not None else os.environ.get(ROOT_ENV, "/"))
+    """The given root, else $TIEREMU_SYSFS_ROOT if set and not empty, else /."""
+    return Path(root if root is not None else (os.environ.get(ROOT_ENV) or "/"))
 
 
 def parse_list(text: str) -> tuple[int, ...]:
@@ -56,14 +57,18 @@ class SysfsReader:
         return self.path(rel).exists()
 
     def text(self, rel: str) -> str | None:
+        path = self.path(rel)
         try:
-            return self.path(rel).read_text()
+            return path.read_text()
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except OSError as exc:  # e.g. EIO/EINVAL on some attribute files: treat as absent
+        except UnicodeDecodeError:
+            raise TopologyError(f"malformed file {path}: not text") from None
+        except OSError as exc:
+            # Some attribute files answer EIO/EINVAL/EOPNOTSUPP when the hardware does not support them.
             if exc.errno in (5, 22, 95):
                 return None
-            raise
+            raise TopologyError(f"cannot read {path}: {exc.strerror}") from None
 
     def required(self, rel: str, parse: Callable[[str], T]) -> T:
         text = self.text(rel)

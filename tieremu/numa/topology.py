@@ -104,15 +104,16 @@ class Topology:
         bad = [n for n in node_ids if n not in self.memory_nodes]
         if bad:
             valid = "the only valid node" if len(self.memory_nodes) == 1 else "valid nodes"
+            subject = f"node {bad[0]} does not exist or has" if len(bad) == 1 else \
+                f"nodes {format_list(bad)} do not exist or have"
             raise InvalidNodeError(
-                f"{what}: node {format_list(bad)} "
-                f"{'does' if len(bad) == 1 else 'do'} not exist or has no memory on this machine; "
-                f"{valid}: {format_list(self.memory_nodes) or 'none'}",
+                f"{what}: {subject} no memory on this machine; {valid}: {format_list(self.memory_nodes) or 'none'}",
                 call=what,
                 nodes=tuple(bad),
             )
 
     def distance(self, a: int, b: int) -> int:
+        self.node(b)  # an unknown b gets the same clear error as an unknown a
         return self.node(a).distances[b]
 
     def nearest_memory_node(self, origin: int) -> int:
@@ -134,7 +135,8 @@ class Topology:
         With one memory node the system's MemAvailable is the truer figure: per-node meminfo
         under-reports on VMs with deferred memory init (DESIGN.md).
         """
-        if len(self.memory_nodes) == 1 and set(node_ids) == set(self.memory_nodes):
+        if (len(self.memory_nodes) == 1 and set(node_ids) == set(self.memory_nodes)
+                and self.system_mem_available_bytes is not None):
             return self.system_mem_available_bytes
         free = [self.node(n).mem_free_bytes for n in set(node_ids)]
         return None if any(f is None for f in free) else sum(f for f in free if f is not None)
@@ -210,7 +212,7 @@ def _hmat(fs: SysfsReader, base: str) -> HmatAccess | None:
         return fs.optional(f"{init}/{name}", lambda t: int(t.strip()))
 
     return HmatAccess(
-        initiators=tuple(int(e[4:]) for e in fs.listdir(init) if re.fullmatch(r"node\d+", e)),
+        initiators=tuple(sorted(int(e[4:]) for e in fs.listdir(init) if re.fullmatch(r"node\d+", e))),
         read_latency_ns=num("read_latency"),
         write_latency_ns=num("write_latency"),
         read_bandwidth_mbps=num("read_bandwidth"),

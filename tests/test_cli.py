@@ -1,0 +1,88 @@
+"""The command line: --help everywhere, JSON outputs, exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+from fixture_paths import fixture_root
+
+from tieremu.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = [prefix]
+    for name, cmd in group.commands.items():
+        if isinstance(cmd, click.Group):
+            out += _commands(cmd, (*prefix, name))
+        else:
+            out.append((*prefix, name))
+    return out
+
+
+@pytest.mark.parametrize("path", _commands(main), ids=lambda p: " ".join(p) or "tieremu")
+def test_every_command_has_help(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(main, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output and len(result.output.splitlines()) > 3
+
+
+def test_python_dash_m_works() -> None:
+    out = subprocess.run([sys.executable, "-m", "tieremu", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "tieremu, version 0.1.0"
+
+
+def test_topo_json_from_a_fixture_root() -> None:
+    result = CliRunner().invoke(main, ["topo", "--json", "--sysfs-root", str(fixture_root("two-socket-cpuless"))])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["online"] == [0, 1] and data["cpuless_nodes"] == [1]
+    assert data["nodes"]["1"]["cpus"] == [] and data["nodes"]["0"]["distances"] == {"0": 10, "1": 21}
+
+
+def test_topo_table_names_cpuless_nodes() -> None:
+    result = CliRunner().invoke(main, ["topo", "--sysfs-root", str(fixture_root("cxl-expander"))])
+    assert result.exit_code == 0, result.output
+    assert "cpu-less" in result.output and "memory tiers:" in result.output
+
+
+def test_check_json_on_this_machine(memory_nodes: tuple[int, ...]) -> None:
+    result = CliRunner().invoke(main, ["check", "--json", "--size-mib", "1"])
+    assert result.exit_code == 0, result.output
+    checks = {c["tier"]: c for c in json.loads(result.output)["checks"]}
+    assert checks["dram"]["status"] == "enforced" and checks["dram"]["pages_by_node"] == {"0": 256}
+    assert checks["cxl"]["status"] == ("enforced" if 1 in memory_nodes else "emulated")
+
+
+def test_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "t.yaml"
+    bad.write_text("name: x\ntiers:\n  - name: a\n    nodes: [0]\n    policy: spread\n")
+    result = CliRunner().invoke(main, ["check", "--tiers", str(bad)])
+    assert result.exit_code == 2
+    assert result.output.strip().startswith(f"tieremu: error: {bad}: tiers[0].policy: 'spread' is not valid")
+    assert "Traceback" not in result.output
+
+
+def test_run_prints_where_results_landed(tmp_path: Path) -> None:
+    spec = tmp_path / "e.yaml"
+    spec.write_text(f"name: clirun\ntiers: {REPO / 'configs/tiers/single-node.yaml'}\n")
+    result = CliRunner().invoke(main, ["run", str(spec), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    landed = Path(result.output.strip().splitlines()[-1].removeprefix("results: "))
+    assert landed.parent == tmp_path / "r" / "clirun" and (landed / "manifest.json").exists()
+
+
+def test_bench_placement_json_reports_medians(memory_nodes: tuple[int, ...]) -> None:
+    result = CliRunner().invoke(main, ["bench", "placement", "--size-mib", "8", "--repeats", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["query_pages_per_s"]["n"] == 3 and data["query_pages_per_s"]["median"] > 0
+    assert len(data["migrations"]) == len(memory_nodes) * (len(memory_nodes) - 1)
+    assert data["load"]["cpus"] >= 1

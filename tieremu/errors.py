@@ -47,3 +47,7 @@ class PlacementError(TieremuError):
 
 class ResolutionError(TieremuError):
     """A tier map cannot be resolved against this machine's topology."""
+
+
+class ProbeError(TieremuError):
+    """A characterization probe cannot run here (missing tool, bad directory, compiler failure)."""

@@ -24,7 +24,8 @@ class FakeKernel:
         index = ((addrs - np.uint64(BASE)) // np.uint64(pages.PAGE_SIZE)).astype(int)
         return np.array([source[i] for i in index], dtype=np.int32)
 
-    def move(self, addrs: np.ndarray, node: int, pid: int = 0, *, move_all: bool = False) -> np.ndarray:
+    def move(self, addrs: np.ndarray, node: int, pid: int = 0, *, move_all: bool = False,
+             batch: int = 0) -> np.ndarray:
         index = ((addrs - np.uint64(BASE)) // np.uint64(pages.PAGE_SIZE)).astype(int)
         self.moved = list(index)
         return np.array([self.move_status[i] for i in index], dtype=np.int32)

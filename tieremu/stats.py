@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 # A run during which more than this share of CPU time was stolen or spent by others is flagged noisy.
 NOISY_STEAL = 0.05
 NOISY_LOAD_PER_CPU = 0.5
+# Repeats whose (max - min) / median exceeds this are flagged noisy.
+NOISY_SPREAD = 0.10
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,12 @@ class Summary:
         """(max - min) / median: the relative range of the repeats."""
         return (self.max - self.min) / self.median if self.median else 0.0
 
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self) | {"spread": self.spread}
+    @property
+    def noisy(self) -> bool:
+        return self.spread > NOISY_SPREAD
+
+    def to_dict(self) -> dict[str, float | bool]:
+        return asdict(self) | {"spread": self.spread, "noisy": self.noisy}
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ class MigrationResult:
         return not self.failed
 
 
-def migrate(start: int, length: int, node: int) -> MigrationResult:
+def migrate(start: int, length: int, node: int, *, batch: int = syscalls.MOVE_BATCH) -> MigrationResult:
     """Move the present pages of [start, start+length) to node with batched move_pages.
 
     Pages already on node are not moved and counted apart; pages never touched are skipped (there is
@@ -105,7 +105,7 @@ def migrate(start: int, length: int, node: int) -> MigrationResult:
     to_move = pages[present & (before != node)]
 
     t0 = time.perf_counter()
-    status = syscalls.move_pages(to_move, node) if to_move.size else np.empty(0, dtype=np.int32)
+    status = syscalls.move_pages(to_move, node, batch=batch) if to_move.size else np.empty(0, dtype=np.int32)
     seconds = time.perf_counter() - t0
 
     busy = status == -errno_mod.EBUSY

@@ -220,18 +220,20 @@ def query_pages(pages: np.ndarray, pid: int = 0) -> np.ndarray:
     return status
 
 
-def move_pages(pages: np.ndarray, node: int, pid: int = 0, *, move_all: bool = False) -> np.ndarray:
-    """Move pages to node; returns per-page status (node id reached, or -errno for that page).
+def move_pages(pages: np.ndarray, node: int, pid: int = 0, *, move_all: bool = False,
+               batch: int = MOVE_BATCH) -> np.ndarray:
+    """Move pages to node, `batch` pages per call; returns per-page status (node reached, or -errno).
 
     A page that is already on node comes back with node as its status. Errors of the call itself
     (bad node, no permission) raise; per-page failures are in the status.
     """
     pages = np.ascontiguousarray(pages, dtype=np.uint64)
     status = np.empty(len(pages), dtype=np.int32)
-    targets = np.full(min(len(pages), MOVE_BATCH), node, dtype=np.int32)
+    batch = max(1, min(batch, MOVE_BATCH))
+    targets = np.full(min(len(pages), batch), node, dtype=np.int32)
     flags = MPOL_MF_MOVE_ALL if move_all else MPOL_MF_MOVE_FLAG
-    for lo in range(0, len(pages), MOVE_BATCH):
-        hi = min(lo + MOVE_BATCH, len(pages))
+    for lo in range(0, len(pages), batch):
+        hi = min(lo + batch, len(pages))
         try:
             _move_pages(pid, pages[lo:hi], targets[: hi - lo], status[lo:hi], flags)
         except OSError as exc:

@@ -7,7 +7,9 @@ Each file is written to a temporary name and renamed, so no reader sees half a f
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
 import os
 import traceback
@@ -34,6 +36,15 @@ class ResultDir:
 
     def write_json(self, name: str, data: Any) -> Path:
         return self.write_text(name, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+    def write_csv(self, name: str, rows: list[dict[str, Any]]) -> Path:
+        """Rows as CSV; the header is the union of the rows' keys in first-seen order."""
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return self.write_text(name, buf.getvalue())
 
     def finish(self) -> Path:
         os.replace(self.path, self.final)

@@ -70,12 +70,12 @@ class Region:
         return pages.placement(self.addr + start, length)
 
     def migrate(self, node: int, start: int = 0, length: int | None = None, *,
-                rebind: bool = True) -> pages.MigrationResult:
+                rebind: bool = True, batch: int = syscalls.MOVE_BATCH) -> pages.MigrationResult:
         """Move [start, start+length) to node; with rebind, later faults there land on node too."""
         start, length = self._span(start, length)
         if rebind:
             syscalls.mbind(self.addr + start, length, Policy.BIND, (node,))
-        result = pages.migrate(self.addr + start, length, node)
+        result = pages.migrate(self.addr + start, length, node, batch=batch)
         if rebind and start == 0 and length == self.nbytes:
             self.policy, self.nodes = Policy.BIND, (node,)
         return result

@@ -1,0 +1,1 @@
+"""Characterization: latency, bandwidth, loaded latency, migration, storage and GPU probes of each tier."""

@@ -1,0 +1,147 @@
+/* Measurement kernels for tieremu's probes, compiled on first use by tieremu/probe/native.py.
+ *
+ * Each kernel times itself with CLOCK_MONOTONIC around its own loop, so Python and ctypes overheads stay out
+ * of the figures. ctypes releases the GIL for the duration of each call, which lets several pinned threads run
+ * these in parallel. */
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+static inline uint64_t now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* ---- pointer chase --------------------------------------------------------------------------------------- */
+
+/* Link elements base + order[i]*stride into one cycle following order (a permutation of 0..n-1). */
+void chase_link(char *base, const uint64_t *order, uint64_t n, uint64_t stride) {
+    for (uint64_t i = 0; i + 1 < n; i++)
+        *(void **)(base + order[i] * stride) = base + order[i + 1] * stride;
+    *(void **)(base + order[n - 1] * stride) = base + order[0] * stride;
+}
+
+/* Follow the chain for steps loads (a multiple of 16); every load depends on the one before, so elapsed/steps
+ * is the load-to-use latency. *end keeps the chain live so the compiler cannot drop the loop. */
+uint64_t chase(void *start, uint64_t steps, void **end) {
+    void **p = (void **)start;
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < steps; i += 16) {
+#define HOP p = (void **)*p;
+        HOP HOP HOP HOP HOP HOP HOP HOP HOP HOP HOP HOP HOP HOP HOP HOP
+#undef HOP
+    }
+    uint64_t t1 = now_ns();
+    *end = p;
+    return t1 - t0;
+}
+
+/* Steps from start until the chain returns to start (0 if it does not within limit). */
+uint64_t chase_cycle_length(void *start, uint64_t limit) {
+    void **p = (void **)*(void **)start;
+    uint64_t steps = 1;
+    while (p != (void **)start && steps < limit) {
+        p = (void **)*p;
+        steps++;
+    }
+    return p == (void **)start ? steps : 0;
+}
+
+/* ---- bandwidth -------------------------------------------------------------------------------------------- */
+
+/* Read every word, iters times; eight accumulators keep the loads independent. Returns elapsed ns. */
+uint64_t bw_read(const uint64_t *a, uint64_t words, uint64_t iters, uint64_t *sink) {
+    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+    uint64_t t0 = now_ns();
+    for (uint64_t it = 0; it < iters; it++) {
+        for (uint64_t i = 0; i + 8 <= words; i += 8) {
+            s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3];
+            s4 += a[i + 4]; s5 += a[i + 5]; s6 += a[i + 6]; s7 += a[i + 7];
+        }
+    }
+    uint64_t t1 = now_ns();
+    *sink = s0 + s1 + s2 + s3 + s4 + s5 + s6 + s7;
+    return t1 - t0;
+}
+
+uint64_t bw_write(uint64_t *a, uint64_t words, uint64_t iters) {
+    uint64_t t0 = now_ns();
+    for (uint64_t it = 0; it < iters; it++) {
+        for (uint64_t i = 0; i < words; i++)
+            a[i] = it + i;
+        __asm__ volatile("" : : "r"(a) : "memory");
+    }
+    return now_ns() - t0;
+}
+
+uint64_t bw_copy(void *dst, const void *src, uint64_t bytes, uint64_t iters) {
+    uint64_t t0 = now_ns();
+    for (uint64_t it = 0; it < iters; it++) {
+        memcpy(dst, src, bytes);
+        __asm__ volatile("" : : "r"(dst) : "memory");
+    }
+    return now_ns() - t0;
+}
+
+/* STREAM triad: a = b + s * c. */
+uint64_t bw_triad(double *a, const double *b, const double *c, double s, uint64_t n, uint64_t iters) {
+    uint64_t t0 = now_ns();
+    for (uint64_t it = 0; it < iters; it++) {
+        for (uint64_t i = 0; i < n; i++)
+            a[i] = b[i] + s * c[i];
+        __asm__ volatile("" : : "r"(a) : "memory");
+    }
+    return now_ns() - t0;
+}
+
+/* ---- background traffic for loaded latency ---------------------------------------------------------------- */
+
+/* Burn time without touching memory or the clock: reading the clock in a tight loop (and PAUSE loops, which
+ * hypervisors trap) on one vCPU was measured to triple a pointer chase's latency on the other. Returns elapsed
+ * ns so the caller can calibrate iterations per ns. */
+static inline uint64_t spin_iters(uint64_t iters) {
+    uint64_t x = iters;
+    for (uint64_t i = 0; i < iters; i++)
+        __asm__ volatile("" : "+r"(x));
+    return x;
+}
+
+uint64_t spin(uint64_t iters) {
+    uint64_t t0 = now_ns();
+    spin_iters(iters);
+    return now_ns() - t0;
+}
+
+/* Stream over buf (words 64-bit words, whole cache lines) in groups of read_lines reads then write_lines
+ * writes, spinning delay_iters after every 64 lines, until *stop becomes non-zero. Reports bytes touched (64
+ * per line read or written) and elapsed ns, so the caller knows the bandwidth this intensity really generated. */
+void traffic(uint64_t *buf, uint64_t words, uint32_t read_lines, uint32_t write_lines, uint64_t delay_iters,
+             volatile int *stop, uint64_t *bytes_out, uint64_t *ns_out, uint64_t *sink) {
+    const uint64_t lines = words / 8;
+    const uint32_t group = read_lines + write_lines;
+    uint64_t line = 0, done = 0, acc = 0, since_pause = 0;
+    uint64_t t0 = now_ns();
+    while (!*stop) {
+        for (uint32_t g = 0; g < group; g++) {
+            uint64_t *l = buf + line * 8;
+            if (g < read_lines) {
+                acc += l[0] + l[1] + l[2] + l[3] + l[4] + l[5] + l[6] + l[7];
+            } else {
+                l[0] = acc; l[1] = acc; l[2] = acc; l[3] = acc; l[4] = acc; l[5] = acc; l[6] = acc; l[7] = acc;
+            }
+            if (++line == lines)
+                line = 0;
+        }
+        done += group;
+        since_pause += group;
+        if (since_pause >= 64) {
+            since_pause = 0;
+            if (delay_iters)
+                acc += spin_iters(delay_iters);
+        }
+    }
+    *ns_out = now_ns() - t0;
+    *bytes_out = done * 64;
+    *sink = acc;
+}

@@ -1,0 +1,83 @@
+"""The probes' C kernels: compiled on first use, cached by source hash, loaded through ctypes.
+
+A Python loop cannot time a memory access (DESIGN.md: ~100 ns even in L1), so every timed loop is C.
+ctypes releases the GIL during each call, so pinned threads run kernels truly in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+
+from tieremu.errors import ProbeError
+
+SOURCE = Path(__file__).with_name("kernels.c")
+CFLAGS = ("-O2", "-march=native", "-fno-tree-loop-distribute-patterns", "-shared", "-fPIC")
+CACHE_ENV = "TIEREMU_CACHE_DIR"
+
+u64 = ctypes.c_uint64
+vp = ctypes.c_void_p
+_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
+    "chase_link": (None, (vp, vp, u64, u64)),  # type: ignore[dict-item]
+    "chase": (u64, (vp, u64, ctypes.POINTER(vp))),
+    "chase_cycle_length": (u64, (vp, u64)),
+    "bw_read": (u64, (vp, u64, u64, ctypes.POINTER(u64))),
+    "bw_write": (u64, (vp, u64, u64)),
+    "bw_copy": (u64, (vp, vp, u64, u64)),
+    "bw_triad": (u64, (vp, vp, vp, ctypes.c_double, u64, u64)),
+    "spin": (u64, (u64,)),
+    "traffic": (None, (vp, u64, ctypes.c_uint32, ctypes.c_uint32, u64, ctypes.POINTER(ctypes.c_int),  # type: ignore[dict-item]
+                       ctypes.POINTER(u64), ctypes.POINTER(u64), ctypes.POINTER(u64))),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tieremu"
+    return Path(root) / "native"
+
+
+@cache
+def kernels() -> ctypes.CDLL:
+    """The compiled kernel library (built once per source and compiler, then reused)."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise ProbeError("no C compiler found (cc): install gcc (scripts/bootstrap.sh does) to build the probe kernels")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    # -march=native code is only valid on this CPU model, so the model is part of the key.
+    key = hashlib.sha256(source + version.encode() + " ".join(CFLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]
+    lib = cache_dir() / f"kernels-{key}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        result = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ProbeError(f"compiling {SOURCE} failed:\n{result.stderr.strip()}")
+        os.replace(tmp, lib)  # atomic: concurrent builders never load half a library
+    dll = ctypes.CDLL(str(lib))
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(dll, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return dll
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+@cache
+def spin_ns_per_iter() -> float:
+    """Calibrated cost of one iteration of the kernels' delay loop (median of a few 1 ms-ish runs)."""
+    k = kernels()
+    k.spin(1 << 20)
+    runs = sorted(k.spin(1 << 22) / (1 << 22) for _ in range(5))
+    return runs[len(runs) // 2]

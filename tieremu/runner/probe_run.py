@@ -7,14 +7,14 @@ every batch size and the whole fio grid.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tieremu.numa.topology import Topology
-from tieremu.probe import bandwidth, latency, loaded, migrate
+from tieremu.probe import bandwidth, gpu, latency, loaded, migrate, storage
 from tieremu.probe.report import bandwidth_json, latency_json, loaded_json, migrate_json
 from tieremu.runner import manifest, plots
 from tieremu.runner.results import ResultDir
@@ -65,11 +65,15 @@ def run_all(topology: Topology, plan: ProbePlan, out_root: Path) -> Path:
         data["migrate"] = migrate_json(migrate.migrate_probe(
             topology, size=plan.migrate_bytes, quick=plan.quick, repeats=plan.repeats,
             progress=step("migrate", _migrate_steps(topology, plan))), label)
-        data["storage"] = _storage(plan, step)
-        data["gpu"] = _gpu(topology, plan)
+        data["storage"], storage_rows = _storage(plan, step)
+        data["gpu"], gpu_rows = _gpu(topology, plan)
 
         out.write_json("probe.json", data)
         _write_csvs(out, data)
+        if storage_rows:
+            out.write_csv("storage.csv", storage_rows)
+        if gpu_rows:
+            out.write_csv("gpu.csv", gpu_rows)
         _write_plots(out, data, label)
         out.write_json("manifest.json", manifest.collect(
             topology, probe="all", quick=plan.quick, origin=label, load=meter.stop().to_dict()).to_dict())
@@ -119,25 +123,19 @@ def _migrate_steps(topology: Topology, plan: ProbePlan) -> int:
     return n * (n - 1) * 2 * len(migrate.QUICK_BATCHES if plan.quick else migrate.FULL_BATCHES)
 
 
-def _storage(plan: ProbePlan, step: Callable[..., Callable[[], None]]) -> dict:
+def _storage(plan: ProbePlan, step: Callable[..., Callable[[], None]]) -> tuple[dict, list[dict]]:
+    """The storage probe as JSON data plus its CSV rows."""
     if plan.storage_dir is None:
-        return {"skipped": "no storage directory given (--storage-dir DIR: the NVMe tier's path)"}
-    from dataclasses import asdict
-
-    from tieremu.probe.storage import run_storage
-
+        return {"skipped": "no storage directory given (--storage-dir DIR: the NVMe tier's path)"}, []
     tick = step("storage", 1)
-    result = run_storage(plan.storage_dir, quick=plan.quick)
+    result = storage.run_storage(plan.storage_dir, quick=plan.quick)
     tick()
-    return asdict(result)
+    return asdict(result), storage.to_rows(result)
 
 
-def _gpu(topology: Topology, plan: ProbePlan) -> dict:
-    from dataclasses import asdict
-
-    from tieremu.probe.gpu import run_gpu
-
-    return asdict(run_gpu(topology, quick=plan.quick))
+def _gpu(topology: Topology, plan: ProbePlan) -> tuple[dict, list[dict]]:
+    result = gpu.run_gpu(topology, quick=plan.quick)
+    return asdict(result), gpu.to_rows(result)
 
 
 def _write_csvs(out: ResultDir, data: dict[str, Any]) -> None:
@@ -165,10 +163,6 @@ def _write_csvs(out: ResultDir, data: dict[str, Any]) -> None:
             {k: v for k, v in p.items() if not k.endswith("gb_per_s")}
             | _flat("migrate_gb_per_s", p["migrate_gb_per_s"]) | _flat("copy_gb_per_s", p["copy_gb_per_s"])
             | {"origin": mig["origin"]} for p in mig["points"]])
-    if "jobs" in data["storage"]:
-        from tieremu.probe.storage import to_rows
-
-        out.write_csv("storage.csv", to_rows(data["storage"]))
 
 
 def _flat(prefix: str, stat: dict[str, Any]) -> dict[str, Any]:

@@ -55,8 +55,12 @@ def loaded_curves(curves: dict[str, list[dict[str, Any]]], path: Path, origin: s
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mix, pts in curves.items():
         pts = sorted(pts, key=lambda p: p["traffic_gb_per_s"])
-        ax.plot([p["traffic_gb_per_s"] for p in pts], [p["latency_ns"]["median"] for p in pts], marker="o",
-                label=f"{mix} read/write")
+        med = [p["latency_ns"]["median"] for p in pts]
+        # Min-max bars: on shared machines a curve can be noisy, and the reader must see how much.
+        err = [[m - p["latency_ns"]["min"] for m, p in zip(med, pts, strict=True)],
+               [p["latency_ns"]["max"] - m for m, p in zip(med, pts, strict=True)]]
+        ax.errorbar([p["traffic_gb_per_s"] for p in pts], med, yerr=err, marker="o", capsize=3,
+                    label=f"{mix} read/write")
     ax.set_xlabel("background traffic (GB/s)")
     ax.set_ylabel("loaded latency (ns)")
     ax.set_title(f"Bandwidth-latency curves ({origin})")

@@ -66,8 +66,12 @@ def latency_cmd(size_mib: int, hugepages: bool, sweep: bool, quick: bool, as_jso
     page = "2 MiB THP" if hugepages else "4 KiB pages"
     click.echo(format_matrix(medians(matrix.cells, lambda p: p.ns),
                              f"Idle latencies (ns), {size_mib} MiB, {page} ({data['origin']})"))
+    noisy = [f"{i}→{m}" for i, row in matrix.cells.items() for m, p in row.items() if p.ns.noisy]
+    if noisy:
+        click.echo(f"noisy (spread over 10%): {', '.join(noisy)}; rerun on a quiet machine")
     for p in points:
-        click.echo(f"{p.size_bytes >> 10:>10} KiB  {p.ns.median:8.1f} ns  spread {p.ns.spread:.1%}")
+        click.echo(f"{p.size_bytes >> 10:>10} KiB  {p.ns.median:8.1f} ns  spread {p.ns.spread:.1%}"
+                   f"{'  noisy' if p.ns.noisy else ''}")
 
 
 @probe.command("bandwidth")

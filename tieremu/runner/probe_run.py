@@ -57,6 +57,8 @@ def run_all(topology: Topology, plan: ProbePlan, out_root: Path) -> Path:
     with ResultDir(out_root, "probe") as out, _progress() as progress:
         def step(name: str, total: int) -> Callable[[], None]:
             task = progress.add_task(name, total=total)
+            if total == 0:
+                progress.stop_task(task)  # nothing to measure here: freeze its clock
             return lambda: progress.advance(task)
 
         data["latency"] = _latency(topology, plan, label, step)

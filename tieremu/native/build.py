@@ -1,4 +1,4 @@
-"""The probes' C kernels: compiled on first use, cached by source hash, loaded through ctypes.
+"""The C kernels: compiled on first use, cached by source hash, loaded through ctypes.
 
 A Python loop cannot time a memory access (DESIGN.md: ~100 ns even in L1), so every timed loop is C.
 ctypes releases the GIL during each call, so pinned threads run kernels truly in parallel.
@@ -31,6 +31,9 @@ _SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "bw_copy": (u64, (vp, vp, u64, u64)),
     "bw_triad": (u64, (vp, vp, vp, ctypes.c_double, u64, u64)),
     "spin": (u64, (u64,)),
+    "chase_delayed": (u64, (vp, u64, u64, ctypes.POINTER(vp))),
+    "bw_paced": (u64, (ctypes.c_int, vp, vp, u64, u64, u64, ctypes.c_double, ctypes.c_double,
+                       ctypes.POINTER(u64), ctypes.POINTER(u64))),
     "traffic": (None, (vp, u64, ctypes.c_uint32, ctypes.c_uint32, u64, ctypes.POINTER(ctypes.c_int),  # type: ignore[dict-item]
                        ctypes.POINTER(u64), ctypes.POINTER(u64), ctypes.POINTER(u64))),
 }

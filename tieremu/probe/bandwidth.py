@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tieremu.errors import PlacementError, ProbeError
+from tieremu.native.build import kernels
 from tieremu.numa.topology import Topology
 from tieremu.probe.affinity import pinned
-from tieremu.probe.native import kernels
 from tieremu.stats import Summary
 from tieremu.tiers.region import Region, allocate
 

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tieremu.errors import ProbeError
+from tieremu.native.build import kernels, spin_ns_per_iter
 from tieremu.numa.topology import Topology
 from tieremu.probe.affinity import pinned
 from tieremu.probe.latency import ChaseBuffer, measure
-from tieremu.probe.native import kernels, spin_ns_per_iter
 from tieremu.stats import Summary
 from tieremu.tiers.region import Region, allocate
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tieremu.native.build import kernels
 from tieremu.numa.topology import Topology
 from tieremu.probe.affinity import pinned
-from tieremu.probe.native import kernels
 from tieremu.stats import Summary
 from tieremu.tiers.region import allocate
 

@@ -51,3 +51,28 @@ class ResolutionError(TieremuError):
 
 class ProbeError(TieremuError):
     """A characterization probe cannot run here (missing tool, bad directory, compiler failure)."""
+
+
+class LabError(TieremuError):
+    """A lab profile cannot be planned, applied, checked or torn down; the message says which knob and why."""
+
+
+class LabNotRootError(LabError):
+    """Changing kernel knobs needs root; raised before anything is written."""
+
+
+class LabUnsupportedError(LabError):
+    """A required action of a profile is not supported on this machine; raised before anything is written."""
+
+
+class LabWriteError(LabError):
+    """The kernel refused a write (or mkdir, rmdir, swapoff, swapon) of a lab knob."""
+
+    def __init__(self, message: str, *, path: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno
+
+
+class LabStateError(LabError):
+    """The journal of applied profiles is missing, busy, unreadable, or belongs to another root."""

@@ -265,3 +265,18 @@ def test_newc_archive_reads_back_with_busybox_cpio(tmp_path: Path) -> None:
 def test_static_busybox_is_told_from_a_dynamic_binary() -> None:
     assert is_static_elf(BUSYBOX)
     assert not is_static_elf(Path("/bin/sh").resolve())
+
+
+def test_kept_run_folders_are_pruned_after_a_day(fake: GuestAssets, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_QEMU_MODE", "crash")
+    runs = tmp_path / "cache" / "vm" / "runs"
+    old, recent = runs / "cxl-3node-old", runs / "cxl-3node-recent"
+    for d in (old, recent):
+        d.mkdir(parents=True)
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    result = run_in_guest(load_topology(TOPOLOGY), fake, ["true"], timeout=30, stdout=io.BytesIO(),
+                          stderr=io.BytesIO())
+    assert not old.exists()
+    assert recent.is_dir() and result.rundir.is_dir()

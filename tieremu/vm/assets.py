@@ -20,7 +20,7 @@ import struct
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tieremu.vm import apt
@@ -180,14 +180,14 @@ def _cached_kernel_from(cache: Path, suite: str) -> KernelInfo | None:
     return None
 
 
-def _fetch_kernel(cache: Path, suite: str, fallback: bool, actions: list[str]) -> KernelInfo:
+def _fetch_kernel(cache: Path, suite: str, actions: list[str]) -> KernelInfo:
     source = apt.derive_source(apt.host_source_entries(), apt.host_codename(), suite)
     private = apt.PrivateApt(cache / "apt" / suite, source)
     private.update()
     package = private.kernel_package()
     release = package.name.removeprefix("linux-image-")
     root = cache / "kernels" / release
-    info = KernelInfo(release, package.name, package.version, suite, fallback, root)
+    info = KernelInfo(release, package.name, package.version, suite, False, root)
     if info.ok():
         return info
     downloads = cache / "downloads"
@@ -205,42 +205,41 @@ def _fetch_kernel(cache: Path, suite: str, fallback: bool, actions: list[str]) -
     return info
 
 
-def _select_kernel(cache: Path, choice: str, refresh: bool, retry_fallback: bool, actions: list[str],
+def _select_kernel(cache: Path, choice: str, refresh: bool, keep_current: bool, actions: list[str],
                    notes: list[str]) -> KernelInfo:
     codename = apt.host_codename()
     backports, distribution = f"{codename}-backports", codename
     current = current_kernel(cache)
     want_backports = choice in ("auto", "backports")
     if current is not None and not refresh:
-        if choice == "auto" and current.fallback and not retry_fallback:
+        if keep_current:
             return current
         if want_backports and current.suite == backports:
             return current
         if choice == "distribution" and current.suite == distribution:
-            return current
+            return replace(current, fallback=False)
     if want_backports:
         try:
             cached = None if refresh else _cached_kernel_from(cache, backports)
-            return cached or _fetch_kernel(cache, backports, False, actions)
+            return cached or _fetch_kernel(cache, backports, actions)
         except VmUnavailable as exc:
             if choice == "backports":
                 raise
             notes.append(f"the {backports} kernel could not be fetched ({exc}); falling back to the "
                          f"{distribution} kernel: memory-tier and demotion checks will be skipped, because "
                          f"only Linux {HMAT_TIERS_SINCE[0]}.{HMAT_TIERS_SINCE[1]}+ builds memory tiers from HMAT")
-            if current is not None and current.suite == distribution:
-                return KernelInfo(**{**asdict(current), "fallback": True})
     cached = None if refresh else _cached_kernel_from(cache, distribution)
-    return cached or _fetch_kernel(cache, distribution, want_backports, actions)
+    kernel = cached or _fetch_kernel(cache, distribution, actions)
+    return replace(kernel, fallback=want_backports)
 
 
-def prepare(choice: str = "auto", refresh: bool = False, retry_fallback: bool = True) -> PrepareReport:
+def prepare(choice: str = "auto", refresh: bool = False, keep_current: bool = False) -> PrepareReport:
     """Find QEMU and busybox, fetch and extract the kernel and build the initramfs, unless already cached.
 
     choice: "auto" (the backports kernel, else the distribution's), "backports" or "distribution".
     refresh: ask the archive again for the newest kernel of the suite even when one is cached.
-    retry_fallback: with "auto", try the backports kernel again when the cached one is the fallback
-    (`vm prepare` does; `vm run` boots what is cached rather than go to the network on every run).
+    keep_current: boot whichever kernel an earlier prepare selected, if any (`vm run` does: it must not go
+    to the network on every run, nor undo a `vm prepare --kernel distribution`).
     """
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"kernel choice {choice!r}; valid: {', '.join(KERNEL_CHOICES)}")
@@ -251,16 +250,19 @@ def prepare(choice: str = "auto", refresh: bool = False, retry_fallback: bool = 
     notes: list[str] = []
     with _locked(cache):
         before = current_kernel(cache)
-        kernel = _select_kernel(cache, choice, refresh, retry_fallback, actions, notes)
-        (kernel.root / "tieremu-kernel.json").write_text(kernel.to_json())
+        kernel = _select_kernel(cache, choice, refresh, keep_current, actions, notes)
+        # Per kernel: what it is; kernel.json: which one is selected, and whether as a fallback.
+        (kernel.root / "tieremu-kernel.json").write_text(replace(kernel, fallback=False).to_json())
         if before != kernel:
             (cache / "kernel.json").write_text(kernel.to_json())
             if not actions:
                 actions.append(f"selected the cached kernel {kernel.release} ({kernel.suite})")
         initramfs = _initramfs(cache, kernel, busybox, actions)
-    if kernel.fallback and not notes:
-        notes.append(f"the guest boots the fallback kernel {kernel.release} ({kernel.suite}): memory-tier and "
-                     "demotion checks will be skipped; `tieremu vm prepare` tries the backports kernel again")
+    if not kernel.hmat_memory_tiers and not notes:
+        why = "the backports kernel could not be had" if kernel.fallback else "as selected"
+        notes.append(f"the guest boots {kernel.release} from {kernel.suite} ({why}): it builds no memory tiers "
+                     "from HMAT, so memory-tier and demotion checks will be skipped; `tieremu vm prepare` "
+                     "selects the backports kernel again")
     return PrepareReport(GuestAssets(qemu, qemu_version, busybox, kernel, initramfs), actions, notes)
 
 

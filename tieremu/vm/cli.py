@@ -113,7 +113,7 @@ def run(topology: Path, timeout: float, jobdir: Path | None, keep: bool, env_ite
     spec = load_topology(topology)
     extra = _env_pairs(env_items)
     try:
-        report = vm_assets.prepare(retry_fallback=False)
+        report = vm_assets.prepare(keep_current=True)
     except VmUnavailable as exc:
         _unavailable(exc)
         return

@@ -40,6 +40,8 @@ PASS_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "CI", "NO_COLOR", "FORCE
 # A fixture sysfs root of the host must not hide the guest's real one.
 BLOCK_ENV = ("TIEREMU_SYSFS_ROOT",)
 PR_SET_PDEATHSIG = 1
+# Failed runs keep their folder for a look at the console log; a day later they are only clutter.
+KEEP_RUNS_S = 24 * 3600
 
 
 class Outcome(enum.Enum):
@@ -246,6 +248,7 @@ def run_in_guest(
     """
     runs = cache_dir() / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    _prune_runs(runs, KEEP_RUNS_S)
     rundir = Path(tempfile.mkdtemp(prefix=f"{topology.name}-", dir=runs))
     jobdir = (rundir / "job") if jobdir is None else jobdir.resolve()
     jobdir.mkdir(parents=True, exist_ok=True)
@@ -357,3 +360,11 @@ def _drain(streams: dict[int, Callable[[bytes], None]]) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
             while data := os.read(fd, 65536):
                 sink(data)
+
+
+def _prune_runs(runs: Path, max_age_s: float) -> None:
+    now = time.time()
+    for entry in runs.iterdir():
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and now - entry.stat().st_mtime > max_age_s:
+                shutil.rmtree(entry, ignore_errors=True)

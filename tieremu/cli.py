@@ -13,15 +13,19 @@ from rich.console import Console
 from tieremu import __version__
 from tieremu.bench.placement import bench_placement
 from tieremu.errors import TieremuError
+from tieremu.lab.cli import lab
 from tieremu.numa.sysfs import ROOT_ENV
 from tieremu.numa.topology import discover
 from tieremu.runner.experiment import run_experiment
 from tieremu.runner.manifest import topology_summary
+from tieremu.runner.probe_cli import probe
 from tieremu.runner.spec import load_experiment
 from tieremu.tiers.check import NOT_ENFORCED, check_tiers
 from tieremu.tiers.config import load_tier_map
 from tieremu.tiers.resolve import resolve
 from tieremu.views import checks_table, hops_table, placement_bench_table, topology_table
+from tieremu.vm.cli import vm
+
 
 class _Group(click.Group):
     """Prints TieremuError as one clear line and exits 2 instead of showing a traceback."""
@@ -33,21 +37,26 @@ class _Group(click.Group):
             click.echo(f"tieremu: error: {exc}", err=True)
             sys.exit(2)
 
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tieremu")
 def main() -> None:
     """tieremu: memory-tier emulation testbed for LLM inference on real Linux NUMA."""
+
 
 def _config(*parts: str) -> str:
     """A shipped config: from the source tree tieremu runs from, else relative to the working directory."""
     shipped = Path(__file__).resolve().parents[1] / "configs" / Path(*parts)
     return str(shipped if shipped.exists() else Path("configs", *parts))
 
+
 def _console() -> Console:
     return Console(width=max(120, Console().width))
 
+
 def _print_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the topology as JSON instead of a table.")
@@ -63,6 +72,7 @@ def topo(as_json: bool, sysfs_root: str | None) -> None:
                      "knobs": asdict(topology.knobs)})
     else:
         _console().print(topology_table(topology))
+
 
 @main.command()
 @click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
@@ -83,6 +93,7 @@ def check(tiers_file: str | None, size_mib: int, as_json: bool) -> None:
     if any(c.status == NOT_ENFORCED for c in checks):
         sys.exit(1)
 
+
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False), default=None, required=False)
 @click.option("--out", "out_root", type=click.Path(file_okay=False), default="results", show_default=True,
@@ -102,9 +113,11 @@ def run(spec: str | None, out_root: str) -> None:
         console.print(hops_table(result.hops))
     console.print(f"results: {result.path}")
 
+
 @main.group()
 def bench() -> None:
     """Benchmarks that print figures and ratios (medians over repeats, with load and steal time)."""
+
 
 @bench.command("placement")
 @click.option("--size-mib", default=256, show_default=True, type=click.IntRange(min=1), help="Region size.")
@@ -121,6 +134,7 @@ def bench_placement_cmd(size_mib: int, repeats: int, hugepages: bool, as_json: b
     for note in result.notes:
         click.echo(f"note: {note}")
 
-from tieremu.runner.probe_cli import probe  # noqa: E402
 
-main.add_command(probe)
+# Subcommand groups that live with their layer.
+for _group in (vm, probe, lab):
+    main.add_command(_group)

@@ -43,6 +43,7 @@ def test_run_writes_a_complete_labelled_result_folder(tmp_path: Path, memory_nod
     for name, node in (("dram", 0), ("cxl", 1), ("far", 2)):
         assert tiers[name]["backing"] == ("real" if node in memory_nodes else "emulated")
     assert manifest["kernel"].startswith("Linux") and manifest["packages"]["torch"].startswith("2.")
+    assert isinstance(manifest["lab_profiles"], list)  # active lab profiles, empty when none is applied
 
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     hops = [r for r in rows if r["kind"] == "migration"]

@@ -184,3 +184,14 @@ def test_active_profiles_says_so_when_the_state_dir_is_unreadable(lab: Lab, monk
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     [entry] = active_profiles(lab.root, state=lab.state)
     assert entry["name"] is None and "cannot read the lab state dir" in entry["error"]
+
+
+def test_run_manifest_records_the_active_profile(lab: Lab) -> None:
+    from tieremu.numa.topology import discover
+    from tieremu.runner import manifest
+
+    assert run("apply", "kernel-tiering").exit_code == 0
+    [active] = manifest.collect(discover(lab.root)).lab_profiles
+    assert active["name"] == "kernel-tiering" and active["applied_utc"]
+    knobs = {k["path"].rsplit("/", 1)[-1]: k for k in active["knobs"]}
+    assert knobs["numa_balancing"]["now"] == "2" and knobs["numa_balancing"]["set"] == "2"

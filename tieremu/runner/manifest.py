@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tieremu import __version__
+from tieremu.lab import active_profiles
 from tieremu.numa import syscalls
 from tieremu.numa.topology import Topology
 from tieremu.tiers.resolve import in_vm
@@ -42,6 +43,7 @@ class Manifest:
     cap_sys_nice: bool
     topology: dict[str, Any]
     knobs: dict[str, Any]
+    lab_profiles: list[dict[str, Any]]  # active lab profiles and the values read now (tieremu lab)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,6 +68,7 @@ def collect(topology: Topology, **extra: Any) -> Manifest:
         cap_sys_nice=syscalls.has_cap_sys_nice(),
         topology=topology_summary(topology),
         knobs=asdict(topology.knobs),
+        lab_profiles=active_profiles(),
         extra=extra,
     )
 

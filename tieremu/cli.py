@@ -11,11 +11,13 @@ import click
 from rich.console import Console
 
 from tieremu import __version__
+from tieremu.bench.emulation import bench_emulation
 from tieremu.bench.placement import bench_placement
 from tieremu.errors import TieremuError
 from tieremu.lab.cli import lab
 from tieremu.numa.sysfs import ROOT_ENV
 from tieremu.numa.topology import discover
+from tieremu.probe.calibrate import cache_path, calibration
 from tieremu.runner.experiment import run_experiment
 from tieremu.runner.manifest import topology_summary
 from tieremu.runner.probe_cli import probe
@@ -23,7 +25,13 @@ from tieremu.runner.spec import load_experiment
 from tieremu.tiers.check import NOT_ENFORCED, check_tiers
 from tieremu.tiers.config import load_tier_map
 from tieremu.tiers.resolve import resolve
-from tieremu.views import checks_table, hops_table, placement_bench_table, topology_table
+from tieremu.views import (
+    checks_table,
+    emulation_bench_table,
+    hops_table,
+    placement_bench_table,
+    topology_table,
+)
 from tieremu.vm.cli import vm
 
 
@@ -133,6 +141,42 @@ def bench_placement_cmd(size_mib: int, repeats: int, hugepages: bool, as_json: b
     _console().print(placement_bench_table(result))
     for note in result.notes:
         click.echo(f"note: {note}")
+
+
+
+@main.command("calibrate")
+@click.option("--refresh", is_flag=True, help="Measure again even if this machine has a cached calibration.")
+@click.option("--json", "as_json", is_flag=True, help="Print the calibration as JSON.")
+def calibrate_cmd(refresh: bool, as_json: bool) -> None:
+    """Measure (or show the cached) local latency and bandwidth that emulated tiers are expressed against.
+
+    Cached per machine (host, CPU model, kernel) so the same tier config means the same slowdown on every run.
+    """
+    cal = calibration(discover(), refresh=refresh)
+    if as_json:
+        _print_json(cal.to_dict())
+        return
+    click.echo(f"calibration of {cal.machine} (node {cal.node}, {cal.created_utc}), cached in {cache_path()}")
+    click.echo(f"  idle latency, 1 GiB chase with huge pages: {cal.latency_ns:.1f} ns")
+    click.echo("  one-thread bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in cal.bandwidth_gbps.items()))
+    click.echo(f"  delay loop: {cal.spin_ns_per_iter:.3f} ns/iter; delayed chase: {cal.chase_ns_per_extra:.3f} "
+               "ns per added op")
+
+
+@bench.command("emulation")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats.")
+@click.option("--refresh", is_flag=True, help="Recalibrate first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
+    """Emulated tiers against their targets: latency 1.2x-4x and bandwidth 0.1x-0.9x of local, with the error
+    of each (goal: within 5%), and the pacing overhead when no slowdown is asked (goal: under 2%)."""
+    topo = discover()
+    cal = calibration(topo, refresh=refresh)
+    result = bench_emulation(cal, topo.node(topo.cpu_nodes[0]).cpus[0], repeats=repeats)
+    if as_json:
+        _print_json(asdict(result))
+        return
+    _console().print(emulation_bench_table(result))
 
 
 # Subcommand groups that live with their layer.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from tieremu.bench.emulation import TOLERANCE, EmulationBench
 from tieremu.bench.placement import PlacementBench
 from tieremu.numa.sysfs import format_list
 from tieremu.numa.topology import Topology
@@ -55,7 +56,7 @@ def hops_table(hops: list[Hop]) -> Table:
         table.add_column(col, overflow="fold")
     for h in hops:
         table.add_row(f"{h.source} → {h.target}", str(h.target_node), h.origin, str(h.pages), str(h.moved),
-                      str(h.already), str(sum(h.failed.values())), f"{h.gb_per_s:.2f}" if h.moved else "-",
+                      str(h.already), str(sum(h.failed.values())), f"{h.gb_per_s:.2f}" if h.gb_per_s else "-",
                       f"{h.fraction_on_target:.1%}", "intact" if h.checksum_ok else "[red]CORRUPT[/]", h.note)
     return table
 
@@ -76,4 +77,20 @@ def placement_bench_table(b: PlacementBench) -> Table:
     load = b.load
     table.caption = (f"load {load.loadavg_1m:.2f} on {load.cpus} CPUs, steal {load.steal_fraction:.1%}"
                      + (" — NOISY run" if load.noisy else ""))
+    return table
+
+
+def emulation_bench_table(b: EmulationBench) -> Table:
+    table = Table(title=f"Emulated tiers vs targets (local: {b.calibration.latency_ns:.0f} ns, "
+                        f"read {b.calibration.bandwidth_gbps['read']:.1f} GB/s; median of repeats)")
+    for col in ("metric", "ratio to local", "target", "achieved", "error", "spread", "verdict"):
+        table.add_column(col)
+    for p in b.points:
+        verdict = "[green]ok[/]" if p.ok else f"[red]off by more than {TOLERANCE:.0%}[/]"
+        table.add_row(p.metric, f"{p.ratio:g}x", f"{p.target:.2f}", f"{p.achieved.median:.2f}", f"{p.error:+.1%}",
+                      f"{p.achieved.spread:.1%}", verdict)
+    overhead = ", ".join(f"{k} {v:+.2%}" for k, v in b.overhead.items())
+    noisy = " — NOISY run" if b.load.noisy else ""
+    table.caption = (f"pacing overhead with no slowdown asked: {overhead}; load {b.load.loadavg_1m:.2f} on "
+                     f"{b.load.cpus} CPUs, steal {b.load.steal_fraction:.1%}{noisy}")
     return table

@@ -150,14 +150,19 @@ void traffic(uint64_t *buf, uint64_t words, uint32_t read_lines, uint32_t write_
 
 /* A pointer chase whose every load is followed by a chain of `extra` dependent adds on the loaded value before
  * the next load may issue: the delay is added to each access's latency instead of overlapping with it, which
- * is what a slower memory does to dependent loads. Returns elapsed ns. */
+ * is what a slower memory does to dependent loads. The lfence keeps the chain from starting before the load
+ * completes, so the cost per added op is the same behind a cache miss as behind a hit and can be calibrated
+ * on a cache-resident chain. Returns elapsed ns. */
 uint64_t chase_delayed(void *start, uint64_t steps, uint64_t extra, void **end) {
     void **p = (void **)start;
     uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < steps; i++) {
         uintptr_t v = (uintptr_t)*p;
-        for (uint64_t k = 0; k < extra; k++)
-            __asm__ volatile("add $0, %0" : "+r"(v));
+        if (extra) {
+            __asm__ volatile("lfence" : "+r"(v) : : "memory");
+            for (uint64_t k = 0; k < extra; k++)
+                __asm__ volatile("add $0, %0" : "+r"(v));
+        }
         p = (void **)v;
     }
     uint64_t t1 = now_ns();
@@ -166,18 +171,19 @@ uint64_t chase_delayed(void *start, uint64_t steps, uint64_t extra, void **end) 
 }
 
 /* Streams paced to a bandwidth: after each chunk, spin off the time the chunk was too fast for
- * ns_per_byte (counted bytes: 1x for read and write, 2x for copy, as the unpaced kernels count).
+ * ns_per_byte (counted bytes: 1x for read and write, 2x for copy, as the unpaced kernels count); with
+ * ns_per_byte <= 0 the same loop runs unpaced, which is the baseline for the pacer's own overhead.
  * kind 0 reads src, 1 writes dst, 2 copies src to dst. Returns elapsed ns; *injected_ns gets the spin time. */
 uint64_t bw_paced(int kind, void *dst, const void *src, uint64_t bytes, uint64_t iters, uint64_t chunk,
                   double ns_per_byte, double spin_ns_per_iter, uint64_t *injected_ns, uint64_t *sink) {
     const uint64_t counted = kind == 2 ? 2 * chunk : chunk;
     const double chunk_target = counted * ns_per_byte;
+    const int paced = ns_per_byte > 0;
     uint64_t acc = 0, injected = 0;
     double debt = 0;
-    uint64_t t0 = now_ns();
+    uint64_t t0 = now_ns(), mark = t0;
     for (uint64_t it = 0; it < iters; it++) {
         for (uint64_t off = 0; off + chunk <= bytes; off += chunk) {
-            uint64_t c0 = now_ns();
             if (kind == 0) {
                 const uint64_t *a = (const uint64_t *)((const char *)src + off);
                 for (uint64_t i = 0; i < chunk / 8; i += 8)
@@ -190,15 +196,19 @@ uint64_t bw_paced(int kind, void *dst, const void *src, uint64_t bytes, uint64_t
                 memcpy((char *)dst + off, (const char *)src + off, chunk);
             }
             __asm__ volatile("" : : "r"(dst) : "memory");
-            /* Carry the shortfall (or overshoot) forward so the average rate converges on the target. */
-            debt += chunk_target - (double)(now_ns() - c0);
+            if (!paced)
+                continue;
+            /* One clock read per chunk; the shortfall (or overshoot) carries forward so the average rate
+             * converges on the target. */
+            uint64_t now = now_ns();
+            debt += chunk_target - (double)(now - mark);
+            mark = now;
             if (debt > 0) {
-                uint64_t n = (uint64_t)(debt / spin_ns_per_iter);
-                uint64_t s0 = now_ns();
-                spin_iters(n);
-                uint64_t spent = now_ns() - s0;
-                injected += spent;
-                debt -= (double)spent;
+                spin_iters((uint64_t)(debt / spin_ns_per_iter));
+                uint64_t after = now_ns();
+                injected += after - mark;
+                debt -= (double)(after - mark);
+                mark = after;
             }
         }
     }

@@ -11,6 +11,8 @@ from rich.console import Console
 
 from tieremu.numa.topology import discover
 from tieremu.probe import bandwidth, latency, loaded, migrate
+from tieremu.probe.calibrate import calibration
+from tieremu.probe.emulated import TierMeasurement, probe_tiers
 from tieremu.probe.report import (
     bandwidth_json,
     format_matrix,
@@ -20,6 +22,8 @@ from tieremu.probe.report import (
     migrate_json,
 )
 from tieremu.runner.probe_run import ProbePlan, origin, run_all
+from tieremu.tiers.config import load_tier_map
+from tieremu.tiers.resolve import resolve
 
 quick_option = click.option("--quick/--full", default=True, show_default=True,
                             help="Quick mode (a short sweep, fewer repeats) or the full grid.")
@@ -40,6 +44,27 @@ def probe() -> None:
     """
 
 
+tiers_option = click.option(
+    "--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
+    help="Also probe every tier of this tier map through its own path (emulated and shaped tiers through their "
+         "timing models), printing target, achieved and error.")
+
+
+def _tier_report(tiers_file: str, *, latency_: bool, kernels_: tuple[str, ...], size: int,
+                 repeats: int) -> list[TierMeasurement]:
+    topo = discover()
+    cal = calibration(topo)
+    resolved = resolve(load_tier_map(tiers_file), topo, calibration=cal)
+    cpu = topo.node(topo.cpu_nodes[0]).cpus[0]
+    rows = probe_tiers(resolved, cal, cpu, latency=latency_, kernels_=kernels_, size=size, repeats=repeats)
+    for r in rows:
+        target = "-" if r.requested is None else f"{r.requested:.2f}"
+        error = "-" if r.error is None else f"{r.error:+.1%}"
+        click.echo(f"tier {r.tier:<8} {r.backing:<9} {r.metric:<16} target {target:>9}  achieved "
+                   f"{r.achieved.median:9.2f}  error {error:>7}  spread {r.achieved.spread:.1%}")
+    return rows
+
+
 @probe.command("latency")
 @click.option("--size-mib", default=1024, show_default=True, type=click.IntRange(min=1),
               help="Working set of the idle latency matrix.")
@@ -47,10 +72,17 @@ def probe() -> None:
               help="2 MiB transparent huge pages (keeps TLB misses out of the figure, as MLC does) or 4 KiB pages.")
 @click.option("--sweep/--no-sweep", default=False, show_default=True,
               help="Also sweep sizes (32 KiB and up) on the first node: caches and the TLB effect.")
+@tiers_option
 @quick_option
 @json_option
-def latency_cmd(size_mib: int, hugepages: bool, sweep: bool, quick: bool, as_json: bool) -> None:
+def latency_cmd(size_mib: int, hugepages: bool, sweep: bool, tiers_file: str | None, quick: bool,
+                as_json: bool) -> None:
     """Idle latency matrix (ns), initiator node × memory node, by dependent-load pointer chase."""
+    if tiers_file is not None:
+        rows = _tier_report(tiers_file, latency_=True, kernels_=(), size=size_mib << 20, repeats=3 if quick else 7)
+        if as_json:
+            _echo_json({"tiers": [r.to_dict() for r in rows]})
+        return
     topo = discover()
     repeats = 3 if quick else 7
     matrix = latency.latency_matrix(topo, size_mib << 20, hugepages=hugepages, repeats=repeats)
@@ -79,10 +111,18 @@ def latency_cmd(size_mib: int, hugepages: bool, sweep: bool, quick: bool, as_jso
               help="Kernels to run (default: all).")
 @click.option("--working-set-mib", default=512, show_default=True, type=click.IntRange(min=64),
               help="Total buffer size across threads (each thread gets at least 32 MiB).")
+@tiers_option
 @quick_option
 @json_option
-def bandwidth_cmd(kernels_: tuple[str, ...], working_set_mib: int, quick: bool, as_json: bool) -> None:
+def bandwidth_cmd(kernels_: tuple[str, ...], working_set_mib: int, tiers_file: str | None, quick: bool,
+                  as_json: bool) -> None:
     """Bandwidth matrix (GB/s): read, write, copy, triad on 1..N threads pinned to each initiator node."""
+    if tiers_file is not None:
+        paced = tuple(k for k in (kernels_ or ("read", "write", "copy")) if k != "triad")
+        rows = _tier_report(tiers_file, latency_=False, kernels_=paced, size=0, repeats=3 if quick else 7)
+        if as_json:
+            _echo_json({"tiers": [r.to_dict() for r in rows]})
+        return
     matrix = bandwidth.bandwidth_matrix(discover(), kernels_=kernels_ or bandwidth.KERNELS, quick=quick,
                                         working_set=working_set_mib << 20, repeats=3 if quick else 7)
     data = bandwidth_json(matrix, origin())

@@ -47,6 +47,7 @@ class TierSpec:
     allow_emulation: bool
     emulate: TimingTarget | None
     description: str = ""
+    shape: bool = False  # a real node slowed to the emulate targets (only the difference is injected)
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,12 @@ def _tier(s: Section) -> TierSpec:
         raise s.error("nodes", f"{list(nodes)}: policy preferred takes exactly one node (use preferred_many)")
     allow = s.get("allow_emulation", bool, False)
     emulate = _timing(s.section("emulate")) if s.has("emulate") else None
+    shape = s.get("shape", bool, False)
+    if shape and emulate is None:
+        raise s.error("shape", "shaping a real node needs emulate targets (latency_ratio, bandwidth_ratio, ...)")
     description = s.get("description", str, "")
     s.done()
-    return TierSpec(name, kind, nodes, policy, weights, allow, emulate, description)
+    return TierSpec(name, kind, nodes, policy, weights, allow, emulate, description, shape)
 
 
 def _timing(s: Section) -> TimingTarget:

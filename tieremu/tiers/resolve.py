@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import enum
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tieremu.errors import ResolutionError
 from tieremu.numa.sysfs import format_list
 from tieremu.numa.topology import Topology
 from tieremu.tiers.config import TierMap, TierSpec
+from tieremu.tiers.timing import Calibration, TimingModel, timing_model
 
 IN_VM_ENV = "TIEREMU_IN_VM"
 
@@ -24,10 +25,11 @@ class Backing(enum.Enum):
     REAL = "real"  # a real NUMA node: figures are `measured`
     VM = "vm"  # a node of tieremu's QEMU guest: semantics real, speeds are emulation artefacts
     EMULATED = "emulated"  # the node is missing; memory lives on a real node and a timing model applies
+    SHAPED = "shaped"  # a real node slowed to its targets by injecting only the difference
 
     @property
     def origin(self) -> str:
-        return "emulated" if self is Backing.EMULATED else "measured"
+        return "emulated" if self in (Backing.EMULATED, Backing.SHAPED) else "measured"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class ResolvedTier:
     backing: Backing
     nodes: tuple[int, ...]  # the nodes its memory really goes to
     reason: str
+    timing: TimingModel | None = None  # set for emulated and shaped tiers once a calibration is known
 
     @property
     def name(self) -> str:
@@ -60,7 +63,7 @@ class ResolvedTierMap:
 
     @property
     def any_emulated(self) -> bool:
-        return any(t.backing is Backing.EMULATED for t in self.tiers)
+        return any(t.backing in (Backing.EMULATED, Backing.SHAPED) for t in self.tiers)
 
 
 def in_vm() -> bool:
@@ -68,16 +71,32 @@ def in_vm() -> bool:
     return os.environ.get(IN_VM_ENV) == "1"
 
 
-def resolve(tier_map: TierMap, topology: Topology, *, vm: bool | None = None) -> ResolvedTierMap:
+def resolve(tier_map: TierMap, topology: Topology, *, vm: bool | None = None,
+            calibration: Calibration | None = None) -> ResolvedTierMap:
+    """Resolve every tier; with a calibration, emulated and shaped tiers also get their timing models
+    (and a model this machine cannot honour is refused here, before anything runs)."""
     vm = in_vm() if vm is None else vm
-    return ResolvedTierMap(tier_map, tuple(_resolve_tier(t, topology, vm) for t in tier_map.tiers))
+    tiers = tuple(_resolve_tier(t, topology, vm) for t in tier_map.tiers)
+    if calibration is not None:
+        tiers = tuple(_with_timing(t, calibration) for t in tiers)
+    return ResolvedTierMap(tier_map, tiers)
+
+
+def _with_timing(tier: ResolvedTier, calibration: Calibration) -> ResolvedTier:
+    if tier.backing not in (Backing.EMULATED, Backing.SHAPED):
+        return tier
+    model = timing_model(tier.spec, tier.backing.value, tier.nodes[0], calibration)
+    return replace(tier, timing=model)
 
 
 def _resolve_tier(spec: TierSpec, topo: Topology, vm: bool) -> ResolvedTier:
     missing = [n for n in spec.nodes if n not in topo.memory_nodes]
     if not missing:
-        backing = Backing.VM if vm else Backing.REAL
         where = "in the QEMU guest" if vm else "on this machine"
+        if spec.shape and spec.emulate is not None:
+            return ResolvedTier(spec, Backing.SHAPED, spec.nodes, f"node {format_list(spec.nodes)} exists {where}; "
+                                f"shaped to {spec.emulate.describe()}")
+        backing = Backing.VM if vm else Backing.REAL
         return ResolvedTier(spec, backing, spec.nodes, f"node {format_list(spec.nodes)} exists {where}")
     valid = format_list(topo.memory_nodes) or "none"
     if not spec.allow_emulation:

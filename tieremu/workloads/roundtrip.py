@@ -14,8 +14,9 @@ import numpy as np
 
 from tieremu.errors import PlacementError
 from tieremu.numa.pages import MigrationResult
+from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.region import Region, allocate
-from tieremu.tiers.resolve import Backing, ResolvedTier, ResolvedTierMap
+from tieremu.tiers.resolve import ResolvedTier, ResolvedTierMap
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Hop:
     already: int
     failed: dict[str, int]
     busy_rechecked: int
-    seconds: float
+    seconds: float  # page migration plus any delay injected for emulated ends
+    injected_seconds: float  # delay injected for emulated or shaped ends (0 between real tiers)
     gb_per_s: float
     fraction_on_target: float
     checksum_ok: bool
@@ -40,7 +42,9 @@ class Hop:
         return asdict(self)
 
 
-def run_roundtrip(resolved: ResolvedTierMap, route: list[str], nbytes: int, seed: int = 0) -> list[Hop]:
+def run_roundtrip(resolved: ResolvedTierMap, route: list[str], nbytes: int, seed: int = 0,
+                  injector: DelayInjector | None = None) -> list[Hop]:
+    """Place, fill, then migrate along route and back; emulated ends are charged through the injector."""
     tiers = [resolved.tier(name) for name in route]
     first = tiers[0]
     region = allocate(nbytes, first.nodes, first.spec.policy)
@@ -53,27 +57,46 @@ def run_roundtrip(resolved: ResolvedTierMap, route: list[str], nbytes: int, seed
             raise PlacementError(f"tier {first.name}: only {placed:.1%} of the tensor landed on node {first.nodes}")
         hops = []
         for source, target in zip(tiers, tiers[1:] + tiers[:1], strict=True):
-            hops.append(_hop(region, source, target, checksum))
+            hops.append(_hop(region, source, target, checksum, injector))
         return hops
     finally:
         region.close()
 
 
-def _hop(region: Region, source: ResolvedTier, target: ResolvedTier, checksum: int) -> Hop:
+def _hop(region: Region, source: ResolvedTier, target: ResolvedTier, checksum: int,
+         injector: DelayInjector | None) -> Hop:
     if len(target.nodes) != 1:
         raise PlacementError(f"tier {target.name}: a round trip migrates to one node, but the tier spans "
                              f"nodes {list(target.nodes)}")
     node = target.nodes[0]
     result: MigrationResult = region.migrate(node)
+    injected = _charge_emulated_ends(injector, source, target, result.pages * result.page_size)
     fraction = region.placement().fraction_on((node,))
-    emulated = Backing.EMULATED in (source.backing, target.backing)
-    note = ""
+    emulated = "emulated" in (source.backing.origin, target.backing.origin)
+    notes = []
     if result.moved == 0 and result.already == result.pages:
-        note = f"no-op: tiers {source.name} and {target.name} share node {node}"
+        notes.append(f"no page moved: tiers {source.name} and {target.name} share node {node}")
+    if injected:
+        notes.append(f"{injected * 1e3:.1f} ms injected for the emulated end(s)")
+    seconds = result.seconds + injected
+    moved_bytes = result.bytes_moved if not emulated else result.pages * result.page_size
     return Hop(
         source=source.name, target=target.name, target_node=node,
         origin="emulated" if emulated else "measured", backing=target.label,
         pages=result.pages, moved=result.moved, already=result.already, failed=result.failed,
-        busy_rechecked=result.busy_rechecked, seconds=result.seconds, gb_per_s=result.gb_per_s,
-        fraction_on_target=fraction, checksum_ok=zlib.crc32(region.array) == checksum, note=note,
+        busy_rechecked=result.busy_rechecked, seconds=seconds, injected_seconds=injected,
+        gb_per_s=moved_bytes / seconds / 1e9 if seconds > 0 and moved_bytes else 0.0,
+        fraction_on_target=fraction, checksum_ok=zlib.crc32(region.array) == checksum, note="; ".join(notes),
     )
+
+
+def _charge_emulated_ends(injector: DelayInjector | None, source: ResolvedTier, target: ResolvedTier,
+                          nbytes: int) -> float:
+    """Bytes leave the source and land in the target: each emulated end costs its extra time; seconds."""
+    if injector is None:
+        return 0.0
+    if injector.emulates(source.name):
+        injector.transfer(source.name, nbytes, "read")
+    if injector.emulates(target.name):
+        injector.transfer(target.name, nbytes, "write")
+    return injector.settle() / 1e9

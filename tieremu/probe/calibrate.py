@@ -1,0 +1,125 @@
+"""Measuring and caching the host's calibration: the local speeds that emulated tiers are expressed against.
+
+Cached per machine (host, CPU model, kernel) so that every run on the same host uses the same baseline and
+the same config means the same slowdown; `tieremu calibrate --refresh` measures again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import socket
+import statistics
+from pathlib import Path
+
+from tieremu.errors import TopologyError
+from tieremu.native.build import cache_dir, kernels, spin_ns_per_iter
+from tieremu.numa.topology import Topology
+from tieremu.probe import bandwidth
+from tieremu.probe.affinity import pinned
+from tieremu.probe.latency import ChaseBuffer, measure
+from tieremu.tiers.timing import Calibration
+
+LATENCY_BYTES = 1 << 30
+BANDWIDTH_BYTES = 256 << 20
+CAL_KERNELS = ("read", "write", "copy")
+
+
+def machine_key() -> str:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{socket.gethostname()}|{cpu}|{platform.release()}"
+
+
+def cache_path(key: str | None = None) -> Path:
+    digest = hashlib.sha256((key or machine_key()).encode()).hexdigest()[:16]
+    return cache_dir().parent / "calibration" / f"{digest}.json"
+
+
+def load_cached() -> Calibration | None:
+    path = cache_path()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    data["latency_by_node"] = {int(k): v for k, v in data["latency_by_node"].items()}
+    data["read_gbps_by_node"] = {int(k): v for k, v in data["read_gbps_by_node"].items()}
+    cal = Calibration(**data)
+    return cal if cal.machine == machine_key() else None
+
+
+def calibration(topology: Topology, *, refresh: bool = False) -> Calibration:
+    """The cached calibration, measured first if there is none (or refresh)."""
+    cached = None if refresh else load_cached()
+    if cached is not None:
+        return cached
+    cal = measure_calibration(topology)
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cal.to_dict(), indent=2))
+    os.replace(tmp, path)
+    return cal
+
+
+def measure_calibration(topology: Topology, *, latency_bytes: int = LATENCY_BYTES,
+                        bandwidth_bytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> Calibration:
+    if not topology.cpu_nodes:
+        raise TopologyError("no node with CPUs: cannot calibrate")
+    home = topology.cpu_nodes[0]
+    cpu = topology.node(home).cpus[0]
+    local = topology.nearest_memory_node(home)
+    latency_by_node, read_by_node = {}, {}
+    for node in topology.memory_nodes:
+        buf = ChaseBuffer(latency_bytes, node, hugepages=True)
+        try:
+            latency_by_node[node] = measure(buf, cpu, repeats, 0.2).ns.median
+        finally:
+            buf.close()
+        read_by_node[node] = bandwidth.measure("read", (cpu,), node, working_set=bandwidth_bytes,
+                                               repeats=repeats).gb_per_s.median
+    with pinned((cpu,)):
+        per_extra = _chase_ns_per_extra(local)
+    bw = {k: bandwidth.measure(k, (cpu,), local, working_set=bandwidth_bytes, repeats=repeats).gb_per_s.median
+          for k in CAL_KERNELS}
+    return Calibration(
+        machine=machine_key(),
+        created_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        node=local,
+        latency_ns=latency_by_node[local],
+        bandwidth_gbps=bw,
+        spin_ns_per_iter=spin_ns_per_iter(),
+        chase_ns_per_extra=per_extra,
+        latency_by_node=latency_by_node,
+        read_gbps_by_node=read_by_node,
+    )
+
+
+def _chase_ns_per_extra(node: int) -> float:
+    """Latency added per extra dependent op of the delayed chase, fitted on a cache-resident chain.
+
+    The kernel fences each load before its added ops, so the slope is the same behind a miss; fitting it
+    where the chain hits in cache keeps DRAM noise out of the fit.
+    """
+    buf = ChaseBuffer(16 << 10, node, hugepages=False)
+    k, end = kernels(), ctypes.c_void_p()
+    steps = 1 << 15
+    try:
+        def per_load(extra: int) -> float:
+            return statistics.median(k.chase_delayed(buf.start, steps, extra, ctypes.byref(end)) / steps
+                                     for _ in range(7))
+
+        points = [(x, per_load(x)) for x in (250, 500, 1000, 2000)]
+    finally:
+        buf.close()
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)

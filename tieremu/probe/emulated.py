@@ -1,0 +1,173 @@
+"""Probing an emulated or shaped tier through the same delay-injection path its users get.
+
+Latency: the pointer chase runs with the tier's extra latency added to every dependent load. Bandwidth: the
+stream kernels are paced chunk by chunk to the tier's target. Both report what was requested next to what
+was achieved, measured independently by the probe's own clock, so the audit checks the model.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+from dataclasses import asdict, dataclass
+
+from tieremu.errors import ProbeError
+from tieremu.native.build import kernels
+from tieremu.probe.affinity import pinned
+from tieremu.probe.latency import ChaseBuffer
+from tieremu.stats import Summary
+from tieremu.tiers.region import Region, allocate
+from tieremu.tiers.resolve import ResolvedTierMap
+from tieremu.tiers.timing import Calibration, TimingModel
+
+PACE_CHUNK = 256 << 10  # pacing granularity: ~10 µs of stream, smooth enough, and one clock read amortised
+KIND = {"read": 0, "write": 1, "copy": 2}
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Requested vs achieved for one metric of one tier, and how much delay was injected to get there."""
+
+    tier: str
+    mode: str  # emulated | shaped
+    metric: str  # "latency_ns" or "<kernel>_gb_per_s"
+    requested: float
+    achieved: Summary
+    injected_ns: float
+    elapsed_ns: float
+
+    @property
+    def error(self) -> float:
+        return self.achieved.median / self.requested - 1
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self) | {"achieved": self.achieved.to_dict(), "error": self.error}
+
+
+def tier_latency(model: TimingModel, cal: Calibration, cpu: int, *, size: int = 1 << 30, repeats: int = 5,
+                 seconds: float = 0.2) -> Audit:
+    """Idle latency of the tier: the chase over its host memory with the model's extra latency per load."""
+    extra = max(0, round(model.extra_latency_ns / cal.chase_ns_per_extra))
+    buf = ChaseBuffer(size, model.host_node, hugepages=True)
+    k, end = kernels(), ctypes.c_void_p()
+    try:
+        with pinned((cpu,)):
+            steps = max(1 << 14, int(seconds * 1e9 / model.target_latency_ns))
+            k.chase_delayed(buf.start, steps // 4, extra, ctypes.byref(end))  # warm-up
+            elapsed = [k.chase_delayed(buf.start, steps, extra, ctypes.byref(end)) for _ in range(repeats)]
+    finally:
+        buf.close()
+    return Audit(model.tier, model.mode, "latency_ns", model.target_latency_ns,
+                 Summary.of([e / steps for e in elapsed]), extra * cal.chase_ns_per_extra * steps * repeats,
+                 float(sum(elapsed)))
+
+
+def tier_bandwidth(model: TimingModel, cal: Calibration, kernel: str, cpu: int, *, working_set: int = 256 << 20,
+                   repeats: int = 5, seconds: float = 0.2) -> Audit:
+    """One-thread bandwidth of the tier for a read, write or copy stream paced to the model's target."""
+    if kernel not in KIND:
+        raise ProbeError(f"no paced kernel {kernel!r} for emulated tiers; valid: {', '.join(KIND)}")
+    size = working_set // (2 if kernel == "copy" else 1) // PACE_CHUNK * PACE_CHUNK
+    src, dst = _buffers(size, model.host_node)
+    counted = size * (2 if kernel == "copy" else 1)
+    ns_per_byte = 1 / model.target_bandwidth_gbps[kernel]
+    iters = max(1, round(seconds * 1e9 / (counted * ns_per_byte)))
+    k = kernels()
+    injected, sink = ctypes.c_uint64(), ctypes.c_uint64()
+    try:
+        with pinned((cpu,)):
+            def run(n: int) -> tuple[int, int]:
+                t = k.bw_paced(KIND[kernel], dst.addr, src.addr, size, n, PACE_CHUNK, ns_per_byte,
+                               cal.spin_ns_per_iter, ctypes.byref(injected), ctypes.byref(sink))
+                return t, injected.value
+
+            run(1)  # warm-up
+            runs = [run(iters) for _ in range(repeats)]
+    finally:
+        src.close()
+        dst.close()
+    return Audit(model.tier, model.mode, f"{kernel}_gb_per_s", model.target_bandwidth_gbps[kernel],
+                 Summary.of([counted * iters / t for t, _ in runs]), float(sum(i for _, i in runs)),
+                 float(sum(t for t, _ in runs)))
+
+
+def _buffers(size: int, node: int) -> tuple[Region, Region]:
+    return allocate(size, (node,)), allocate(size, (node,))
+
+
+def pacing_overhead(cal: Calibration, kernel: str, cpu: int, node: int, *, working_set: int = 256 << 20,
+                    rounds: int = 5) -> float:
+    """Accounting overhead of an emulated stream that asks for no slowdown (target = the host's own speed):
+    its time over the same loop unpaced, alternating the two, median of rounds."""
+    size = working_set // (2 if kernel == "copy" else 1) // PACE_CHUNK * PACE_CHUNK
+    src, dst = _buffers(size, node)
+    k = kernels()
+    injected, sink = ctypes.c_uint64(), ctypes.c_uint64()
+    at_host_speed = 1 / cal.bandwidth_gbps[kernel]
+
+    def run(ns_per_byte: float) -> int:
+        return k.bw_paced(KIND[kernel], dst.addr, src.addr, size, 4, PACE_CHUNK, ns_per_byte, cal.spin_ns_per_iter,
+                          ctypes.byref(injected), ctypes.byref(sink))
+
+    ratios = []
+    try:
+        with pinned((cpu,)):
+            run(0.0)
+            for _ in range(rounds):
+                plain = run(0.0)
+                ratios.append(run(at_host_speed) / plain - 1)
+    finally:
+        src.close()
+        dst.close()
+    return statistics.median(ratios)
+
+
+@dataclass(frozen=True)
+class TierMeasurement:
+    """One probe figure of one tier; for emulated and shaped tiers it is the audit of the timing model."""
+
+    tier: str
+    backing: str
+    metric: str
+    achieved: Summary
+    requested: float | None  # the model's target; None for a real tier (nothing was asked of it)
+
+    @property
+    def error(self) -> float | None:
+        return None if self.requested is None else self.achieved.median / self.requested - 1
+
+    def to_dict(self) -> dict[str, object]:
+        return {"tier": self.tier, "backing": self.backing, "metric": self.metric, "requested": self.requested,
+                "achieved": self.achieved.to_dict(), "error": self.error}
+
+
+def probe_tiers(resolved: ResolvedTierMap, cal: Calibration, cpu: int, *, latency: bool = True,
+                kernels_: tuple[str, ...] = (), size: int = 1 << 30, working_set: int = 256 << 20,
+                repeats: int = 5) -> list[TierMeasurement]:
+    """Every tier of a resolved map through the path its users get: real tiers plainly, emulated and shaped
+    ones through their timing models."""
+    from tieremu.probe import bandwidth
+    from tieremu.probe.latency import measure
+
+    out = []
+    for tier in resolved.tiers:
+        node = tier.nodes[0]
+        if latency:
+            if tier.timing is not None:
+                a = tier_latency(tier.timing, cal, cpu, size=size, repeats=repeats)
+                out.append(TierMeasurement(tier.name, tier.label, "latency_ns", a.achieved, a.requested))
+            else:
+                buf = ChaseBuffer(size, node, hugepages=True)
+                try:
+                    out.append(TierMeasurement(tier.name, tier.label, "latency_ns",
+                                               measure(buf, cpu, repeats, 0.2).ns, None))
+                finally:
+                    buf.close()
+        for kernel in kernels_:
+            if tier.timing is not None:
+                a = tier_bandwidth(tier.timing, cal, kernel, cpu, working_set=working_set, repeats=repeats)
+                out.append(TierMeasurement(tier.name, tier.label, a.metric, a.achieved, a.requested))
+            else:
+                p = bandwidth.measure(kernel, (cpu,), node, working_set=working_set, repeats=repeats)
+                out.append(TierMeasurement(tier.name, tier.label, f"{kernel}_gb_per_s", p.gb_per_s, None))
+    return out

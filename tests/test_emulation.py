@@ -65,7 +65,7 @@ def test_a_shaped_node_cannot_be_asked_faster_than_it_is() -> None:
 
 
 def test_ratios_without_a_calibration_are_refused() -> None:
-    with pytest.raises(ResolutionError, match="needs this machine's calibration.*run `tieremu calibrate` first"):
+    with pytest.raises(ResolutionError, match=r"needs this machine's calibration.*run `tieremu calibrate` first"):
         timing_model(spec(latency_ratio=2), "emulated", 0, None)
 
 

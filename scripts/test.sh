@@ -21,10 +21,17 @@ vm_unavailable() {
     exit 0
 }
 set +e
-.venv/bin/tieremu vm prepare
+prep_out=$(.venv/bin/tieremu vm prepare 2>&1)
 rc=$?
 set -e
-[ "$rc" -eq 0 ] || vm_unavailable "tieremu vm prepare failed (exit $rc, reason above)"
+printf '%s\n' "$prep_out"
+# 69 is "cannot start here" (no QEMU, no kernel to be had); any other failure is a bug to report, not skip.
+if [ "$rc" -eq 69 ]; then
+    vm_unavailable "$(printf '%s\n' "$prep_out" | sed -n 's/^tieremu vm: QEMU cannot start here: //p' | tail -n 1)"
+elif [ "$rc" -ne 0 ]; then
+    echo "VM stage FAILED: tieremu vm prepare exited $rc" >&2
+    exit 1
+fi
 # Only the files that use the marker: collecting the others would import torch and numpy inside the guest,
 # where imports run 10-45x slower, for tests that -m numa_vm deselects anyway.
 mapfile -t vm_files < <(grep -rl --include='test_*.py' 'numa_vm' tests | sort)
@@ -39,7 +46,7 @@ set +e
     .venv/bin/python -m pytest -p no:cacheprovider -m numa_vm -rs --junitxml="$vm_jobdir/junit.xml" "${vm_files[@]}"
 rc=$?
 set -e
-[ "$rc" -ne 69 ] || vm_unavailable "QEMU could not start the guest (reason above)"
+[ "$rc" -ne 69 ] || vm_unavailable "QEMU could not start the guest (its message is above)"
 if [ ! -f "$vm_jobdir/junit.xml" ]; then
     echo "VM stage FAILED: the guest run ended with exit $rc and no test report" >&2
     exit 1

@@ -160,3 +160,14 @@ def test_experiment_carries_the_audit_of_every_emulated_tier(tmp_path: Path, mem
     assert manifest["extra"]["calibration"]["machine"] == calibration_here.machine
     tiers = {t["tier"]: t for t in manifest["extra"]["tiers"]}
     assert tiers["cxl"]["timing_model"]["mode"] == "emulated" and tiers["dram"]["timing_model"] is None
+
+
+def test_separate_write_bandwidth_and_per_access_overhead() -> None:
+    m = timing_model(spec(latency_ratio=2.0, bandwidth_ratio=0.8, write_bandwidth_ratio=0.4, access_overhead_ns=50),
+                     "emulated", 0, CAL)
+    # read 0.8 x 20, write 0.4 x 10, copy the slower of 0.8 and 0.4 of its local 16 GB/s
+    assert m.target_bandwidth_gbps == pytest.approx({"read": 16.0, "write": 4.0, "copy": 6.4})
+    assert m.extra_latency_ns == pytest.approx(100.0 + 50.0)
+    injector = DelayInjector([m], CAL)
+    injector.accesses("cxl", 10)
+    assert injector.audits["cxl"].owed_ns == pytest.approx(1500.0)

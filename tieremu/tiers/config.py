@@ -23,6 +23,11 @@ class TimingTarget:
     latency_ratio: float | None = None
     bandwidth_gbps: float | None = None
     bandwidth_ratio: float | None = None
+    # Writes can be slower than reads (CXL expanders often are); unset, they follow the bandwidth above.
+    write_bandwidth_gbps: float | None = None
+    write_bandwidth_ratio: float | None = None
+    # A fixed cost per access on top of latency (e.g. a protocol or software layer per block fetched).
+    access_overhead_ns: float = 0.0
 
     def describe(self) -> str:
         parts = []
@@ -34,6 +39,12 @@ class TimingTarget:
             parts.append(f"bandwidth {self.bandwidth_gbps:g} GB/s")
         if self.bandwidth_ratio is not None:
             parts.append(f"bandwidth {self.bandwidth_ratio:g}x local")
+        if self.write_bandwidth_gbps is not None:
+            parts.append(f"write bandwidth {self.write_bandwidth_gbps:g} GB/s")
+        if self.write_bandwidth_ratio is not None:
+            parts.append(f"write bandwidth {self.write_bandwidth_ratio:g}x local")
+        if self.access_overhead_ns:
+            parts.append(f"+{self.access_overhead_ns:g} ns per access")
         return ", ".join(parts) or "no targets"
 
 
@@ -119,10 +130,16 @@ def _timing(s: Section) -> TimingTarget:
         latency_ratio=s.get("latency_ratio", float, None, check=positive),
         bandwidth_gbps=s.get("bandwidth_gbps", float, None, check=positive),
         bandwidth_ratio=s.get("bandwidth_ratio", float, None, check=positive),
+        write_bandwidth_gbps=s.get("write_bandwidth_gbps", float, None, check=positive),
+        write_bandwidth_ratio=s.get("write_bandwidth_ratio", float, None, check=positive),
+        access_overhead_ns=s.get("access_overhead_ns", float, 0.0,
+                                 check=lambda v: None if v >= 0 else "must be 0 or more"),
     )
     s.done()
     if target.latency_ns is not None and target.latency_ratio is not None:
         raise s.error("latency_ns", "give latency_ns or latency_ratio, not both")
     if target.bandwidth_gbps is not None and target.bandwidth_ratio is not None:
         raise s.error("bandwidth_gbps", "give bandwidth_gbps or bandwidth_ratio, not both")
+    if target.write_bandwidth_gbps is not None and target.write_bandwidth_ratio is not None:
+        raise s.error("write_bandwidth_gbps", "give write_bandwidth_gbps or write_bandwidth_ratio, not both")
     return target

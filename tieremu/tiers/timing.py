@@ -43,10 +43,12 @@ class TimingModel:
     host_bandwidth_gbps: dict[str, float]
     target_latency_ns: float
     target_bandwidth_gbps: dict[str, float]
+    access_overhead_ns: float = 0.0
 
     @property
     def extra_latency_ns(self) -> float:
-        return self.target_latency_ns - self.host_latency_ns
+        """What each dependent access must wait beyond the host memory's own latency."""
+        return self.target_latency_ns - self.host_latency_ns + self.access_overhead_ns
 
     def bandwidth_ratio(self, kernel: str) -> float:
         return self.target_bandwidth_gbps[kernel] / self.host_bandwidth_gbps[kernel]
@@ -79,8 +81,7 @@ def timing_model(spec: TierSpec, mode: str, host_node: int, calibration: Calibra
         )
     bw = {}
     for kernel, local in calibration.bandwidth_gbps.items():
-        want = target.bandwidth_gbps if target.bandwidth_gbps is not None else (
-            (target.bandwidth_ratio or 1.0) * local)
+        want = _bandwidth_target(target, kernel, local)
         if want > host_bw[kernel] * 1.001:
             raise ResolutionError(
                 f"tier {spec.name!r}: target {kernel} bandwidth {want:.1f} GB/s is above what its memory (node "
@@ -88,4 +89,22 @@ def timing_model(spec: TierSpec, mode: str, host_node: int, calibration: Calibra
                 f"{host_bw[kernel] / local:.2f} (bandwidth_gbps <= {host_bw[kernel]:.1f})"
             )
         bw[kernel] = want
-    return TimingModel(spec.name, mode, host_node, host_lat, host_bw, lat, bw)
+    return TimingModel(spec.name, mode, host_node, host_lat, host_bw, lat, bw, target.access_overhead_ns)
+
+
+def _bandwidth_target(target: TimingTarget, kernel: str, local: float) -> float:
+    """A stream's target: reads follow the bandwidth target, writes the write target (else the same), and a
+    copy, which both reads and writes the tier, the slower of the two."""
+    def read() -> float:
+        if target.bandwidth_gbps is not None:
+            return target.bandwidth_gbps
+        return (target.bandwidth_ratio or 1.0) * local
+
+    def write() -> float:
+        if target.write_bandwidth_gbps is not None:
+            return target.write_bandwidth_gbps
+        if target.write_bandwidth_ratio is not None:
+            return target.write_bandwidth_ratio * local
+        return read()
+
+    return {"read": read, "write": write}.get(kernel, lambda: min(read(), write()))()

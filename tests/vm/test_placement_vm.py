@@ -128,7 +128,10 @@ def test_binding_more_than_a_node_holds_is_refused_and_the_process_carries_on() 
     region.close()
 
 
-@pytest.mark.skipif(shutil.which("capsh") is None, reason="capsh (libcap2-bin) missing; bootstrap installs it")
+CAPSH = shutil.which("capsh")
+
+
+@pytest.mark.skipif(CAPSH is None, reason="capsh (libcap2-bin) missing; bootstrap installs it")
 def test_missing_capability_is_named() -> None:
     code = (
         "from tieremu.numa import syscalls, pages\n"
@@ -142,7 +145,7 @@ def test_missing_capability_is_named() -> None:
         "print('still running')\n"
     )
     env = {"PATH": "/usr/bin:/bin", "TIEREMU_TEST_CODE": code, "PYTHONDONTWRITEBYTECODE": "1"}
-    out = subprocess.run(["capsh", "--drop=cap_sys_nice", "--", "-c", f"{sys.executable} -c \"$TIEREMU_TEST_CODE\""],
+    out = subprocess.run([str(CAPSH), "--drop=cap_sys_nice", "--", "-c", f"{sys.executable} -c \"$TIEREMU_TEST_CODE\""],
                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert "refused:" in out.stdout and "CAP_SYS_NICE" in out.stdout and "still running" in out.stdout

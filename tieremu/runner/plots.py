@@ -1,18 +1,28 @@
-"""PNG plots of probe results (matplotlib, headless)."""
+"""PNG plots of probe results (matplotlib, headless).
+
+matplotlib is imported on first plot, not with the CLI: it costs ~0.4 s here and tens of seconds inside the
+QEMU guest, where every command would otherwise pay it.
+"""
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")  # no display on servers and in CI
-import matplotlib.pyplot as plt
+@cache
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def latency_vs_size(sweep: list[dict[str, Any]], path: Path, origin: str) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _plt().subplots(figsize=(7, 4.5))
     for huge in (False, True):
         pts = sorted((p["size_bytes"], p["ns"]["median"], p["ns"]["min"], p["ns"]["max"])
                      for p in sweep if p["hugepages"] == huge)
@@ -33,7 +43,7 @@ def latency_vs_size(sweep: list[dict[str, Any]], path: Path, origin: str) -> Pat
 
 def bandwidth_heatmaps(matrix: dict[str, dict[str, dict[str, Any]]], path: Path, origin: str) -> Path:
     kernels = list(matrix)
-    fig, axes = plt.subplots(1, len(kernels), figsize=(3.2 * len(kernels), 3.2), squeeze=False)
+    fig, axes = _plt().subplots(1, len(kernels), figsize=(3.2 * len(kernels), 3.2), squeeze=False)
     for ax, kernel in zip(axes[0], kernels, strict=True):
         rows = sorted(matrix[kernel], key=int)
         cols = sorted({c for r in rows for c in matrix[kernel][r]}, key=int)
@@ -52,7 +62,7 @@ def bandwidth_heatmaps(matrix: dict[str, dict[str, dict[str, Any]]], path: Path,
 
 
 def loaded_curves(curves: dict[str, list[dict[str, Any]]], path: Path, origin: str) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _plt().subplots(figsize=(7, 4.5))
     for mix, pts in curves.items():
         pts = sorted(pts, key=lambda p: p["traffic_gb_per_s"])
         med = [p["latency_ns"]["median"] for p in pts]
@@ -70,7 +80,7 @@ def loaded_curves(curves: dict[str, list[dict[str, Any]]], path: Path, origin: s
 
 
 def migrate_bars(points: list[dict[str, Any]], path: Path, origin: str) -> Path:
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(points)), 4.5))
+    fig, ax = _plt().subplots(figsize=(max(6, 0.9 * len(points)), 4.5))
     labels = [f"{p['source']}→{p['target']}\n{'THP' if p['hugepages'] else '4K'} b{p['batch_pages']}" for p in points]
     x = range(len(points))
     ax.bar([i - 0.2 for i in x], [p["migrate_gb_per_s"]["median"] for p in points], width=0.4, label="move_pages")
@@ -86,6 +96,6 @@ def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    _plt().close(fig)
     tmp.replace(path)
     return path

@@ -62,7 +62,15 @@ mount -t devtmpfs devtmpfs $R/dev
 mkdir -p $R/dev/shm $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
 mount -t devpts devpts $R/dev/pts
+# The guest gets its own writable /tmp. A working folder under the host's /tmp (a CI checkout, say) would be
+# hidden by it, so it is set aside first and bound back at the same path, still read-only.
+case "$TIEREMU_CWD" in
+    /tmp/*) mkdir -p /keep && mount -o bind "$R$TIEREMU_CWD" /keep || fail "bind $TIEREMU_CWD" ;;
+esac
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp
+case "$TIEREMU_CWD" in
+    /tmp/*) mkdir -p "$R$TIEREMU_CWD" && mount -o bind /keep "$R$TIEREMU_CWD" || fail "rebind $TIEREMU_CWD" ;;
+esac
 mount -t tmpfs -o mode=755 tmpfs $R/run
 # After the tmpfs mounts, so that a job folder under /tmp is not hidden by the guest's own /tmp.
 mkdir -p "$R$TIEREMU_JOBDIR" 2>/dev/null

@@ -257,7 +257,8 @@ def run_in_guest(
     cwd = (cwd or Path.cwd()).resolve()
     script_env = guest_env(topology, assets, jobdir, env or {})
     (rundir / "job.sh").write_text(job_script(command, cwd, script_env))
-    (rundir / "guest.env").write_text(f"TIEREMU_JOBDIR={shlex.quote(str(jobdir))}\n")
+    (rundir / "guest.env").write_text(f"TIEREMU_JOBDIR={shlex.quote(str(jobdir))}\n"
+                                      f"TIEREMU_CWD={shlex.quote(str(cwd))}\n")
     out_sink = _sink(stdout or sys.stdout.buffer)
     err_sink = _sink(stderr or sys.stderr.buffer)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tieremu.errors import TieremuError
+from tieremu.lab.actions.base import Reading
 from tieremu.lab.journal import Journal, journal_path, journals, state_dir
 from tieremu.lab.kernelfs import KernelFS
 from tieremu.lab.plan import action_label
@@ -14,15 +15,10 @@ from tieremu.lab.profile import Profile
 
 
 @dataclass(frozen=True)
-class KnobStatus:
-    action: str
-    knob: str
-    wanted: str
-    now: str | None
+class KnobStatus(Reading):
+    """A knob's reading, with the action of the profile it belongs to."""
 
-    @property
-    def ok(self) -> bool:
-        return self.now == self.wanted
+    action: str
 
 
 @dataclass(frozen=True)
@@ -63,7 +59,7 @@ def profile_status(profile: Profile, fs: KernelFS, state: str | os.PathLike[str]
             reason, readings = f"cannot read: {exc}", []
         if reason is not None:
             unsupported.append(Unsupported(label, reason, action.required))
-        knobs += [KnobStatus(label, r.knob, r.wanted, r.now) for r in readings]
+        knobs += [KnobStatus(knob=r.knob, wanted=r.wanted, now=r.now, action=label) for r in readings]
     return ProfileStatus(profile, journal, tuple(knobs), tuple(unsupported))
 
 

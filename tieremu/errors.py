@@ -76,3 +76,23 @@ class LabWriteError(LabError):
 
 class LabStateError(LabError):
     """The journal of applied profiles is missing, busy, unreadable, or belongs to another root."""
+
+
+class KVError(TieremuError):
+    """A KV-cache request cannot be met: unknown sequence or block, a layout that does not fit, a full pool."""
+
+
+class PolicyError(ConfigError):
+    """A policy name or parameter is unknown or invalid; the message lists the valid choices."""
+
+
+class TraceError(ConfigError):
+    """A request trace cannot be read: a bad line, a missing field, or a value out of range."""
+
+
+class WorkloadError(TieremuError):
+    """A workload cannot run as configured (bad preset, model shape, or an impossible request)."""
+
+
+class ReportError(TieremuError):
+    """A result folder cannot be reported on: missing files, a partial or failed run, unreadable metrics."""

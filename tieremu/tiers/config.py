@@ -59,6 +59,7 @@ class TierSpec:
     emulate: TimingTarget | None
     description: str = ""
     shape: bool = False  # a real node slowed to the emulate targets (only the difference is injected)
+    capacity_mib: int | None = None  # how much KV this tier may hold (None: as much as the node has)
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,9 @@ def _tier(s: Section) -> TierSpec:
     if shape and emulate is None:
         raise s.error("shape", "shaping a real node needs emulate targets (latency_ratio, bandwidth_ratio, ...)")
     description = s.get("description", str, "")
+    capacity_mib = s.get("capacity_mib", int, None, check=positive)
     s.done()
-    return TierSpec(name, kind, nodes, policy, weights, allow, emulate, description, shape)
+    return TierSpec(name, kind, nodes, policy, weights, allow, emulate, description, shape, capacity_mib)
 
 
 def _timing(s: Section) -> TimingTarget:

@@ -159,8 +159,6 @@ def calibrate_cmd(refresh: bool, as_json: bool) -> None:
     click.echo(f"calibration of {cal.machine} (node {cal.node}, {cal.created_utc}), cached in {cache_path()}")
     click.echo(f"  idle latency, 1 GiB chase with huge pages: {cal.latency_ns:.1f} ns")
     click.echo("  one-thread bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in cal.bandwidth_gbps.items()))
-    click.echo(f"  delay loop: {cal.spin_ns_per_iter:.3f} ns/iter; delayed chase: {cal.chase_ns_per_extra:.3f} "
-               "ns per added op")
 
 
 @bench.command("emulation")

@@ -91,6 +91,6 @@ def emulation_bench_table(b: EmulationBench) -> Table:
                       f"{p.achieved.spread:.1%}", verdict)
     overhead = ", ".join(f"{k} {v:+.2%}" for k, v in b.overhead.items())
     noisy = " — NOISY run" if b.load.noisy else ""
-    table.caption = (f"pacing overhead with no slowdown asked: {overhead}; load {b.load.loadavg_1m:.2f} on "
-                     f"{b.load.cpus} CPUs, steal {b.load.steal_fraction:.1%}{noisy}")
+    table.caption = (f"pacer bookkeeping overhead (clock read and account per chunk, never waiting): {overhead}; "
+                     f"load {b.load.loadavg_1m:.2f} on {b.load.cpus} CPUs, steal {b.load.steal_fraction:.1%}{noisy}")
     return table

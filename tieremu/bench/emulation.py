@@ -35,7 +35,7 @@ class EmulationPoint:
 class EmulationBench:
     calibration: Calibration
     points: list[EmulationPoint]
-    overhead: dict[str, float]  # kernel -> paced-at-host-speed time over unpaced, median
+    overhead: dict[str, float]  # kernel -> the pacer's bookkeeping (clock read per chunk) over unpaced, median
     load: MachineLoad
 
 
@@ -60,5 +60,5 @@ def bench_emulation(cal: Calibration, cpu: int, *, repeats: int = 5, kernels_: t
             model = timing_model(_spec(bandwidth_ratio=r), "emulated", cal.node, cal)
             a = tier_bandwidth(model, cal, kernel, cpu, repeats=repeats)
             points.append(EmulationPoint(f"{kernel}_gb_per_s", r, a.requested, a.achieved))
-    overhead = {k: pacing_overhead(cal, k, cpu, cal.node) for k in kernels_}
+    overhead = {k: pacing_overhead(k, cpu, cal.node) for k in kernels_}
     return EmulationBench(cal, points, overhead, meter.stop())

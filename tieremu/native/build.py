@@ -10,6 +10,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import statistics
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -31,7 +32,9 @@ _SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "bw_copy": (u64, (vp, vp, u64, u64)),
     "bw_triad": (u64, (vp, vp, vp, ctypes.c_double, u64, u64)),
     "spin": (u64, (u64,)),
-    "chase_delayed": (u64, (vp, u64, u64, ctypes.POINTER(vp))),
+    "chase_timed": (u64, (vp, u64, u64, ctypes.POINTER(vp))),
+    "wait_ticks": (u64, (u64,)),
+    "tsc_per_ns": (ctypes.c_double, (u64,)),
     "bw_paced": (u64, (ctypes.c_int, vp, vp, u64, u64, u64, ctypes.c_double, ctypes.c_double,
                        ctypes.POINTER(u64), ctypes.POINTER(u64))),
     "traffic": (None, (vp, u64, ctypes.c_uint32, ctypes.c_uint32, u64, ctypes.POINTER(ctypes.c_int),  # type: ignore[dict-item]
@@ -84,3 +87,14 @@ def spin_ns_per_iter() -> float:
     k.spin(1 << 20)
     runs = sorted(k.spin(1 << 22) / (1 << 22) for _ in range(5))
     return runs[len(runs) // 2]
+
+
+@cache
+def tsc_ticks_per_ns() -> float:
+    """The TSC's rate against CLOCK_MONOTONIC, measured once per process (20 ms).
+
+    Delays are counted in TSC ticks because the TSC runs at a fixed rate while the core clock moves: a loop
+    calibrated in iterations drifted by 1.8x between two calibrations on the same VM.
+    """
+    k = kernels()
+    return statistics.median(k.tsc_per_ns(5_000_000) for _ in range(4))

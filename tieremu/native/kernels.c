@@ -148,21 +148,47 @@ void traffic(uint64_t *buf, uint64_t words, uint32_t read_lines, uint32_t write_
 
 /* ---- delay injection for emulated tiers --------------------------------------------------------------------- */
 
-/* A pointer chase whose every load is followed by a chain of `extra` dependent adds on the loaded value before
- * the next load may issue: the delay is added to each access's latency instead of overlapping with it, which
- * is what a slower memory does to dependent loads. The lfence keeps the chain from starting before the load
- * completes, so the cost per added op is the same behind a cache miss as behind a hit and can be calibrated
- * on a cache-resident chain. Returns elapsed ns. */
-uint64_t chase_delayed(void *start, uint64_t steps, uint64_t extra, void **end) {
+static inline uint64_t tsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+/* TSC ticks per nanosecond, measured against CLOCK_MONOTONIC over about `ns` nanoseconds. The TSC of x86 CPUs
+ * this runs on is invariant (it ticks at a fixed rate whatever the core clock does), which is why delays are
+ * counted in ticks: a count of instructions would stretch and shrink with the CPU frequency. */
+double tsc_per_ns(uint64_t ns) {
+    uint64_t t0 = now_ns(), c0 = tsc(), t1;
+    do {
+        t1 = now_ns();
+    } while (t1 - t0 < ns);
+    return (double)(tsc() - c0) / (double)(t1 - t0);
+}
+
+/* Busy-wait `ticks` TSC ticks (no syscall, no sleep); returns the ns actually waited. */
+uint64_t wait_ticks(uint64_t ticks) {
+    uint64_t t0 = now_ns();
+    const uint64_t until = tsc() + ticks;
+    while (tsc() < until)
+        ;
+    return now_ns() - t0;
+}
+
+/* A pointer chase whose every load is followed by a wait of `ticks` TSC ticks before the next load may issue:
+ * the delay adds to each access's latency instead of overlapping with it, which is what a slower memory does to
+ * dependent loads. The lfence starts the wait only once the load has completed. No fence is needed after the
+ * wait: the loop's exit branch is predicted "keep waiting", so the next load issues only after the wait ends
+ * (a second fence cost 8 ns more per load for nothing). With ticks = 0 the fence and two clock reads remain, a
+ * fixed cost per load (about 20-30 ns here) that the caller measures and subtracts. Returns elapsed ns. */
+uint64_t chase_timed(void *start, uint64_t steps, uint64_t ticks, void **end) {
     void **p = (void **)start;
     uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < steps; i++) {
         uintptr_t v = (uintptr_t)*p;
-        if (extra) {
-            __asm__ volatile("lfence" : "+r"(v) : : "memory");
-            for (uint64_t k = 0; k < extra; k++)
-                __asm__ volatile("add $0, %0" : "+r"(v));
-        }
+        __asm__ volatile("lfence" : "+r"(v) : : "memory");
+        const uint64_t until = tsc() + ticks;
+        while (tsc() < until)
+            ;
         p = (void **)v;
     }
     uint64_t t1 = now_ns();
@@ -172,10 +198,10 @@ uint64_t chase_delayed(void *start, uint64_t steps, uint64_t extra, void **end) 
 
 /* Streams paced to a bandwidth: after each chunk, spin off the time the chunk was too fast for
  * ns_per_byte (counted bytes: 1x for read and write, 2x for copy, as the unpaced kernels count); with
- * ns_per_byte <= 0 the same loop runs unpaced, which is the baseline for the pacer's own overhead.
+ * ns_per_byte <= 0 the same loop runs unpaced (no clock reads at all): the path of a tier asked for no slowdown.
  * kind 0 reads src, 1 writes dst, 2 copies src to dst. Returns elapsed ns; *injected_ns gets the spin time. */
 uint64_t bw_paced(int kind, void *dst, const void *src, uint64_t bytes, uint64_t iters, uint64_t chunk,
-                  double ns_per_byte, double spin_ns_per_iter, uint64_t *injected_ns, uint64_t *sink) {
+                  double ns_per_byte, double ticks_per_ns, uint64_t *injected_ns, uint64_t *sink) {
     const uint64_t counted = kind == 2 ? 2 * chunk : chunk;
     const double chunk_target = counted * ns_per_byte;
     const int paced = ns_per_byte > 0;
@@ -204,7 +230,9 @@ uint64_t bw_paced(int kind, void *dst, const void *src, uint64_t bytes, uint64_t
             debt += chunk_target - (double)(now - mark);
             mark = now;
             if (debt > 0) {
-                spin_iters((uint64_t)(debt / spin_ns_per_iter));
+                const uint64_t until = tsc() + (uint64_t)(debt * ticks_per_ns);
+                while (tsc() < until)
+                    ;
                 uint64_t after = now_ns();
                 injected += after - mark;
                 debt -= (double)(after - mark);

@@ -6,21 +6,18 @@ the same config means the same slowdown; `tieremu calibrate --refresh` measures 
 
 from __future__ import annotations
 
-import ctypes
 import datetime as dt
 import hashlib
 import json
 import os
 import platform
 import socket
-import statistics
 from pathlib import Path
 
 from tieremu.errors import TopologyError
-from tieremu.native.build import cache_dir, kernels, spin_ns_per_iter
+from tieremu.native.build import cache_dir
 from tieremu.numa.topology import Topology
 from tieremu.probe import bandwidth
-from tieremu.probe.affinity import pinned
 from tieremu.probe.latency import ChaseBuffer, measure
 from tieremu.tiers.timing import Calibration
 
@@ -50,9 +47,12 @@ def load_cached() -> Calibration | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    data["latency_by_node"] = {int(k): v for k, v in data["latency_by_node"].items()}
-    data["read_gbps_by_node"] = {int(k): v for k, v in data["read_gbps_by_node"].items()}
-    cal = Calibration(**data)
+    try:
+        data["latency_by_node"] = {int(k): v for k, v in data["latency_by_node"].items()}
+        data["read_gbps_by_node"] = {int(k): v for k, v in data["read_gbps_by_node"].items()}
+        cal = Calibration(**data)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # written by another version of tieremu: measure again
     return cal if cal.machine == machine_key() else None
 
 
@@ -86,8 +86,6 @@ def measure_calibration(topology: Topology, *, latency_bytes: int = LATENCY_BYTE
             buf.close()
         read_by_node[node] = bandwidth.measure("read", (cpu,), node, working_set=bandwidth_bytes,
                                                repeats=repeats).gb_per_s.median
-    with pinned((cpu,)):
-        per_extra = _chase_ns_per_extra(local)
     bw = {k: bandwidth.measure(k, (cpu,), local, working_set=bandwidth_bytes, repeats=repeats).gb_per_s.median
           for k in CAL_KERNELS}
     return Calibration(
@@ -96,30 +94,7 @@ def measure_calibration(topology: Topology, *, latency_bytes: int = LATENCY_BYTE
         node=local,
         latency_ns=latency_by_node[local],
         bandwidth_gbps=bw,
-        spin_ns_per_iter=spin_ns_per_iter(),
-        chase_ns_per_extra=per_extra,
         latency_by_node=latency_by_node,
         read_gbps_by_node=read_by_node,
     )
 
-
-def _chase_ns_per_extra(node: int) -> float:
-    """Latency added per extra dependent op of the delayed chase, fitted on a cache-resident chain.
-
-    The kernel fences each load before its added ops, so the slope is the same behind a miss; fitting it
-    where the chain hits in cache keeps DRAM noise out of the fit.
-    """
-    buf = ChaseBuffer(16 << 10, node, hugepages=False)
-    k, end = kernels(), ctypes.c_void_p()
-    steps = 1 << 15
-    try:
-        def per_load(extra: int) -> float:
-            return statistics.median(k.chase_delayed(buf.start, steps, extra, ctypes.byref(end)) / steps
-                                     for _ in range(7))
-
-        points = [(x, per_load(x)) for x in (250, 500, 1000, 2000)]
-    finally:
-        buf.close()
-    mean_x = statistics.fmean(x for x, _ in points)
-    mean_y = statistics.fmean(y for _, y in points)
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)

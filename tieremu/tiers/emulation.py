@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from tieremu.errors import ResolutionError
-from tieremu.native.build import kernels
+from tieremu.native.build import kernels, tsc_ticks_per_ns
 from tieremu.tiers.timing import Calibration, TimingModel
 
 
@@ -65,7 +65,7 @@ class DelayInjector:
         total = sum(self._owed.values())
         if total <= 0:
             return 0.0
-        spun = float(kernels().spin(int(total / self.calibration.spin_ns_per_iter)))
+        spun = float(kernels().wait_ticks(round(total * tsc_ticks_per_ns())))
         for tier, owed in self._owed.items():  # the spin pays every tier's debt in proportion
             self.audits[tier].injected_ns += spun * owed / total
         self._owed = {}

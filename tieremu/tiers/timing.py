@@ -23,8 +23,6 @@ class Calibration:
     node: int  # the node measured (the emulation host)
     latency_ns: float  # idle load-to-use latency, 1 GiB chase with huge pages
     bandwidth_gbps: dict[str, float]  # read / write / copy on one thread (STREAM byte counting)
-    spin_ns_per_iter: float  # cost of one iteration of the delay loop
-    chase_ns_per_extra: float  # latency added per extra dependent op in the delayed chase
     latency_by_node: dict[int, float]  # every memory node, for shaping real nodes
     read_gbps_by_node: dict[int, float]
 

@@ -1,0 +1,237 @@
+"""The one interface every placement policy implements, and the bookkeeping several policies share.
+
+A policy never moves memory itself. It answers questions (where does a new block go, which block leaves a full
+tier) and returns a plan once per epoch; whoever drives it (the simulator, the daemon, the execute mode) carries the
+plan out within the tiers' capacities. Tiers are ordered fastest first: rank 0 is the fastest.
+"""
+
+from __future__ import annotations
+
+import heapq
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+from tieremu.errors import PolicyError
+
+MOVE_REASONS = ("promote", "demote", "prefetch")
+
+
+@dataclass(frozen=True, slots=True)
+class TierState:
+    """Occupancy a policy sees of one tier."""
+
+    name: str
+    rank: int
+    capacity_blocks: int | None  # None = unlimited
+    used_blocks: int
+
+    @property
+    def has_room(self) -> bool:
+        return self.capacity_blocks is None or self.used_blocks < self.capacity_blocks
+
+    @property
+    def utilisation(self) -> float:
+        """Used share of the capacity; 0 for an unlimited tier, which is never full."""
+        return 0.0 if not self.capacity_blocks else self.used_blocks / self.capacity_blocks
+
+
+@dataclass(frozen=True, slots=True)
+class AccessEvent:
+    block: int  # block key (the prefix hash id)
+    tier: str | None  # tier that served it; None = miss (the block was just created)
+    time: float  # seconds (trace time in simulate; monotonic time in execute)
+    request: int  # request index
+    layer: int | None = None  # None when the block spans all layers, and always in simulate
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    block: int
+    source: str
+    target: str
+    reason: str  # one of MOVE_REASONS
+
+
+@dataclass
+class Plan:
+    moves: list[Move] = field(default_factory=list)
+    evictions: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class UpcomingRequest:
+    """A request the scheduler is about to run: what a scheduler-aware policy may prefetch for."""
+
+    request: int
+    arrival: float  # seconds
+    blocks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy may know beyond the live view: offline policies need the future, most need nothing."""
+
+    # Block keys of every request, indexed by request index; only trace replay can give it (Belady needs it).
+    future: Sequence[Sequence[int]] | None = None
+    epoch_s: float = 0.05
+
+
+class BlockView(Protocol):
+    """Read-only view of where blocks are, given to policies."""
+
+    @property
+    def tiers(self) -> Sequence[TierState]: ...
+
+    def tier_of(self, block: int) -> str | None: ...
+
+    def blocks_in(self, tier: str) -> Iterable[int]: ...
+
+    def pinned(self, block: int) -> bool:
+        """True for blocks of the request being served: they must not be chosen as victims."""
+        ...
+
+
+class Policy(ABC):
+    """A placement policy. Subclasses take their parameters as keyword-only constructor arguments with defaults
+    (the registry validates names and types against them) and the PolicyContext as the only positional one."""
+
+    name: ClassVar[str]
+    # An idealised bound (the L100/L0 of the CXL papers): the simulator treats every tier as unlimited for it, so
+    # it shows what placement alone gives when the tier it fills could hold everything. Results say so.
+    lifts_capacity: ClassVar[bool] = False
+
+    def __init__(self, context: PolicyContext | None = None) -> None:
+        self.context = context or PolicyContext()
+
+    @abstractmethod
+    def admit(self, block: int, view: BlockView) -> str:
+        """The tier a new block is placed in (the driver makes room there, pushing victims down)."""
+
+    def observe(self, events: Sequence[AccessEvent]) -> None:  # noqa: B027 - optional hook
+        """Accesses since the last call, in order."""
+
+    @abstractmethod
+    def victim(self, tier: str, view: BlockView) -> int:
+        """A resident, unpinned block of `tier` to push one tier down (or out, from the last tier).
+        Only called when the tier holds at least one unpinned block."""
+
+    def plan(self, view: BlockView, now: float) -> Plan:
+        """Once per epoch: moves and evictions to carry out now."""
+        return Plan()
+
+    def upcoming(self, requests: Sequence[UpcomingRequest]) -> None:  # noqa: B027 - optional hook
+        """Scheduler hint: the request about to be served first, then the next arrivals."""
+
+
+def first_unpinned(view: BlockView, tier: str) -> int:
+    """The oldest resident unpinned block of a tier in the view's order: a fallback victim for any policy."""
+    for block in view.blocks_in(tier):
+        if not view.pinned(block):
+            return block
+    raise PolicyError(f"tier {tier!r} holds no unpinned block to push out; a driver asks for a victim only when "
+                      "one exists")
+
+
+class RankedBlocks:
+    """Blocks ranked by a score the policy keeps, per tier, with the lowest and the highest found in O(log n).
+
+    The policy records where it believes each block is; a block the driver moved without telling it is
+    re-filed when it surfaces (checked against the view), so beliefs never need to be exact, only mostly right.
+    Heaps hold stale entries until they surface (lazy deletion); they are rebuilt when stale entries dominate.
+    Ties on score go to the block scored longest ago for lowest(), most recently for highest().
+    """
+
+    def __init__(self, *, track_highest: bool = False) -> None:
+        self._score: dict[int, float] = {}
+        self._tier: dict[int, str] = {}
+        self._stamp: dict[int, int] = {}
+        self._low: dict[str, list[tuple[float, int, int]]] = {}
+        self._high: dict[str, list[tuple[float, int, int]]] | None = {} if track_highest else None
+        self._clock = 0
+
+    def __contains__(self, block: int) -> bool:
+        return block in self._score
+
+    def score(self, block: int) -> float | None:
+        return self._score.get(block)
+
+    def tier(self, block: int) -> str | None:
+        return self._tier.get(block)
+
+    def set(self, block: int, tier: str, score: float) -> None:
+        self._clock += 1
+        stamp = self._clock
+        self._score[block] = score
+        self._tier[block] = tier
+        self._stamp[block] = stamp
+        low = self._low.setdefault(tier, [])
+        heapq.heappush(low, (score, stamp, block))
+        if self._high is not None:
+            heapq.heappush(self._high.setdefault(tier, []), (-score, -stamp, block))
+        if len(low) > 4 * len(self._score) + 1024:
+            self._rebuild()
+
+    def move(self, block: int, tier: str) -> None:
+        """File a block under another tier, keeping its score."""
+        score = self._score.get(block)
+        if score is not None and self._tier[block] != tier:
+            self.set(block, tier, score)
+
+    def forget(self, block: int) -> None:
+        if self._score.pop(block, None) is not None:
+            del self._tier[block], self._stamp[block]
+
+    def lowest(self, tier: str, view: BlockView, *, skip: Callable[[int], bool] | None = None) -> int | None:
+        """The lowest-scored block really in `tier`, not pinned and not skipped; None if there is none."""
+        return self._best(self._low.get(tier), tier, view, skip)
+
+    def highest(self, tier: str, view: BlockView, *, skip: Callable[[int], bool] | None = None) -> int | None:
+        if self._high is None:
+            raise ValueError("RankedBlocks(track_highest=True) is needed for highest()")
+        return self._best(self._high.get(tier), tier, view, skip)
+
+    def _best(self, heap: list[tuple[float, int, int]] | None, tier: str, view: BlockView,
+              skip: Callable[[int], bool] | None) -> int | None:
+        if not heap:
+            return None
+        set_aside = []
+        found = None
+        while heap:
+            entry = heap[0]
+            block = entry[2]
+            if self._stamp.get(block) != abs(entry[1]) or self._tier.get(block) != tier:
+                heapq.heappop(heap)  # superseded by a later score or filing
+                continue
+            actual = view.tier_of(block)
+            if actual != tier:
+                heapq.heappop(heap)
+                if actual is None:
+                    self.forget(block)
+                else:
+                    self.move(block, actual)
+                continue
+            if view.pinned(block) or (skip is not None and skip(block)):
+                set_aside.append(heapq.heappop(heap))
+                continue
+            found = block
+            break
+        for entry in set_aside:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _rebuild(self) -> None:
+        self._low = {}
+        high: dict[str, list[tuple[float, int, int]]] | None = {} if self._high is not None else None
+        for block, score in self._score.items():
+            tier, stamp = self._tier[block], self._stamp[block]
+            self._low.setdefault(tier, []).append((score, stamp, block))
+            if high is not None:
+                high.setdefault(tier, []).append((-score, -stamp, block))
+        for heap in self._low.values():
+            heapq.heapify(heap)
+        if high is not None:
+            for heap in high.values():
+                heapq.heapify(heap)
+            self._high = high

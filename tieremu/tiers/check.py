@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tieremu.errors import CapabilityError, InvalidNodeError, NumaError, PlacementError
+import numpy as np
+
+from tieremu.errors import CapabilityError, InvalidNodeError, NumaError, PlacementError, TieremuError
 from tieremu.numa import syscalls
 from tieremu.numa.pages import Placement
 from tieremu.numa.sysfs import format_list
+from tieremu.tiers.files import BlockFile
 from tieremu.tiers.region import allocate
 from tieremu.tiers.resolve import Backing, ResolvedTier, ResolvedTierMap
 
@@ -16,6 +19,7 @@ EMULATED = "emulated"
 NOT_ENFORCED = "not enforced"
 
 DEFAULT_CHECK_BYTES = 4 << 20
+BLOCK_CHECK_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ def check_tier(tier: ResolvedTier, nbytes: int = DEFAULT_CHECK_BYTES) -> TierChe
     def verdict(status: str, fraction: float, placement: Placement | None, reason: str) -> TierCheck:
         return TierCheck(tier.name, tier.label, status, tier.nodes, fraction, placement, reason)
 
+    if spec.is_file:
+        return _check_file_tier(tier)
     try:
         region = allocate(nbytes, tier.nodes, spec.policy)
     except CapabilityError as exc:
@@ -73,6 +79,34 @@ def check_tier(tier: ResolvedTier, nbytes: int = DEFAULT_CHECK_BYTES) -> TierChe
         return verdict(EMULATED, fraction, placement, tier.reason)
     return verdict(ENFORCED, fraction, placement, f"{placement.pages} of {placement.pages} pages on node "
                                                   f"{format_list(tier.nodes)} ({spec.policy.name.lower()})")
+
+
+def _check_file_tier(tier: ResolvedTier) -> TierCheck:
+    """Write a block to the tier's directory and read it back; O_DIRECT or not is stated."""
+    assert tier.spec.path is not None
+    region = allocate(BLOCK_CHECK_BYTES, policy=syscalls.Policy.DEFAULT)
+    try:
+        region.array[:] = np.arange(BLOCK_CHECK_BYTES, dtype=np.uint32).view(np.uint8)[:BLOCK_CHECK_BYTES]
+        expected = region.array.copy()
+        try:
+            store = BlockFile(tier.spec.path, BLOCK_CHECK_BYTES, 1, name="check")
+        except TieremuError as exc:
+            return TierCheck(tier.name, tier.label, NOT_ENFORCED, (), 0.0, None, str(exc))
+        try:
+            store.write(0, region.addr)
+            region.array[:] = 0
+            store.read(0, region.addr)
+        finally:
+            store.close()
+        same = bool((region.array == expected).all())
+    finally:
+        region.close()
+    io = "O_DIRECT" if store.direct else "buffered (the filesystem refuses O_DIRECT: page cache speeds)"
+    if not same:
+        return TierCheck(tier.name, tier.label, NOT_ENFORCED, (), 0.0, None,
+                         f"{tier.spec.path}: the block read back differs from the one written")
+    return TierCheck(tier.name, tier.label, ENFORCED, (), 1.0, None, f"block written and read back in "
+                     f"{tier.spec.path}, {io}")
 
 
 def raise_unless_enforced(checks: list[TierCheck]) -> None:

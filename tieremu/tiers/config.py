@@ -11,7 +11,7 @@ from pathlib import Path
 from tieremu.configfile import Section, load_yaml, positive
 from tieremu.numa.syscalls import Policy
 
-KINDS = ("numa",)
+KINDS = ("numa", "file")
 POLICIES = tuple(p.name.lower() for p in Policy if p.takes_nodes)
 
 
@@ -60,6 +60,11 @@ class TierSpec:
     description: str = ""
     shape: bool = False  # a real node slowed to the emulate targets (only the difference is injected)
     capacity_mib: int | None = None  # how much KV this tier may hold (None: as much as the node has)
+    path: Path | None = None  # kind file: the directory blocks are stored in
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "file"
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,8 @@ def parse_tier_map(doc: Section) -> TierMap:
 def _tier(s: Section) -> TierSpec:
     name = s.get("name", str)
     kind = s.get("kind", str, "numa", choices=KINDS)
+    if kind == "file":
+        return _file_tier(s, name)
     nodes = s.ints("nodes")
     if not nodes or any(n < 0 for n in nodes):
         raise s.error("nodes", f"{list(nodes)}: give one or more node ids (0 or greater)")
@@ -124,6 +131,15 @@ def _tier(s: Section) -> TierSpec:
     capacity_mib = s.get("capacity_mib", int, None, check=positive)
     s.done()
     return TierSpec(name, kind, nodes, policy, weights, allow, emulate, description, shape, capacity_mib)
+
+
+def _file_tier(s: Section, name: str) -> TierSpec:
+    """A directory on a storage device: no nodes, no memory policy, no timing model (its speed is the device's)."""
+    path = s.relative_path(s.get("path", str))
+    capacity_mib = s.get("capacity_mib", int, None, check=positive)
+    description = s.get("description", str, "")
+    s.done()
+    return TierSpec(name, "file", (), Policy.DEFAULT, None, False, None, description, False, capacity_mib, path)
 
 
 def _timing(s: Section) -> TimingTarget:

@@ -37,6 +37,7 @@ class Region:
                  nodes: tuple[int, ...], hugepages: bool) -> None:
         self._mapping = mapping
         self._array: np.ndarray | None = np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset)
+        self._base = int(self._array.ctypes.data) - offset  # the mapping's start, for madvise offsets
         self.nbytes = nbytes
         self.policy = policy
         self.nodes = nodes
@@ -79,6 +80,25 @@ class Region:
         if rebind and start == 0 and length == self.nbytes:
             self.policy, self.nodes = Policy.BIND, (node,)
         return result
+
+    def populate(self, start: int = 0, length: int | None = None) -> None:
+        """Fault [start, start+length) in now, in the kernel, so each page lands where the range's policy says."""
+        start, length = self._span(start, length)
+        _populate_range(self.addr + start, length, self.nodes)
+
+    def discard(self, start: int = 0, length: int | None = None) -> None:
+        """Give [start, start+length)'s pages back (MADV_DONTNEED): the next touch faults a zeroed page in under
+        the range's policy, wherever the old pages had been moved to."""
+        start, length = self._span(start, length)
+        self._madvise(start, length, mmap.MADV_DONTNEED)
+
+    def rebind(self, policy: Policy, nodes: Sequence[int], start: int = 0, length: int | None = None) -> None:
+        """Set the policy of [start, start+length) for pages faulted from now on (existing pages stay put)."""
+        start, length = self._span(start, length)
+        syscalls.mbind(self.addr + start, length, policy, tuple(nodes))
+
+    def _madvise(self, start: int, length: int, advice: int) -> None:
+        self._mapping.madvise(advice, self.addr - self._base + start, length)
 
     def close(self) -> None:
         """Unmap now; fails while any tensor still views the region (the mapping would dangle)."""
@@ -145,15 +165,21 @@ def placement_of(tensor: torch.Tensor) -> pages.Placement:
 
 def _populate(region: Region) -> None:
     """Fault every page in, in the kernel, so policy decides each page's node."""
+    _populate_range(region.addr, region.nbytes, region.nodes)
+
+
+def _populate_range(addr: int, length: int, nodes: tuple[int, ...]) -> None:
     _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    if _libc.madvise(ctypes.c_void_p(region.addr), ctypes.c_size_t(region.nbytes), MADV_POPULATE_WRITE) == 0:
+    if _libc.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), MADV_POPULATE_WRITE) == 0:
         return
     err = ctypes.get_errno()
     if err == 12:  # ENOMEM
-        raise NodeFullError(f"populating {region.nbytes} bytes on node {format_list(region.nodes)} failed: "
-                            "out of memory", call="madvise(populate_write)", errno=err, nodes=region.nodes)
+        raise NodeFullError(f"populating {length} bytes on node {format_list(nodes)} failed: "
+                            "out of memory", call="madvise(populate_write)", errno=err, nodes=nodes)
     # Older kernels lack MADV_POPULATE_WRITE (EINVAL): write one byte per page instead.
-    region.array[:: pages.PAGE_SIZE] = 0
+    view = (ctypes.c_char * length).from_address(addr)
+    for off in range(0, length, pages.PAGE_SIZE):
+        view[off] = 0
 
 
 def _check_fits(nbytes: int, nodes: tuple[int, ...]) -> None:

@@ -90,6 +90,8 @@ def _with_timing(tier: ResolvedTier, calibration: Calibration) -> ResolvedTier:
 
 
 def _resolve_tier(spec: TierSpec, topo: Topology, vm: bool) -> ResolvedTier:
+    if spec.is_file:
+        return ResolvedTier(spec, Backing.REAL, (), f"blocks stored in {spec.path} (the device's own speed)")
     missing = [n for n in spec.nodes if n not in topo.memory_nodes]
     if not missing:
         where = "in the QEMU guest" if vm else "on this machine"

@@ -1,0 +1,319 @@
+"""The tiered, paged KV cache that a decode model reads: sequences, block tables, prefix reuse, reads and
+writes with per-tier accounting, emulated delay and an access log.
+
+It implements the model's KV store interface (write / read / layer_start, see tieremu.workloads.llama):
+attention gets each sequence's K and V gathered from the tier arenas through its block table, so on CPU the
+reads really come from each tier's memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tieremu.errors import KVError
+from tieremu.kv.access_log import AccessLog
+from tieremu.kv.arena import FileArena, NumaArena
+from tieremu.kv.layout import KVLayout
+from tieremu.kv.placement import Placement
+from tieremu.kv.pool import Block, BlockPool, MoveRecord
+from tieremu.tiers.emulation import DelayInjector
+from tieremu.tiers.resolve import ResolvedTierMap
+
+MIB = 1 << 20
+
+
+@dataclass
+class SequenceState:
+    id: int
+    keys: list[int]  # prefix keys of the prompt's full blocks
+    tables: list[list[Block]]  # per layer (all-layers layout: one list shared by every layer)
+    lengths: list[int]  # tokens written per layer
+    reused_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """How much of a new sequence's prompt was already resident, and which tiers served it."""
+
+    tokens: int
+    blocks_by_tier: dict[str, int]
+
+
+@dataclass(frozen=True)
+class TierPlacement:
+    """Where a tier's blocks really are, as the kernel reports their pages."""
+
+    tier: str
+    backing: str
+    blocks: int
+    pages: int
+    on_tier: float  # fraction of present pages on the tier's node(s); 1.0 for file tiers (read back instead)
+    by_node: dict[int, int]
+
+
+@dataclass
+class TierTraffic:
+    blocks_read: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    prefix_blocks: int = 0  # blocks a new sequence reused from this tier
+
+
+@dataclass
+class KVStats:
+    traffic: dict[str, TierTraffic] = field(default_factory=dict)
+
+
+def prefix_keys(tokens: Sequence[int], block_tokens: int) -> list[int]:
+    """One key per full block, chained so a block's key names its whole prefix (as vLLM's prefix caching)."""
+    keys, parent = [], 0
+    for i in range(len(tokens) // block_tokens):
+        parent = hash((parent, tuple(tokens[i * block_tokens:(i + 1) * block_tokens])))
+        keys.append(parent)
+    return keys
+
+
+class TieredKVCache:
+    def __init__(self, resolved: ResolvedTierMap, layout: KVLayout, *,
+                 capacities: Mapping[str, int] | None = None, placement: Placement | None = None,
+                 injector: DelayInjector | None = None, log_accesses: bool = True) -> None:
+        self.layout = layout
+        self.resolved = resolved
+        self.injector = injector
+        self.pool = BlockPool(resolved, layout, _capacities(resolved, layout, capacities), placement, injector)
+        self.tier_index = {name: i for i, name in enumerate(self.pool.order)}
+        self.log = AccessLog() if log_accesses else None
+        self.stats = KVStats({t: TierTraffic() for t in self.pool.order})
+        self.seqs: dict[int, SequenceState] = {}
+        self.step = 0
+
+    # -- sequences ---------------------------------------------------------------------------------------------
+
+    def add_sequence(self, seq: int, tokens: Sequence[int] = (), *, keys: Sequence[int] | None = None) -> PrefixHit:
+        """Register a sequence; its prompt's full blocks already resident (same prefix) are reused, and the
+        returned hit says how many tokens need no prefill and which tiers held them."""
+        if seq in self.seqs:
+            raise KVError(f"sequence {seq} already exists; free it first or use another id")
+        keys = list(keys) if keys is not None else prefix_keys(list(tokens), self.layout.block_tokens)
+        layers = self.layout.layers
+        shared: list[Block] = []
+        tables: list[list[Block]] = [shared] * layers if not self.layout.per_layer else [[] for _ in range(layers)]
+        hits: dict[str, int] = {}
+        for key in keys:
+            found = self._lookup_all_layers(key)
+            if found is None:
+                break
+            for layer, block in enumerate(found):
+                if self.layout.per_layer or layer == 0:
+                    tables[layer].append(block)
+                hits[block.tier] = hits.get(block.tier, 0) + 1
+                self.stats.traffic[block.tier].prefix_blocks += 1
+        reused = len(tables[0]) * self.layout.block_tokens
+        self.seqs[seq] = SequenceState(seq, keys, tables, [reused] * layers, reused)
+        return PrefixHit(reused, hits)
+
+    def _lookup_all_layers(self, key: int) -> list[Block] | None:
+        if not self.layout.per_layer:
+            block = self.pool.lookup(key, None)
+            return None if block is None else [block]
+        found = []
+        for layer in range(self.layout.layers):
+            block = self.pool.lookup(key, layer)
+            if block is None:
+                for b in found:  # a prefix counts only if every layer of it is resident
+                    self.pool.release(b)
+                return None
+            found.append(block)
+        return found
+
+    def free_sequence(self, seq: int) -> None:
+        state = self._seq(seq)
+        seen: set[int] = set()
+        for table in state.tables:
+            for block in table:
+                if block.id not in seen:
+                    seen.add(block.id)
+                    self.pool.release(block)
+        del self.seqs[seq]
+
+    def length(self, seq: int, layer: int = 0) -> int:
+        return self._seq(seq).lengths[layer]
+
+    # -- the model's store interface ---------------------------------------------------------------------------
+
+    def write(self, seq: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        state = self._seq(seq)
+        n = k.shape[0]
+        if start != state.lengths[layer]:
+            raise KVError(f"sequence {seq} layer {layer}: write at position {start}, but {state.lengths[layer]} "
+                          "tokens are written; KV is appended in order")
+        table, bt, li = state.tables[layer], self.layout.block_tokens, 0 if self.layout.per_layer else layer
+        pos = start
+        while pos < start + n:
+            index, offset = divmod(pos, bt)
+            if index == len(table):
+                key = state.keys[index] if index < len(state.keys) else None
+                table.append(self.pool.allocate(key, layer if self.layout.per_layer else None))
+            block = table[index]
+            if block.refs > 1:
+                raise KVError(f"sequence {seq}: block {block.id} is shared by {block.refs} sequences and cannot be "
+                              "written (a reused prefix is read-only)")
+            take = min(bt - offset, start + n - pos)
+            arena = self._arena_of(block)
+            view = arena.blocks[block.slot, li]
+            view[0, offset:offset + take].copy_(k[pos - start:pos - start + take])
+            view[1, offset:offset + take].copy_(v[pos - start:pos - start + take])
+            self.pool.touch(block)
+            written = take * self.layout.layer_token_bytes
+            self.stats.traffic[block.tier].bytes_written += written
+            if self.injector is not None and self.injector.emulates(block.tier):
+                self.injector.transfer(block.tier, written, "write")
+            pos += take
+        state.lengths[layer] = start + n
+
+    def read(self, seq: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self._seq(seq)
+        length = state.lengths[layer]
+        table = state.tables[layer]
+        for block in table:
+            if block.tier not in self._memory:
+                self._fetch(block)
+        li = 0 if self.layout.per_layer else layer
+        arenas = [b.arena for b in table]
+        slots = torch.tensor([b.slot for b in table], dtype=torch.long)
+        bt, heads, dim = self.layout.block_tokens, self.layout.kv_heads, self.layout.head_dim
+        if not table:
+            k = v = torch.empty(0, bt, heads, dim, dtype=self.layout.dtype)
+        elif all(a == arenas[0] for a in arenas):
+            blocks = self._arena_of(table[0]).blocks
+            k, v = blocks[slots, li, 0], blocks[slots, li, 1]
+        else:
+            k = torch.empty(len(table), bt, heads, dim, dtype=self.layout.dtype)
+            v = torch.empty_like(k)
+            for name in dict.fromkeys(arenas):
+                where = torch.tensor([i for i, a in enumerate(arenas) if a == name], dtype=torch.long)
+                blocks = self.pool.arenas[name].blocks
+                k[where] = blocks[slots[where], li, 0]
+                v[where] = blocks[slots[where], li, 1]
+        self._account_read(seq, layer, table)
+        return k.reshape(-1, heads, dim)[:length], v.reshape(-1, heads, dim)[:length]
+
+    def layer_start(self, layer: int) -> None:
+        """Pay the emulated tiers' delay owed so far: once per layer, so the bookkeeping stays cheap."""
+        if self.injector is not None:
+            self.injector.settle()
+
+    def end_step(self) -> None:
+        """Close a forward pass: pay what is still owed and advance the clock policies see."""
+        if self.injector is not None:
+            self.injector.settle()
+        self.step += 1
+        self.pool.clock = self.step
+
+    # -- moving blocks -----------------------------------------------------------------------------------------
+
+    def move(self, block: Block, tier: str) -> MoveRecord:
+        return self.pool.move(block, tier)
+
+    def _fetch(self, block: Block) -> None:
+        """A block on a file tier is read back into the fastest memory tier with room before use."""
+        target = next((t for t in self._memory if self.pool.room(t) > 0), None)
+        if target is None:
+            raise KVError(f"block {block.id} is on file tier {block.tier!r} and no memory tier has room to read "
+                          "it back into")
+        self.pool.move(block, target)
+
+    # -- verification --------------------------------------------------------------------------------------------
+
+    def verify(self) -> list[TierPlacement]:
+        """Ask the kernel where every block's pages are, per tier."""
+        out = []
+        for name in self.pool.order:
+            tier = self.pool.tiers[name]
+            blocks = self.pool.on(name)
+            if tier.spec.is_file:
+                out.append(TierPlacement(name, tier.label, len(blocks), 0, 1.0, {}))
+                continue
+            status = np.concatenate([self._arena_of(b).page_nodes([b.slot]) for b in blocks]) if blocks \
+                else np.empty(0, dtype=np.int32)
+            present = status[status >= 0]
+            nodes, counts = np.unique(present, return_counts=True)
+            by_node = {int(n): int(c) for n, c in zip(nodes, counts, strict=True)}
+            on = sum(c for n, c in by_node.items() if n in tier.nodes)
+            out.append(TierPlacement(name, tier.label, len(blocks), len(status),
+                                     on / len(present) if len(present) else 1.0, by_node))
+        return out
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> TieredKVCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    @property
+    def _memory(self) -> list[str]:
+        return self.pool.memory_tiers
+
+    def _seq(self, seq: int) -> SequenceState:
+        try:
+            return self.seqs[seq]
+        except KeyError:
+            raise KVError(f"no sequence {seq} in the KV cache; add_sequence() it first "
+                          f"(sequences: {sorted(self.seqs)[:10]})") from None
+
+    def _arena_of(self, block: Block) -> NumaArena:
+        arena = self.pool.arenas[block.arena]
+        if isinstance(arena, FileArena):
+            raise KVError(f"block {block.id} is on file tier {block.tier!r}; read it back into memory first")
+        return arena
+
+    def _account_read(self, seq: int, layer: int, table: list[Block]) -> None:
+        per_tier: dict[str, int] = {}
+        for block in table:
+            per_tier[block.tier] = per_tier.get(block.tier, 0) + 1
+            self.pool.touch(block)
+        slice_bytes = self.layout.layer_slice_bytes
+        for tier, count in per_tier.items():
+            traffic = self.stats.traffic[tier]
+            traffic.blocks_read += count
+            traffic.bytes_read += count * slice_bytes
+            if self.injector is not None and self.injector.emulates(tier):
+                # Each block is one access at the tier's latency, then a stream at its bandwidth.
+                self.injector.accesses(tier, count)
+                self.injector.transfer(tier, count * slice_bytes, "read")
+        if self.log is not None:
+            self.log.record(self.step, layer, seq, np.fromiter((b.id for b in table), np.int64, len(table)),
+                            np.fromiter((self.tier_index[b.tier] for b in table), np.int16, len(table)))
+
+
+def _capacities(resolved: ResolvedTierMap, layout: KVLayout, given: Mapping[str, int] | None) -> dict[str, int]:
+    """Blocks per tier: given explicitly, else from the tier map's capacity_mib."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - {t.name for t in resolved.tiers})
+    if unknown:
+        raise KVError(f"capacity given for unknown tier(s) {', '.join(unknown)}; tiers: "
+                      f"{', '.join(t.name for t in resolved.tiers)}")
+    out = {}
+    for tier in resolved.tiers:
+        if tier.name in given:
+            blocks = given[tier.name]
+        elif tier.spec.capacity_mib is not None:
+            blocks = tier.spec.capacity_mib * MIB // layout.block_bytes
+        else:
+            raise KVError(f"tier {tier.name!r} has no KV capacity: set capacity_mib in the tier map or give one "
+                          f"(blocks are {layout.block_bytes >> 10} KiB)")
+        if blocks < 0:
+            raise KVError(f"tier {tier.name!r}: capacity {blocks} blocks; give 0 or more")
+        out[tier.name] = blocks
+    if not any(out[t.name] for t in resolved.tiers if not t.spec.is_file):
+        raise KVError("no memory tier has any KV capacity; give at least one a capacity_mib")
+    return out

@@ -1,0 +1,74 @@
+"""File tiers: KV blocks stored in a directory on a storage device, read and written with O_DIRECT where the
+filesystem allows it, so their speed is the device's and not the page cache's.
+
+A BlockFile is one sparse file of fixed-size slots. Buffers passed in must be page aligned and a multiple of the
+page size (KV blocks are, by construction), which is what O_DIRECT needs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from pathlib import Path
+
+from tieremu.errors import ConfigError, TieremuError
+
+ALIGN = 4096
+
+
+class FileTierError(TieremuError):
+    """A file tier's directory cannot hold blocks, or a block read or write came up short."""
+
+
+class BlockFile:
+    """`slots` slots of `slot_bytes` each in one file under `directory`, removed on close."""
+
+    def __init__(self, directory: Path, slot_bytes: int, slots: int, name: str = "kv") -> None:
+        if slot_bytes % ALIGN:
+            raise ConfigError(f"file tier slots must be a multiple of {ALIGN} bytes, got {slot_bytes}")
+        directory = Path(directory)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FileTierError(f"file tier directory {directory}: {exc.strerror}") from None
+        self.path = directory / f"tieremu-{name}-{os.getpid()}.blocks"
+        self.slot_bytes = slot_bytes
+        self.slots = slots
+        self.direct = True
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT: fall back, and say so
+                raise FileTierError(f"file tier {self.path}: {exc.strerror}") from None
+            self.direct = False
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, slot_bytes * slots)
+
+    def write(self, slot: int, addr: int) -> None:
+        """Write slot from the aligned buffer at addr."""
+        done = os.pwritev(self._fd, [self._view(addr)], self._offset(slot))
+        if done != self.slot_bytes:
+            raise FileTierError(f"{self.path}: short write of slot {slot} ({done} of {self.slot_bytes} bytes)")
+
+    def read(self, slot: int, addr: int) -> None:
+        """Read slot into the aligned buffer at addr."""
+        done = os.preadv(self._fd, [self._view(addr)], self._offset(slot))
+        if done != self.slot_bytes:
+            raise FileTierError(f"{self.path}: short read of slot {slot} ({done} of {self.slot_bytes} bytes)")
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self.path.unlink(missing_ok=True)
+
+    def _offset(self, slot: int) -> int:
+        if not 0 <= slot < self.slots:
+            raise FileTierError(f"{self.path}: slot {slot} out of range 0..{self.slots - 1}")
+        return slot * self.slot_bytes
+
+    def _view(self, addr: int) -> memoryview:
+        if addr % ALIGN:
+            raise FileTierError(f"buffer at {addr:#x} is not {ALIGN}-byte aligned, as O_DIRECT needs")
+        return memoryview((ctypes.c_char * self.slot_bytes).from_address(addr)).cast("B")

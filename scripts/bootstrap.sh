@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(numactl fio qemu-system-x86 busybox-static libcap2-bin gcc libc6-dev)
+APT_PACKAGES=(numactl fio qemu-system-x86 busybox-static libcap2-bin gcc libc6-dev chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -72,7 +72,8 @@ def test_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
 
 def test_run_prints_where_results_landed(tmp_path: Path) -> None:
     spec = tmp_path / "e.yaml"
-    spec.write_text(f"name: clirun\ntiers: {REPO / 'configs/tiers/single-node.yaml'}\n")
+    spec.write_text(f"name: clirun\ntiers: {REPO / 'configs/tiers/single-node.yaml'}\n"
+                    "jobs:\n  - {kind: synthetic, policies: [], tokens: 4}\n")
     result = CliRunner().invoke(main, ["run", str(spec), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
     landed = Path(result.output.strip().splitlines()[-1].removeprefix("results: "))

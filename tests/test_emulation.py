@@ -147,14 +147,15 @@ def test_experiment_carries_the_audit_of_every_emulated_tier(tmp_path: Path, mem
 
     monkeypatch.setattr(experiment_mod, "calibration", lambda topo: calibration_here)
     spec_file = tmp_path / "e.yaml"
-    spec_file.write_text(f"name: emu\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\ncheck: {{region_mib: 1}}\n"
-                         "roundtrip: {route: [dram, cxl, far], size_mib: 8}\n")
-    result = run_experiment(load_experiment(spec_file), tmp_path / "out")
+    spec_file.write_text(f"name: emu\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\n"
+                         "jobs:\n  - {kind: roundtrip, route: [dram, cxl, far], size_mib: 8, check_mib: 1}\n")
+    result = run_experiment(load_experiment(spec_file), tmp_path / "out", report=False)
     rows = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
-    audits = {r["tier"]: r for r in rows if r["kind"] == "emulation_audit"}
+    audits = {r["tier"]: r for r in rows if r["metric"] == "injected_delay_s"}
     assert set(audits) == {"cxl", "far"} and all(a["origin"] == "emulated" for a in audits.values())
-    assert audits["cxl"]["charged_bytes"] == 2 * 8 * MIB  # in from dram, out to far
-    assert all(h.injected_seconds > 0 and h.origin == "emulated" for h in result.hops)
+    assert audits["cxl"]["params"]["charged_bytes"] == 2 * 8 * MIB  # in from dram, out to far
+    hops = [r for r in rows if r["metric"] == "hop_injected_s"]
+    assert len(hops) == 3 and all(h["value"] > 0 and h["origin"] == "emulated" for h in hops)
     manifest = json.loads((result.path / "manifest.json").read_text())
     assert manifest["extra"]["calibration"]["machine"] == calibration_here.machine
     tiers = {t["tier"]: t for t in manifest["extra"]["tiers"]}

@@ -1,8 +1,8 @@
-"""The default experiment end to end, its result folder, and what a failed or invalid run leaves behind."""
+"""The default experiment and the shipped jobs end to end: result folder, manifest, round-trip and probe figures,
+and what a failed experiment leaves behind."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,66 +11,103 @@ import pytest
 from tieremu.errors import ConfigError
 from tieremu.runner import experiment as experiment_mod
 from tieremu.runner.experiment import run_experiment
+from tieremu.runner.metrics import MetricRow
 from tieremu.runner.results import ResultDir
 from tieremu.runner.spec import load_experiment
+from tieremu.runner.sweep import expand
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "configs" / "experiments" / "default.yaml"
+TIERS = REPO / "configs" / "tiers" / "cxl-expander.yaml"
 
 
-def _spec(tmp_path: Path, extra: str = "", size_mib: int = 16) -> Path:
+def _spec(tmp_path: Path, jobs: str, extra: str = "") -> Path:
     p = tmp_path / "exp.yaml"
-    p.write_text(f"name: small\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\ncheck:\n  region_mib: 1\n"
-                 f"roundtrip:\n  route: [dram, cxl, far]\n  size_mib: {size_mib}\n{extra}")
+    p.write_text(f"name: small\ntiers: {TIERS}\n{extra}jobs:\n{jobs}")
     return p
 
 
-def test_default_spec_validates() -> None:
+ROUNDTRIP = "  - kind: roundtrip\n    route: [dram, cxl, far]\n    size_mib: 16\n    check_mib: 1\n"
+
+
+def _rows(folder: Path) -> list[MetricRow]:
+    return [MetricRow.from_dict(json.loads(line)) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_default_spec_validates_and_plans_a_probe_then_the_round_trip() -> None:
     spec = load_experiment(DEFAULT)
-    assert spec.name == "default" and spec.tier_map.name == "cxl-expander"
-    assert spec.roundtrip is not None and spec.roundtrip.route == ("dram", "cxl", "far")
+    assert spec.name == "default" and spec.tier_map.name == "cxl-expander" and spec.probe
+    runs = expand(spec)
+    assert [r.kind for r in runs] == ["probe", "roundtrip"]
+    assert runs[1].params.route == ("dram", "cxl", "far")
 
 
-def test_run_writes_a_complete_labelled_result_folder(tmp_path: Path, memory_nodes: tuple[int, ...]) -> None:
-    result = run_experiment(load_experiment(_spec(tmp_path)), tmp_path / "out")
+def test_round_trip_writes_a_complete_labelled_result_folder(tmp_path: Path, memory_nodes: tuple[int, ...]) -> None:
+    result = run_experiment(load_experiment(_spec(tmp_path, ROUNDTRIP)), tmp_path / "out")
+    assert not result.failed, result.failed
     folder = result.path
     assert folder.parent == tmp_path / "out" / "small" and not folder.name.endswith((".partial", ".failed"))
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "metrics.jsonl", "summary.csv"]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "metrics.jsonl", "plots", "report.html",
+                                                        "runs", "summary.csv"]
+    [run] = result.plan.runs
+    assert sorted(p.name for p in (folder / "runs" / run.run_id).iterdir()) == ["metrics.jsonl", "status.json",
+                                                                                "worker.log"]
 
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["extra"]["experiment"] == "small"
-    tiers = {t["tier"]: t for t in manifest["extra"]["tiers"]}
+    extra = manifest["extra"]
+    assert extra["experiment"] == "small" and [r["run_id"] for r in extra["runs"]] == [run.run_id]
+    tiers = {t["tier"]: t for t in extra["tiers"]}
     for name, node in (("dram", 0), ("cxl", 1), ("far", 2)):
         assert tiers[name]["backing"] == ("real" if node in memory_nodes else "emulated")
     assert manifest["kernel"].startswith("Linux") and manifest["packages"]["torch"].startswith("2.")
-    assert isinstance(manifest["lab_profiles"], list)  # active lab profiles, empty when none is applied
+    assert isinstance(manifest["lab_profiles"], list) and manifest["command"]
+    assert (extra["calibration"] is None) == (len(memory_nodes) >= 3)
 
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    hops = [r for r in rows if r["kind"] == "migration"]
-    assert [(h["source"], h["target"]) for h in hops] == [("dram", "cxl"), ("cxl", "far"), ("far", "dram")]
-    assert all(h["checksum_ok"] and h["fraction_on_target"] == 1.0 for h in hops)
-    assert all(r["origin"] in ("measured", "emulated") for r in rows)
+    rows = _rows(folder)
+    hops = sorted((r for r in rows if r.metric == "migration_gbps"), key=lambda r: r.sample or 0)
+    assert [(h.params["source"], h.params["target"]) for h in hops] == [("dram", "cxl"), ("cxl", "far"),
+                                                                          ("far", "dram")]
+    assert all(r.value == 1.0 for r in rows if r.metric in ("checksum_ok", "fraction_on_target"))
+    assert {r.tier for r in rows if r.metric == "placement_fraction"} == {"dram", "cxl", "far"}
+    assert all(r.origin in ("measured", "emulated", "vm") and r.run == run.run_id for r in rows)
     if len(memory_nodes) == 1:  # every hop touches an emulated tier here, and says so
-        assert {h["origin"] for h in hops} == {"emulated"}
-        assert all(h["moved"] == 0 and h["already"] == 16 * 256 for h in hops)
+        assert {h.origin for h in hops} == {"emulated"}
+        assert all(h.params["moved"] == 0 and h.params["already"] == 16 * 256 for h in hops)
+        assert [r.value > 0 for r in rows if r.metric == "hop_injected_s"] == [True] * 3
+        audits = {r.tier: r for r in rows if r.metric == "injected_delay_s"}
+        assert set(audits) == {"cxl", "far"} and all(a.value > 0 and a.origin == "emulated" for a in audits.values())
+        assert audits["cxl"].params["charged_bytes"] == 2 * 16 << 20  # in from dram, out to far
 
-    with (folder / "summary.csv").open() as f:
-        summary = list(csv.DictReader(f))
-    assert [r["target"] for r in summary] == ["cxl", "far", "dram"]
+
+def test_probe_job_measures_every_tier_through_its_own_path(tmp_path: Path, memory_nodes: tuple[int, ...]) -> None:
+    jobs = "  - kind: probe\n    size_mib: 8\n    repeats: 1\n    loaded: false\n"
+    result = run_experiment(load_experiment(_spec(tmp_path, jobs)), tmp_path / "out", report=False)
+    assert not result.failed
+    rows = {(r.metric, r.tier): r for r in _rows(result.path)}
+    for tier, node in (("dram", 0), ("cxl", 1), ("far", 2)):
+        latency = rows[("latency_ns", tier)]
+        read = rows[("read_gb_per_s", tier)]
+        assert latency.value > 0 and read.value > 0
+        emulated = node not in memory_nodes
+        assert latency.origin == ("emulated" if emulated else "measured")
+        assert (latency.params["requested"] is not None) == emulated  # a target only where a model applies
+    if len(memory_nodes) == 1:  # the emulated tiers are slower than the real one they live on
+        assert rows[("latency_ns", "far")].value > rows[("latency_ns", "dram")].value
+        assert rows[("read_gb_per_s", "far")].value < rows[("read_gb_per_s", "dram")].value
 
 
-def test_a_run_that_fails_is_left_marked_failed_never_complete(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_experiment_that_fails_is_left_marked_failed_never_complete(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(experiment_mod, "run_roundtrip", boom)
+    monkeypatch.setattr(experiment_mod, "_summary", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        run_experiment(load_experiment(_spec(tmp_path)), tmp_path / "out")
+        run_experiment(load_experiment(_spec(tmp_path, ROUNDTRIP)), tmp_path / "out", report=False)
     [entry] = (tmp_path / "out" / "small").iterdir()
     assert entry.name.endswith(".failed")
     assert "disk on fire" in (entry / "error.txt").read_text()
-    assert not (entry / "metrics.jsonl").exists()
+    assert not (entry / "summary.csv").exists()
 
 
 def test_result_dir_is_partial_until_finished(tmp_path: Path) -> None:
@@ -82,25 +119,29 @@ def test_result_dir_is_partial_until_finished(tmp_path: Path) -> None:
     assert final == tmp_path / "exp" / "t1" and json.loads((final / "a.json").read_text()) == {"x": 1}
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ("colour: blue\n", "colour: unknown key; valid keys here: check, description, name, roundtrip, tiers"),
-])
-def test_unknown_top_level_key_is_an_error(tmp_path: Path, extra: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        load_experiment(_spec(tmp_path, extra))
+def test_unknown_top_level_key_is_an_error_listing_the_valid_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="colour: unknown key; valid keys here: description, jobs, lab_profile, "
+                                          "name, probe, repetitions, run_timeout_s, seed, sweep, tiers"):
+        load_experiment(_spec(tmp_path, ROUNDTRIP, "colour: blue\n"))
 
 
 def test_route_naming_an_unknown_tier_lists_the_tiers(tmp_path: Path) -> None:
-    p = tmp_path / "exp.yaml"
-    p.write_text(f"name: x\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\n"
-                 "roundtrip:\n  route: [dram, hbm]\n")
-    with pytest.raises(ConfigError, match=r"roundtrip.route\[1\]: 'hbm' is not a tier of 'cxl-expander'; "
+    spec = load_experiment(_spec(tmp_path, "  - kind: roundtrip\n    route: [dram, hbm]\n"))
+    with pytest.raises(ConfigError, match=r"jobs\[0\]\.route\[1\]: 'hbm' is not a tier of 'cxl-expander'; "
                                           "tiers: dram, cxl, far"):
-        load_experiment(p)
+        expand(spec)
 
 
 def test_tier_map_path_is_relative_to_the_spec_file(tmp_path: Path) -> None:
     p = tmp_path / "exp.yaml"
-    p.write_text("name: x\ntiers: nowhere.yaml\n")
+    p.write_text("name: x\ntiers: nowhere.yaml\nprobe: true\n")
     with pytest.raises(ConfigError, match=f"{tmp_path / 'nowhere.yaml'}: file not found"):
         load_experiment(p)
+
+
+def test_expected_lab_profile_that_is_not_active_is_warned_in_the_manifest(tmp_path: Path) -> None:
+    spec = load_experiment(_spec(tmp_path, "  - kind: synthetic\n    policies: []\n    tokens: 2\n",
+                                 "lab_profile: cxl-cpuless-node1\n"))
+    result = run_experiment(spec, tmp_path / "out", report=False)
+    warnings = json.loads((result.path / "manifest.json").read_text())["extra"]["warnings"]
+    assert len(warnings) == 1 and "lab profile 'cxl-cpuless-node1' expected by the spec is not active" in warnings[0]

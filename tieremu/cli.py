@@ -18,21 +18,21 @@ from tieremu.lab.cli import lab
 from tieremu.numa.sysfs import ROOT_ENV
 from tieremu.numa.topology import discover
 from tieremu.probe.calibrate import cache_path, calibration
-from tieremu.runner.experiment import run_experiment
+from tieremu.report.cli import report
 from tieremu.runner.manifest import topology_summary
 from tieremu.runner.probe_cli import probe
-from tieremu.runner.spec import load_experiment
+from tieremu.runner.run_cli import run
 from tieremu.tiers.check import NOT_ENFORCED, check_tiers
 from tieremu.tiers.config import load_tier_map
 from tieremu.tiers.resolve import resolve
 from tieremu.views import (
     checks_table,
     emulation_bench_table,
-    hops_table,
     placement_bench_table,
     topology_table,
 )
 from tieremu.vm.cli import vm
+from tieremu.workloads.replay_cli import generate_trace, replay
 
 
 class _Group(click.Group):
@@ -102,26 +102,6 @@ def check(tiers_file: str | None, size_mib: int, as_json: bool) -> None:
         sys.exit(1)
 
 
-@main.command()
-@click.argument("spec", type=click.Path(dir_okay=False), default=None, required=False)
-@click.option("--out", "out_root", type=click.Path(file_okay=False), default="results", show_default=True,
-              help="Results root; the run lands in OUT/<experiment>/<timestamp>/.")
-def run(spec: str | None, out_root: str) -> None:
-    """Run an experiment spec (default: configs/experiments/default.yaml) and write its result folder:
-    manifest.json, metrics.jsonl and summary.csv."""
-    experiment = load_experiment(spec or _config("experiments", "default.yaml"))
-    console = _console()
-    console.print(f"[bold]{experiment.name}[/]: {experiment.description}")
-    result = run_experiment(experiment, Path(out_root))
-    console.print(topology_table(result.topology))
-    for t in result.resolved.tiers:
-        console.print(f"tier [bold]{t.name}[/]: {t.label} — {t.reason}")
-    console.print(checks_table(result.checks))
-    if result.hops:
-        console.print(hops_table(result.hops))
-    console.print(f"results: {result.path}")
-
-
 @main.group()
 def bench() -> None:
     """Benchmarks that print figures and ratios (medians over repeats, with load and steal time)."""
@@ -178,5 +158,5 @@ def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
 
 
 # Subcommand groups that live with their layer.
-for _group in (vm, probe, lab):
+for _group in (vm, probe, lab, run, report, replay, generate_trace):
     main.add_command(_group)

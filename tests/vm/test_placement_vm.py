@@ -6,6 +6,7 @@ of speed inside the guest are emulation artefacts; these tests assert placement 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -167,12 +168,15 @@ def test_default_round_trip_really_moves_pages(tmp_path: Path) -> None:
     from tieremu.runner.spec import load_experiment
 
     spec = tmp_path / "rt.yaml"
-    spec.write_text(f"name: rt\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\ncheck: {{region_mib: 1}}\n"
-                    "roundtrip: {route: [dram, cxl, far], size_mib: 16}\n")
-    result = run_experiment(load_experiment(spec), tmp_path / "out")
-    assert [(h.target_node, h.moved, h.already, h.checksum_ok) for h in result.hops] == [
-        (1, 4096, 0, True), (2, 4096, 0, True), (0, 4096, 0, True)]
-    assert {h.origin for h in result.hops} == {"measured"}
+    spec.write_text(f"name: rt\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\n"
+                    "jobs:\n  - {kind: roundtrip, route: [dram, cxl, far], size_mib: 16, check_mib: 1}\n")
+    result = run_experiment(load_experiment(spec), tmp_path / "out", report=False)
+    rows = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
+    hops = sorted((r for r in rows if r["metric"] == "migration_gbps"), key=lambda r: r["sample"])
+    assert [(h["params"]["target_node"], h["params"]["moved"], h["params"]["already"]) for h in hops] == [
+        (1, 4096, 0), (2, 4096, 0), (0, 4096, 0)]
+    assert all(r["value"] == 1.0 for r in rows if r["metric"] == "checksum_ok")
+    assert {h["origin"] for h in hops} == {"measured"}
 
 
 def test_placement_bench_measures_every_node_pair() -> None:

@@ -31,11 +31,6 @@ class TierState:
     def has_room(self) -> bool:
         return self.capacity_blocks is None or self.used_blocks < self.capacity_blocks
 
-    @property
-    def utilisation(self) -> float:
-        """Used share of the capacity; 0 for an unlimited tier, which is never full."""
-        return 0.0 if not self.capacity_blocks else self.used_blocks / self.capacity_blocks
-
 
 @dataclass(frozen=True, slots=True)
 class AccessEvent:
@@ -150,6 +145,7 @@ class RankedBlocks:
         self._low: dict[str, list[tuple[float, int, int]]] = {}
         self._high: dict[str, list[tuple[float, int, int]]] | None = {} if track_highest else None
         self._clock = 0
+        self._walks = 0
 
     def __contains__(self, block: int) -> bool:
         return block in self._score
@@ -185,43 +181,26 @@ class RankedBlocks:
 
     def lowest(self, tier: str, view: BlockView, *, skip: Callable[[int], bool] | None = None) -> int | None:
         """The lowest-scored block really in `tier`, not pinned and not skipped; None if there is none."""
-        return self._best(self._low.get(tier), tier, view, skip)
+        with self.walk(tier, view) as walk:
+            return walk.next_block(skip)
 
     def highest(self, tier: str, view: BlockView, *, skip: Callable[[int], bool] | None = None) -> int | None:
-        if self._high is None:
-            raise ValueError("RankedBlocks(track_highest=True) is needed for highest()")
-        return self._best(self._high.get(tier), tier, view, skip)
+        with self.walk(tier, view, highest=True) as walk:
+            return walk.next_block(skip)
 
-    def _best(self, heap: list[tuple[float, int, int]] | None, tier: str, view: BlockView,
-              skip: Callable[[int], bool] | None) -> int | None:
-        if not heap:
-            return None
-        set_aside = []
-        found = None
-        while heap:
-            entry = heap[0]
-            block = entry[2]
-            if self._stamp.get(block) != abs(entry[1]) or self._tier.get(block) != tier:
-                heapq.heappop(heap)  # superseded by a later score or filing
-                continue
-            actual = view.tier_of(block)
-            if actual != tier:
-                heapq.heappop(heap)
-                if actual is None:
-                    self.forget(block)
-                else:
-                    self.move(block, actual)
-                continue
-            if view.pinned(block) or (skip is not None and skip(block)):
-                set_aside.append(heapq.heappop(heap))
-                continue
-            found = block
-            break
-        for entry in set_aside:
-            heapq.heappush(heap, entry)
-        return found
+    def walk(self, tier: str, view: BlockView, *, highest: bool = False) -> RankedWalk:
+        """Blocks of a tier from the lowest score up (or highest down), for a policy taking several in a row.
+        Use it as a context manager: what it passed over is put back when it closes."""
+        heaps = self._low
+        if highest:
+            if self._high is None:
+                raise PolicyError("RankedBlocks(track_highest=True) is needed to walk from the highest score")
+            heaps = self._high
+        return RankedWalk(self, heaps.setdefault(tier, []), tier, view)
 
     def _rebuild(self) -> None:
+        if self._walks:
+            return  # a walk holds the heaps; the next set() after it closes rebuilds
         self._low = {}
         high: dict[str, list[tuple[float, int, int]]] | None = {} if self._high is not None else None
         for block, score in self._score.items():
@@ -235,3 +214,47 @@ class RankedBlocks:
             for heap in high.values():
                 heapq.heapify(heap)
             self._high = high
+
+
+class RankedWalk:
+    """One pass over a tier's heap in RankedBlocks; see RankedBlocks.walk."""
+
+    def __init__(self, owner: RankedBlocks, heap: list[tuple[float, int, int]], tier: str, view: BlockView) -> None:
+        self._owner = owner
+        self._heap = heap
+        self._tier = tier
+        self._view = view
+        self._passed: list[tuple[float, int, int]] = []
+
+    def __enter__(self) -> RankedWalk:
+        self._owner._walks += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        heap = self._heap
+        for entry in self._passed:
+            heapq.heappush(heap, entry)
+        self._passed = []
+        self._owner._walks -= 1
+
+    def next_block(self, skip: Callable[[int], bool] | None = None) -> int | None:
+        """The next block really in the tier, unpinned and not skipped; None when there are no more."""
+        owner, heap, tier, view = self._owner, self._heap, self._tier, self._view
+        stamps, tiers = owner._stamp, owner._tier
+        while heap:
+            entry = heapq.heappop(heap)
+            block = entry[2]
+            if stamps.get(block) != abs(entry[1]) or tiers.get(block) != tier:
+                continue  # superseded by a later score or filing
+            actual = view.tier_of(block)
+            if actual != tier:
+                if actual is None:
+                    owner.forget(block)
+                else:
+                    owner.move(block, actual)
+                continue
+            self._passed.append(entry)
+            if view.pinned(block) or (skip is not None and skip(block)):
+                continue
+            return block
+        return None

@@ -1,77 +1,251 @@
-"""Running one experiment spec end to end and writing its result folder."""
+"""Running an experiment spec: plan (everything that can refuse does so here), then every run in its own worker
+process, results written as runs finish, then the summary, plots and report; `--resume` picks a folder up again.
+
+Folder layout (results/<experiment>/<timestamp>/, `.partial` until finished):
+    manifest.json            machine, tiers as resolved, calibration, command line, the expanded run list
+    metrics.jsonl            one MetricRow per line, every run (rebuilt from runs/ at the end, in plan order)
+    summary.csv              one line per run: its labels, status and aggregated figures
+    runs/<run_id>/           status.json (done | failed, error, seconds), metrics.jsonl, worker.log
+    plots/, report.html      written by tieremu.report from the files above
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
+from tieremu.errors import ConfigError
 from tieremu.numa.topology import Topology, discover
 from tieremu.probe.calibrate import calibration
 from tieremu.runner import manifest
+from tieremu.runner.jobs import RunContext, job_path
+from tieremu.runner.metrics import MetricRow, summarise
 from tieremu.runner.results import ResultDir
 from tieremu.runner.spec import ExperimentSpec
-from tieremu.tiers.check import TierCheck, check_tiers
-from tieremu.tiers.emulation import DelayInjector
+from tieremu.runner.sweep import PlannedRun, expand
+from tieremu.runner.worker import RunOutcome, RunTask, headline, run_isolated
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
-from tieremu.workloads.roundtrip import Hop, run_roundtrip
+from tieremu.tiers.timing import Calibration
+
+DONE, FAILED = "done", "failed"
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: ExperimentSpec
+    topology: Topology
+    resolved: dict[str, ResolvedTierMap]  # by tier map path as written
+    calibration: Calibration | None
+    runs: list[PlannedRun]
+    warnings: list[str]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    status: str  # done | failed
+    seconds: float
+    error: str | None
+    rows: int
+    reused: bool = False  # done in an earlier attempt and skipped by --resume
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
 class ExperimentResult:
     path: Path
-    topology: Topology
-    resolved: ResolvedTierMap
-    checks: list[TierCheck]
-    hops: list[Hop]
+    plan: Plan
+    records: list[RunRecord]
+    report: Path | None
+
+    @property
+    def failed(self) -> list[RunRecord]:
+        return [r for r in self.records if r.status == FAILED]
 
 
-def run_experiment(spec: ExperimentSpec, out_root: Path) -> ExperimentResult:
+class Listener(Protocol):
+    """Told about progress (the CLI draws a progress bar from it)."""
+
+    def planned(self, plan: Plan, todo: int) -> None: ...
+    def started(self, run: PlannedRun) -> None: ...
+    def finished(self, run: PlannedRun, record: RunRecord) -> None: ...
+
+
+def plan_experiment(spec: ExperimentSpec) -> Plan:
+    """Expand the sweep and resolve every tier map against this machine: refusals happen here, before any folder."""
+    runs = expand(spec)
     topology = discover()
-    # Everything that can refuse (unknown nodes, impossible timing models) does so before a folder exists.
-    resolved = resolve(spec.tier_map, topology)
-    cal, injector = None, None
-    if resolved.any_emulated:
+    resolved = {path: resolve(tier_map, topology) for path, tier_map in spec.tier_maps.items()}
+    cal = None
+    if any(r.any_emulated for r in resolved.values()):
         cal = calibration(topology)  # cached per machine: the same config means the same slowdown
-        resolved = resolve(spec.tier_map, topology, calibration=cal)
-        injector = DelayInjector([t.timing for t in resolved.tiers if t.timing is not None], cal)
-    with ResultDir(out_root, spec.name) as out:
-        out.write_json("manifest.json", manifest.collect(
-            topology, experiment=spec.name, spec=str(spec.source), tier_map=str(spec.tier_map.source),
-            tiers=tier_resolution(resolved), calibration=cal.to_dict() if cal else None,
-        ).to_dict())
-        checks = check_tiers(resolved, spec.check_mib << 20)
-        hops = []
-        if spec.roundtrip is not None:
-            rt = spec.roundtrip
-            hops = run_roundtrip(resolved, list(rt.route), rt.size_mib << 20, rt.seed, injector)
-        rows = [{"kind": "check", "origin": _check_origin(c), **c.to_dict()} for c in checks]
-        rows += [{"kind": "migration", **h.to_dict()} for h in hops]
-        if injector is not None:
-            rows += [{"kind": "emulation_audit", "origin": "emulated", **a.to_dict()}
-                     for a in injector.audits.values()]
-        out.write_text("metrics.jsonl", "".join(json.dumps(r, default=str) + "\n" for r in rows))
-        out.write_csv("summary.csv", [_summary_row(h) for h in hops])
-    return ExperimentResult(out.final, topology, resolved, checks, hops)
+        resolved = {path: resolve(spec.tier_maps[path], topology, calibration=cal) for path in resolved}
+    return Plan(spec, topology, resolved, cal, runs, _lab_warnings(spec))
+
+
+def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None = None,
+                   listener: Listener | None = None, report: bool = True) -> ExperimentResult:
+    plan = plan_experiment(spec)
+    out = ReopenedResultDir(resume, spec.name) if resume is not None else ResultDir(out_root, spec.name)
+    with out:
+        _write_manifest(out, plan, resumed=resume is not None)
+        previous = _previous_records(out.path) if resume is not None else {}
+        todo = [r for r in plan.runs if previous.get(r.run_id) is None]
+        if listener:
+            listener.planned(plan, len(todo))
+        records = {run_id: rec for run_id, rec in previous.items() if rec is not None}
+        for run in todo:
+            if listener:
+                listener.started(run)
+            records[run.run_id] = _execute(out, plan, run)
+            if listener:
+                listener.finished(run, records[run.run_id])
+        ordered = [records[r.run_id] for r in plan.runs]
+        rows = _collect_rows(out.path, plan.runs)
+        out.write_text("metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+        out.write_csv("summary.csv", _summary(plan.runs, ordered, rows))
+        report_path = _write_report(out) if report else None
+    final = out.final
+    return ExperimentResult(final, plan, ordered, final / report_path.name if report_path else None)
+
+
+class ReopenedResultDir(ResultDir):
+    """An existing result folder made partial again for `--resume` (done, partial or failed): while runs are
+    added it must not look complete, and `finish()` renames it back exactly as a new folder would be."""
+
+    def __init__(self, folder: Path, experiment: str) -> None:  # no super().__init__: that creates a new folder
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ConfigError(f"--resume {folder}: no such result folder")
+        stamp = folder.name.removesuffix(".partial").removesuffix(".failed")
+        if folder.parent.name != experiment:
+            raise ConfigError(f"--resume {folder}: the folder belongs to experiment {folder.parent.name!r}, "
+                              f"not {experiment!r}; resume it with its own spec")
+        self.final = folder.with_name(stamp)
+        self.path = self.final.with_name(stamp + ".partial")
+        if folder != self.path:
+            os.replace(folder, self.path)
+        error = self.path / "error.txt"
+        if error.exists():  # the earlier attempt's failure: kept, but no longer the folder's verdict
+            os.replace(error, self.path / "error.previous.txt")
+
+
+def latest_folder(out_root: Path, experiment: str) -> Path:
+    """The newest result folder of an experiment, finished or not (what `--resume` without DIR picks)."""
+    base = out_root / experiment
+    folders = sorted((p for p in base.iterdir() if p.is_dir()), key=lambda p: p.name) if base.is_dir() else []
+    if not folders:
+        raise ConfigError(f"--resume: no result folder of experiment {experiment!r} under {base}")
+    return folders[-1]
 
 
 def tier_resolution(resolved: ResolvedTierMap) -> list[dict[str, object]]:
     return [
         {"tier": t.name, "backing": t.label, "origin": t.backing.origin, "nodes": list(t.nodes),
          "requested_nodes": list(t.spec.nodes), "policy": t.spec.policy.name.lower(), "reason": t.reason,
+         "capacity_mib": t.spec.capacity_mib,
          "emulation_targets": t.spec.emulate.describe() if t.spec.emulate else None,
          "timing_model": t.timing.to_dict() if t.timing else None}
         for t in resolved.tiers
     ]
 
 
-def _check_origin(check: TierCheck) -> str:
-    return "emulated" if check.backing == "emulated" else "measured"
+def _lab_warnings(spec: ExperimentSpec) -> list[str]:
+    if spec.lab_profile is None:
+        return []
+    from tieremu.lab import active_profiles
+
+    active = [p.get("name") for p in active_profiles() if p.get("applied_utc")]
+    if spec.lab_profile in active:
+        return []
+    return [f"lab profile {spec.lab_profile!r} expected by the spec is not active (active: "
+            f"{', '.join(map(str, active)) or 'none'}): figures are from the machine as it is; "
+            f"apply it with: sudo scripts/setup-lab.sh {spec.lab_profile}"]
 
 
-def _summary_row(h: Hop) -> dict[str, object]:
-    return {"source": h.source, "target": h.target, "target_node": h.target_node, "origin": h.origin,
-            "backing": h.backing, "pages": h.pages, "moved": h.moved, "already": h.already,
-            "failed": sum(h.failed.values()), "seconds": h.seconds, "injected_seconds": h.injected_seconds,
-            "gb_per_s": h.gb_per_s, "fraction_on_target": h.fraction_on_target, "checksum_ok": h.checksum_ok,
-            "note": h.note}
+def _write_manifest(out: ResultDir, plan: Plan, *, resumed: bool) -> None:
+    spec = plan.spec
+    earlier: list[dict[str, Any]] = []  # the attempts before this --resume: when, and with which command
+    old = out.path / "manifest.json"
+    if resumed and old.exists():
+        previous = json.loads(old.read_text())
+        earlier = [*previous.get("extra", {}).get("earlier_attempts", []),
+                   {"created_utc": previous["created_utc"], "command": previous["command"]}]
+    out.write_json("manifest.json", manifest.collect(
+        plan.topology, experiment=spec.name, description=spec.description, spec=str(spec.source),
+        spec_text=spec.source.read_text(), tier_map=str(spec.tier_map.source),
+        tiers=tier_resolution(plan.resolved[spec.tiers]),
+        tier_maps={path: {"name": r.tier_map.name, "source": str(r.tier_map.source), "tiers": tier_resolution(r)}
+                   for path, r in plan.resolved.items()},
+        calibration=plan.calibration.to_dict() if plan.calibration else None,
+        lab_profile_expected=spec.lab_profile, warnings=plan.warnings,
+        runs=[r.to_dict() for r in plan.runs], earlier_attempts=earlier,
+    ).to_dict())
+
+
+def _previous_records(folder: Path) -> dict[str, RunRecord | None]:
+    """Runs already done in this folder (kept by --resume); failed or missing ones map to None (run again)."""
+    out: dict[str, RunRecord | None] = {}
+    for status in (folder / "runs").glob("*/status.json"):
+        data = json.loads(status.read_text())
+        done = data.get("status") == DONE and (status.parent / "metrics.jsonl").exists()
+        out[data["run_id"]] = RunRecord(data["run_id"], DONE, data["seconds"], None, data["rows"], True) if done \
+            else None
+    return out
+
+
+def _execute(out: ResultDir, plan: Plan, run: PlannedRun) -> RunRecord:
+    workdir = out.path / "runs" / run.run_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    context = RunContext(run.run_id, run.kind, run.policy, run.repetition, plan.spec.seed + run.repetition,
+                         plan.resolved[run.tiers], plan.calibration, workdir)
+    outcome: RunOutcome = run_isolated(RunTask(job_path(run.job), run.params, context), plan.spec.run_timeout_s)
+    rows = [r.stamped(run.run_id, run.kind, run.labels) for r in outcome.rows]
+    _atomic_text(workdir / "metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
+    record = RunRecord(run.run_id, DONE if outcome.ok else FAILED, outcome.seconds, outcome.error, len(rows))
+    status = record.to_dict() | {"exitcode": outcome.exitcode, "labels": run.labels, "job": run.kind,
+                                 "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    # status.json last: a run counts as done only once its rows are safely on disk
+    _atomic_text(workdir / "status.json", json.dumps(status, indent=2) + "\n")
+    with (out.path / "metrics.jsonl").open("a") as live:  # readable while the sweep goes on; rebuilt at the end
+        live.writelines(json.dumps(r.to_dict()) + "\n" for r in rows)
+    return record
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _collect_rows(folder: Path, runs: list[PlannedRun]) -> list[MetricRow]:
+    rows = []
+    for run in runs:
+        path = folder / "runs" / run.run_id / "metrics.jsonl"
+        if path.exists():
+            rows += [MetricRow.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line]
+    return rows
+
+
+def _summary(runs: list[PlannedRun], records: list[RunRecord], rows: list[MetricRow]) -> list[dict[str, Any]]:
+    by_run: dict[str, list[MetricRow]] = {}
+    for row in rows:
+        by_run.setdefault(row.run, []).append(row)
+    return [{"run_id": run.run_id, "job": run.kind, "tiers": run.tiers, **run.labels, "status": rec.status,
+             "seconds": round(rec.seconds, 3), "error": headline(rec.error),
+             **summarise(by_run.get(run.run_id, []))}
+            for run, rec in zip(runs, records, strict=True)]
+
+
+def _write_report(out: ResultDir) -> Path:
+    from tieremu.report.html import write_report  # matplotlib: imported only when a report is drawn
+    from tieremu.report.load import load_result
+
+    return write_report([load_result(out.path, allow_partial=True)], out.path / "report.html",
+                        plots_dir=out.path / "plots")

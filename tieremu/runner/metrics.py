@@ -1,4 +1,14 @@
-"""One figure of one run, as every job emits it and every report reads it (a line of metrics.jsonl)."""
+"""One figure of one run, as every job emits it and every report reads it (a line of metrics.jsonl).
+
+Metric names the report knows (any other is still tabulated, generically):
+- samples, reported as p50 / p99 / max: `ttft_ms` (one row per request), `tpot_ms` (one row per token);
+- single figures: `tokens_per_s`, `hit_ratio` (tier None: overall; else per tier), `strr`, `star`,
+  `migration_gbps`, `kv_bytes_per_token` (per tier), `injected_delay_s` (per emulated tier);
+- counters, summed per run: `promotions`, `demotions`, `ping_pongs`, `evictions`;
+- probe figures per tier: `latency_ns`, `read_gb_per_s` (and write/copy), `loaded_latency_ns` with params
+  `mix` and `traffic_gb_per_s` (bandwidth-latency curves).
+A row whose params carry `time_s` is a time sample (migrations over time are plotted from those).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +20,6 @@ from tieremu.errors import TieremuError
 
 ORIGINS = ("measured", "emulated", "simulated", "vm")
 FIELDS = ("run", "job", "metric", "value", "unit", "origin", "tier", "sample", "params")
-
-# Metrics the report knows by name; any other metric is still tabulated generically.
-SAMPLED = ("ttft_ms", "tpot_ms")  # one row per request / token: reported as p50, p99, max
-STANDARD = (*SAMPLED, "tokens_per_s", "hit_ratio", "strr", "star", "migration_gbps", "promotions", "demotions",
-            "ping_pongs", "evictions", "kv_bytes_per_token", "injected_delay_s", "latency_ns", "read_gb_per_s",
-            "loaded_latency_ns")
 
 
 class MetricRowError(TieremuError):
@@ -74,3 +78,36 @@ class MetricRow:
     def stamped(self, run: str, job: str, labels: dict[str, object]) -> MetricRow:
         """The row as the sweep records it: its run id and job, and the run's labels under its own params."""
         return replace(self, run=run, job=job, params={**labels, **self.params})
+
+    @property
+    def column(self) -> str:
+        """The metric's name in a table: `hit_ratio[dram]` for a per-tier figure."""
+        return self.metric if self.tier is None else f"{self.metric}[{self.tier}]"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def summarise(rows: list[MetricRow]) -> dict[str, float]:
+    """One run's figures as flat columns: a sampled metric as p50/p99/max/mean/n, a single figure as itself."""
+    by_column: dict[str, list[MetricRow]] = {}
+    for row in rows:
+        by_column.setdefault(row.column, []).append(row)
+    out: dict[str, float] = {}
+    for column, group in by_column.items():
+        values = [r.value for r in group if math.isfinite(r.value)]
+        if len(group) == 1 and group[0].sample is None:
+            out[column] = group[0].value
+            continue
+        out |= {f"{column}_p50": percentile(values, 50), f"{column}_p99": percentile(values, 99),
+                f"{column}_max": max(values, default=math.nan),
+                f"{column}_mean": sum(values) / len(values) if values else math.nan, f"{column}_n": len(group)}
+    return out

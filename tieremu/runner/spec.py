@@ -1,53 +1,191 @@
-"""Experiment specs (`configs/experiments/*.yaml`), validated before anything runs."""
+"""Experiment specs (`configs/experiments/*.yaml`), read strictly: unknown keys, unknown job kinds and unknown
+policies are errors naming the key path and the valid choices, raised before anything runs.
+
+    name: capacity-sweep
+    tiers: ../tiers/cxl-expander.yaml     # default tier map; a `tiers` sweep axis may replace it per run
+    lab_profile: cxl-cpuless-node1         # optional: the profile expected active (warned in the manifest if not)
+    probe: true                            # optional: a quick per-tier probe before the jobs
+    repetitions: 3                         # every run, this many times (a job may override)
+    seed: 0
+    run_timeout_s: 600                     # a run still going after this is killed and recorded failed
+    jobs:
+      - kind: synthetic                    # a registered job kind, or `module:Class`
+        policies: [lru, hotcold]           # all-fastest and all-slowest are added beside them
+        fast_capacity_mib: 256             # the job's own params, validated by the job
+        sweep: {working_set_mib: [512, 2048]}   # axes for this job only
+    sweep:                                 # axes for every job that takes them (cartesian product)
+      fast_capacity_mib: [256, 1024]
+      tiers: [../tiers/single-node.yaml, ../tiers/cxl-expander.yaml]
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tieremu.configfile import Section, load_yaml, positive
+from tieremu.runner.jobs import Job, JobRegistry, default_registry
 from tieremu.tiers.config import TierMap, load_tier_map
+
+JOB_KEYS = ("kind", "policies", "sweep", "repetitions")  # read by the runner; every other key is the job's
+SPECIAL_AXES = ("policy", "tiers")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class _KeyRecorder(Section):
+    """A Section that remembers which keys the job asked for: those are the params a sweep axis may set."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, source: str | Path) -> None:
+        super().__init__(data, path, source)
+        self.asked: set[str] = set()
+
+    def get(self, key: str, *args: Any, **kwargs: Any) -> Any:
+        self.asked.add(key)
+        return super().get(key, *args, **kwargs)
+
+    def has(self, key: str) -> bool:
+        self.asked.add(key)
+        return super().has(key)
 
 
 @dataclass(frozen=True)
-class RoundTripSpec:
-    route: tuple[str, ...]
-    size_mib: int
-    seed: int
+class JobSpec:
+    index: int  # position in `jobs`, part of every run id
+    kind: str
+    job: type[Job]
+    raw: dict[str, Any]  # the job's own params as written
+    params: Any  # the job's parsed params (as written, before sweep values)
+    keys: frozenset[str]  # params the job reads: the axes a sweep may set for it
+    policies: tuple[str, ...] | None  # None: the job takes no policies
+    sweep: dict[str, tuple[Any, ...]]
+    repetitions: int
+
+    @property
+    def where(self) -> str:
+        return f"jobs[{self.index}]"
 
 
 @dataclass(frozen=True)
 class ExperimentSpec:
     name: str
     description: str
-    tier_map: TierMap
-    check_mib: int
-    roundtrip: RoundTripSpec | None
+    tiers: str  # the default tier map, as written
+    tier_maps: dict[str, TierMap]  # every tier map a run may use, by the path as written
+    lab_profile: str | None
+    probe: bool
+    jobs: tuple[JobSpec, ...]
+    repetitions: int
+    seed: int
+    run_timeout_s: float
+    sweep: dict[str, tuple[Any, ...]]
     source: Path
 
+    @property
+    def tier_map(self) -> TierMap:
+        return self.tier_maps[self.tiers]
 
-def load_experiment(path: str | Path) -> ExperimentSpec:
+
+def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> ExperimentSpec:
+    registry = registry or default_registry()
     doc = load_yaml(path)
-    name = doc.get("name", str)
+    name = doc.get("name", str, check=lambda v: None if NAME.match(v) else
+                   "use letters, digits, '.', '_' or '-' (it names the result folder)")
     description = doc.get("description", str, "")
-    tier_map = load_tier_map(doc.relative_path(doc.get("tiers", str)))
-    check = doc.section("check", default_empty=True)
-    check_mib = check.get("region_mib", int, 4, check=positive)
-    check.done()
-    roundtrip = _roundtrip(doc.section("roundtrip"), tier_map) if doc.has("roundtrip") else None
+    tiers = doc.get("tiers", str)
+    tier_maps = {tiers: load_tier_map(doc.relative_path(tiers))}
+    lab_profile = doc.get("lab_profile", str, None)
+    probe = doc.get("probe", bool, False)
+    repetitions = doc.get("repetitions", int, 1, check=positive)
+    seed = doc.get("seed", int, 0)
+    run_timeout_s = doc.get("run_timeout_s", float, 600.0, check=positive)
+    sweep = _axes(doc.section("sweep", default_empty=True))
+    for written in sweep.get("tiers", ()):
+        tier_maps.setdefault(written, load_tier_map(doc.relative_path(written)))
+    jobs = tuple(_job(i, s, registry, repetitions) for i, s in enumerate(doc.sections("jobs")))
+    for job in jobs:  # a job's own tiers axis: its maps are loaded (and checked) here too
+        for written in job.sweep.get("tiers", ()):
+            tier_maps.setdefault(written, load_tier_map(doc.relative_path(written)))
+    if not jobs and not probe:
+        raise doc.error("jobs", "nothing to run: list at least one job (kinds: "
+                                f"{', '.join(registry.kinds)}) or set probe: true")
     doc.done()
-    return ExperimentSpec(name, description, tier_map, check_mib, roundtrip, doc.source)
-
-
-def _roundtrip(s: Section, tier_map: TierMap) -> RoundTripSpec:
-    names = list(tier_map.names)
-    route = tuple(s.get("route", list, names))
-    for i, tier in enumerate(route):
-        if tier not in names:
-            raise s.error(f"route[{i}]", f"{tier!r} is not a tier of {tier_map.name!r}; tiers: {', '.join(names)}")
-    if len(route) < 2:
-        raise s.error("route", f"{list(route)}: a round trip needs at least two tiers")
-    spec = RoundTripSpec(route=route, size_mib=s.get("size_mib", int, 256, check=positive),
-                         seed=s.get("seed", int, 0))
-    s.done()
+    spec = ExperimentSpec(name, description, tiers, tier_maps, lab_profile, probe, jobs, repetitions, seed,
+                          run_timeout_s, sweep, doc.source)
+    _check_global_axes(spec, doc, registry)
     return spec
+
+
+def _job(index: int, s: Section, registry: JobRegistry, repetitions: int) -> JobSpec:
+    kind = s.get("kind", str)
+    job = registry.lookup(kind)
+    if job is None:
+        raise s.error("kind", f"unknown job kind {kind!r}; valid: {', '.join(registry.kinds)} "
+                              "(or a Job subclass as module:Class)")
+    policies = None
+    if job.takes_policies:
+        policies = tuple(s.get("policies", list))
+        _check_policies(s, "policies", policies, job, registry)
+    elif s.has("policies"):
+        raise s.error("policies", f"job {kind!r} takes no policies")
+    sweep = _axes(s.section("sweep", default_empty=True))
+    reps = s.get("repetitions", int, repetitions, check=positive)
+    raw = {k: v for k, v in s.data.items() if k not in JOB_KEYS}
+    own = _KeyRecorder(raw, s.path, s.source)
+    params = job.parse(own)
+    own.done()  # the job's own keys; the runner's were read above, so `s` has no unknown key left
+    keys = frozenset(own.asked)
+    for axis, values in sweep.items():
+        if axis == "policy":
+            if policies is None:
+                raise s.error("sweep.policy", f"job {kind!r} takes no policies")
+            _check_policies(s, "sweep.policy", values, job, registry)
+        elif axis != "tiers" and axis not in keys:
+            raise s.error(f"sweep.{axis}", f"job {kind!r} has no param {axis!r}; it can sweep: "
+                                           f"{', '.join(sorted(keys | _special(job)))}")
+    return JobSpec(index, kind, job, raw, params, keys, policies, sweep, reps)
+
+
+def _check_policies(s: Section, key: str, names: tuple[Any, ...], job: type[Job], registry: JobRegistry) -> None:
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise s.error(f"{key}[{i}]", f"expected a policy name, got {name!r}")
+        if (problem := registry.validate_policy(job, name)) is not None:
+            raise s.error(f"{key}[{i}]", problem)
+
+
+def _axes(s: Section) -> dict[str, tuple[Any, ...]]:
+    axes = {}
+    for axis in list(s.data):
+        values = s.get(axis, list)
+        if not values:
+            raise s.error(axis, "an axis needs at least one value")
+        if any(isinstance(v, (dict, list)) for v in values):
+            raise s.error(axis, f"{values!r}: axis values must be scalars")
+        if len(set(map(repr, values))) != len(values):
+            raise s.error(axis, f"{values!r}: a value is listed twice")
+        if axis == "tiers" and not all(isinstance(v, str) for v in values):
+            raise s.error(axis, f"{values!r}: expected tier map paths")
+        axes[axis] = tuple(values)
+    s.done()
+    return axes
+
+
+def _special(job: type[Job]) -> set[str]:
+    return {"tiers", "policy"} if job.takes_policies else {"tiers"}
+
+
+def _check_global_axes(spec: ExperimentSpec, doc: Section, registry: JobRegistry) -> None:
+    """A top-level axis must apply to at least one job (else it is a typo); policies are checked per job."""
+    for axis, values in spec.sweep.items():
+        takers = [j for j in spec.jobs if axis in j.keys or axis in _special(j.job)]
+        if axis != "tiers" and not takers:
+            known = sorted({k for j in spec.jobs for k in j.keys | _special(j.job)})
+            raise doc.error(f"sweep.{axis}", f"no job takes {axis!r}; axes the jobs take: {', '.join(known)}")
+        if axis == "policy":
+            for j in takers:
+                for i, name in enumerate(values):
+                    if (problem := registry.validate_policy(j.job, name)) is not None:
+                        raise doc.error(f"sweep.policy[{i}]", f"{problem} (for {j.where}, kind {j.kind!r})")

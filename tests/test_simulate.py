@@ -1,0 +1,307 @@
+"""Simulate-mode replay: accounting rules on hand-made traces, the bounds on real and generated traces, the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tieremu.errors import ConfigError, PolicyError
+from tieremu.policy import Move, Plan, Policy, PolicyContext, get_policy, names
+from tieremu.policy.base import BlockView, first_unpinned
+from tieremu.workloads.replay_cli import replay
+from tieremu.workloads.simulate import ReplayResult, SimTier, policy_context, simulate
+from tieremu.workloads.trace import Request, ceiling_hit_ratio, read_trace, reference_count
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TRACE = REPO.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"
+CXL_MAP = REPO / "configs" / "tiers" / "cxl-expander.yaml"
+ONLINE = ("lru", "lfu", "hotcold", "lookahead", "interleave")
+MIB = 2**20
+
+
+@pytest.fixture(scope="module")
+def shared_trace() -> list[Request]:
+    if not SHARED_TRACE.exists():
+        pytest.skip(f"the shared Mooncake trace is not at {SHARED_TRACE} (it lives beside the repository)")
+    return read_trace(SHARED_TRACE)
+
+
+@pytest.fixture(scope="module")
+def small_trace() -> list[Request]:
+    return read_trace(SMALL_TRACE)
+
+
+def run(requests: Sequence[Request], tiers: Sequence[SimTier], name: str, **params: object) -> ReplayResult:
+    if name == "split":
+        params = {"fractions": [1.0 / len(tiers)] * len(tiers), **params}
+    return simulate(requests, tiers, get_policy(name, params, policy_context(requests)),
+                    tier_read_gbps={t.name: 20.0 / (i + 1) for i, t in enumerate(tiers)})
+
+
+def trace(*requests: tuple[float, Sequence[int]], tokens: int = 512) -> list[Request]:
+    """Requests at (seconds, hash ids), every block full."""
+    return [Request(round(at * 1000), tokens * len(ids), 1, tuple(ids)) for at, ids in requests]
+
+
+# -- the bounds, on the shared Mooncake trace and the shipped small one --------------------------------------------
+
+@pytest.mark.parametrize("name", names())
+def test_unlimited_capacity_reaches_the_ceiling_on_the_shared_trace(shared_trace: list[Request], name: str) -> None:
+    result = run(shared_trace, [SimTier("dram"), SimTier("cxl")], name)
+    assert result.references == 121_877
+    assert result.hit_ratio == pytest.approx(ceiling_hit_ratio(shared_trace), abs=1e-12)
+    assert round(result.hit_ratio, 3) == 0.640
+    assert result.evictions == 0 and result.misses == len({b for r in shared_trace for b in r.hash_ids})
+
+
+@pytest.mark.parametrize("name", names())
+def test_unlimited_capacity_reaches_the_ceiling_on_the_small_trace(small_trace: list[Request], name: str) -> None:
+    result = run(small_trace, [SimTier("dram"), SimTier("cxl"), SimTier("far")], name)
+    assert result.hit_ratio == pytest.approx(ceiling_hit_ratio(small_trace), abs=1e-12)
+    assert result.references == reference_count(small_trace) == result.hits + result.misses
+
+
+def check_bounds(requests: list[Request], tiers: list[SimTier]) -> dict[str, ReplayResult]:
+    results = {name: run(requests, tiers, name) for name in (*ONLINE, "belady", "all-fastest", "all-slowest")}
+    ceiling = ceiling_hit_ratio(requests)
+    fast = {name: r.fast_hit_ratio for name, r in results.items()}
+    for name in ONLINE:
+        assert fast["belady"] >= fast[name], (name, fast)
+        assert fast["all-slowest"] <= fast[name] <= fast["all-fastest"], (name, fast)
+        assert results["belady"].hit_ratio >= results[name].hit_ratio, name
+    assert fast["all-fastest"] == pytest.approx(ceiling) and fast["all-slowest"] == 0.0
+    assert results["all-fastest"].capacity_lifted and not results["lru"].capacity_lifted
+    assert results["lru"].fast_hit_ratio < ceiling  # the limit binds: the comparison is not vacuous
+    return results
+
+
+@pytest.mark.parametrize("fast_blocks", [100, 1000])
+def test_with_a_limited_fast_tier_belady_and_the_static_bounds_bracket_every_online_policy(
+        shared_trace: list[Request], fast_blocks: int) -> None:
+    results = check_bounds(shared_trace, [SimTier("dram", fast_blocks), SimTier("cxl")])
+    ttft = {name: r.ttft_ms.mean for name, r in results.items()}
+    for name in (*ONLINE, "belady"):  # the slow tier holds everything here, so TTFT is bracketed too
+        assert ttft["all-fastest"] <= ttft[name] <= ttft["all-slowest"], (name, ttft)
+
+
+@pytest.mark.parametrize("capacities", [(20, None), (60, None), (30, 150, None), (30, 150, 600)])
+def test_bounds_on_the_small_trace(small_trace: list[Request], capacities: tuple[int | None, ...]) -> None:
+    tiers = [SimTier(n, c) for n, c in zip(("dram", "cxl", "far"), capacities, strict=False)]
+    results = check_bounds(small_trace, tiers)
+    for r in results.values():
+        for tier, sim in zip(r.tiers, tiers, strict=True):
+            assert r.capacity_lifted or sim.capacity_blocks is None or tier.resident_blocks <= sim.capacity_blocks
+
+
+# -- accounting rules -------------------------------------------------------------------------------------------------
+
+def test_hits_misses_and_ttft_estimate() -> None:
+    requests = trace((0.0, [1, 2]), (1.0, [1, 2, 3]))
+    requests[1] = Request(1000, 512 * 2 + 100, 1, (1, 2, 3))  # the last block holds 100 tokens
+    result = simulate(requests, [SimTier("dram"), SimTier("cxl")], get_policy("all-slowest"),
+                      tier_read_gbps={"dram": 40.0, "cxl": 8.0}, block_bytes=8 * MIB, prefill_tokens_per_s=1000.0)
+    assert (result.references, result.hits, result.misses) == (5, 2, 3)
+    assert result.tier("cxl").hits == 2 and result.tier("dram").hits == 0
+    assert result.star == 1.0 and result.strr == 1.0
+    first_ms = 1024 / 1000.0 * 1e3
+    second_ms = (100 / 1000.0 + 2 * 8 * MIB / 8e9) * 1e3
+    assert result.ttft_samples_ms == pytest.approx((first_ms, second_ms))
+    assert result.ttft_ms.max == pytest.approx(first_ms) and result.origin == "simulated"
+
+
+def test_full_last_tier_evicts_and_the_block_misses_again() -> None:
+    requests = trace((0.0, [1]), (0.1, [2]), (0.2, [3]), (0.3, [1]))
+    result = run(requests, [SimTier("dram", 2)], "lru")
+    assert result.evictions == 2 and result.misses == 4 and result.hits == 0
+
+
+def test_lru_fills_the_fastest_tier_with_room() -> None:
+    requests = trace((0.0, [1, 2]), (0.01, [3]), (0.02, [4]))
+    result = run(requests, [SimTier("dram", 2), SimTier("cxl", 1), SimTier("far", 1)], "lru")
+    assert result.demotions == 0 and [t.resident_blocks for t in result.tiers] == [2, 1, 1]
+
+
+def test_victims_move_down_the_chain() -> None:
+    requests = trace((0.0, [1, 2]), (0.01, [3]), (0.02, [4]), (0.03, [5]))
+    policy = Scripted({}, admit_to="dram")  # FIFO victims
+    result = simulate(requests, [SimTier("dram", 2), SimTier("cxl", 1), SimTier("far", 1)], policy)
+    # 3 pushes 1 to cxl; 4 pushes 2 to cxl, which pushes 1 to far; 5 pushes 3 down, 2 to far and 1 out.
+    assert (result.demotions, result.evictions) == (5, 1)
+    assert [t.resident_blocks for t in result.tiers] == [2, 1, 1]
+
+
+def test_pinned_blocks_are_never_pushed_out() -> None:
+    # One tier of two blocks, a request of three: the third block finds only pinned neighbours.
+    result = run(trace((0.0, [1, 2, 3]), (1.0, [1, 2])), [SimTier("dram", 2)], "lru")
+    assert result.uncached == 1 and result.hits == 2 and result.evictions == 0
+
+
+def test_strr_and_residency_average_over_epochs() -> None:
+    requests = trace((0.0, [1, 2, 3, 4]), (1.0, [5]))
+    result = simulate(requests, [SimTier("dram"), SimTier("cxl")], get_policy("interleave"), epoch_s=0.1)
+    assert result.epochs == 10 and result.trace_s == 1.0
+    assert result.strr == pytest.approx(0.5) and result.tier("dram").residency == pytest.approx(0.5)
+    assert [t.resident_blocks for t in result.tiers] == [3, 2]
+
+
+class Scripted(Policy):
+    """Places everything in one tier (the slowest unless told), pushes out the oldest (unless told), and carries
+    out a fixed plan per epoch."""
+
+    name = "scripted"
+
+    def __init__(self, plans: dict[int, Plan], victim: int | None = None, admit_to: str | None = None) -> None:
+        super().__init__(PolicyContext())
+        self.plans = plans
+        self.epoch = 0
+        self.forced_victim = victim
+        self.admit_to = admit_to
+
+    def admit(self, block: int, view: BlockView) -> str:
+        return self.admit_to or view.tiers[-1].name
+
+    def victim(self, tier: str, view: BlockView) -> int:
+        return first_unpinned(view, tier) if self.forced_victim is None else self.forced_victim
+
+    def plan(self, view: BlockView, now: float) -> Plan:
+        self.epoch += 1
+        return self.plans.get(self.epoch, Plan())
+
+
+def test_moves_are_counted_with_ping_pongs_and_bytes() -> None:
+    plans = {
+        1: Plan([Move(1, "cxl", "dram", "promote"), Move(2, "cxl", "dram", "prefetch")]),
+        2: Plan([Move(1, "dram", "cxl", "demote")]),  # straight back: a ping-pong
+        3: Plan([Move(7, "cxl", "dram", "promote"), Move(2, "cxl", "dram", "promote")]),  # unknown, and stale
+        4: Plan(evictions=[2]),
+    }
+    requests = trace((0.0, [1, 2]), (1.0, [1]))
+    result = simulate(requests, [SimTier("dram"), SimTier("cxl")], Scripted(plans), epoch_s=0.1,
+                      block_bytes=4 * MIB)
+    assert (result.promotions, result.prefetches, result.demotions) == (1, 1, 1)
+    assert result.ping_pongs == 1 and result.moves_skipped == 2 and result.evictions == 1
+    assert result.migration_bytes == 3 * 4 * MIB
+    assert result.migration_gbps == pytest.approx(3 * 4 * MIB / 1.0 / 1e9)
+
+
+def test_a_promotion_into_a_full_tier_swaps_with_its_victim() -> None:
+    plans = {1: Plan([Move(3, "cxl", "dram", "promote")])}
+    requests = trace((0.0, [1, 2]), (0.0, [3]), (1.0, [3]))
+    tiers = [SimTier("dram", 2), SimTier("cxl", 1)]
+    policy = Scripted(plans)
+    policy.admit = lambda block, view: "dram" if block < 3 else "cxl"  # type: ignore[method-assign]
+    result = simulate(requests, tiers, policy, epoch_s=0.5)
+    assert result.tier("dram").hits == 1 and result.evictions == 0
+    assert (result.promotions, result.demotions) == (1, 1)
+
+
+@pytest.mark.parametrize(("plan", "message"), [
+    (Plan([Move(1, "cxl", "dram", "demote")]), "promote and prefetch go to a faster tier, demote to a slower"),
+    (Plan([Move(1, "cxl", "hbm", "promote")]), "named tier 'hbm'; tiers: dram, cxl"),
+    (Plan([Move(1, "cxl", "dram", "teleport")]), "reason 'teleport'; valid: promote, demote, prefetch"),
+])
+def test_bad_plans_are_refused(plan: Plan, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        simulate(trace((0.0, [1]), (1.0, [1])), [SimTier("dram"), SimTier("cxl")], Scripted({1: plan}))
+
+
+def test_a_pinned_or_misplaced_victim_is_refused() -> None:
+    tiers = [SimTier("dram", 2)]
+    requests = trace((0.0, [1]), (1.0, [2, 3]))  # 3 overfills dram; 1 is the only block that may leave
+    with pytest.raises(PolicyError, match="chose block 2 as the victim of tier dram, but it is pinned"):
+        simulate(requests, tiers, Scripted({}, victim=2))
+    with pytest.raises(PolicyError, match="chose block 3 as the victim of tier dram, but it is pinned"):
+        simulate(requests, tiers, Scripted({}, victim=3))
+    with pytest.raises(PolicyError, match="chose block 9 as the victim of tier dram, but it is in no tier"):
+        simulate(requests, tiers, Scripted({}, victim=9))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tiers": []}, "at least one tier"),
+    ({"tiers": [SimTier("a"), SimTier("a")]}, "tier names must be unique"),
+    ({"tiers": [SimTier("a", 0)]}, "capacity_blocks=0 must be 1 or more"),
+    ({"tier_read_gbps": {"b": 1.0}}, "names tier 'b', which is not one of a"),
+    ({"epoch_s": 0}, "epoch_s=0 must be positive"),
+])
+def test_bad_simulation_settings(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"tiers": [SimTier("a")], **kwargs}
+    tiers = args.pop("tiers")
+    with pytest.raises(ConfigError, match=message):
+        simulate(trace((0.0, [1])), tiers, get_policy("lru"), **args)  # type: ignore[arg-type]
+
+
+# -- the replay command -------------------------------------------------------------------------------------------
+
+def test_replay_command_prints_tiers_and_summary() -> None:
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(CXL_MAP), "--policy", "hotcold",
+                                      "--param", "quota=4", "--capacity", "dram=40", "--capacity", "cxl=100"])
+    assert out.exit_code == 0, out.output
+    for text in ("under hotcold (simulated)", "dram", "cxl", "far", "STRR", "TTFT estimate p50", "ping-pongs"):
+        assert text in out.output
+
+
+def test_replay_json_matches_simulate(small_trace: list[Request]) -> None:
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(CXL_MAP), "--policy", "lru", "--capacity",
+                                      "dram=40", "--block-mib", "16", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    direct = simulate(small_trace, [SimTier("dram", 40), SimTier("cxl"), SimTier("far")], get_policy("lru"),
+                      block_bytes=16 * MIB)
+    assert data["origin"] == "simulated" and data["policy"] == "lru" and data["block_bytes"] == 16 * MIB
+    assert data["hit_ratio"] == direct.hit_ratio and data["tiers"][0]["hits"] == direct.tiers[0].hits
+    assert data["promotions"] == direct.promotions and "ttft_samples_ms" not in data
+
+
+def test_replay_takes_capacity_from_the_tier_map(tmp_path: Path) -> None:
+    tiers = tmp_path / "t.yaml"
+    tiers.write_text("name: t\ntiers:\n  - {name: dram, nodes: [0], capacity_mib: 1000}\n"
+                     "  - {name: cxl, nodes: [1], allow_emulation: true, emulate: {bandwidth_gbps: 5}}\n")
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(tiers), "--policy", "lru", "--block-mib",
+                                      "64", "--local-gbps", "30", "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert [t["capacity_blocks"] for t in data["tiers"]] == [1000 // 64, None]
+    assert [t["read_gbps"] for t in data["tiers"]] == [30.0, 5.0]
+
+
+@pytest.mark.parametrize(("args", "error", "message"), [
+    (["--policy", "nope"], PolicyError, "unknown policy 'nope'; valid: all-fastest"),
+    (["--policy", "lru", "--param", "quota=3"], PolicyError, "unknown parameter 'quota'"),
+    (["--policy", "lru", "--capacity", "hbm=3"], ConfigError, "--capacity names tier 'hbm'; tiers of cxl-expander"),
+    (["--policy", "lru", "--read-gbps", "hbm=3"], ConfigError, "--read-gbps names tier 'hbm'"),
+])
+def test_replay_errors(args: list[str], error: type[Exception], message: str) -> None:
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(CXL_MAP), *args])
+    assert isinstance(out.exception, error) and message in str(out.exception)
+
+
+def test_replay_accepts_only_simulate_for_now() -> None:
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(CXL_MAP), "--policy", "lru", "--mode",
+                                      "execute"])
+    assert out.exit_code == 2 and "'execute' is not 'simulate'" in out.output
+    bad = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(CXL_MAP), "--policy", "lru", "--param",
+                                      "quota"])
+    assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "hotcold", "lookahead", "belady"])
+def test_ranking_policies_never_lose_sight_of_a_resident_block(small_trace: list[Request], name: str) -> None:
+    """A block the policy forgot can never be chosen as a victim or moved again: it would squat in its tier."""
+    policy = get_policy(name, {}, policy_context(small_trace))
+    ranked = policy.ranked  # type: ignore[attr-defined]
+    lost: list[int] = []
+    plan = policy.plan
+
+    def checked_plan(view: BlockView, now: float) -> Plan:
+        lost.extend(b for t in view.tiers for b in view.blocks_in(t.name) if b not in ranked)
+        return plan(view, now)
+
+    policy.plan = checked_plan  # type: ignore[method-assign]
+    result = simulate(small_trace, [SimTier("dram", 20), SimTier("cxl", 60), SimTier("far", 200)], policy)
+    assert result.evictions > 0 and result.demotions > 0 and result.epochs > 100
+    assert lost == []

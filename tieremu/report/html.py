@@ -1,0 +1,100 @@
+"""One self-contained HTML page per report: tables, provenance and plots inlined as base64 PNG, nothing fetched
+from the network, so the file can be mailed, archived or opened offline years later."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import os
+from pathlib import Path
+
+from tieremu import __version__
+from tieremu.report.load import ResultSet
+from tieremu.report.plots import Plot, all_plots
+from tieremu.report.tables import Table, all_tables, provenance
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
+.provenance { background: #f4f6fa; border-left: 4px solid #4a6fa5; padding: 0.6em 1em; }
+.provenance li.warning { color: #a33; }
+table { border-collapse: collapse; margin: 0.5em 0 0.2em; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th { background: #eef; } td.text, th:first-child { text-align: left; }
+caption { caption-side: top; font-weight: bold; text-align: left; padding: 0.3em 0; }
+p.note { font-size: 0.8em; color: #555; margin-top: 0; }
+figure { display: inline-block; margin: 1em 1em 1em 0; vertical-align: top; }
+figcaption { font-size: 0.85em; color: #444; }
+"""
+
+
+def write_report(results: list[ResultSet], out: Path, *, plots_dir: Path | None = None) -> Path:
+    """Draw everything, write the page atomically (and the PNGs into plots_dir when given); returns the page."""
+    tables = all_tables(results)
+    plots = all_plots(results)
+    if plots_dir is not None:
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        for plot in plots:
+            _atomic_write(plots_dir / f"{plot.name}.png", plot.png)
+    _atomic_write(out, render(results, tables, plots).encode())
+    return out
+
+
+def render(results: list[ResultSet], tables: list[Table], plots: list[Plot]) -> str:
+    title = "tieremu report: " + ", ".join(r.name for r in results)
+    parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{_e(title)}</title>\n"
+             f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>{_e(title)}</h1>"]
+    for result in results:
+        parts.append(_provenance(result, len(results) > 1))
+    parts.append("<h2>Tables</h2>")
+    parts += [_table(t, i) for i, t in enumerate(tables)]
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        parts += [_figure(p) for p in plots]
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    parts.append(f"<p class=\"note\">written by tieremu {_e(__version__)} at {stamp} from "
+                 + ", ".join(f"<code>{_e(str(r.final_path))}</code>" for r in results) + "</p>\n</body>\n</html>\n")
+    return "\n".join(parts)
+
+
+def _provenance(result: ResultSet, named: bool) -> str:
+    m = result.manifest
+    warning = ' class="warning"'
+    items = [f"<li{warning if line.startswith('warning') else ''}>{_e(line)}</li>" for line in provenance(result)]
+    items.append(f"<li>machine: {_e(str(m.get('hostname')))}, {_e(str(m.get('cpu_model')))}, {_e(str(m.get('cpus')))} "
+                 f"CPUs, {_e(str(m.get('kernel')))}; in VM: {_e(str(m.get('in_vm')))}; git "
+                 f"{_e(str(m.get('git_revision')))}{' (dirty)' if m.get('git_dirty') else ''}</li>")
+    heading = f"<h2>{_e(result.name)}</h2>" if named else ""
+    return f"{heading}<ul class=\"provenance\" id=\"provenance-{_e(result.name)}\">{''.join(items)}</ul>"
+
+
+def _table(table: Table, index: int) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in table.rows)
+    note = f"<p class=\"note\">{_e(table.note)}</p>" if table.note else ""
+    return (f"<table id=\"table-{index}\" class=\"report-table\"><caption>{_e(table.title)}</caption>"
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}")
+
+
+def _cell(value: str) -> str:
+    """Figures right-aligned, words left-aligned."""
+    numeric = value.replace(",", "").rstrip("x").replace(".", "", 1).lstrip("-").isdigit() or value == "-"
+    return f"<td>{_e(value)}</td>" if numeric else f"<td class=\"text\">{_e(value)}</td>"
+
+
+def _figure(plot: Plot) -> str:
+    data = base64.b64encode(plot.png).decode("ascii")
+    caption = _e(plot.title) + (f" — {_e(plot.caption)}" if plot.caption else "")
+    return (f"<figure id=\"plot-{_e(plot.name)}\"><img class=\"plot\" alt=\"{_e(plot.title)}\" "
+            f"src=\"data:image/png;base64,{data}\"><figcaption>{caption}</figcaption></figure>")
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,137 @@
+"""`tieremu run [SPEC] [--out DIR] [--resume [DIR]] [--json]`: a sweep, each run in its own worker process, with
+a progress bar and ETA on a terminal, the result folder and its report's path printed at the end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from tieremu.runner.experiment import ExperimentResult, Plan, RunRecord, latest_folder, run_experiment
+from tieremu.runner.spec import load_experiment
+from tieremu.runner.sweep import PlannedRun
+from tieremu.runner.worker import headline
+
+LATEST = "<latest>"
+
+
+def default_spec() -> Path:
+    """The shipped default experiment: from the source tree tieremu runs from, else relative to here."""
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "default.yaml"
+    return shipped if shipped.exists() else Path("configs", "experiments", "default.yaml")
+
+
+class _Reporter:
+    """Progress as runs finish: a bar with ETA on a terminal, one line per run otherwise; silent for --json."""
+
+    def __init__(self, console: Console, *, bar: bool, quiet: bool) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 console=console, transient=True) if bar and not quiet else None
+        self.task: int | None = None
+
+    def planned(self, plan: Plan, todo: int) -> None:
+        if self.quiet:
+            return
+        for resolved in plan.resolved.values():  # what is real and what is emulated, before any figure
+            for t in resolved.tiers:
+                self.console.print(f"tier [bold]{t.name}[/] ({resolved.tier_map.name}): {t.label} — {t.reason}",
+                                   highlight=False)
+        for warning in plan.warnings:
+            self.console.print(f"warning: {warning}", style="yellow", highlight=False, markup=False)
+        total = len(plan.runs)
+        self.console.print(f"{total} runs" if todo == total else
+                           f"resuming: {total - todo} of {total} runs already done, {todo} to run", highlight=False)
+        if self.progress is not None:
+            self.progress.start()
+            self.task = self.progress.add_task("runs", total=todo)
+
+    def started(self, run: PlannedRun) -> None:
+        if self.progress is not None and self.task is not None:
+            self.progress.update(self.task, description=run.run_id)
+
+    def finished(self, run: PlannedRun, record: RunRecord) -> None:
+        if self.quiet:
+            return
+        labels = ", ".join(f"{k}={v}" for k, v in run.labels.items())
+        line = f"run {run.run_id} ({labels}): {record.status} in {record.seconds:.1f} s"
+        if record.error:
+            line += f" — {headline(record.error)}"
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task)
+            if record.error:
+                self.progress.console.print(line, style="red", highlight=False)
+        else:
+            self.console.print(line, highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@click.command("run")
+@click.argument("spec", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True, help="Results root; the run lands in OUT/<experiment>/<timestamp>/.")
+@click.option("--resume", "resume", is_flag=False, flag_value=LATEST, default=None, metavar="[DIR]",
+              help="Continue a result folder (default: the newest of this experiment, finished or not): runs "
+                   "already done are kept, failed and missing ones run again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (no progress bar).")
+def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool) -> None:
+    """Run an experiment spec (default: configs/experiments/default.yaml): every run of its sweep in a fresh
+    worker process, the all-fastest and all-slowest bounds beside every policy; writes manifest.json,
+    metrics.jsonl, summary.csv, runs/, plots/ and report.html. Exits 1 if any run failed."""
+    if spec is None and resume not in (None, LATEST) and Path(resume).is_file():
+        spec, resume = Path(resume), LATEST  # `run --resume SPEC`: the spec was taken as the folder
+    experiment = load_experiment(spec or default_spec())
+    resume_dir = None
+    if resume is not None:
+        resume_dir = latest_folder(out_root, experiment.name) if resume == LATEST else Path(resume)
+    console = Console(width=max(120, Console().width))
+    if not as_json:
+        console.print(f"[bold]{experiment.name}[/]" + (f": {experiment.description}" if experiment.description else ""))
+    reporter = _Reporter(console, bar=console.is_terminal, quiet=as_json)
+    try:
+        result = run_experiment(experiment, out_root, resume=resume_dir, listener=reporter)
+    finally:
+        reporter.close()
+    if as_json:
+        click.echo(json.dumps(_as_json(result), indent=2))
+    else:
+        _print_outcome(console, result)
+    if result.failed:
+        sys.exit(1)
+
+
+def _print_outcome(console: Console, result: ExperimentResult) -> None:
+    done = sum(r.status == "done" for r in result.records)
+    reused = sum(r.reused for r in result.records)
+    console.print(f"runs: {done} done ({reused} from before), {len(result.failed)} failed, "
+                  f"{len(result.records)} planned", highlight=False)
+    for record in result.failed:
+        console.print(f"failed: {record.run_id}: {headline(record.error)}", style="red", highlight=False)
+    if result.report is not None:
+        console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
+    console.print(f"results: {result.path}", highlight=False, soft_wrap=True)
+
+
+def _as_json(result: ExperimentResult) -> dict[str, object]:
+    return {"experiment": result.plan.spec.name, "path": str(result.path),
+            "report": str(result.report) if result.report else None,
+            "tiers": {path: [{"tier": t.name, "backing": t.label, "reason": t.reason} for t in r.tiers]
+                      for path, r in result.plan.resolved.items()},
+            "warnings": result.plan.warnings, "failed": len(result.failed),
+            "runs": [r.to_dict() for r in result.records]}

@@ -1,0 +1,124 @@
+"""Request traces in the Mooncake JSONL format: one request per line, arrivals in milliseconds, prefix-block hashes.
+
+    {"timestamp": 27482, "input_length": 6955, "output_length": 52, "hash_ids": [46, 47, 48, 2353]}
+
+Equal hash ids in two requests mean the same prefix KV block (one per `block_tokens` prompt tokens, 512 in the
+Mooncake release), so the later request can reuse it. Lines must arrive in non-decreasing timestamp order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tieremu.errors import TraceError
+
+MOONCAKE_BLOCK_TOKENS = 512
+FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    timestamp_ms: int  # arrival, relative to the start of the trace
+    input_length: int  # prompt tokens
+    output_length: int  # generated tokens
+    hash_ids: tuple[int, ...]  # prefix-block hashes, one per block of prompt tokens
+
+    @property
+    def arrival_s(self) -> float:
+        return self.timestamp_ms / 1000.0
+
+    def block_tokens(self, block_size: int = MOONCAKE_BLOCK_TOKENS) -> list[int]:
+        """Prompt tokens in each block: full blocks, then what is left in the last (all full if the lengths
+        disagree, as a trace's lengths are advisory and its hashes are not)."""
+        n = len(self.hash_ids)
+        if n == 0:
+            return []
+        last = self.input_length - (n - 1) * block_size
+        if not 0 < last <= block_size:
+            last = block_size
+        return [block_size] * (n - 1) + [last]
+
+    def to_json(self) -> str:
+        return json.dumps({"timestamp": self.timestamp_ms, "input_length": self.input_length,
+                           "output_length": self.output_length, "hash_ids": list(self.hash_ids)})
+
+
+def read_trace(path: str | Path) -> list[Request]:
+    path = Path(path)
+    try:
+        with path.open() as f:
+            return parse_lines(f, source=str(path))
+    except FileNotFoundError:
+        raise TraceError(f"{path}: trace file not found") from None
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read the trace ({exc.strerror})") from None
+
+
+def parse_lines(lines: Iterable[str], *, source: str = "<trace>") -> list[Request]:
+    requests: list[Request] = []
+    previous = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        request = _parse(line, f"{source}:{number}")
+        if request.timestamp_ms < previous:
+            raise TraceError(f"{source}:{number}: timestamp {request.timestamp_ms} is earlier than the previous "
+                             f"line's {previous}; requests must be in arrival order")
+        previous = request.timestamp_ms
+        requests.append(request)
+    if not requests:
+        raise TraceError(f"{source}: the trace holds no requests")
+    return requests
+
+
+def _parse(line: str, where: str) -> Request:
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise TraceError(f"{where}: not a JSON object ({exc})") from None
+    if not isinstance(obj, dict):
+        raise TraceError(f"{where}: expected a JSON object with keys {', '.join(FIELDS)}, got {line.strip()[:60]}")
+    missing = [k for k in FIELDS if k not in obj]
+    if missing:
+        raise TraceError(f"{where}: missing field {missing[0]!r}; a request needs {', '.join(FIELDS)}")
+    for key in FIELDS[:3]:
+        value = obj[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise TraceError(f"{where}: {key}={value!r} must be an integer 0 or more")
+    ids = obj["hash_ids"]
+    if not isinstance(ids, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in ids):
+        raise TraceError(f"{where}: hash_ids must be a list of integers, got {str(ids)[:60]}")
+    return Request(obj["timestamp"], obj["input_length"], obj["output_length"], tuple(ids))
+
+
+def write_trace(path: str | Path, requests: Sequence[Request]) -> None:
+    """Write atomically (a reader never sees half a trace)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        for request in requests:
+            f.write(request.to_json())
+            f.write("\n")
+    os.replace(tmp, path)
+
+
+def reference_count(requests: Sequence[Request]) -> int:
+    return sum(len(r.hash_ids) for r in requests)
+
+
+def ceiling_hit_ratio(requests: Sequence[Request]) -> float:
+    """Share of block references whose block was referenced before: the hit ratio of an unlimited cache."""
+    seen: set[int] = set()
+    hits = 0
+    for request in requests:
+        for block in request.hash_ids:
+            if block in seen:
+                hits += 1
+            else:
+                seen.add(block)
+    total = reference_count(requests)
+    return hits / total if total else 0.0

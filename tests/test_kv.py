@@ -201,3 +201,31 @@ def test_attention_over_paged_tiers_matches_contiguous_even_after_migration(tmp_
         full = torch.cat([prompts[0], torch.tensor([0])])[:-1]
         torch.testing.assert_close(model.reference_logits(full)[-1], model.prefill(ContiguousKV.for_model(
             config, max_len=256), [9], [full])[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("kind", "block_tokens", "group"), [("all-layers", 16, 2), ("per-layer", 32, 4),
+                                                             ("all-layers", 64, 1)])
+def test_the_paged_kernel_equals_sdpa_over_the_gathered_kv(tmp_path: Path, kind: str, block_tokens: int,
+                                                           group: int) -> None:
+    lay = layout(kind, block_tokens)
+    spread = Vector({"dram": 0.4, "cxl": 0.4, "far": 0.2})
+    with TieredKVCache(tier_map(tmp_path), lay, capacities={"dram": 64, "cxl": 64, "far": 64},
+                       placement=spread) as cache:
+        ref = ContiguousKV(lay.layers, 2, 64, max_len=1024)
+        g = torch.Generator().manual_seed(3)
+        for seq, n in enumerate([1, block_tokens, 333]):
+            cache.add_sequence(seq)
+            fill(cache, ref, seq, n)
+        for rnd in range(2):
+            if rnd:  # and again after moving every block one tier down
+                for block in list(cache.pool.blocks.values()):
+                    cache.move(block, {"dram": "cxl", "cxl": "far", "far": "dram"}[block.tier])
+            for seq in range(3):
+                for layer in range(lay.layers):
+                    q = torch.randn(2 * group, 64, generator=g)
+                    got = cache.attend(seq, layer, q, 0.125)
+                    k, v = cache.read(seq, layer)
+                    want = torch.nn.functional.scaled_dot_product_attention(
+                        q.reshape(1, 2, group, 64), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                        scale=0.125).reshape(2 * group, 64)
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

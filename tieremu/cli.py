@@ -28,6 +28,7 @@ from tieremu.tiers.resolve import resolve
 from tieremu.views import (
     checks_table,
     emulation_bench_table,
+    kv_bench_table,
     placement_bench_table,
     topology_table,
 )
@@ -155,6 +156,43 @@ def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
         _print_json(asdict(result))
         return
     _console().print(emulation_bench_table(result))
+
+
+@bench.command("kv")
+@click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
+              help="Tier map (default: configs/tiers/cxl-expander.yaml); its first two memory tiers are compared.")
+@click.option("--preset", default="tiny", show_default=True, help="Model preset (tiny, small, 1b).")
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--prompt-tokens", default=2048, show_default=True, type=click.IntRange(min=8))
+@click.option("--steps", default=16, show_default=True, type=click.IntRange(min=1), help="Decode steps per round.")
+@click.option("--block-tokens", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--layout", type=click.Choice(["all-layers", "per-layer"]), default="all-layers", show_default=True)
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_kv_cmd(tiers_file: str | None, preset: str, batch: int, prompt_tokens: int, steps: int, block_tokens: int,
+                 layout: str, rounds: int, as_json: bool) -> None:
+    """Paged KV decode against contiguous KV (goal: within 1.3x), attention's KV read bandwidth against the probe's,
+    TPOT with KV all local, split and all in the slower tier (emulated where the node is missing), and the
+    bookkeeping of emulation that asks for no slowdown (goal: under 2%)."""
+    from tieremu.bench.kv import bench_kv
+    from tieremu.workloads.decode import DecodeSpec
+    from tieremu.workloads.llama import preset as model_preset
+
+    topo = discover()
+    tier_map = load_tier_map(tiers_file or _config("tiers", "cxl-expander.yaml"))
+    resolved = resolve(tier_map, topo)
+    cal = None
+    if resolved.any_emulated:
+        cal = calibration(topo)
+        resolved = resolve(tier_map, topo, calibration=cal)
+    spec = DecodeSpec(batch=batch, prompt_tokens=prompt_tokens, shared_prefix_tokens=prompt_tokens // 8,
+                      decode_steps=steps)
+    result = bench_kv(model_preset(preset), resolved, cal, spec, block_tokens=block_tokens, layout=layout,
+                      rounds=rounds)
+    if as_json:
+        _print_json(asdict(result) | {"paged_ratio": result.paged_ratio})
+        return
+    _console().print(kv_bench_table(result))
 
 
 # Subcommand groups that live with their layer.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+
 from rich.table import Table
 
 from tieremu.bench.emulation import TOLERANCE, EmulationBench
+from tieremu.bench.kv import KVBench
 from tieremu.bench.placement import PlacementBench
 from tieremu.numa.sysfs import format_list
 from tieremu.numa.topology import Topology
@@ -93,4 +96,36 @@ def emulation_bench_table(b: EmulationBench) -> Table:
     noisy = " — NOISY run" if b.load.noisy else ""
     table.caption = (f"pacer bookkeeping overhead (clock read and account per chunk, never waiting): {overhead}; "
                      f"load {b.load.loadavg_1m:.2f} on {b.load.cpus} CPUs, steal {b.load.steal_fraction:.1%}{noisy}")
+    return table
+
+
+def kv_bench_table(b: KVBench) -> Table:
+    s = b.spec
+    table = Table(title=f"KV cache, {b.model} model, {b.layout}: batch {s.batch}, ~{s.prompt_tokens}-token prompts, "
+                        f"{s.decode_steps} decode steps (medians of alternating rounds)")
+    for col in ("measurement", "figure", "spread", "note"):
+        table.add_column(col)
+    goal = "ok" if b.paged_ratio <= 1.3 else "over the 1.3x goal"
+    table.add_row("TPOT paged, all local", f"{b.paged_tpot_ms.median:.2f} ms", f"{b.paged_tpot_ms.spread:.1%}", "")
+    table.add_row("TPOT contiguous KV", f"{b.contiguous_tpot_ms.median:.2f} ms", f"{b.contiguous_tpot_ms.spread:.1%}",
+                  "")
+    table.add_row("paged / contiguous", f"{b.paged_ratio:.3f}x", "", goal)
+    table.add_row("decode attention KV read, in place", f"{b.attention_gbps.median:.2f} GB/s",
+                  f"{b.attention_gbps.spread:.1%}", f"{b.attention_gbps.median / b.probe_read_gbps:.0%} of probe read")
+    table.add_row("gather into contiguous K/V", f"{b.gather_gbps.median:.2f} GB/s", f"{b.gather_gbps.spread:.1%}",
+                  f"{b.gather_gbps.median / b.probe_read_gbps:.0%} of probe read")
+    table.add_row("probe read bandwidth, 1 thread", f"{b.probe_read_gbps:.2f} GB/s", "", "")
+    for p in b.placements:
+        per_token = ", ".join(f"{t} {v / 1024:.0f} KiB" for t, v in p.kv_bytes_per_token.items() if v)
+        table.add_row(f"TPOT {p.name}", f"{p.tpot_ms.median:.2f} ms", f"{p.tpot_ms.spread:.1%}",
+                      f"KV per token: {per_token}; injected {p.injected_s * 1e3:.1f} ms")
+    ordered = [p.tpot_ms.median for p in b.placements]
+    if len(ordered) > 1:
+        verdict = "increasing" if all(a < b_ for a, b_ in itertools.pairwise(ordered)) else "NOT increasing"
+        table.add_row("TPOT order across placements", " < ".join(f"{v:.2f}" for v in ordered), "", verdict)
+    table.add_row("emulation, no slowdown asked: run time over plain", f"{b.overhead:+.2%}", "",
+                  f"bookkeeping {b.accounting_share:.2%} of run time (goal: under 2%)")
+    load = b.load
+    table.caption = (f"load {load.loadavg_1m:.2f} on {load.cpus} CPUs, steal {load.steal_fraction:.1%}"
+                     + (" — NOISY run" if load.noisy else ""))
     return table

@@ -20,6 +20,7 @@ from tieremu.kv.arena import FileArena, NumaArena
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Placement
 from tieremu.kv.pool import Block, BlockPool, MoveRecord
+from tieremu.native.build import kernels
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 
@@ -33,6 +34,21 @@ class SequenceState:
     tables: list[list[Block]]  # per layer (all-layers layout: one list shared by every layer)
     lengths: list[int]  # tokens written per layer
     reused_tokens: int = 0
+    index: dict[int, TableIndex] = field(default_factory=dict)  # per layer
+
+
+@dataclass(frozen=True)
+class TableIndex:
+    """A block table as arrays, rebuilt only when the table grows or any block moves: the per-read work of a
+    decode step then costs the same for 10 blocks or 1000."""
+
+    key: tuple[int, int]  # (blocks in the table, moves made by the pool) when built
+    ids: np.ndarray  # int64 Block.id
+    tiers: np.ndarray  # int16 index into the tier order
+    slots: torch.Tensor  # int64 slot in the arena
+    arenas: tuple[str, ...]
+    k_addrs: np.ndarray  # int64 address of each block's K for this layer
+    per_tier: tuple[tuple[str, int], ...]  # blocks per tier
 
 
 @dataclass(frozen=True)
@@ -179,28 +195,47 @@ class TieredKVCache:
         state = self._seq(seq)
         length = state.lengths[layer]
         table = state.tables[layer]
-        for block in table:
-            if block.tier not in self._memory:
-                self._fetch(block)
+        index = self._index(state, layer)
+        arenas, slots = index.arenas, index.slots
         li = 0 if self.layout.per_layer else layer
-        arenas = [b.arena for b in table]
-        slots = torch.tensor([b.slot for b in table], dtype=torch.long)
         bt, heads, dim = self.layout.block_tokens, self.layout.kv_heads, self.layout.head_dim
         if not table:
             k = v = torch.empty(0, bt, heads, dim, dtype=self.layout.dtype)
         elif all(a == arenas[0] for a in arenas):
+            # index_select over a strided view copies whole blocks: 6x faster than advanced indexing here.
             blocks = self._arena_of(table[0]).blocks
-            k, v = blocks[slots, li, 0], blocks[slots, li, 1]
+            k = torch.index_select(blocks[:, li, 0], 0, slots)
+            v = torch.index_select(blocks[:, li, 1], 0, slots)
         else:
             k = torch.empty(len(table), bt, heads, dim, dtype=self.layout.dtype)
             v = torch.empty_like(k)
             for name in dict.fromkeys(arenas):
                 where = torch.tensor([i for i, a in enumerate(arenas) if a == name], dtype=torch.long)
                 blocks = self.pool.arenas[name].blocks
-                k[where] = blocks[slots[where], li, 0]
-                v[where] = blocks[slots[where], li, 1]
-        self._account_read(seq, layer, table)
+                k.index_copy_(0, where, torch.index_select(blocks[:, li, 0], 0, slots[where]))
+                v.index_copy_(0, where, torch.index_select(blocks[:, li, 1], 0, slots[where]))
+        self._account_read(seq, layer, index)
         return k.reshape(-1, heads, dim)[:length], v.reshape(-1, heads, dim)[:length]
+
+    def attend(self, seq: int, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """Decode attention of one query token [heads, head_dim] straight over the sequence's blocks in their
+        arenas (a C kernel reading every K and V row where it lies: no gather copy); None when this cache
+        cannot (not fp32, or head_dim not a multiple of 8), and the caller then reads and attends itself."""
+        if self.layout.dtype != torch.float32 or q.dtype != torch.float32 or self.layout.head_dim % 8:
+            return None
+        state = self._seq(seq)
+        index = self._index(state, layer)
+        length = state.lengths[layer]
+        lay = self.layout
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        group = q.shape[0] // lay.kv_heads
+        scores = torch.empty(q.shape[0] * max(1, length), dtype=torch.float32)
+        kernels().paged_decode_attention(
+            index.k_addrs.ctypes.data, lay.block_tokens * lay.kv_heads * lay.head_dim, length, lay.block_tokens,
+            lay.kv_heads, group, lay.head_dim, q.data_ptr(), scale, out.data_ptr(), scores.data_ptr())
+        self._account_read(seq, layer, index)
+        return out
 
     def layer_start(self, layer: int) -> None:
         """Pay the emulated tiers' delay owed so far: once per layer, so the bookkeeping stays cheap."""
@@ -276,13 +311,38 @@ class TieredKVCache:
             raise KVError(f"block {block.id} is on file tier {block.tier!r}; read it back into memory first")
         return arena
 
-    def _account_read(self, seq: int, layer: int, table: list[Block]) -> None:
-        per_tier: dict[str, int] = {}
+    def _index(self, state: SequenceState, layer: int) -> TableIndex:
+        """The table's arrays, every block first read back into memory if it was on a file tier."""
+        table = state.tables[layer]
+        key = (len(table), len(self.pool.moves))
+        index = state.index.get(layer)
+        if index is not None and index.key == key:
+            return index
         for block in table:
-            per_tier[block.tier] = per_tier.get(block.tier, 0) + 1
-            self.pool.touch(block)
+            if block.tier not in self._memory:
+                self._fetch(block)
+        key = (len(table), len(self.pool.moves))
+        li = 0 if self.layout.per_layer else layer
+        layer_offset = li * 2 * self.layout.block_tokens * self.layout.kv_heads * self.layout.head_dim * \
+            self.layout.itemsize
+        counts: dict[str, int] = {}
+        for block in table:
+            counts[block.tier] = counts.get(block.tier, 0) + 1
+        index = TableIndex(
+            key=key,
+            ids=np.fromiter((b.id for b in table), np.int64, len(table)),
+            tiers=np.fromiter((self.tier_index[b.tier] for b in table), np.int16, len(table)),
+            slots=torch.tensor([b.slot for b in table], dtype=torch.long),
+            arenas=tuple(b.arena for b in table),
+            k_addrs=np.fromiter((self._arena_of(b).addr(b.slot) + layer_offset for b in table), np.int64, len(table)),
+            per_tier=tuple(counts.items()),
+        )
+        state.index[layer] = index
+        return index
+
+    def _account_read(self, seq: int, layer: int, index: TableIndex) -> None:
         slice_bytes = self.layout.layer_slice_bytes
-        for tier, count in per_tier.items():
+        for tier, count in index.per_tier:
             traffic = self.stats.traffic[tier]
             traffic.blocks_read += count
             traffic.bytes_read += count * slice_bytes
@@ -291,8 +351,7 @@ class TieredKVCache:
                 self.injector.accesses(tier, count)
                 self.injector.transfer(tier, count * slice_bytes, "read")
         if self.log is not None:
-            self.log.record(self.step, layer, seq, np.fromiter((b.id for b in table), np.int64, len(table)),
-                            np.fromiter((self.tier_index[b.tier] for b in table), np.int16, len(table)))
+            self.log.record(self.step, layer, seq, index.ids, index.tiers)
 
 
 def _capacities(resolved: ResolvedTierMap, layout: KVLayout, given: Mapping[str, int] | None) -> dict[str, int]:

@@ -63,6 +63,7 @@ class BlockPool:
         self.placement = placement or Spill()
         self.injector = injector
         self._used = dict.fromkeys(self.order, 0)
+        self._memory_tiers = [t for t in self.order if not self.tiers[t].spec.is_file]
         numa_total = sum(self.capacity[t] for t in self.memory_tiers)
         self.arenas: dict[str, NumaArena | FileArena] = {}
         try:
@@ -85,7 +86,7 @@ class BlockPool:
 
     @property
     def memory_tiers(self) -> list[str]:
-        return [t for t in self.order if not self.tiers[t].spec.is_file]
+        return self._memory_tiers
 
     def used(self, tier: str) -> int:
         return self._used[tier]

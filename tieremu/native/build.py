@@ -34,6 +34,8 @@ _SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "spin": (u64, (u64,)),
     "chase_timed": (u64, (vp, u64, u64, ctypes.POINTER(vp))),
     "wait_ticks": (u64, (u64,)),
+    "paged_decode_attention": (None, (vp, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # type: ignore[dict-item]
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, vp, ctypes.c_float, vp, vp)),
     "tsc_per_ns": (ctypes.c_double, (u64,)),
     "bw_paced": (u64, (ctypes.c_int, vp, vp, u64, u64, u64, ctypes.c_double, ctypes.c_double,
                        ctypes.POINTER(u64), ctypes.POINTER(u64))),
@@ -61,7 +63,8 @@ def kernels() -> ctypes.CDLL:
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True,
+                                text=True)
         if result.returncode != 0:
             raise ProbeError(f"compiling {SOURCE} failed:\n{result.stderr.strip()}")
         os.replace(tmp, lib)  # atomic: concurrent builders never load half a library

@@ -245,3 +245,113 @@ uint64_t bw_paced(int kind, void *dst, const void *src, uint64_t bytes, uint64_t
     *sink = acc;
     return elapsed;
 }
+
+/* ---- paged attention for decode ------------------------------------------------------------------------------- */
+
+#include <math.h>
+
+/* One query token of one sequence attending to its K and V where they lie, with no gather copy: token t's K row
+ * for KV head h is at k_blocks[t / block_tokens] + ((t % block_tokens) * kv_heads + h) * head_dim floats, its V row
+ * v_offset floats further (blocks may sit in any tier's arena). q and out are [kv_heads][group][head_dim] (each KV
+ * head's query heads together); scores is scratch of group * length floats. Every K and V row is read once per
+ * KV head and serves the whole query group. fp32. */
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline float sum8(v8f v) {
+    return v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7];
+}
+
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* e^x for x <= 0 on 8 lanes (softmax after subtracting the maximum): x = n ln2 + r, e^r by a degree-6 polynomial
+ * on |r| <= ln2/2, 2^n through the exponent bits. Relative error about 2e-7; scalar expf cost most of the kernel. */
+static inline v8f exp8_nonpositive(v8f x) {
+    const v8f lo = {-87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f, -87.f};
+    const v8i below = x < lo;  /* lanes of -1 where x < lo (a vector ?: is C++ only) */
+    x = (v8f)((below & (v8i)lo) | (~below & (v8i)x));
+    const v8f t = x * 1.44269504088896341f - 0.5f;
+    const v8i n = __builtin_convertvector(t, v8i);  /* truncation toward zero: rounds x log2(e) for x <= 0 */
+    const v8f nf = __builtin_convertvector(n, v8f);
+    const v8f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    v8f p = r * (1.f / 720) + 1.f / 120;
+    p = p * r + 1.f / 24;
+    p = p * r + 1.f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    return p * (v8f)((n + 127) << 23);
+}
+
+/* head_dim must be a multiple of 8: rows are handled as 8-float vectors (GCC vector extensions, so the dot
+ * products do not wait on one scalar accumulator). */
+void paged_decode_attention(const int64_t *k_blocks, int64_t v_offset, int64_t length, int64_t block_tokens,
+                            int64_t kv_heads, int64_t group, int64_t head_dim, const float *q, float scale,
+                            float *out, float *scores) {
+    const int64_t rows = kv_heads * group, nblocks = (length + block_tokens - 1) / block_tokens;
+    /* Pass 1, K in storage order (block, token, head): one score per query head and token. */
+    for (int64_t b = 0, t = 0; b < nblocks; b++) {
+        const float *kb = (const float *)k_blocks[b];
+        for (int64_t i = 0; i < block_tokens && t < length; i++, t++) {
+            for (int64_t h = 0; h < kv_heads; h++) {
+                const float *k = kb + (i * kv_heads + h) * head_dim;
+                for (int64_t g = 0; g < group; g++) {
+                    const float *qg = q + (h * group + g) * head_dim;
+                    v8f a0 = {0}, a1 = {0};
+                    int64_t d = 0;
+                    for (; d + 16 <= head_dim; d += 16) {
+                        a0 += load8(qg + d) * load8(k + d);
+                        a1 += load8(qg + d + 8) * load8(k + d + 8);
+                    }
+                    if (d < head_dim)
+                        a0 += load8(qg + d) * load8(k + d);
+                    scores[(h * group + g) * length + t] = sum8(a0 + a1) * scale;
+                }
+            }
+        }
+    }
+    /* Softmax per query head. */
+    for (int64_t r = 0; r < rows; r++) {
+        float *s = scores + r * length, top = s[0], sum = 0.f;
+        for (int64_t t = 1; t < length; t++)
+            top = s[t] > top ? s[t] : top;
+        int64_t t = 0;
+        v8f acc = {0};
+        for (; t + 8 <= length; t += 8) {
+            v8f e = exp8_nonpositive(load8(s + t) - top);
+            memcpy(s + t, &e, sizeof e);
+            acc += e;
+        }
+        sum = sum8(acc);
+        for (; t < length; t++) {
+            s[t] = expf(s[t] - top);
+            sum += s[t];
+        }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < length; t++)
+            s[t] *= inv;
+        memset(out + r * head_dim, 0, head_dim * sizeof(float));
+    }
+    /* Pass 2, V in storage order: weighted sum per query head. */
+    for (int64_t b = 0, t = 0; b < nblocks; b++) {
+        const float *vb = (const float *)k_blocks[b] + v_offset;
+        for (int64_t i = 0; i < block_tokens && t < length; i++, t++) {
+            for (int64_t h = 0; h < kv_heads; h++) {
+                const float *v = vb + (i * kv_heads + h) * head_dim;
+                for (int64_t g = 0; g < group; g++) {
+                    const float w = scores[(h * group + g) * length + t];
+                    float *o = out + (h * group + g) * head_dim;
+                    for (int64_t d = 0; d < head_dim; d += 8) {
+                        v8f acc = load8(o + d) + w * load8(v + d);
+                        memcpy(o + d, &acc, sizeof acc);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -46,6 +46,9 @@ class KVStore(Protocol):
         """Called before each layer's attention in every forward pass (hook for access logging, prefetch and
         settling emulated delay); may do nothing."""
 
+    # Optional: attend(seq, layer, q [heads, head_dim], scale) -> [heads, head_dim] | None attends one decode token
+    # over the stored K/V in place (None: not possible here, read() is used instead).
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -269,6 +272,9 @@ class LlamaModel:
         self._check_positions(positions)
         cos, sin = self._rope(positions)
         x = F.embedding(tokens, self.embed)
+        # A store may attend for a decode token itself, over its K/V where they lie (the paged cache's C kernel).
+        attend = getattr(store, "attend", None)
+        scale = 1 / math.sqrt(self.config.head_dim)
         for index, layer in enumerate(self.layers):
             q, k, v = self._project_qkv(layer, x, cos, sin)
             store.layer_start(index)
@@ -276,6 +282,11 @@ class LlamaModel:
             for span in spans:
                 rows = slice(span.offset, span.offset + span.count)
                 store.write(span.seq, index, span.start, k[rows], v[rows])
+                if span.count == 1 and attend is not None:
+                    out = attend(span.seq, index, q[span.offset], scale)
+                    if out is not None:
+                        attended[span.offset] = out
+                        continue
                 keys, values = store.read(span.seq, index)
                 if keys.shape[0] != span.start + span.count:
                     raise WorkloadError(

@@ -34,6 +34,7 @@ _SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "spin": (u64, (u64,)),
     "chase_timed": (u64, (vp, u64, u64, ctypes.POINTER(vp))),
     "wait_ticks": (u64, (u64,)),
+    "chase_spun": (u64, (vp, u64, u64, ctypes.POINTER(vp))),
     "paged_decode_attention": (None, (vp, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # type: ignore[dict-item]
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, vp, ctypes.c_float, vp, vp)),
     "tsc_per_ns": (ctypes.c_double, (u64,)),

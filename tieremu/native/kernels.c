@@ -165,6 +165,24 @@ double tsc_per_ns(uint64_t ns) {
     return (double)(tsc() - c0) / (double)(t1 - t0);
 }
 
+/* A pointer chase whose every load is followed by `adds` dependent adds on the loaded address before the next
+ * load can issue (the address is their result). No fence and no clock read, so it can add a few nanoseconds where
+ * chase_timed's fixed cost per load is already too much; the cost per add moves with the core clock, so callers
+ * tune the count on the chain itself, just before they measure. Returns elapsed ns. */
+uint64_t chase_spun(void *start, uint64_t steps, uint64_t adds, void **end) {
+    void **p = (void **)start;
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < steps; i++) {
+        uintptr_t v = (uintptr_t)*p;
+        for (uint64_t k = 0; k < adds; k++)
+            __asm__ volatile("add $0, %0" : "+r"(v));
+        p = (void **)v;
+    }
+    uint64_t t1 = now_ns();
+    *end = p;
+    return t1 - t0;
+}
+
 /* Busy-wait `ticks` TSC ticks (no syscall, no sleep); returns the ns actually waited. */
 uint64_t wait_ticks(uint64_t ticks) {
     uint64_t t0 = now_ns();

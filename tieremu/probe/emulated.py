@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import statistics
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from tieremu.errors import ProbeError
@@ -48,36 +49,54 @@ class Audit:
 
 def tier_latency(model: TimingModel, cal: Calibration, cpu: int, *, size: int = 1 << 30, repeats: int = 5,
                  seconds: float = 0.2) -> Audit:
-    """Idle latency of the tier: the chase over its host memory with a timed wait after every load.
+    """Idle latency of the tier: the chase over its host memory with a wait after every load.
 
-    The wait is the target minus what the path costs right now with no wait (the host memory plus the fence and
-    clock reads of the timed chase), measured on the same chain just before; two correction steps on that chain
-    then absorb how a wait behind a DRAM miss adds up (not quite one for one). Only then are the reported repeats
-    taken, so the audit is an independent measurement of the tuned path.
+    The wait is timed in TSC ticks: the target minus what the path costs right now with no wait (the host memory
+    plus the fence and clock reads of the timed chase), measured on the same chain just before; two correction
+    steps on that chain absorb how a wait behind a DRAM miss adds up (not quite one for one). Targets below the
+    timed chase's own floor (about 1.2x local) use dependent adds instead, their count tuned on the chain the same
+    way. Only then are the reported repeats taken, so the audit is an independent measurement of the tuned path.
     """
     buf = ChaseBuffer(size, model.host_node, hugepages=True)
     k, end, tpn = kernels(), ctypes.c_void_p(), tsc_ticks_per_ns()
     steps = max(1 << 14, int(seconds * 1e9 / model.target_latency_ns))
     target = model.target_latency_ns
 
-    def per_load(wait_ns: float) -> float:
-        n, ticks = steps // 4, round(max(0.0, wait_ns) * tpn)
-        return statistics.median(k.chase_timed(buf.start, n, ticks, ctypes.byref(end)) / n for _ in range(5))
+    def per_load(kernel: Callable[..., int], amount: int) -> float:
+        n = steps // 4
+        return statistics.median(kernel(buf.start, n, amount, ctypes.byref(end)) / n for _ in range(5))
 
     try:
         with pinned((cpu,)):
-            per_load(0.0)  # warm-up: TLB and caches of the chain
-            wait = target - per_load(0.0)
-            for _ in range(2):
-                if wait <= 0:
-                    break  # the path alone is already as slow as the target: nothing to inject
-                wait += target - per_load(wait)
-            ticks = round(max(0.0, wait) * tpn)
-            elapsed = [k.chase_timed(buf.start, steps, ticks, ctypes.byref(end)) for _ in range(repeats)]
+            per_load(k.chase_timed, 0)  # warm-up: TLB and caches of the chain
+            kernel, amount = k.chase_timed, 0
+            wait = target - per_load(k.chase_timed, 0)
+            if wait > 0:
+                for _ in range(2):
+                    wait += target - per_load(kernel, round(wait * tpn))
+                amount = round(max(0.0, wait) * tpn)
+            else:
+                kernel, amount = k.chase_spun, _tune_adds(lambda n: per_load(k.chase_spun, n), target)
+            zero = per_load(kernel, 0)
+            elapsed = [kernel(buf.start, steps, amount, ctypes.byref(end)) for _ in range(repeats)]
     finally:
         buf.close()
+    wait = max(0.0, statistics.median(elapsed) / steps - zero)
     return Audit(model.tier, model.mode, "latency_ns", model.target_latency_ns,
-                 Summary.of([e / steps for e in elapsed]), max(0.0, wait) * steps * repeats, float(sum(elapsed)))
+                 Summary.of([e / steps for e in elapsed]), wait * steps * repeats, float(sum(elapsed)))
+
+
+def _tune_adds(per_load: Callable[[int], float], target: float) -> int:
+    """The number of dependent adds per load that brings the chase to target, fitted on the chain: a first guess
+    at 0.3 ns per add, then secant steps on what the chain really does."""
+    zero = per_load(0)
+    if target <= zero:
+        return 0
+    adds = max(1, round((target - zero) / 0.3))
+    for _ in range(3):
+        slope = max(1e-3, (per_load(adds) - zero) / adds)
+        adds = max(0, round((target - zero) / slope))
+    return adds
 
 
 def tier_bandwidth(model: TimingModel, cal: Calibration, kernel: str, cpu: int, *, working_set: int = 256 << 20,

@@ -1,0 +1,205 @@
+"""The runner's jobs for the workloads: real decode over the tiered KV cache, and trace replay (simulate mode).
+
+Each run is one policy at one point of the sweep, in its own worker process. Baselines: `all-fastest` puts every
+KV block in the fastest memory tier with no capacity limit (L100), `all-slowest` in the slowest memory tier (L0);
+any other policy gets the fast tier limited to `fast_capacity_mib` and a migration daemon running it in epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tieremu.configfile import Section, positive
+from tieremu.runner.jobs import Job, RunContext, tier_origin
+from tieremu.runner.metrics import MetricRow
+from tieremu.tiers.config import TierMap
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    preset: str
+    batch: int
+    prompt_tokens: int
+    shared_prefix_tokens: int
+    decode_steps: int
+    block_tokens: int
+    layout: str
+    fast_capacity_mib: float  # the fastest tier's KV capacity for online policies
+    epoch_ms: float
+    budget_gbps: float | None
+    seed: int
+
+
+class DecodeJob(Job):
+    kind = "decode"
+    takes_policies = True
+
+    @classmethod
+    def parse(cls, section: Section) -> DecodeParams:
+        from tieremu.kv.layout import LAYOUTS
+
+        budget = section.get("budget_gbps", float, None, check=positive)
+        params = DecodeParams(
+            preset=section.get("preset", str, "tiny", choices=("tiny", "small", "1b")),
+            batch=section.get("batch", int, 4, check=positive),
+            prompt_tokens=section.get("prompt_tokens", int, 512, check=positive),
+            shared_prefix_tokens=section.get("shared_prefix_tokens", int, 128),
+            decode_steps=section.get("decode_steps", int, 32, check=positive),
+            block_tokens=section.get("block_tokens", int, 16, check=positive),
+            layout=section.get("layout", str, "all-layers", choices=LAYOUTS),
+            fast_capacity_mib=section.get("fast_capacity_mib", float, 2.0, check=positive),
+            epoch_ms=section.get("epoch_ms", float, 10.0, check=positive),
+            budget_gbps=budget,
+            seed=section.get("seed", int, 0),
+        )
+        section.done()
+        if not 0 <= params.shared_prefix_tokens < params.prompt_tokens * 3 // 4:
+            raise section.error("shared_prefix_tokens", f"{params.shared_prefix_tokens}: must be 0 or more and below "
+                                f"3/4 of prompt_tokens ({params.prompt_tokens * 3 // 4})")
+        return params
+
+    @classmethod
+    def validate(cls, params: DecodeParams, tier_map: TierMap) -> tuple[str, str] | None:
+        if not [t for t in tier_map.tiers if not t.is_file]:
+            return "tiers", f"tier map {tier_map.name!r} has no memory tier to hold KV blocks"
+        return None
+
+    @classmethod
+    def run(cls, params: DecodeParams, ctx: RunContext) -> list[MetricRow]:
+        import torch
+
+        from tieremu.kv.cache import TieredKVCache
+        from tieremu.kv.layout import KVLayout
+        from tieremu.kv.placement import Spill, Vector
+        from tieremu.workloads.decode import DecodeSpec, run_decode
+        from tieremu.workloads.llama import LlamaModel, preset
+
+        config = preset(params.preset)
+        torch.manual_seed(params.seed + ctx.seed)
+        spec = DecodeSpec(batch=params.batch, prompt_tokens=params.prompt_tokens,
+                          shared_prefix_tokens=params.shared_prefix_tokens, decode_steps=params.decode_steps,
+                          seed=params.seed + ctx.seed)
+        layout = KVLayout(config.layers, config.kv_heads, config.head_dim, params.block_tokens, torch.float32,
+                          params.layout)
+        memory = [t.name for t in ctx.resolved.tiers if not t.spec.is_file]
+        fast, slowest = memory[0], memory[-1]
+        # Every memory tier can hold the whole run (so a run never fails for space) except the fast tier under an
+        # online policy: its limit is what the policy must work with.
+        whole = params.batch * layout.blocks_for(params.prompt_tokens * 5 // 4 + params.decode_steps + 1) + 8
+        capacities = {t.name: whole for t in ctx.resolved.tiers}
+        policy_name = ctx.policy or "all-fastest"
+        daemon = None
+        if policy_name == "all-fastest":
+            placement = Vector({fast: 1.0})
+        elif policy_name == "all-slowest":
+            placement = Vector({slowest: 1.0})
+        else:
+            capacities[fast] = max(1, int(params.fast_capacity_mib * MIB) // layout.block_bytes)
+            placement = Spill()
+        model = LlamaModel(config, seed=params.seed)
+        injector = ctx.injector()
+        with TieredKVCache(ctx.resolved, layout, capacities=capacities, placement=placement,
+                           injector=injector) as cache:
+            if policy_name not in ("all-fastest", "all-slowest"):
+                from tieremu.daemon.daemon import MigrationDaemon
+                from tieremu.policy.registry import get_policy
+
+                daemon = MigrationDaemon(cache, get_policy(policy_name), epoch_s=params.epoch_ms / 1e3,
+                                         budget_gbps=params.budget_gbps)
+                daemon.start()
+            try:
+                result = run_decode(model, cache, spec)
+            finally:
+                report = daemon.stop() if daemon is not None else None
+            resident = {t: cache.pool.used(t) for t in cache.pool.order}
+        return _decode_rows(ctx, result, report, resident, fast, layout.block_bytes)
+
+
+def _decode_rows(ctx: RunContext, result: Any, report: Any, resident: dict[str, int], fast: str,
+                 block_bytes: int) -> list[MetricRow]:
+    emulated = {t.name for t in ctx.resolved.tiers if t.timing is not None}
+    touched = {t for t, b in result.kv_bytes_read.items() if b} | {t for t, n in resident.items() if n}
+    origin = "emulated" if touched & emulated else tier_origin(ctx.resolved.tier(fast))
+    rows = [ctx.row("ttft_ms", s * 1e3, "ms", origin, sample=i) for i, s in enumerate(result.ttft_s)]
+    rows += [ctx.row("tpot_ms", s * 1e3, "ms", origin, sample=i) for i, s in enumerate(result.tpot_s)]
+    rows.append(ctx.row("tokens_per_s", result.tokens_per_s, "tokens/s", origin))
+    for tier, per_token in result.kv_bytes_per_token.items():
+        tier_row_origin = tier_origin(ctx.resolved.tier(tier))
+        rows.append(ctx.row("kv_bytes_per_token", per_token, "B", tier_row_origin, tier=tier))
+    total_read = sum(result.kv_bytes_read.values()) or 1
+    rows.append(ctx.row("star", sum(b for t, b in result.kv_bytes_read.items() if t != fast) / total_read,
+                        "fraction", origin))
+    total_resident = sum(resident.values()) or 1
+    rows.append(ctx.row("strr", sum(n for t, n in resident.items() if t != fast) / total_resident, "fraction",
+                        origin))
+    for when, placed in (("start", result.placement_start), ("end", result.placement_end)):
+        for p in placed:
+            if not p.blocks:
+                continue  # nothing there to ask the kernel about
+            rows.append(ctx.row("placement_fraction", p.on_tier, "fraction", tier_origin(ctx.resolved.tier(p.tier)),
+                                tier=p.tier, when=when, blocks=p.blocks, pages=p.pages))
+    rows.append(ctx.row("prefix_tokens", float(sum(result.prefix_tokens)), "tokens", origin))
+    rows.append(ctx.row("injected_delay_s", result.injected_s, "s", "emulated" if emulated else origin,
+                        accounting_s=result.accounting_s))
+    if report is not None:
+        rows += [ctx.row("migration_gbps", report.migration_gbps, "GB/s", origin, moved=report.moved,
+                         failed=report.failed, skipped=report.skipped, bytes=report.bytes),
+                 ctx.row("daemon_cpu_s", report.cpu_seconds, "s", "measured", epochs=report.epochs)]
+    return rows
+
+
+@dataclass(frozen=True)
+class ReplayParams:
+    trace: str
+    max_requests: int | None
+    fast_capacity_blocks: int
+    block_mib: float
+    epoch_s: float
+
+
+class ReplayJob(Job):
+    """Simulate-mode replay of a Mooncake-format trace: the fastest tier limited, the others unlimited."""
+
+    kind = "replay"
+    takes_policies = True
+
+    @classmethod
+    def parse(cls, section: Section) -> ReplayParams:
+        trace = section.get("trace", str)
+        params = ReplayParams(
+            trace=str(section.relative_path(trace)),
+            max_requests=section.get("max_requests", int, None, check=positive),
+            fast_capacity_blocks=section.get("fast_capacity_blocks", int, 100, check=positive),
+            block_mib=section.get("block_mib", float, 64.0, check=positive),
+            epoch_s=section.get("epoch_s", float, 0.05, check=positive),
+        )
+        section.done()
+        if not Path(params.trace).is_file():
+            raise section.error("trace", f"{params.trace}: no such trace file")
+        return params
+
+    @classmethod
+    def run(cls, params: ReplayParams, ctx: RunContext) -> list[MetricRow]:
+        from tieremu.policy.registry import get_policy
+        from tieremu.workloads.simulate import SimTier, policy_context, simulate
+        from tieremu.workloads.trace import read_trace
+
+        requests = read_trace(params.trace)[: params.max_requests]
+        names = [t.name for t in ctx.resolved.tiers]
+        tiers = [SimTier(names[0], params.fast_capacity_blocks)] + [SimTier(n, None) for n in names[1:]]
+        policy = get_policy(ctx.policy or "all-fastest", None, policy_context(requests, params.epoch_s))
+        r = simulate(requests, tiers, policy, epoch_s=params.epoch_s, block_bytes=int(params.block_mib * MIB))
+        rows = [ctx.row("hit_ratio", r.hit_ratio, "fraction", r.origin)]
+        rows += [ctx.row("hit_ratio", t.hit_ratio, "fraction", r.origin, tier=t.name) for t in r.tiers]
+        rows += [ctx.row("ttft_ms", v, "ms", r.origin, sample=i) for i, v in enumerate(r.ttft_samples_ms)]
+        for metric, value, unit in (("strr", r.strr, "fraction"), ("star", r.star, "fraction"),
+                                    ("migration_gbps", r.migration_gbps, "GB/s"),
+                                    ("promotions", r.promotions, "blocks"), ("demotions", r.demotions, "blocks"),
+                                    ("ping_pongs", r.ping_pongs, "blocks"), ("evictions", r.evictions, "blocks"),
+                                    ("policy_cpu_s", r.policy_cpu_s, "s")):
+            rows.append(ctx.row(metric, float(value), unit, r.origin))
+        return rows

@@ -13,6 +13,7 @@ from rich.console import Console
 from tieremu import __version__
 from tieremu.bench.emulation import bench_emulation
 from tieremu.bench.placement import bench_placement
+from tieremu.daemon.attach_cli import daemon
 from tieremu.errors import TieremuError
 from tieremu.lab.cli import lab
 from tieremu.numa.sysfs import ROOT_ENV
@@ -196,5 +197,5 @@ def bench_kv_cmd(tiers_file: str | None, preset: str, batch: int, prompt_tokens:
 
 
 # Subcommand groups that live with their layer.
-for _group in (vm, probe, lab, run, report, replay, generate_trace):
+for _group in (vm, probe, lab, run, report, replay, generate_trace, daemon):
     main.add_command(_group)

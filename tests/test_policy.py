@@ -51,7 +51,7 @@ def hit(policy: Policy, view: FakeView, blocks: Iterable[int], *, request: int =
 
 def test_builtin_names() -> None:
     assert set(names()) == {"all-fastest", "all-slowest", "interleave", "split", "lru", "lfu", "hotcold",
-                            "lookahead", "belady"}
+                            "lookahead", "belady", "layerahead"}
 
 
 def test_unknown_policy_lists_the_valid_names() -> None:

@@ -46,7 +46,11 @@ class NumaArena:
         if not self._free:
             raise KVError(f"arena of tier {self.tier.name!r} has no free slot (all {self.slots} hold blocks)")
         slot = self._free.pop()
-        self.region.populate(*self._span(slot))
+        try:
+            self.region.populate(*self._span(slot))
+        except BaseException:
+            self._free.append(slot)  # the node is full: the slot stays free for later
+            raise
         return slot
 
     def give_back(self, slot: int) -> None:

@@ -4,11 +4,14 @@ writes with per-tier accounting, emulated delay and an access log.
 It implements the model's KV store interface (write / read / layer_start, see tieremu.workloads.llama):
 attention gets each sequence's K and V gathered from the tier arenas through its block table, so on CPU the
 reads really come from each tier's memory.
+
+The cache may be shared with a migration daemon's thread: its read, write, add, free, move and settle paths hold
+the pool's re-entrant lock (`cache.lock`), which the daemon also takes per block move.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,12 +109,19 @@ class TieredKVCache:
         self.stats = KVStats({t: TierTraffic() for t in self.pool.order})
         self.seqs: dict[int, SequenceState] = {}
         self.step = 0
+        self.lock = self.pool.lock
+        # Called with the layer number at every layer_start, after the lock is released (layer-ahead prefetch).
+        self.on_layer_start: Callable[[int], None] | None = None
 
     # -- sequences ---------------------------------------------------------------------------------------------
 
     def add_sequence(self, seq: int, tokens: Sequence[int] = (), *, keys: Sequence[int] | None = None) -> PrefixHit:
         """Register a sequence; its prompt's full blocks already resident (same prefix) are reused, and the
         returned hit says how many tokens need no prefill and which tiers held them."""
+        with self.lock:
+            return self._add_sequence(seq, tokens, keys)
+
+    def _add_sequence(self, seq: int, tokens: Sequence[int], keys: Sequence[int] | None) -> PrefixHit:
         if seq in self.seqs:
             raise KVError(f"sequence {seq} already exists; free it first or use another id")
         keys = list(keys) if keys is not None else prefix_keys(list(tokens), self.layout.block_tokens)
@@ -147,14 +157,15 @@ class TieredKVCache:
         return found
 
     def free_sequence(self, seq: int) -> None:
-        state = self._seq(seq)
-        seen: set[int] = set()
-        for table in state.tables:
-            for block in table:
-                if block.id not in seen:
-                    seen.add(block.id)
-                    self.pool.release(block)
-        del self.seqs[seq]
+        with self.lock:
+            state = self._seq(seq)
+            seen: set[int] = set()
+            for table in state.tables:
+                for block in table:
+                    if block.id not in seen:
+                        seen.add(block.id)
+                        self.pool.release(block)
+            del self.seqs[seq]
 
     def length(self, seq: int, layer: int = 0) -> int:
         return self._seq(seq).lengths[layer]
@@ -162,6 +173,10 @@ class TieredKVCache:
     # -- the model's store interface ---------------------------------------------------------------------------
 
     def write(self, seq: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        with self.lock:
+            self._write(seq, layer, start, k, v)
+
+    def _write(self, seq: int, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         state = self._seq(seq)
         n = k.shape[0]
         if start != state.lengths[layer]:
@@ -192,6 +207,11 @@ class TieredKVCache:
         state.lengths[layer] = start + n
 
     def read(self, seq: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # The gather copies the blocks out under the lock: what it returns stays valid after a block moves.
+        with self.lock:
+            return self._read(seq, layer)
+
+    def _read(self, seq: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         state = self._seq(seq)
         length = state.lengths[layer]
         table = state.tables[layer]
@@ -238,21 +258,28 @@ class TieredKVCache:
         return out
 
     def layer_start(self, layer: int) -> None:
-        """Pay the emulated tiers' delay owed so far: once per layer, so the bookkeeping stays cheap."""
+        """Pay the emulated tiers' delay owed so far: once per layer, so the bookkeeping stays cheap. Then tell
+        `on_layer_start`, if set, that the layer begins (outside the lock, so it may move blocks)."""
         if self.injector is not None:
-            self.injector.settle()
+            with self.lock:
+                self.injector.settle()
+        hook = self.on_layer_start
+        if hook is not None:
+            hook(layer)
 
     def end_step(self) -> None:
         """Close a forward pass: pay what is still owed and advance the clock policies see."""
-        if self.injector is not None:
-            self.injector.settle()
-        self.step += 1
-        self.pool.clock = self.step
+        with self.lock:
+            if self.injector is not None:
+                self.injector.settle()
+            self.step += 1
+            self.pool.clock = self.step
 
     # -- moving blocks -----------------------------------------------------------------------------------------
 
     def move(self, block: Block, tier: str) -> MoveRecord:
-        return self.pool.move(block, tier)
+        with self.lock:
+            return self.pool.move(block, tier)
 
     def _fetch(self, block: Block) -> None:
         """A block on a file tier is read back into the fastest memory tier with room before use."""
@@ -266,6 +293,10 @@ class TieredKVCache:
 
     def verify(self) -> list[TierPlacement]:
         """Ask the kernel where every block's pages are, per tier."""
+        with self.lock:
+            return self._verify()
+
+    def _verify(self) -> list[TierPlacement]:
         out = []
         for name in self.pool.order:
             tier = self.pool.tiers[name]
@@ -284,7 +315,8 @@ class TieredKVCache:
         return out
 
     def close(self) -> None:
-        self.pool.close()
+        with self.lock:
+            self.pool.close()
 
     def __enter__(self) -> TieredKVCache:
         return self

@@ -4,19 +4,25 @@ Like vLLM's block pool: a block is referenced by the sequences using it; a block
 keeps its data while it has a prefix key (a later request with the same prefix reuses it) until space is
 needed, and then the least recently used such block is evicted (dropped, counted). Tier capacity is counted
 in blocks per tier, wherever the block's slot is (see arena.py).
+
+Thread safety: `BlockPool.lock` (re-entrant) guards every block's tier, arena and slot. The cache's read, write,
+add and free paths hold it, the pool's own mutators take it, and a migration daemon holds it per block move, so
+a block is never read through a slot it is being moved out of.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tieremu.errors import KVError
 from tieremu.kv.arena import FileArena, NumaArena
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Placement, Spill
+from tieremu.numa.pages import MigrationResult
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTier, ResolvedTierMap
 
@@ -48,6 +54,10 @@ class MoveRecord:
     injected_seconds: float
     ok: bool
     note: str = ""
+    # Page migration only: pages that did not reach the target, by errno name (EBUSY is worth retrying, ENOMEM is
+    # not), and pages that were on the target already (moved on their own, e.g. by the kernel's tiering).
+    pages_failed: dict[str, int] = field(default_factory=dict)
+    pages_already: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -62,6 +72,7 @@ class BlockPool:
         self.capacity = dict(capacities)
         self.placement = placement or Spill()
         self.injector = injector
+        self.lock = threading.RLock()
         self._used = dict.fromkeys(self.order, 0)
         self._memory_tiers = [t for t in self.order if not self.tiers[t].spec.is_file]
         numa_total = sum(self.capacity[t] for t in self.memory_tiers)
@@ -97,10 +108,18 @@ class BlockPool:
     def numa_node(self, tier: str) -> int:
         return self.tiers[tier].nodes[0]
 
+    def by_key(self, key: int, layer: int | None = None) -> Block | None:
+        """The resident block holding this prefix key (of `layer`, per-layer layout), without referencing it."""
+        return self._by_key.get((key, layer))
+
     # -- life of a block -----------------------------------------------------------------------------------
 
     def allocate(self, key: int | None, layer: int | None) -> Block:
         """A new block, referenced once, on the tier the placement picks (spilling down, then evicting)."""
+        with self.lock:
+            return self._allocate(key, layer)
+
+    def _allocate(self, key: int | None, layer: int | None) -> Block:
         tier = self._tier_with_room(self.placement.choose(self, layer))
         arena = self.arenas[tier]
         block = Block(self._next_id, key, layer, tier, tier, arena.take(), refs=1, last_used=self.clock)
@@ -113,39 +132,43 @@ class BlockPool:
 
     def lookup(self, key: int, layer: int | None) -> Block | None:
         """A resident block holding this prefix, referenced once more; None if there is none."""
-        block = self._by_key.get((key, layer))
-        if block is None:
-            return None
-        if block.refs == 0:
-            del self._cached[block.id]
-        block.refs += 1
-        block.last_used = self.clock
-        return block
+        with self.lock:
+            block = self._by_key.get((key, layer))
+            if block is None:
+                return None
+            if block.refs == 0:
+                del self._cached[block.id]
+            block.refs += 1
+            block.last_used = self.clock
+            return block
 
     def release(self, block: Block) -> None:
         """Drop one reference; an unreferenced block stays cached if it holds a prefix, else it is freed."""
-        if block.refs <= 0:
-            raise KVError(f"block {block.id} released more often than it was referenced")
-        block.refs -= 1
-        if block.refs:
-            return
-        if block.key is not None:
-            self._cached[block.id] = block
-        else:
-            self._free(block)
+        with self.lock:
+            if block.refs <= 0:
+                raise KVError(f"block {block.id} released more often than it was referenced")
+            block.refs -= 1
+            if block.refs:
+                return
+            if block.key is not None:
+                self._cached[block.id] = block
+            else:
+                self._free(block)
 
     def touch(self, block: Block) -> None:
+        """Mark a block used now (the caller holds the lock: the cache's read and write paths do)."""
         block.last_used = self.clock
         if block.id in self._cached:
             self._cached.move_to_end(block.id)
 
     def evict(self, block: Block) -> None:
         """Drop an unreferenced cached block (policies' evictions and the pool's own when every tier is full)."""
-        if block.refs:
-            raise KVError(f"block {block.id} is in use by {block.refs} sequence(s); it cannot be evicted")
-        self._cached.pop(block.id, None)
-        self._free(block)
-        self.evictions += 1
+        with self.lock:
+            if block.refs:
+                raise KVError(f"block {block.id} is in use by {block.refs} sequence(s); it cannot be evicted")
+            self._cached.pop(block.id, None)
+            self._free(block)
+            self.evictions += 1
 
     def _free(self, block: Block) -> None:
         self.arenas[block.arena].give_back(block.slot)
@@ -176,6 +199,10 @@ class BlockPool:
         """Move a block to target: page migration between NUMA tiers on different nodes (the block keeps its
         address), a copy to a new slot otherwise (same node, as emulated tiers are, or a file tier). Emulated
         ends are charged their extra time and paid at once. Raises when target is full: make room first."""
+        with self.lock:
+            return self._move(block, target)
+
+    def _move(self, block: Block, target: str) -> MoveRecord:
         source = block.tier
         if target == source:
             return self._record(block, source, target, "none", 0, 0.0, 0.0, True, "already there")
@@ -183,8 +210,13 @@ class BlockPool:
             raise KVError(f"cannot move block {block.id} to tier {target!r}: it is full "
                           f"({self._used[target]}/{self.capacity[target]} blocks); demote or evict first")
         t0 = time.perf_counter()
+        failed: dict[str, int] = {}
+        already = 0
         if self._can_migrate(block, target):
-            kind, pages, ok, note = "migrate", *self._migrate(block, target)
+            kind = "migrate"
+            result = self._migrate(block, target)
+            pages, ok, failed, already = result.moved, result.ok, result.failed, result.already
+            note = "" if ok else f"pages not moved: {failed}"
         else:
             kind, pages, ok, note = "copy", *self._copy(block, target)
         if ok:
@@ -192,19 +224,18 @@ class BlockPool:
             self._used[target] += 1
             block.tier = target
         injected = self._charge(source, target)
-        return self._record(block, source, target, kind, pages, time.perf_counter() - t0, injected, ok, note)
+        return self._record(block, source, target, kind, pages, time.perf_counter() - t0, injected, ok, note,
+                            failed, already)
 
     def _can_migrate(self, block: Block, target: str) -> bool:
         arena, dest = self.arenas[block.arena], self.tiers[target]
         return (isinstance(arena, NumaArena) and not dest.spec.is_file
                 and self.numa_node(block.tier) != self.numa_node(target))
 
-    def _migrate(self, block: Block, target: str) -> tuple[int, bool, str]:
+    def _migrate(self, block: Block, target: str) -> MigrationResult:
         arena = self.arenas[block.arena]
         assert isinstance(arena, NumaArena)
-        result = arena.migrate(block.slot, self.numa_node(target))
-        note = "" if result.ok else f"pages not moved: {result.failed}"
-        return result.moved, result.ok, note
+        return arena.migrate(block.slot, self.numa_node(target))
 
     def _copy(self, block: Block, target: str) -> tuple[int, bool, str]:
         src, dst = self.arenas[block.arena], self.arenas[target]
@@ -221,20 +252,29 @@ class BlockPool:
         return 0, True, ""  # no page moved: the data was copied
 
     def _charge(self, source: str, target: str) -> float:
-        if self.injector is None:
+        injector = self.injector
+        if injector is None or not (injector.emulates(source) or injector.emulates(target)):
             return 0.0
         nbytes = self.layout.block_bytes
-        charged = False
-        for tier, kind in ((source, "read"), (target, "write")):
-            if self.injector.emulates(tier):
-                self.injector.transfer(tier, nbytes, kind)
-                charged = True
-        return self.injector.settle() / 1e9 if charged else 0.0
+        # The mover pays for its move alone. The injector's debt is shared: what the model's reads charged is paid
+        # by the model's thread at its next layer; settling it here would hand a migration daemon's thread that
+        # delay and let the model run faster than its tiers. Safe because every charge and settle happens under
+        # the lock. (DelayInjector has no public way to settle one charge; _owed is its per-tier debt.)
+        others, injector._owed = injector._owed, {}
+        try:
+            for tier, kind in ((source, "read"), (target, "write")):
+                if injector.emulates(tier):
+                    injector.transfer(tier, nbytes, kind)
+            return injector.settle() / 1e9
+        finally:
+            injector._owed = others
 
     def _record(self, block: Block, source: str, target: str, kind: str, pages: int, seconds: float,
-                injected: float, ok: bool, note: str) -> MoveRecord:
+                injected: float, ok: bool, note: str, failed: dict[str, int] | None = None,
+                already: int = 0) -> MoveRecord:
         rec = MoveRecord(time.monotonic(), block.id, source, target, kind,
-                         self.layout.block_bytes if kind != "none" else 0, pages, seconds, injected, ok, note)
+                         self.layout.block_bytes if kind != "none" else 0, pages, seconds, injected, ok, note,
+                         dict(failed or {}), already)
         if kind != "none":
             self.moves.append(rec)
         return rec
@@ -242,7 +282,9 @@ class BlockPool:
     # -- inspection ------------------------------------------------------------------------------------------
 
     def on(self, tier: str) -> list[Block]:
-        return [b for b in self.blocks.values() if b.tier == tier]
+        # list() first: a dict snapshot is taken without releasing the GIL, so another thread allocating or
+        # freeing blocks meanwhile cannot break the iteration.
+        return [b for b in list(self.blocks.values()) if b.tier == tier]
 
     def cached(self) -> Sequence[Block]:
         return list(self._cached.values())

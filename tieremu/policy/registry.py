@@ -17,12 +17,14 @@ from tieremu.errors import PolicyError
 from tieremu.policy.base import Policy, PolicyContext
 from tieremu.policy.belady import Belady
 from tieremu.policy.hotcold import HotCold
+from tieremu.policy.layerahead import LayerAhead
 from tieremu.policy.prefetch import Lookahead
 from tieremu.policy.recency import LFU, LRU
 from tieremu.policy.static import AllFastest, AllSlowest, Interleave, Split
 
 BUILTIN: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (AllFastest, AllSlowest, Interleave, Split, LRU, LFU, HotCold, Lookahead, Belady)
+    cls.name: cls
+    for cls in (AllFastest, AllSlowest, Interleave, Split, LRU, LFU, HotCold, Lookahead, LayerAhead, Belady)
 }
 
 

@@ -1,0 +1,299 @@
+"""The migration daemon: an epoch loop beside the workload that lets a policy place a live cache's KV blocks.
+
+An epoch reads the cache's access log since the last epoch and hands it to the policy as AccessEvents (tier names
+from the cache's tier order, time = the epoch's monotonic time, request = the sequence), asks the policy for a
+plan, and carries it out (executor.py) within the migration budget. The budget is a token bucket: `budget_gbps`
+accrues with elapsed time, at most one epoch's worth is saved up, and an epoch that overshoots (a whole block is
+the unit) is paid back by the next ones, so the long-run rate holds whatever the block size.
+
+`epoch()` runs one epoch in the calling thread; `start()` runs them every `epoch_s` in a background thread until
+`stop()`. Migration system calls and copies release the GIL (ctypes and torch both do), so the workload's Python
+keeps running while pages move; the cache's lock is held per block move only.
+
+A policy with a `layer_started(layer)` method (LayerAware: layer-ahead prefetch) is told when the model starts
+each layer: the daemon hooks `cache.on_layer_start`. A running daemon is woken to run an epoch at once, beside
+the layer's compute; a daemon that was not started runs that epoch in the model's thread before the layer
+continues (deterministic: what prefetch gives when it never falls behind).
+
+Threads: the policy is only called under `policy_lock`; another thread that talks to the policy (a scheduler's
+upcoming(), an admission) must take it too. Take the cache's lock before the policy's, never the other way.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol, overload, runtime_checkable
+
+import numpy as np
+
+from tieremu.daemon.executor import DEFAULT_RETRIES, PlanOutcome, execute_plan
+from tieremu.daemon.view import PoolView
+from tieremu.errors import ConfigError, TieremuError
+from tieremu.kv.access_log import Accesses, AccessLog
+from tieremu.kv.cache import TieredKVCache
+from tieremu.kv.pool import MoveRecord
+from tieremu.policy.base import AccessEvent, Policy
+
+
+@runtime_checkable
+class LayerAware(Protocol):
+    """A policy that wants to know when the model starts a layer. Called from the model's thread without the
+    policy lock: it must only note the layer (one attribute write), never walk shared state."""
+
+    def layer_started(self, layer: int) -> None: ...
+
+
+@dataclass
+class DaemonReport:
+    epochs: int
+    moved: int
+    failed: int
+    skipped: int
+    retried: int
+    evicted: int
+    bytes: int
+    migration_gbps: float  # bytes moved over wall_seconds
+    cpu_seconds: float  # CPU time of the daemon's work (its thread's, plus epochs run in other threads)
+    wall_seconds: float
+    records: list[MoveRecord] = field(repr=False)
+    reasons: dict[str, int]
+
+    def to_dict(self, *, records: bool = False) -> dict[str, object]:
+        data = asdict(self)
+        data["records"] = [r.to_dict() for r in self.records] if records else len(self.records)
+        return data
+
+
+class MigrationDaemon:
+    def __init__(self, cache: TieredKVCache, policy: Policy, *, epoch_s: float = 0.01,
+                 budget_gbps: float | None = None, ident: str = "id", retries: int = DEFAULT_RETRIES) -> None:
+        if not epoch_s > 0:
+            raise ConfigError(f"daemon epoch_s={epoch_s} must be positive (seconds; e.g. 0.01 for 10 ms)")
+        if budget_gbps is not None and not budget_gbps > 0:
+            raise ConfigError(f"daemon budget_gbps={budget_gbps} must be positive, or None for no limit")
+        if retries < 0:
+            raise ConfigError(f"daemon retries={retries} must be 0 or more (extra attempts after EBUSY)")
+        self.cache = cache
+        self.policy = policy
+        self.epoch_s = epoch_s
+        self.budget_gbps = budget_gbps
+        self.retries = retries
+        self.view = PoolView(cache, ident=ident)
+        self.policy_lock = threading.RLock()
+        self._epoch_lock = threading.Lock()  # epochs never overlap, whichever threads run them
+        self._mark = cache.log.mark if cache.log is not None else 0
+        self._entries_at_mark = len(cache.log) if cache.log is not None else 0
+        self._totals = PlanOutcome()
+        self._epochs = 0
+        self._cpu = 0.0
+        self._started: float | None = None
+        self._ended: float | None = None
+        self._rate = None if budget_gbps is None else budget_gbps * 1e9
+        self._credit = 0.0 if self._rate is None else self._rate * epoch_s
+        self._last: float | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._error: BaseException | None = None
+        self._hooked = isinstance(policy, LayerAware)
+        if self._hooked:
+            self._previous_hook = cache.on_layer_start
+            cache.on_layer_start = self._layer_started
+
+    # -- one epoch ----------------------------------------------------------------------------------------------
+
+    def epoch(self, now: float | None = None) -> PlanOutcome:
+        """Collect, plan, execute, in the calling thread; returns what the epoch did. `now` (default: monotonic
+        time) is the time events carry, plan() is given and the budget accrues by."""
+        with self._epoch_lock:
+            cpu0 = time.thread_time()
+            if self._started is None:
+                self._started = time.monotonic()  # wall time is monotonic whatever clock `now` follows
+            now = time.monotonic() if now is None else now
+            events = self._collect(now)
+            with self.policy_lock:
+                self.policy.observe(events)
+                plan = self.policy.plan(self.view, now)
+            budget = self._budget(now)
+            if plan.moves or plan.evictions:
+                outcome = execute_plan(self.cache, plan, self.view, budget_bytes=budget, policy=self.policy,
+                                       retries=self.retries, policy_lock=self.policy_lock)
+                self._credit -= outcome.bytes
+                self._totals.merge(outcome)
+            else:
+                outcome = PlanOutcome()
+            self._epochs += 1
+            self._cpu += time.thread_time() - cpu0
+            return outcome
+
+    def _collect(self, now: float) -> Sequence[AccessEvent]:
+        log = self.cache.log
+        if log is None:
+            return ()
+        with self.cache.lock:  # the workload appends under this lock: the mark and the count agree
+            end, entries = log.mark, len(log)
+        batch = EventBatch(log, self._mark, entries - self._entries_at_mark, self.view, now)
+        self._mark, self._entries_at_mark = end, entries
+        return batch
+
+    def _budget(self, now: float) -> int | None:
+        if self._rate is None:
+            return None
+        if self._last is not None:
+            self._credit = min(self._credit + self._rate * max(0.0, now - self._last), self._rate * self.epoch_s)
+        self._last = now
+        return max(0, int(self._credit))
+
+    # -- in the background --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run epochs every epoch_s in a background thread until stop()."""
+        if self._thread is not None:
+            raise TieremuError("the migration daemon is already running; stop() it first")
+        self._stopping.clear()
+        self._wake.clear()
+        if self._started is None:
+            self._started = time.monotonic()
+        self._ended = None
+        self._thread = threading.Thread(target=self._run, name="tieremu-migration-daemon", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> DaemonReport:
+        """Stop the thread (if running) and unhook from the cache; the report of everything done. An error that
+        stopped the thread early is raised here."""
+        if self._thread is not None:
+            self._stopping.set()
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+        self._ended = time.monotonic()
+        if self._hooked and self.cache.on_layer_start == self._layer_started:
+            self.cache.on_layer_start = self._previous_hook
+            self._hooked = False
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return self.report()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def report(self) -> DaemonReport:
+        t = self._totals
+        wall = 0.0 if self._started is None else (self._ended or time.monotonic()) - self._started
+        return DaemonReport(
+            epochs=self._epochs, moved=t.moved, failed=t.failed, skipped=t.skipped, retried=t.retried,
+            evicted=t.evicted, bytes=t.bytes, migration_gbps=t.bytes / wall / 1e9 if wall > 0 else 0.0,
+            cpu_seconds=self._cpu, wall_seconds=wall, records=list(t.records), reasons=dict(t.reasons),
+        )
+
+    def _run(self) -> None:
+        cpu0 = time.thread_time()
+        cpu_in_epochs = 0.0
+        due = time.monotonic() + self.epoch_s
+        try:
+            while not self._stopping.is_set():
+                wait = due - time.monotonic()
+                if wait > 0:
+                    self._wake.wait(wait)
+                if self._stopping.is_set():
+                    break
+                self._wake.clear()
+                cpu = time.thread_time()
+                self.epoch()
+                cpu_in_epochs += time.thread_time() - cpu
+                now = time.monotonic()
+                if now >= due:  # a periodic epoch (not only a wake-up): the next one is one period on
+                    due = due + self.epoch_s if due + self.epoch_s > now else now + self.epoch_s
+        except BaseException as exc:  # handed to stop(): a thread has no one else to tell
+            self._error = exc
+        finally:
+            self._cpu += time.thread_time() - cpu0 - cpu_in_epochs  # the loop's own waking and waiting
+
+    def _layer_started(self, layer: int) -> None:
+        self.policy.layer_started(layer)  # type: ignore[attr-defined]
+        if self._thread is None:
+            self.epoch()
+        else:
+            self._wake.set()  # (a thread stopped by an error is not replaced here: stop() raises it)
+
+
+class EventBatch(Sequence[AccessEvent]):
+    """The log's accesses of one epoch (`count` entries from chunk `start` on) as AccessEvents, read from the log
+    and built only when the policy first looks: a policy that ignores events costs nothing per access.
+
+    All-layers blocks hold every layer, so reading a block's layers 0..L-1 in one step is one access: only the
+    first read of a block per (step, sequence) becomes an event, with layer None. Per-layer blocks give one event
+    per read, with its layer. Under ident "key", accesses of blocks without a key, or gone since, are left out.
+    """
+
+    def __init__(self, log: AccessLog, start: int, count: int, view: PoolView, now: float) -> None:
+        self._log = log
+        self._start = start
+        self._count = count
+        self._view = view
+        self._now = now
+        self._events: list[AccessEvent] | None = None
+
+    def _built(self) -> list[AccessEvent]:
+        if self._events is None:
+            self._events = self._build()
+        return self._events
+
+    def _build(self) -> list[AccessEvent]:
+        view, now = self._view, self._now
+        if not self._count:
+            return []
+        # Chunks appended since the epoch's mark come after ours: the first `count` entries are the epoch's.
+        acc = _take(self._log.since(self._start), slice(0, self._count))
+        per_layer = view.cache.layout.per_layer
+        if not per_layer:
+            acc = _take(acc, _first_per_step(acc))
+        names = view.pool.order
+        tiers = [names[i] for i in acc.tier.tolist()]
+        blocks = acc.block.tolist()
+        seqs = acc.seq.tolist()
+        layers = acc.layer.tolist() if per_layer else [None] * len(blocks)
+        if view.ident == "key":
+            known = view.pool.blocks
+            keys = [getattr(known.get(b), "key", None) for b in blocks]
+            return [AccessEvent(k, t, now, s, la) for k, t, s, la in zip(keys, tiers, seqs, layers, strict=True)
+                    if k is not None]
+        return [AccessEvent(b, t, now, s, la) for b, t, s, la in zip(blocks, tiers, seqs, layers, strict=True)]
+
+    def __len__(self) -> int:
+        return len(self._built())
+
+    @overload
+    def __getitem__(self, index: int) -> AccessEvent: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[AccessEvent]: ...
+
+    def __getitem__(self, index: int | slice) -> AccessEvent | list[AccessEvent]:
+        return self._built()[index]
+
+    def __iter__(self) -> Iterator[AccessEvent]:
+        return iter(self._built())
+
+
+def _take(acc: Accesses, index: np.ndarray | slice) -> Accesses:
+    return Accesses(acc.step[index], acc.layer[index], acc.seq[index], acc.block[index], acc.tier[index])
+
+
+def _first_per_step(acc: Accesses) -> np.ndarray:
+    """Indexes of the first read of each block per (step, sequence), in log order."""
+    columns = [acc.step, acc.seq, acc.block]
+    lows = [int(c.min()) for c in columns]
+    spans = [int(c.max()) - low + 1 for c, low in zip(columns, lows, strict=True)]
+    if spans[0] * spans[1] * spans[2] < 1 << 62:  # one int64 key: a 1-D unique, ~10x faster than unique by rows
+        key = ((acc.step - lows[0]) * spans[1] + (acc.seq - lows[1])) * spans[2] + (acc.block - lows[2])
+        _, first = np.unique(key, return_index=True)
+    else:
+        _, first = np.unique(np.stack(columns), axis=1, return_index=True)
+    first.sort()
+    return first

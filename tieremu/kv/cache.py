@@ -45,7 +45,7 @@ class TableIndex:
     """A block table as arrays, rebuilt only when the table grows or any block moves: the per-read work of a
     decode step then costs the same for 10 blocks or 1000."""
 
-    key: tuple[int, int]  # (blocks in the table, moves made by the pool) when built
+    key: tuple[int, int]  # (blocks in the table, the pool's move generation) when built
     ids: np.ndarray  # int64 Block.id
     tiers: np.ndarray  # int16 index into the tier order
     slots: torch.Tensor  # int64 slot in the arena
@@ -346,14 +346,14 @@ class TieredKVCache:
     def _index(self, state: SequenceState, layer: int) -> TableIndex:
         """The table's arrays, every block first read back into memory if it was on a file tier."""
         table = state.tables[layer]
-        key = (len(table), len(self.pool.moves))
+        key = (len(table), self.pool.generation)
         index = state.index.get(layer)
         if index is not None and index.key == key:
             return index
         for block in table:
             if block.tier not in self._memory:
                 self._fetch(block)
-        key = (len(table), len(self.pool.moves))
+        key = (len(table), self.pool.generation)
         li = 0 if self.layout.per_layer else layer
         layer_offset = li * 2 * self.layout.block_tokens * self.layout.kv_heads * self.layout.head_dim * \
             self.layout.itemsize

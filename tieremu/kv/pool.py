@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from tieremu.errors import KVError
 from tieremu.kv.arena import FileArena, NumaArena
@@ -92,6 +92,7 @@ class BlockPool:
         self.clock = 0
         self.evictions = 0
         self.moves: list[MoveRecord] = []
+        self.generation = 0  # bumped by every move, under the lock
 
     # -- occupancy (what placements and policies see) --------------------------------------------------------
 
@@ -198,14 +199,22 @@ class BlockPool:
     def move(self, block: Block, target: str) -> MoveRecord:
         """Move a block to target: page migration between NUMA tiers on different nodes (the block keeps its
         address), a copy to a new slot otherwise (same node, as emulated tiers are, or a file tier). Emulated
-        ends are charged their extra time and paid at once. Raises when target is full: make room first."""
+        ends cost their extra time, waited by the caller after the lock is released (a slow migration must not
+        stall reads of other blocks). Raises when target is full: make room first."""
         with self.lock:
-            return self._move(block, target)
+            record, owed = self._move(block, target)
+        if owed and self.injector is not None:
+            injected = self.injector.pay(owed) / 1e9
+            record = replace(record, seconds=record.seconds + injected, injected_seconds=injected)
+        if record.kind != "none":
+            with self.lock:
+                self.moves.append(record)
+        return record
 
-    def _move(self, block: Block, target: str) -> MoveRecord:
+    def _move(self, block: Block, target: str) -> tuple[MoveRecord, dict[str, float]]:
         source = block.tier
         if target == source:
-            return self._record(block, source, target, "none", 0, 0.0, 0.0, True, "already there")
+            return self._record(block, source, target, "none", 0, 0.0, 0.0, True, "already there"), {}
         if self.room(target) <= 0:
             raise KVError(f"cannot move block {block.id} to tier {target!r}: it is full "
                           f"({self._used[target]}/{self.capacity[target]} blocks); demote or evict first")
@@ -219,13 +228,14 @@ class BlockPool:
             note = "" if ok else f"pages not moved: {failed}"
         else:
             kind, pages, ok, note = "copy", *self._copy(block, target)
+        self.generation += 1  # a block's slot or node changed: readers' cached block tables are stale
         if ok:
             self._used[source] -= 1
             self._used[target] += 1
             block.tier = target
-        injected = self._charge(source, target)
-        return self._record(block, source, target, kind, pages, time.perf_counter() - t0, injected, ok, note,
-                            failed, already)
+        owed = self._owed(source, target)
+        return self._record(block, source, target, kind, pages, time.perf_counter() - t0, 0.0, ok, note,
+                            failed, already), owed
 
     def _can_migrate(self, block: Block, target: str) -> bool:
         arena, dest = self.arenas[block.arena], self.tiers[target]
@@ -251,23 +261,16 @@ class BlockPool:
         block.arena, block.slot = target, slot
         return 0, True, ""  # no page moved: the data was copied
 
-    def _charge(self, source: str, target: str) -> float:
+    def _owed(self, source: str, target: str) -> dict[str, float]:
+        """The emulated ends' extra time for one block: read out of source, written into target."""
         injector = self.injector
-        if injector is None or not (injector.emulates(source) or injector.emulates(target)):
-            return 0.0
-        nbytes = self.layout.block_bytes
-        # The mover pays for its move alone. The injector's debt is shared: what the model's reads charged is paid
-        # by the model's thread at its next layer; settling it here would hand a migration daemon's thread that
-        # delay and let the model run faster than its tiers. Safe because every charge and settle happens under
-        # the lock. (DelayInjector has no public way to settle one charge; _owed is its per-tier debt.)
-        others, injector._owed = injector._owed, {}
-        try:
-            for tier, kind in ((source, "read"), (target, "write")):
-                if injector.emulates(tier):
-                    injector.transfer(tier, nbytes, kind)
-            return injector.settle() / 1e9
-        finally:
-            injector._owed = others
+        if injector is None:
+            return {}
+        owed = {}
+        for tier, kind in ((source, "read"), (target, "write")):
+            if injector.emulates(tier):
+                owed[tier] = owed.get(tier, 0.0) + injector.owe(tier, self.layout.block_bytes, kind)
+        return owed
 
     def _record(self, block: Block, source: str, target: str, kind: str, pages: int, seconds: float,
                 injected: float, ok: bool, note: str, failed: dict[str, int] | None = None,
@@ -275,8 +278,6 @@ class BlockPool:
         rec = MoveRecord(time.monotonic(), block.id, source, target, kind,
                          self.layout.block_bytes if kind != "none" else 0, pages, seconds, injected, ok, note,
                          dict(failed or {}), already)
-        if kind != "none":
-            self.moves.append(rec)
         return rec
 
     # -- inspection ------------------------------------------------------------------------------------------

@@ -60,6 +60,29 @@ class DelayInjector:
         self._charge(tier, count * max(0.0, model.extra_latency_ns), accesses=count)
         self.audits[tier].accounting_ns += time.perf_counter_ns() - t0
 
+    def owe(self, tier: str, nbytes: int, kind: str = "read") -> float:
+        """What one operation's transfer through tier costs beyond the host's own time, in ns, charged to the
+        audit but kept out of the shared debt: the caller pays it itself with pay(), e.g. a migration thread
+        that must not settle the workload's reads, nor hold a lock while it waits."""
+        t0 = time.perf_counter_ns()
+        model = self._model(tier)
+        owed = max(0.0, nbytes * (1 / model.target_bandwidth_gbps[kind] - 1 / model.host_bandwidth_gbps[kind]))
+        audit = self.audits[tier]
+        audit.charged_bytes += nbytes
+        audit.owed_ns += owed
+        audit.accounting_ns += time.perf_counter_ns() - t0
+        return owed
+
+    def pay(self, owed: dict[str, float]) -> float:
+        """Busy-wait what owe() returned (per tier); returns the ns spun."""
+        total = sum(owed.values())
+        if total <= 0:
+            return 0.0
+        spun = float(kernels().wait_ticks(round(total * tsc_ticks_per_ns())))
+        for tier, ns in owed.items():
+            self.audits[tier].injected_ns += spun * ns / total
+        return spun
+
     def settle(self) -> float:
         """Pay what is owed by busy-waiting; returns the ns spun. Call once per step or operation."""
         total = sum(self._owed.values())

@@ -32,6 +32,7 @@ class DecodeParams:
     epoch_ms: float
     budget_gbps: float | None
     seed: int
+    threads: int  # torch intra-op threads: 1 leaves a core to the daemon and keeps OpenMP spin-waits out of TPOT
 
 
 class DecodeJob(Job):
@@ -55,6 +56,7 @@ class DecodeJob(Job):
             epoch_ms=section.get("epoch_ms", float, 10.0, check=positive),
             budget_gbps=budget,
             seed=section.get("seed", int, 0),
+            threads=section.get("threads", int, 1, check=positive),
         )
         section.done()
         if not 0 <= params.shared_prefix_tokens < params.prompt_tokens * 3 // 4:
@@ -79,6 +81,7 @@ class DecodeJob(Job):
         from tieremu.workloads.llama import LlamaModel, preset
 
         config = preset(params.preset)
+        torch.set_num_threads(params.threads)
         torch.manual_seed(params.seed + ctx.seed)
         spec = DecodeSpec(batch=params.batch, prompt_tokens=params.prompt_tokens,
                           shared_prefix_tokens=params.shared_prefix_tokens, decode_steps=params.decode_steps,

@@ -1,0 +1,56 @@
+"""The decode and replay jobs inside the sweep runner: every run a worker process, bounds beside the policies."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tieremu.errors import ConfigError
+from tieremu.runner.experiment import run_experiment
+from tieremu.runner.spec import load_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_decode_and_replay_jobs_run_with_their_bounds(tmp_path: Path) -> None:
+    spec = tmp_path / "e.yaml"
+    spec.write_text(
+        f"name: wj\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\njobs:\n"
+        "  - {kind: decode, policies: [lru], prompt_tokens: 96, shared_prefix_tokens: 32, decode_steps: 4,\n"
+        "     fast_capacity_mib: 0.25}\n"
+        f"  - {{kind: replay, trace: {REPO / 'configs/traces/small.jsonl'}, policies: [belady], max_requests: 80,\n"
+        "     fast_capacity_blocks: 20}\n")
+    result = run_experiment(load_experiment(spec), tmp_path / "out", report=False)
+    assert not result.failed
+    rows = rows_of(result.path)
+    decode = [r for r in rows if r["job"] == "decode"]
+    runs = {r["run"] for r in decode}
+    assert len(runs) == 3  # lru + all-fastest + all-slowest
+    tpot = [r for r in decode if r["metric"] == "tpot_ms"]
+    assert len(tpot) == 3 * 4 and all(r["value"] > 0 for r in tpot)
+    # Blocks of the emulated tiers are labelled so; placement was asked of the kernel at start and end.
+    placed = [r for r in decode if r["metric"] == "placement_fraction"]
+    assert placed and all(r["value"] == 1.0 for r in placed)
+    assert {r["origin"] for r in placed if r["tier"] in ("cxl", "far")} <= {"emulated"}
+    star = {r["run"].split("-r0")[0]: r["value"] for r in decode if r["metric"] == "star"}
+    assert star["decode-all-fastest"] == 0 and star["decode-all-slowest"] == 1 and 0 < star["decode-lru"] < 1
+    assert any(r["metric"] == "migration_gbps" for r in decode if "lru" in r["run"])
+    replay = [r for r in rows if r["job"] == "replay" and r["metric"] == "hit_ratio" and r["tier"] == "dram"]
+    fast = {r["run"].split("-r0")[0]: r["value"] for r in replay}
+    assert fast["replay-all-slowest"] == 0 <= fast["replay-belady"] <= fast["replay-all-fastest"]
+    assert all(r["origin"] == "simulated" for r in rows if r["job"] == "replay")
+
+
+def test_a_decode_spec_with_a_bad_value_fails_before_any_work(tmp_path: Path) -> None:
+    spec = tmp_path / "e.yaml"
+    spec.write_text(f"name: wj\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\njobs:\n"
+                    "  - {kind: decode, policies: [lru], preset: huge}\n")
+    with pytest.raises(ConfigError, match="preset"):
+        load_experiment(spec)
+    assert not (tmp_path / "out").exists()

@@ -34,12 +34,16 @@ def _rows(folder: Path) -> list[MetricRow]:
     return [MetricRow.from_dict(json.loads(line)) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_default_spec_validates_and_plans_a_probe_then_the_round_trip() -> None:
+def test_default_spec_validates_and_plans_probe_round_trip_decode_and_replay_with_bounds() -> None:
     spec = load_experiment(DEFAULT)
     assert spec.name == "default" and spec.tier_map.name == "cxl-expander" and spec.probe
     runs = expand(spec)
-    assert [r.kind for r in runs] == ["probe", "roundtrip"]
+    assert [r.kind for r in runs] == ["probe", "roundtrip"] + ["decode"] * 4 + ["replay"] * 6
     assert runs[1].params.route == ("dram", "cxl", "far")
+    # the all-fastest / all-slowest bounds run beside every policy of a job
+    assert sorted(r.policy for r in runs if r.kind == "decode") == ["all-fastest", "all-slowest", "hotcold", "lru"]
+    assert sorted(r.policy for r in runs if r.kind == "replay") == ["all-fastest", "all-slowest", "belady",
+                                                                     "hotcold", "lookahead", "lru"]
 
 
 def test_round_trip_writes_a_complete_labelled_result_folder(tmp_path: Path, memory_nodes: tuple[int, ...]) -> None:

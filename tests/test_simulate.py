@@ -280,10 +280,10 @@ def test_replay_errors(args: list[str], error: type[Exception], message: str) ->
     assert isinstance(out.exception, error) and message in str(out.exception)
 
 
-def test_replay_accepts_only_simulate_for_now() -> None:
+def test_replay_refuses_an_unknown_mode_and_a_param_without_a_value() -> None:
     out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(CXL_MAP), "--policy", "lru", "--mode",
-                                      "execute"])
-    assert out.exit_code == 2 and "'execute' is not 'simulate'" in out.output
+                                      "exec"])
+    assert out.exit_code == 2 and "'exec' is not one of 'simulate', 'execute'" in out.output
     bad = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(CXL_MAP), "--policy", "lru", "--param",
                                       "quota"])
     assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output

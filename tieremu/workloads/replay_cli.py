@@ -1,7 +1,9 @@
 """`tieremu replay` (a trace against a tier map under a policy) and `tieremu generate-trace` (a synthetic trace).
 
-The tier map's order is the tier order; a tier's capacity in blocks is its `capacity_mib` over the block size,
-or `--capacity TIER=BLOCKS`. The map is only read, never resolved against this machine: simulate needs no memory.
+The tier map's order is the tier order; a tier's capacity in blocks is its `capacity_mib` over the block size
+(`--block-mib`, the KV a trace block stands for), or `--capacity TIER=BLOCKS`: the same block counts in both
+modes. Simulate only reads the map (it needs no memory); execute resolves it against this machine and stores
+each block in `--block-kib` of real memory.
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from tieremu.errors import ConfigError
+from tieremu.errors import ConfigError, WorkloadError
 from tieremu.policy.registry import get_policy, names
 from tieremu.tiers.config import TierMap, TierSpec, load_tier_map
 from tieremu.workloads.generators import KINDS, generate, mix
@@ -30,6 +33,15 @@ from tieremu.workloads.simulate import (
     simulate,
 )
 from tieremu.workloads.trace import ceiling_hit_ratio, read_trace, write_trace
+
+if TYPE_CHECKING:  # execute mode needs torch and the KV cache: imported only when it runs
+    from tieremu.tiers.emulation import DelayInjector
+    from tieremu.tiers.resolve import ResolvedTierMap
+    from tieremu.workloads.execute import ExecuteResult
+
+# Execute mode's defaults, as in tieremu.workloads.execute (kept here so that the CLI starts without torch).
+EXECUTE_TIME_SCALE = 0.2
+EXECUTE_BLOCK_KIB = 64
 
 # Local DRAM read bandwidth assumed for the TTFT estimate when this machine has no calibration cached.
 ASSUMED_LOCAL_READ_GBPS = 20.0
@@ -120,8 +132,9 @@ def _calibrated_local_read() -> tuple[float, str]:
               help="Tier map (configs/tiers/*.yaml): its order is the tier order, fastest first.")
 @click.option("--policy", required=True, help=f"Policy name: {', '.join(names())}, or package.module:Class.")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A policy parameter (repeatable).")
-@click.option("--mode", type=click.Choice(["simulate"]), default="simulate", show_default=True,
-              help="simulate: accounting only, no memory touched.")
+@click.option("--mode", type=click.Choice(["simulate", "execute"]), default="simulate", show_default=True,
+              help="simulate: accounting only, no memory touched. execute: real KV blocks in the tiers' memory, a "
+              "migration daemon, arrivals in (scaled) real time.")
 @click.option("--capacity", multiple=True, metavar="TIER=BLOCKS",
               help="A tier's capacity in blocks (repeatable); overrides the map's capacity_mib.")
 @click.option("--block-mib", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BLOCK_BYTES / 2**20,
@@ -135,29 +148,78 @@ def _calibrated_local_read() -> tuple[float, str]:
 @click.option("--prefill-tokens-per-s", type=click.FloatRange(min=0, min_open=True),
               default=DEFAULT_PREFILL_TOKENS_PER_S, show_default=True, help="Cost of a missed token in the TTFT "
               "estimate.")
+@click.option("--max-requests", type=click.IntRange(min=1), default=None,
+              help="Replay only the trace's first N requests.")
+@click.option("--time-scale", type=click.FloatRange(min=0, min_open=True), default=EXECUTE_TIME_SCALE,
+              show_default=True, help="execute: wall seconds per trace second (0.1 replays 10x faster than the "
+              "trace; late requests start at once).")
+@click.option("--block-kib", type=click.IntRange(min=1), default=EXECUTE_BLOCK_KIB, show_default=True,
+              help="execute: memory a block really takes here (the trace's 512-token block, scaled down).")
+@click.option("--budget-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="execute: the daemon's migration budget (default: unlimited).")
+@click.option("--epochs-between-requests", "inline_epochs", is_flag=True,
+              help="execute: run the daemon's epochs in the replay's thread at simulate's instants instead of "
+              "in its own thread (same decisions as simulate; no concurrency).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mode: str, capacity: tuple[str, ...],
            block_mib: float, read_gbps: tuple[str, ...], local_gbps: float | None, epoch_ms: float,
-           prefill_tokens_per_s: float, as_json: bool) -> None:
+           prefill_tokens_per_s: float, max_requests: int | None, time_scale: float, block_kib: int,
+           budget_gbps: float | None, inline_epochs: bool, as_json: bool) -> None:
     """Replay a Mooncake-format TRACE against a tier map under a placement policy."""
     block_bytes = int(block_mib * 2**20)
     tier_map = load_tier_map(tier_file)
     capacities = {k: int(_number(v, int, "--capacity")) for k, v in _pairs(capacity, "--capacity")}
     tiers = sim_tiers(tier_map, block_bytes, capacities)
-    bandwidths = {k: _number(v, float, "--read-gbps") for k, v in _pairs(read_gbps, "--read-gbps")}
-    bandwidth = read_bandwidth(tier_map, bandwidths, local_gbps)
-    requests = read_trace(trace)
+    requests = read_trace(trace)[:max_requests]
     policy_params = parse_params(params)
     chosen = get_policy(policy, policy_params, policy_context(requests, epoch_ms / 1e3))
+    console = Console(width=max(120, Console().width))
+    if mode == "execute":
+        from tieremu.workloads.execute import execute, scaled_layout
+
+        layout = scaled_layout(block_kib)  # checked before anything is allocated
+        resolved, injector = resolve_here(tier_map)
+        result = execute(requests, resolved, chosen, block_layout=layout,
+                         capacities={t.name: t.capacity_blocks for t in tiers}, time_scale=time_scale,
+                         epoch_s=epoch_ms / 1e3 * time_scale, budget_gbps=budget_gbps, injector=injector,
+                         represented_block_bytes=block_bytes, daemon_thread=not inline_epochs, params=policy_params)
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), indent=2))
+        else:
+            console.print(replay_table(result, Path(trace).name, tier_map.name))
+            console.print(execute_summary(result, ceiling_hit_ratio(requests)))
+        if result.blocks_corrupted:
+            raise WorkloadError(f"{result.blocks_corrupted} of {result.blocks_checked} KV blocks did not hold what "
+                                "was written to them after the replay: a migration or copy lost data")
+        return
+    bandwidths = {k: _number(v, float, "--read-gbps") for k, v in _pairs(read_gbps, "--read-gbps")}
+    bandwidth = read_bandwidth(tier_map, bandwidths, local_gbps)
     result = simulate(requests, tiers, chosen, epoch_s=epoch_ms / 1e3, block_bytes=block_bytes,
                       tier_read_gbps=bandwidth.by_tier, prefill_tokens_per_s=prefill_tokens_per_s,
                       params=policy_params)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
         return
-    console = Console(width=max(120, Console().width))
     console.print(replay_table(result, Path(trace).name, tier_map.name))
     console.print(replay_summary(result, ceiling_hit_ratio(requests), bandwidth))
+
+
+def resolve_here(tier_map: TierMap) -> tuple[ResolvedTierMap, DelayInjector | None]:
+    """The map resolved on this machine; emulated and shaped tiers get their timing models (from the cached
+    calibration, measured first if there is none) and an injector that makes them that slow."""
+    from tieremu.numa.topology import discover
+    from tieremu.probe.calibrate import calibration
+    from tieremu.tiers.emulation import DelayInjector
+    from tieremu.tiers.resolve import resolve
+
+    topo = discover()
+    resolved = resolve(tier_map, topo)
+    if not resolved.any_emulated:
+        return resolved, None
+    cal = calibration(topo)
+    resolved = resolve(tier_map, topo, calibration=cal)
+    models = [t.timing for t in resolved.tiers if t.timing is not None]
+    return resolved, DelayInjector(models, cal) if models else None
 
 
 def _number(value: str, kind: type[int] | type[float], option: str) -> float:
@@ -194,6 +256,29 @@ def replay_summary(result: ReplayResult, ceiling: float, bandwidth: ReadBandwidt
         + (f"  skipped moves {r.moves_skipped:,}" if r.moves_skipped else ""),
         f"{r.epochs:,} epochs over {r.trace_s:,.1f} s of trace  wall {r.wall_s:.2f} s  policy CPU "
         f"{r.policy_cpu_s:.2f} s  block {r.block_bytes / 2**20:g} MiB  origin: {r.origin}",
+    ])
+
+
+def execute_summary(result: ExecuteResult, ceiling: float) -> str:
+    r, t, lag = result, result.ttft_ms, result.lag_ms
+    backings = ", ".join(f"{name} {kind}" for name, kind in r.backings.items())
+    delay = f"emulated delay paid {r.injected_s:.3f} s" if r.delay_injected else "no delay injected"
+    return "\n".join([
+        f"requests {r.requests:,}  references {r.references:,}  hit ratio {r.hit_ratio:.1%} (ceiling {ceiling:.1%})"
+        f"  misses {r.misses:,}  evictions {r.evictions:,}" + (f"  uncached {r.uncached:,}" if r.uncached else ""),
+        f"STRR {r.strr:.1%}  STAR {r.star:.1%}  TTFT measured p50 {t.p50:,.2f} ms  p99 {t.p99:,.2f} ms  max "
+        f"{t.max:,.2f} ms (reads of hits, room-making and writes of misses)  start lag p50 {lag.p50:,.1f} ms  p99 "
+        f"{lag.p99:,.1f} ms",
+        f"migrations {r.migration_bytes / 2**20:,.1f} MiB = {r.migration_gbps:.3f} GB/s of wall time  promotions "
+        f"{r.promotions:,}  demotions {r.demotions:,} ({r.admission_demotions:,} on the request path)  prefetches "
+        f"{r.prefetches:,}  ping-pongs {r.ping_pongs:,}  skipped {r.moves_skipped:,}  failed {r.moves_failed:,}  "
+        f"retried {r.moves_retried:,}",
+        f"daemon {r.epochs:,} epochs of {r.epoch_s * 1e3:g} ms ({r.epoch_s / r.time_scale * 1e3:g} ms of trace) "
+        f"{'in its thread' if r.daemon_thread else 'between requests'}: CPU {r.daemon_cpu_s:.2f} s over "
+        f"{r.daemon_wall_s:.2f} s  policy CPU on the request path {r.policy_cpu_s:.2f} s  {delay}",
+        f"{r.trace_s:,.1f} s of trace at time scale {r.time_scale:g}: wall {r.wall_s:.2f} s  blocks "
+        f"{r.block_bytes >> 10} KiB standing for {r.represented_block_bytes / 2**20:g} MiB  checked "
+        f"{r.blocks_checked:,}, corrupted {r.blocks_corrupted:,}  tiers: {backings}  origin: {r.origin}",
     ])
 
 

@@ -120,7 +120,8 @@ def test_emulated_paths_are_slower_by_the_model(calibration_here: Calibration) -
     cal = calibration_here
     slow = timing_model(spec(latency_ratio=3.0, bandwidth_ratio=0.2), "emulated", cal.node, cal)
     lat = tier_latency(slow, cal, 0, size=32 * MIB, repeats=3, seconds=0.05)
-    assert lat.achieved.median > 1.8 * cal.latency_ns and lat.injected_ns > 0
+    # The paced chase is closed-loop: host noise is repaid, so the mean lands on the target, not target + noise.
+    assert abs(lat.error) < 0.10 and lat.injected_ns > 0
     bw = tier_bandwidth(slow, cal, "read", 0, working_set=64 * MIB, repeats=2, seconds=0.05)
     # Pacing holds a stream under its cap: well below the host's own speed.
     assert bw.achieved.median < 0.4 * cal.bandwidth_gbps["read"] and bw.injected_ns > 0

@@ -25,6 +25,12 @@ PACE_CHUNK = 256 << 10  # pacing granularity: ~10 µs of stream, smooth enough, 
 KIND = {"read": 0, "write": 1, "copy": 2}
 NO_SLOWDOWN = 0.999  # a bandwidth ratio at or above this is the host's own speed
 ALWAYS_AHEAD = 1e-9  # ns per byte: a target no stream misses (1000 TB/s)
+# Lateness the paced chase repays, in loads of target: enough to absorb interrupts and steal (with 4 loads the
+# mean stayed 1% high, with 1024 within 0.1%), little enough that a long preemption is not followed by a long
+# burst at host speed.
+PACE_SLACK_LOADS = 1024
+# A target must clear the paced chase's floor by this much, or host noise above the floor cannot be repaid.
+PACE_FLOOR_MARGIN = 1.03
 
 
 @dataclass(frozen=True)
@@ -49,36 +55,39 @@ class Audit:
 
 def tier_latency(model: TimingModel, cal: Calibration, cpu: int, *, size: int = 1 << 30, repeats: int = 5,
                  seconds: float = 0.2) -> Audit:
-    """Idle latency of the tier: the chase over its host memory with a wait after every load.
+    """Idle latency of the tier: the chase over its host memory, every load paced to the target latency.
 
-    The wait is timed in TSC ticks: the target minus what the path costs right now with no wait (the host memory
-    plus the fence and clock reads of the timed chase), measured on the same chain just before; two correction
-    steps on that chain absorb how a wait behind a DRAM miss adds up (not quite one for one). Targets below the
-    timed chase's own floor (about 1.2x local) use dependent adds instead, their count tuned on the chain the same
-    way. Only then are the reported repeats taken, so the audit is an independent measurement of the tuned path.
+    The pacing is closed-loop (chase_paced: an absolute schedule in TSC ticks, late loads repaid up to
+    PACE_SLACK_LOADS of target), so host noise does not shift the mean. Targets below the paced chase's own floor
+    (its fence and clock read per load: about 1.1-1.2x local) use dependent adds instead, their count tuned on the
+    chain. The reported repeats are timed by the probe's own clock, independently of the TSC schedule.
     """
     buf = ChaseBuffer(size, model.host_node, hugepages=True)
     k, end, tpn = kernels(), ctypes.c_void_p(), tsc_ticks_per_ns()
-    steps = max(1 << 14, int(seconds * 1e9 / model.target_latency_ns))
     target = model.target_latency_ns
+    steps = max(1 << 14, int(seconds * 1e9 / target))
+    ticks, slack = round(target * tpn), round(PACE_SLACK_LOADS * target * tpn)
 
-    def per_load(kernel: Callable[..., int], amount: int) -> float:
+    def paced(n: int, t: int) -> int:
+        return k.chase_paced(buf.start, n, t, slack, ctypes.byref(end))
+
+    def spun(n: int, adds: int) -> int:
+        return k.chase_spun(buf.start, n, adds, ctypes.byref(end))
+
+    def per_load(kernel: Callable[[int, int], int], amount: int) -> float:
         n = steps // 4
-        return statistics.median(kernel(buf.start, n, amount, ctypes.byref(end)) / n for _ in range(5))
+        return statistics.median(kernel(n, amount) / n for _ in range(5))
 
     try:
         with pinned((cpu,)):
-            per_load(k.chase_timed, 0)  # warm-up: TLB and caches of the chain
-            kernel, amount = k.chase_timed, 0
-            wait = target - per_load(k.chase_timed, 0)
-            if wait > 0:
-                for _ in range(2):
-                    wait += target - per_load(kernel, round(wait * tpn))
-                amount = round(max(0.0, wait) * tpn)
+            per_load(paced, 0)  # warm-up: TLB and caches of the chain
+            floor = per_load(paced, 0)
+            if target >= floor * PACE_FLOOR_MARGIN:
+                kernel, amount, zero = paced, ticks, floor
             else:
-                kernel, amount = k.chase_spun, _tune_adds(lambda n: per_load(k.chase_spun, n), target)
-            zero = per_load(kernel, 0)
-            elapsed = [kernel(buf.start, steps, amount, ctypes.byref(end)) for _ in range(repeats)]
+                kernel, amount = spun, _tune_adds(lambda n: per_load(spun, n), target)
+                zero = per_load(spun, 0)
+            elapsed = [kernel(steps, amount) for _ in range(repeats)]
     finally:
         buf.close()
     wait = max(0.0, statistics.median(elapsed) / steps - zero)

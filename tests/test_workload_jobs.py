@@ -45,6 +45,14 @@ def test_decode_and_replay_jobs_run_with_their_bounds(tmp_path: Path) -> None:
     fast = {r["run"].split("-r0")[0]: r["value"] for r in replay}
     assert fast["replay-all-slowest"] == 0 <= fast["replay-belady"] <= fast["replay-all-fastest"]
     assert all(r["origin"] == "simulated" for r in rows if r["job"] == "replay")
+    # The TTFT estimate charges a hit's block read at its tier's rate: the slow bound waits longer for its hits.
+    rates = {r["tier"]: r["value"] for r in rows if r["job"] == "replay" and r["metric"] == "read_gbps"}
+    assert set(rates) == {"dram", "cxl", "far"} and rates["far"] < rates["cxl"] < rates["dram"]
+    ttft = {}
+    for r in rows:
+        if r["job"] == "replay" and r["metric"] == "ttft_ms":
+            ttft.setdefault(r["run"].split("-r0")[0], []).append(r["value"])
+    assert sum(ttft["replay-all-slowest"]) > sum(ttft["replay-belady"]) > sum(ttft["replay-all-fastest"])
 
 
 def test_a_decode_spec_with_a_bad_value_fails_before_any_work(tmp_path: Path) -> None:

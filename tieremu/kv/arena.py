@@ -66,6 +66,10 @@ class NumaArena:
     def addr(self, slot: int) -> int:
         return self.region.addr + slot * self.layout.block_bytes
 
+    def addrs(self, slots: np.ndarray) -> np.ndarray:
+        """addr() of many slots at once (int64)."""
+        return self.region.addr + slots.astype(np.int64) * self.layout.block_bytes
+
     def migrate(self, slot: int, node: int) -> MigrationResult:
         """Move a slot's pages to node (the block keeps its address); later faults there go to node too."""
         result = self.region.migrate(node, *self._span(slot), rebind=True)

@@ -50,8 +50,14 @@ class TableIndex:
     tiers: np.ndarray  # int16 index into the tier order
     slots: torch.Tensor  # int64 slot in the arena
     arenas: tuple[str, ...]
+    block_addrs: np.ndarray  # int64 address of each block's start
     k_addrs: np.ndarray  # int64 address of each block's K for this layer
     per_tier: tuple[tuple[str, int], ...]  # blocks per tier
+
+    def for_layer_offset(self, offset: int) -> TableIndex:
+        """The same table read at another layer's offset (all-layers blocks: one table serves every layer)."""
+        return TableIndex(self.key, self.ids, self.tiers, self.slots, self.arenas, self.block_addrs,
+                          self.block_addrs + offset, self.per_tier)
 
 
 @dataclass(frozen=True)
@@ -343,34 +349,47 @@ class TieredKVCache:
             raise KVError(f"block {block.id} is on file tier {block.tier!r}; read it back into memory first")
         return arena
 
+    def _numa_arena(self, name: str) -> NumaArena:
+        arena = self.pool.arenas[name]
+        if isinstance(arena, FileArena):
+            raise KVError(f"arena {name!r} is a file tier's; its blocks are read back into memory first")
+        return arena
+
     def _index(self, state: SequenceState, layer: int) -> TableIndex:
-        """The table's arrays, every block first read back into memory if it was on a file tier."""
+        """The table's arrays, every block first read back into memory if it was on a file tier. Rebuilt after
+        any move (a daemon moves blocks every epoch), so it is built with array arithmetic, and once for all the
+        layers that share one table."""
         table = state.tables[layer]
         key = (len(table), self.pool.generation)
         index = state.index.get(layer)
         if index is not None and index.key == key:
             return index
+        li = 0 if self.layout.per_layer else layer
+        layer_offset = li * self.layout.layer_slice_bytes
+        shared = None if self.layout.per_layer else next(
+            (i for i in state.index.values() if i.key == key), None)
+        index = self._build_index(table, layer_offset) if shared is None else shared.for_layer_offset(layer_offset)
+        state.index[layer] = index
+        return index
+
+    def _build_index(self, table: list[Block], layer_offset: int) -> TableIndex:
         for block in table:
             if block.tier not in self._memory:
                 self._fetch(block)
         key = (len(table), self.pool.generation)
-        li = 0 if self.layout.per_layer else layer
-        layer_offset = li * 2 * self.layout.block_tokens * self.layout.kv_heads * self.layout.head_dim * \
-            self.layout.itemsize
-        counts: dict[str, int] = {}
-        for block in table:
-            counts[block.tier] = counts.get(block.tier, 0) + 1
-        index = TableIndex(
-            key=key,
-            ids=np.fromiter((b.id for b in table), np.int64, len(table)),
-            tiers=np.fromiter((self.tier_index[b.tier] for b in table), np.int16, len(table)),
-            slots=torch.tensor([b.slot for b in table], dtype=torch.long),
-            arenas=tuple(b.arena for b in table),
-            k_addrs=np.fromiter((self._arena_of(b).addr(b.slot) + layer_offset for b in table), np.int64, len(table)),
-            per_tier=tuple(counts.items()),
-        )
-        state.index[layer] = index
-        return index
+        n = len(table)
+        ids = np.fromiter((b.id for b in table), np.int64, n)
+        tiers = np.fromiter((self.tier_index[b.tier] for b in table), np.int16, n)
+        slots = np.fromiter((b.slot for b in table), np.int64, n)
+        arenas = tuple(b.arena for b in table)
+        block_addrs = np.empty(n, np.int64)
+        for name in dict.fromkeys(arenas):
+            mine = np.fromiter((a == name for a in arenas), bool, n)
+            block_addrs[mine] = self._numa_arena(name).addrs(slots[mine])
+        counts = np.bincount(tiers, minlength=len(self.pool.order)) if n else np.zeros(len(self.pool.order), int)
+        per_tier = tuple((self.pool.order[i], int(c)) for i, c in enumerate(counts) if c)
+        return TableIndex(key=key, ids=ids, tiers=tiers, slots=torch.from_numpy(slots), arenas=arenas,
+                          block_addrs=block_addrs, k_addrs=block_addrs + layer_offset, per_tier=per_tier)
 
     def _account_read(self, seq: int, layer: int, index: TableIndex) -> None:
         slice_bytes = self.layout.layer_slice_bytes

@@ -45,7 +45,7 @@ class KVLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
+        return self.dtype.itemsize  # not torch.empty(0).element_size(): read per block on hot paths
 
     @property
     def layer_token_bytes(self) -> int:

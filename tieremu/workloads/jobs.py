@@ -164,6 +164,22 @@ class ReplayParams:
     epoch_s: float
 
 
+def tier_read_gbps(ctx: RunContext) -> dict[str, float]:
+    """Per tier, the read bandwidth that a hit's block costs in simulate's TTFT estimate: an emulated or shaped
+    tier's target, a real tier's calibrated node bandwidth. A tier with neither is left out (its hits cost no
+    read time), which happens only on a machine never calibrated whose tiers are all real."""
+    from tieremu.probe.calibrate import load_cached  # reads the cache; never measures
+
+    cal = ctx.calibration or load_cached()
+    out = {}
+    for tier in ctx.resolved.tiers:
+        if tier.timing is not None:
+            out[tier.name] = tier.timing.target_bandwidth_gbps["read"]
+        elif cal is not None and tier.nodes and tier.nodes[0] in cal.read_gbps_by_node:
+            out[tier.name] = cal.read_gbps_by_node[tier.nodes[0]]
+    return out
+
+
 class ReplayJob(Job):
     """Simulate-mode replay of a Mooncake-format trace: the fastest tier limited, the others unlimited."""
 
@@ -195,8 +211,14 @@ class ReplayJob(Job):
         names = [t.name for t in ctx.resolved.tiers]
         tiers = [SimTier(names[0], params.fast_capacity_blocks)] + [SimTier(n, None) for n in names[1:]]
         policy = get_policy(ctx.policy or "all-fastest", None, policy_context(requests, params.epoch_s))
-        r = simulate(requests, tiers, policy, epoch_s=params.epoch_s, block_bytes=int(params.block_mib * MIB))
+        read_gbps = tier_read_gbps(ctx)
+        r = simulate(requests, tiers, policy, epoch_s=params.epoch_s, block_bytes=int(params.block_mib * MIB),
+                     tier_read_gbps=read_gbps)
         rows = [ctx.row("hit_ratio", r.hit_ratio, "fraction", r.origin)]
+        # Inputs of the estimate, so simulated like it; `backing` says whether the rate is a tier's target.
+        rows += [ctx.row("read_gbps", gbps, "GB/s", r.origin, tier=name, backing=ctx.resolved.tier(name).label,
+                         use="TTFT estimate: a hit's block is read at this rate")
+                 for name, gbps in read_gbps.items()]
         rows += [ctx.row("hit_ratio", t.hit_ratio, "fraction", r.origin, tier=t.name) for t in r.tiers]
         rows += [ctx.row("ttft_ms", v, "ms", r.origin, sample=i) for i, v in enumerate(r.ttft_samples_ms)]
         for metric, value, unit in (("strr", r.strr, "fraction"), ("star", r.star, "fraction"),

@@ -149,3 +149,27 @@ def test_expected_lab_profile_that_is_not_active_is_warned_in_the_manifest(tmp_p
     result = run_experiment(spec, tmp_path / "out", report=False)
     warnings = json.loads((result.path / "manifest.json").read_text())["extra"]["warnings"]
     assert len(warnings) == 1 and "lab profile 'cxl-cpuless-node1' expected by the spec is not active" in warnings[0]
+
+
+def test_the_readmes_first_command_runs_the_default_experiment_to_a_report(tmp_path: Path,
+                                                                            memory_nodes: tuple[int, ...]) -> None:
+    """What `bash scripts/run.sh` runs after set-up, as a user would: every run done, the report's path printed
+    last, and the tiers that are not real named as such in the report."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tieremu", "run", str(DEFAULT), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-3] == "runs: 12 done (0 from before), 0 failed, 12 planned"
+    report = Path(lines[-2].removeprefix("report: "))
+    folder = Path(lines[-1].removeprefix("results: "))
+    assert report == folder / "report.html" and report.is_file() and folder.parent == tmp_path / "default"
+    html = report.read_text()
+    for tier, node in (("cxl", 1), ("far", 2)):
+        if node not in memory_nodes:
+            assert f"{tier} (cxl-expander): emulated" in html
+    summary = (folder / "summary.csv").read_text()
+    for job in ("probe", "roundtrip", "decode", "replay"):
+        assert job in summary

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from tieremu.numa.pages import PAGE_SIZE
-from tieremu.numa.sysfs import SysfsReader, format_list, parse_list
+from tieremu.numa.sysfs import SysfsReader, format_list, parse_bool, parse_list
 
 VMSTAT = "proc/vmstat"
 NUMA_BALANCING = "proc/sys/kernel/numa_balancing"
@@ -150,7 +150,7 @@ class KernelTiering:
     def knobs(self) -> TieringKnobs:
         return TieringKnobs(
             numa_balancing=self.fs.optional(NUMA_BALANCING, lambda t: int(t.strip())),
-            demotion_enabled=self.fs.optional(DEMOTION_ENABLED, _bool),
+            demotion_enabled=self.fs.optional(DEMOTION_ENABLED, parse_bool),
         )
 
     def snapshot(self) -> VmstatSnapshot:
@@ -197,12 +197,3 @@ def parse_vmstat(text: str) -> dict[str, int]:
         if name.startswith(PREFIXES):
             out[name] = int(value)
     return out
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "y"):
-        return True
-    if value in ("false", "0", "n"):
-        return False
-    raise ValueError("expected true or false")

@@ -92,3 +92,13 @@ class SysfsReader:
         except (ValueError, IndexError) as exc:
             shown = text.strip()[:80]
             raise TopologyError(f"malformed file {self.path(rel)}: {shown!r} ({exc})") from None
+
+
+def parse_bool(text: str) -> bool:
+    """A sysfs boolean: true/false, 1/0 or y/n."""
+    value = text.strip().lower()
+    if value in ("true", "1", "y"):
+        return True
+    if value in ("false", "0", "n"):
+        return False
+    raise ValueError("expected true or false")

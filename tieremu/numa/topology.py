@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 
 from tieremu.errors import InvalidNodeError
-from tieremu.numa.sysfs import SysfsReader, format_list, parse_list
+from tieremu.numa.sysfs import SysfsReader, format_list, parse_bool, parse_list
 
 NODE_DIR = "sys/devices/system/node"
 TIERING_DIR = "sys/devices/virtual/memory_tiering"
@@ -252,19 +252,10 @@ def _knobs(fs: SysfsReader) -> Knobs:
     }
     return Knobs(
         numa_balancing=fs.optional("proc/sys/kernel/numa_balancing", lambda t: int(t.strip())),
-        demotion_enabled=fs.optional("sys/kernel/mm/numa/demotion_enabled", _bool),
+        demotion_enabled=fs.optional("sys/kernel/mm/numa/demotion_enabled", parse_bool),
         thp_enabled=fs.optional("sys/kernel/mm/transparent_hugepage/enabled", _bracketed),
         weighted_interleave=weights or None,
     )
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "y"):
-        return True
-    if value in ("false", "0", "n"):
-        return False
-    raise ValueError("expected true or false")
 
 
 def _bracketed(text: str) -> str:

@@ -179,6 +179,14 @@ class RankedBlocks:
         if self._score.pop(block, None) is not None:
             del self._tier[block], self._stamp[block]
 
+    def pushed_down(self, block: int, tier: str, order: Sequence[str]) -> None:
+        """Follow a victim the driver pushes from `tier` one tier down `order`, or out of the last tier."""
+        rank = order.index(tier)
+        if rank + 1 < len(order):
+            self.move(block, order[rank + 1])
+        else:
+            self.forget(block)
+
     def lowest(self, tier: str, view: BlockView, *, skip: Callable[[int], bool] | None = None) -> int | None:
         """The lowest-scored block really in `tier`, not pinned and not skipped; None if there is none."""
         with self.walk(tier, view) as walk:

@@ -92,12 +92,7 @@ class HotCold(Policy):
         block = self.ranked.lowest(tier, view)
         if block is None:
             block = first_unpinned(view, tier)
-        names = self._order or tuple(t.name for t in view.tiers)
-        rank = names.index(tier)
-        if rank + 1 < len(names):
-            self.ranked.move(block, names[rank + 1])
-        else:
-            self.ranked.forget(block)
+        self.ranked.pushed_down(block, tier, self._order or tuple(t.name for t in view.tiers))
         return block
 
     def plan(self, view: BlockView, now: float) -> Plan:

@@ -52,12 +52,7 @@ class DemotionChain(Policy):
 
     def victim(self, tier: str, view: BlockView) -> int:
         block = self.choose_victim(tier, view)
-        names = self.tier_names(view)
-        rank = names.index(tier)
-        if rank + 1 < len(names):
-            self.ranked.move(block, names[rank + 1])
-        else:
-            self.ranked.forget(block)
+        self.ranked.pushed_down(block, tier, self.tier_names(view))
         return block
 
     def choose_victim(self, tier: str, view: BlockView) -> int:

@@ -17,7 +17,7 @@ from tieremu.report.load import ResultSet
 from tieremu.report.tables import Group, figures, groups
 
 MAX_LINES = 16  # past this a plot is unreadable: the first ones are drawn and the caption says so
-MIGRATION_METRICS = ("migration_gbps", "promotions", "demotions", "ping_pongs")
+MIGRATION_METRICS = ("window_migration_gbps", "migration_gbps", "promotions", "demotions", "ping_pongs")
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,9 @@ class Job(ABC):
     takes_policies: ClassVar[bool] = False
     # Policy names the job accepts; None: the policy registry's names. Baselines are always accepted.
     policies: ClassVar[frozenset[str] | None] = None
+    # Bounds run beside every policy of the job besides the BASELINES (all-fastest / all-slowest): an offline
+    # optimum where the job knows the future (a trace replay runs Belady).
+    bounds: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod

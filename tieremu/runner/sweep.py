@@ -79,7 +79,7 @@ def job_axes(spec: ExperimentSpec, job: JobSpec) -> dict[str, tuple[Any, ...]]:
 def _job_runs(spec: ExperimentSpec, job: JobSpec) -> list[PlannedRun]:
     axes = job_axes(spec, job)
     tiers_axis = axes.pop("tiers", None)
-    policies = _with_baselines(axes.pop("policy", job.policies))
+    policies = _with_bounds(axes.pop("policy", job.policies), job.job.bounds)
     names, values = list(axes), list(axes.values())
     runs = []
     for tiers in tiers_axis or (spec.tiers,):
@@ -97,10 +97,10 @@ def _job_runs(spec: ExperimentSpec, job: JobSpec) -> list[PlannedRun]:
     return runs
 
 
-def _with_baselines(policies: tuple[str, ...] | None) -> tuple[str | None, ...]:
+def _with_bounds(policies: tuple[str, ...] | None, bounds: tuple[str, ...]) -> tuple[str | None, ...]:
     if policies is None:
         return (None,)
-    return tuple(dict.fromkeys(policies + BASELINES))
+    return tuple(dict.fromkeys(policies + bounds + BASELINES))
 
 
 def _parse(spec: ExperimentSpec, job: JobSpec, raw: dict[str, Any], point: dict[str, Any], tiers: str) -> Any:

@@ -232,3 +232,16 @@ def test_rotary_positions_follow_the_llama_half_split_layout() -> None:
     # theta 500000: the slowest pair turns by 500000^(-(d-2)/d) rad per position.
     torch.testing.assert_close(model._rope(torch.tensor([1]))[1][0, 0, d // 2 - 1],
                                torch.tensor(500000.0 ** (-(d - 2) / d)).sin(), rtol=1e-5, atol=1e-7)
+
+
+def test_the_model_lives_on_its_device_and_refuses_devices_it_cannot_use() -> None:
+    config = preset("tiny")
+    default, explicit = LlamaModel(config, seed=4), LlamaModel(config, seed=4, device=torch.device("cpu"))
+    assert default.device == explicit.device == torch.device("cpu")
+    assert {t.device.type for t in (default.embed, default.final_norm, default.layers[0].qkv)} == {"cpu"}
+    tokens = _tokens(config, 9, seed=5)
+    assert torch.equal(default.reference_logits(tokens), explicit.reference_logits(tokens))
+    with pytest.raises(WorkloadError, match="device 'tpu' is not a torch device"):
+        LlamaModel(config, device="tpu")
+    with pytest.raises(WorkloadError, match="device 'meta': only cpu and cuda devices are supported"):
+        LlamaModel(config, device="meta")

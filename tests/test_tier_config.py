@@ -15,7 +15,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiers"
 
 def test_shipped_tier_maps_load() -> None:
     names = {p.stem: load_tier_map(p) for p in CONFIGS.glob("*.yaml")}
-    assert {"single-node", "two-socket-cpuless", "cxl-expander"} <= set(names)
+    assert {"single-node", "two-socket-cpuless", "cxl-expander", "gpu-hbm"} <= set(names)
     cxl = names["cxl-expander"]
     assert cxl.names == ("dram", "cxl", "far")
     assert cxl.tier("cxl").nodes == (1,) and cxl.tier("cxl").policy is Policy.BIND
@@ -42,7 +42,7 @@ GOOD_TIER = "  - name: dram\n    nodes: [0]\n"
     ("name: x\ntiers:\n" + GOOD_TIER + "    policy: spread\n",
      "tiers[0].policy: 'spread' is not valid; valid: preferred, bind, interleave, preferred_many, "
      "weighted_interleave"),
-    ("name: x\ntiers:\n" + GOOD_TIER + "    kind: gpu\n", "tiers[0].kind: 'gpu' is not valid; valid: numa"),
+    ("name: x\ntiers:\n" + GOOD_TIER + "    kind: gpu\n", "tiers[0].kind: 'gpu' is not valid; valid: numa, file, cuda"),
     ("name: x\ntiers:\n  - name: a\n    nodes: [-1]\n", "tiers[0].nodes: [-1]: give one or more node ids"),
     ("name: x\ntiers:\n  - name: a\n    nodes: zero\n", "tiers[0].nodes: expected list or int, got 'zero'"),
     ("name: x\ntiers:\n" + GOOD_TIER + GOOD_TIER, "tiers[1].name: duplicate tier name 'dram'"),

@@ -8,6 +8,9 @@ in use: the reservation costs no memory.
 
 A file arena is a sparse file of slots in the tier's directory (O_DIRECT where possible); its blocks are read
 into a NUMA slot before anyone computes on them.
+
+A device arena is one torch tensor of slots on a torch device: a real cuda tier's HBM. Device memory has no pages
+the kernel places, so blocks reach it and leave it only by copy, and it holds only its own tier's capacity.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from tieremu.errors import KVError
 from tieremu.kv.layout import KVLayout
 from tieremu.numa import syscalls
 from tieremu.numa.pages import PAGE_SIZE, MigrationResult, page_addresses
+from tieremu.numa.syscalls import Policy
 from tieremu.tiers.files import BlockFile
 from tieremu.tiers.region import allocate
 from tieremu.tiers.resolve import ResolvedTier
@@ -128,4 +132,84 @@ class FileArena:
         self.file.close()
 
 
-Arena = NumaArena | FileArena
+class DeviceArena:
+    """`slots` blocks in one tensor on `device` (cuda:N for a real cuda tier), allocated at once: device memory is
+    not reserved lazily as a NUMA arena's address space is, so it holds its own tier's capacity only."""
+
+    def __init__(self, tier: ResolvedTier, layout: KVLayout, slots: int, device: torch.device) -> None:
+        self.tier = tier
+        self.layout = layout
+        self.slots = slots
+        self.device = device
+        # Zeroed, as a NUMA arena's fresh pages are: reads stop at a sequence's length, but whole blocks are
+        # copied and compared, and uninitialised device memory would make that depend on the allocator's past.
+        self.blocks: torch.Tensor = torch.zeros((slots, *layout.block_shape), dtype=layout.dtype, device=device)
+        self._free = list(range(slots - 1, -1, -1))  # popped from the end: slot 0 first
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def host_addressable(self) -> bool:
+        """Whether the CPU can read its blocks by address (only when the "device" is the CPU, as in tests)."""
+        return self.device.type == "cpu"
+
+    def take(self) -> int:
+        if not self._free:
+            raise KVError(f"device tier {self.tier.name!r} ({self.device}) has no free slot (all {self.slots} hold "
+                          "blocks)")
+        return self._free.pop()
+
+    def give_back(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def addrs(self, slots: np.ndarray) -> np.ndarray:
+        """Addresses of many slots (int64); meaningful to the CPU only when host_addressable."""
+        return self.blocks.data_ptr() + slots.astype(np.int64) * self.layout.block_bytes
+
+    def close(self) -> None:
+        del self.blocks
+
+
+Arena = NumaArena | FileArena | DeviceArena
+MemoryArena = NumaArena | DeviceArena  # arenas whose blocks are tensors a model can read
+
+
+def copy_block(src: Arena, src_slot: int, dst: Arena, dst_slot: int) -> None:
+    """Copy one block between arenas of any kinds. Tensors copy with torch (across devices too); a file slot is
+    read or written through an address, so a device arena's side goes through a page-aligned host bounce block
+    (O_DIRECT needs the alignment, and a GPU's memory has no host address)."""
+    if isinstance(dst, FileArena):
+        if isinstance(src, NumaArena):
+            dst.store(dst_slot, src.addr(src_slot))
+        elif isinstance(src, DeviceArena):
+            _store_through_host(src, src_slot, dst, dst_slot)
+        else:
+            raise KVError("a block cannot be copied from one file tier to another directly; read it into memory")
+    elif isinstance(src, FileArena):
+        if isinstance(dst, NumaArena):
+            src.load(src_slot, dst.addr(dst_slot))
+        else:
+            _load_through_host(src, src_slot, dst, dst_slot)
+    else:
+        dst.blocks[dst_slot].copy_(src.blocks[src_slot])
+
+
+def _store_through_host(src: DeviceArena, src_slot: int, dst: FileArena, dst_slot: int) -> None:
+    region = allocate(src.layout.block_bytes, policy=Policy.DEFAULT)
+    try:
+        # The view is a temporary: gone before close(), which refuses to unmap memory a tensor still views.
+        region.tensor(src.layout.dtype, src.layout.block_shape).copy_(src.blocks[src_slot])
+        dst.store(dst_slot, region.addr)
+    finally:
+        region.close()
+
+
+def _load_through_host(src: FileArena, src_slot: int, dst: DeviceArena, dst_slot: int) -> None:
+    region = allocate(dst.layout.block_bytes, policy=Policy.DEFAULT)
+    try:
+        src.load(src_slot, region.addr)
+        dst.blocks[dst_slot].copy_(region.tensor(dst.layout.dtype, dst.layout.block_shape))
+    finally:
+        region.close()

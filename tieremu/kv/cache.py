@@ -3,7 +3,9 @@ writes with per-tier accounting, emulated delay and an access log.
 
 It implements the model's KV store interface (write / read / layer_start, see tieremu.workloads.llama):
 attention gets each sequence's K and V gathered from the tier arenas through its block table, so on CPU the
-reads really come from each tier's memory.
+reads really come from each tier's memory. With the model on a GPU (`device`), reads return K and V on that
+device: blocks in a device tier there (HBM) are indexed in place, blocks in host tiers are gathered into a pinned
+staging buffer and copied across (staging.py), and the bytes staged are counted per source tier.
 
 The cache may be shared with a migration daemon's thread: its read, write, add, free, move and settle paths hold
 the pool's re-entrant lock (`cache.lock`), which the daemon also takes per block move.
@@ -19,15 +21,22 @@ import torch
 
 from tieremu.errors import KVError
 from tieremu.kv.access_log import AccessLog
-from tieremu.kv.arena import FileArena, NumaArena
+from tieremu.kv.arena import DeviceArena, FileArena, MemoryArena, NumaArena
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Placement
 from tieremu.kv.pool import Block, BlockPool, MoveRecord
+from tieremu.kv.staging import StagingBuffer
 from tieremu.native.build import kernels
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 
 MIB = 1 << 20
+CPU = torch.device("cpu")
+
+# How a read reaches an arena's blocks from the cache's device (decided once per arena).
+LOCAL = "local"  # on the device already: indexed in place
+STAGED = "staged"  # in host memory, the device elsewhere: gathered into the staging buffer and copied across
+REMOTE = "remote"  # on another device (a GPU tier read by a CPU model): gathered there and copied over
 
 
 @dataclass
@@ -38,6 +47,16 @@ class SequenceState:
     lengths: list[int]  # tokens written per layer
     reused_tokens: int = 0
     index: dict[int, TableIndex] = field(default_factory=dict)  # per layer
+
+
+@dataclass(frozen=True)
+class ArenaGroup:
+    """The blocks of one table that sit in one arena: read together (one index_select per arena)."""
+
+    arena: str
+    where: torch.Tensor  # int64 positions in the table
+    slots: torch.Tensor  # int64 slots in the arena
+    per_tier: tuple[tuple[str, int], ...]  # blocks per tier (page migration leaves blocks of several in one arena)
 
 
 @dataclass(frozen=True)
@@ -53,11 +72,13 @@ class TableIndex:
     block_addrs: np.ndarray  # int64 address of each block's start
     k_addrs: np.ndarray  # int64 address of each block's K for this layer
     per_tier: tuple[tuple[str, int], ...]  # blocks per tier
+    groups: tuple[ArenaGroup, ...] = ()
+    direct: bool = True  # every block is in host memory the CPU can read by address (the C kernel may attend)
 
     def for_layer_offset(self, offset: int) -> TableIndex:
         """The same table read at another layer's offset (all-layers blocks: one table serves every layer)."""
         return TableIndex(self.key, self.ids, self.tiers, self.slots, self.arenas, self.block_addrs,
-                          self.block_addrs + offset, self.per_tier)
+                          self.block_addrs + offset, self.per_tier, self.groups, self.direct)
 
 
 @dataclass(frozen=True)
@@ -76,7 +97,7 @@ class TierPlacement:
     backing: str
     blocks: int
     pages: int
-    on_tier: float  # fraction of present pages on the tier's node(s); 1.0 for file tiers (read back instead)
+    on_tier: float  # fraction of present pages on the tier's node(s); 1.0 for file and device tiers (no pages)
     by_node: dict[int, int]
 
 
@@ -86,6 +107,7 @@ class TierTraffic:
     bytes_read: int = 0
     bytes_written: int = 0
     prefix_blocks: int = 0  # blocks a new sequence reused from this tier
+    bytes_staged: int = 0  # read bytes copied host -> device through the staging buffer (a model on a GPU)
 
 
 @dataclass
@@ -103,10 +125,20 @@ def prefix_keys(tokens: Sequence[int], block_tokens: int) -> list[int]:
 
 
 class TieredKVCache:
+    """`device` is where read() returns K and V (the model's device). `stage` forces host blocks through the
+    staging buffer even when that device is the CPU (tests, and measuring the copy's cost without a GPU); by
+    default they are staged only for a device other than the CPU."""
+
     def __init__(self, resolved: ResolvedTierMap, layout: KVLayout, *,
                  capacities: Mapping[str, int] | None = None, placement: Placement | None = None,
-                 injector: DelayInjector | None = None, log_accesses: bool = True) -> None:
+                 injector: DelayInjector | None = None, log_accesses: bool = True,
+                 device: torch.device | str = CPU, stage: bool | None = None) -> None:
         self.layout = layout
+        self.device = _concrete(torch.device(device))
+        self.stage = self.device.type != "cpu" if stage is None else stage
+        # Today's CPU path: K/V gathered from host arenas with no staging, the C kernel attending in place.
+        self._in_place = self.device.type == "cpu" and not self.stage
+        self._staging: StagingBuffer | None = None
         self.resolved = resolved
         self.injector = injector
         self.pool = BlockPool(resolved, layout, _capacities(resolved, layout, capacities), placement, injector)
@@ -116,6 +148,8 @@ class TieredKVCache:
         self.seqs: dict[int, SequenceState] = {}
         self.step = 0
         self.lock = self.pool.lock
+        self._routes = {name: self._route(arena) for name, arena in self.pool.arenas.items()
+                        if not isinstance(arena, FileArena)}
         # Called with the layer number at every layer_start, after the lock is released (layer-ahead prefetch).
         self.on_layer_start: Callable[[int], None] | None = None
 
@@ -226,31 +260,87 @@ class TieredKVCache:
         li = 0 if self.layout.per_layer else layer
         bt, heads, dim = self.layout.block_tokens, self.layout.kv_heads, self.layout.head_dim
         if not table:
-            k = v = torch.empty(0, bt, heads, dim, dtype=self.layout.dtype)
-        elif all(a == arenas[0] for a in arenas):
+            k = v = torch.empty(0, bt, heads, dim, dtype=self.layout.dtype, device=self.device)
+        elif not (self._in_place and index.direct):
+            k, v = self._read_to_device(index, li)
+        elif len(index.groups) == 1:
             # index_select over a strided view copies whole blocks: 6x faster than advanced indexing here.
-            blocks = self._arena_of(table[0]).blocks
+            blocks = self._memory_arena(arenas[0]).blocks
             k = torch.index_select(blocks[:, li, 0], 0, slots)
             v = torch.index_select(blocks[:, li, 1], 0, slots)
         else:
             k = torch.empty(len(table), bt, heads, dim, dtype=self.layout.dtype)
             v = torch.empty_like(k)
-            for name in dict.fromkeys(arenas):
-                where = torch.tensor([i for i, a in enumerate(arenas) if a == name], dtype=torch.long)
-                blocks = self.pool.arenas[name].blocks
-                k.index_copy_(0, where, torch.index_select(blocks[:, li, 0], 0, slots[where]))
-                v.index_copy_(0, where, torch.index_select(blocks[:, li, 1], 0, slots[where]))
+            for group in index.groups:
+                blocks = self._memory_arena(group.arena).blocks
+                k.index_copy_(0, group.where, torch.index_select(blocks[:, li, 0], 0, group.slots))
+                v.index_copy_(0, group.where, torch.index_select(blocks[:, li, 1], 0, group.slots))
         self._account_read(seq, layer, index)
         return k.reshape(-1, heads, dim)[:length], v.reshape(-1, heads, dim)[:length]
+
+    def _read_to_device(self, index: TableIndex, li: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [blocks, block_tokens, kv_heads, head_dim] on self.device: blocks there indexed in place, host
+        blocks staged (one gather per arena into the staging buffer, one copy across), other devices' copied."""
+        lay = self.layout
+        shape = (len(index.arenas), lay.block_tokens, lay.kv_heads, lay.head_dim)
+        k = torch.empty(shape, dtype=lay.dtype, device=self.device)
+        v = torch.empty_like(k)
+        staged = [g for g in index.groups if self._routes[g.arena] == STAGED]
+        if staged:
+            count = sum(len(g.slots) for g in staged)
+            staging = self._staging_buffer()
+            host = staging.host(count)
+            offset = 0
+            for group in staged:
+                blocks = self._memory_arena(group.arena).blocks
+                n = len(group.slots)
+                # K and V of the layer in one gather per arena: [n, 2, block_tokens, kv_heads, head_dim].
+                torch.index_select(blocks[:, li], 0, group.slots, out=host[offset:offset + n])
+                offset += n
+            across = staging.to_device(count)
+            where = torch.cat([g.where for g in staged]).to(self.device, non_blocking=True)
+            k.index_copy_(0, where, across[:, 0])
+            v.index_copy_(0, where, across[:, 1])
+            for group in staged:
+                for tier, blocks_of_tier in group.per_tier:
+                    self.stats.traffic[tier].bytes_staged += blocks_of_tier * lay.layer_slice_bytes
+        for group in index.groups:
+            route = self._routes[group.arena]
+            if route == STAGED:
+                continue
+            blocks = self._memory_arena(group.arena).blocks
+            where = group.where.to(self.device, non_blocking=True)
+            picked = torch.index_select(blocks[:, li], 0, group.slots.to(blocks.device, non_blocking=True))
+            if route == REMOTE:
+                picked = picked.to(self.device)
+            k.index_copy_(0, where, picked[:, 0])
+            v.index_copy_(0, where, picked[:, 1])
+        return k, v
+
+    def _staging_buffer(self) -> StagingBuffer:
+        if self._staging is None:
+            lay = self.layout
+            self._staging = StagingBuffer((2, lay.block_tokens, lay.kv_heads, lay.head_dim), lay.dtype, self.device)
+        return self._staging
+
+    def _route(self, arena: NumaArena | DeviceArena) -> str:
+        on = arena.device if isinstance(arena, DeviceArena) else CPU
+        # A NUMA arena is host memory: with staging forced on a CPU "device", it is staged like on a GPU run.
+        if on == self.device and not (self.stage and isinstance(arena, NumaArena)):
+            return LOCAL
+        return STAGED if on.type == "cpu" else REMOTE
 
     def attend(self, seq: int, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor | None:
         """Decode attention of one query token [heads, head_dim] straight over the sequence's blocks in their
         arenas (a C kernel reading every K and V row where it lies: no gather copy); None when this cache
         cannot (not fp32, or head_dim not a multiple of 8), and the caller then reads and attends itself."""
-        if self.layout.dtype != torch.float32 or q.dtype != torch.float32 or self.layout.head_dim % 8:
+        if not self._in_place or self.layout.dtype != torch.float32 or q.dtype != torch.float32 \
+                or self.layout.head_dim % 8:
             return None
         state = self._seq(seq)
         index = self._index(state, layer)
+        if not index.direct:
+            return None  # a block is in device memory the CPU cannot address
         length = state.lengths[layer]
         lay = self.layout
         q = q.contiguous()
@@ -307,7 +397,10 @@ class TieredKVCache:
         for name in self.pool.order:
             tier = self.pool.tiers[name]
             blocks = self.pool.on(name)
-            if tier.spec.is_file:
+            if not isinstance(self.pool.arenas[name], NumaArena):
+                # File and device tiers have no pages for the kernel to place: a file tier's blocks are checked by
+                # reading them back, a device tier's are in the memory torch allocated on that device. Reported as
+                # fully on the tier, with no pages and no nodes.
                 out.append(TierPlacement(name, tier.label, len(blocks), 0, 1.0, {}))
                 continue
             status = np.concatenate([self._arena_of(b).page_nodes([b.slot]) for b in blocks]) if blocks \
@@ -343,13 +436,13 @@ class TieredKVCache:
             raise KVError(f"no sequence {seq} in the KV cache; add_sequence() it first "
                           f"(sequences: {sorted(self.seqs)[:10]})") from None
 
-    def _arena_of(self, block: Block) -> NumaArena:
+    def _arena_of(self, block: Block) -> MemoryArena:
         arena = self.pool.arenas[block.arena]
         if isinstance(arena, FileArena):
             raise KVError(f"block {block.id} is on file tier {block.tier!r}; read it back into memory first")
         return arena
 
-    def _numa_arena(self, name: str) -> NumaArena:
+    def _memory_arena(self, name: str) -> MemoryArena:
         arena = self.pool.arenas[name]
         if isinstance(arena, FileArena):
             raise KVError(f"arena {name!r} is a file tier's; its blocks are read back into memory first")
@@ -383,13 +476,24 @@ class TieredKVCache:
         slots = np.fromiter((b.slot for b in table), np.int64, n)
         arenas = tuple(b.arena for b in table)
         block_addrs = np.empty(n, np.int64)
+        groups = []
+        direct = True
         for name in dict.fromkeys(arenas):
             mine = np.fromiter((a == name for a in arenas), bool, n)
-            block_addrs[mine] = self._numa_arena(name).addrs(slots[mine])
-        counts = np.bincount(tiers, minlength=len(self.pool.order)) if n else np.zeros(len(self.pool.order), int)
-        per_tier = tuple((self.pool.order[i], int(c)) for i, c in enumerate(counts) if c)
+            arena = self._memory_arena(name)
+            block_addrs[mine] = arena.addrs(slots[mine])
+            direct = direct and (isinstance(arena, NumaArena) or arena.host_addressable)
+            where = np.flatnonzero(mine)
+            groups.append(ArenaGroup(name, torch.from_numpy(where), torch.from_numpy(slots[where]),
+                                     self._per_tier(tiers[where])))
         return TableIndex(key=key, ids=ids, tiers=tiers, slots=torch.from_numpy(slots), arenas=arenas,
-                          block_addrs=block_addrs, k_addrs=block_addrs + layer_offset, per_tier=per_tier)
+                          block_addrs=block_addrs, k_addrs=block_addrs + layer_offset,
+                          per_tier=self._per_tier(tiers), groups=tuple(groups), direct=direct)
+
+    def _per_tier(self, tiers: np.ndarray) -> tuple[tuple[str, int], ...]:
+        counts = np.bincount(tiers, minlength=len(self.pool.order)) if len(tiers) else \
+            np.zeros(len(self.pool.order), int)
+        return tuple((self.pool.order[i], int(c)) for i, c in enumerate(counts) if c)
 
     def _account_read(self, seq: int, layer: int, index: TableIndex) -> None:
         slice_bytes = self.layout.layer_slice_bytes
@@ -403,6 +507,13 @@ class TieredKVCache:
                 self.injector.transfer(tier, count * slice_bytes, "read")
         if self.log is not None:
             self.log.record(self.step, layer, seq, index.ids, index.tiers)
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """`cuda` as `cuda:N` (the current device): arenas report concrete devices, and the two compare unequal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _capacities(resolved: ResolvedTierMap, layout: KVLayout, given: Mapping[str, int] | None) -> dict[str, int]:

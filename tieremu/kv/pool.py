@@ -18,8 +18,10 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+import torch
+
 from tieremu.errors import KVError
-from tieremu.kv.arena import FileArena, NumaArena
+from tieremu.kv.arena import Arena, DeviceArena, FileArena, NumaArena, copy_block
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Placement, Spill
 from tieremu.numa.pages import MigrationResult
@@ -75,13 +77,14 @@ class BlockPool:
         self.lock = threading.RLock()
         self._used = dict.fromkeys(self.order, 0)
         self._memory_tiers = [t for t in self.order if not self.tiers[t].spec.is_file]
-        numa_total = sum(self.capacity[t] for t in self.memory_tiers)
-        self.arenas: dict[str, NumaArena | FileArena] = {}
+        # A NUMA arena may hold any block that is on a NUMA tier (page migration keeps a block in the arena of its
+        # birth); blocks on a device tier are in its own arena, so they need no room in the NUMA ones. (At least
+        # one slot: a region cannot be empty, and a reservation costs no memory.)
+        numa_total = max(1, sum(self.capacity[t] for t in self.memory_tiers if self.tiers[t].device is None))
+        self.arenas: dict[str, Arena] = {}
         try:
             for name in self.order:
-                tier = self.tiers[name]
-                self.arenas[name] = (FileArena(tier, layout, self.capacity[name]) if tier.spec.is_file
-                                     else NumaArena(tier, layout, numa_total))
+                self.arenas[name] = self._arena(self.tiers[name], layout, numa_total)
         except BaseException:
             self.close()
             raise
@@ -93,6 +96,13 @@ class BlockPool:
         self.evictions = 0
         self.moves: list[MoveRecord] = []
         self.generation = 0  # bumped by every move, under the lock
+
+    def _arena(self, tier: ResolvedTier, layout: KVLayout, numa_total: int) -> Arena:
+        if tier.spec.is_file:
+            return FileArena(tier, layout, self.capacity[tier.name])
+        if tier.device is not None:  # a real cuda tier (an emulated one has no device: a NUMA arena on its host)
+            return DeviceArena(tier, layout, self.capacity[tier.name], torch.device(tier.device))
+        return NumaArena(tier, layout, numa_total)
 
     # -- occupancy (what placements and policies see) --------------------------------------------------------
 
@@ -107,6 +117,7 @@ class BlockPool:
         return self.capacity[tier] - self._used[tier]
 
     def numa_node(self, tier: str) -> int:
+        """The first node of a NUMA tier (a device or file tier has none: IndexError)."""
         return self.tiers[tier].nodes[0]
 
     def by_key(self, key: int, layer: int | None = None) -> Block | None:
@@ -198,7 +209,8 @@ class BlockPool:
 
     def move(self, block: Block, target: str) -> MoveRecord:
         """Move a block to target: page migration between NUMA tiers on different nodes (the block keeps its
-        address), a copy to a new slot otherwise (same node, as emulated tiers are, or a file tier). Emulated
+        address), a copy to a new slot otherwise (same node, as emulated tiers are, a file tier, or a device tier
+        such as a GPU's HBM, whose memory the kernel does not place). Emulated
         ends cost their extra time, waited by the caller after the lock is released (a slow migration must not
         stall reads of other blocks). Raises when target is full: make room first."""
         with self.lock:
@@ -238,8 +250,10 @@ class BlockPool:
                             failed, already), owed
 
     def _can_migrate(self, block: Block, target: str) -> bool:
-        arena, dest = self.arenas[block.arena], self.tiers[target]
-        return (isinstance(arena, NumaArena) and not dest.spec.is_file
+        """Only pages of NUMA memory move between nodes: both ends must be NUMA arenas (an emulated cuda tier is
+        one; a real one, a file tier are not) on different nodes."""
+        arena, dest = self.arenas[block.arena], self.arenas[target]
+        return (isinstance(arena, NumaArena) and isinstance(dest, NumaArena)
                 and self.numa_node(block.tier) != self.numa_node(target))
 
     def _migrate(self, block: Block, target: str) -> MigrationResult:
@@ -250,13 +264,11 @@ class BlockPool:
     def _copy(self, block: Block, target: str) -> tuple[int, bool, str]:
         src, dst = self.arenas[block.arena], self.arenas[target]
         slot = dst.take()
-        if isinstance(dst, FileArena):
-            assert isinstance(src, NumaArena)
-            dst.store(slot, src.addr(block.slot))
-        elif isinstance(src, FileArena):
-            src.load(block.slot, dst.addr(slot))
-        else:
-            dst.blocks[slot].copy_(src.blocks[block.slot])
+        try:
+            copy_block(src, block.slot, dst, slot)
+        except BaseException:
+            dst.give_back(slot)  # the block stays where it was
+            raise
         src.give_back(block.slot)
         block.arena, block.slot = target, slot
         return 0, True, ""  # no page moved: the data was copied

@@ -1,4 +1,8 @@
-"""Is my memory where I think it is? Allocate a small region per tier and ask the kernel where it landed."""
+"""Is my memory where I think it is? Allocate a small region per tier and ask the kernel where it landed.
+
+File tiers and real device (cuda) tiers have no pages for the kernel to place: a block is written there and read
+back instead.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ BLOCK_CHECK_BYTES = 64 << 10
 @dataclass(frozen=True)
 class TierCheck:
     tier: str
-    backing: str  # real | vm | emulated
+    backing: str  # real | vm | emulated | shaped; a device tier's says which device: "real (cuda:0)"
     status: str  # enforced | emulated | not enforced
     nodes: tuple[int, ...]  # where the memory was asked to go
     achieved_fraction: float  # share of the region's pages found on those nodes
@@ -53,6 +57,8 @@ def check_tier(tier: ResolvedTier, nbytes: int = DEFAULT_CHECK_BYTES) -> TierChe
 
     if spec.is_file:
         return _check_file_tier(tier)
+    if tier.device is not None:
+        return _check_device_tier(tier, nbytes)
     try:
         region = allocate(nbytes, tier.nodes, spec.policy)
     except CapabilityError as exc:
@@ -107,6 +113,29 @@ def _check_file_tier(tier: ResolvedTier) -> TierCheck:
                          f"{tier.spec.path}: the block read back differs from the one written")
     return TierCheck(tier.name, tier.label, ENFORCED, (), 1.0, None, f"block written and read back in "
                      f"{tier.spec.path}, {io}")
+
+
+def _check_device_tier(tier: ResolvedTier, nbytes: int) -> TierCheck:
+    """Copy a pattern to the tier's device and back (an emulated cuda tier has no device: it is checked as the
+    NUMA memory it lives in)."""
+    import torch  # only a map with a real device tier needs it here
+
+    assert tier.device is not None
+    device = torch.device(tier.device)
+
+    def verdict(status: str, fraction: float, reason: str) -> TierCheck:
+        return TierCheck(tier.name, tier.describe_backing, status, (), fraction, None, reason)
+
+    pattern = torch.arange(nbytes // 4, dtype=torch.int32)
+    try:
+        back = pattern.to(device).cpu()
+    except (RuntimeError, AssertionError) as exc:  # torch raises AssertionError when built without CUDA
+        return verdict(NOT_ENFORCED, 0.0, f"cannot use {device}: {exc}")
+    if not torch.equal(back, pattern):
+        return verdict(NOT_ENFORCED, 0.0, f"{device}: the data read back differs from what was written")
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return verdict(ENFORCED, 1.0, f"{nbytes / (1 << 20):g} MiB written to {device}{name} and read back; device memory, "
+                                  "no NUMA placement to verify")
 
 
 def raise_unless_enforced(checks: list[TierCheck]) -> None:

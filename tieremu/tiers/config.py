@@ -11,7 +11,7 @@ from pathlib import Path
 from tieremu.configfile import Section, load_yaml, positive
 from tieremu.numa.syscalls import Policy
 
-KINDS = ("numa", "file")
+KINDS = ("numa", "file", "cuda")
 POLICIES = tuple(p.name.lower() for p in Policy if p.takes_nodes)
 
 
@@ -61,10 +61,15 @@ class TierSpec:
     shape: bool = False  # a real node slowed to the emulate targets (only the difference is injected)
     capacity_mib: int | None = None  # how much KV this tier may hold (None: as much as the node has)
     path: Path | None = None  # kind file: the directory blocks are stored in
+    device: int | None = None  # kind cuda: the CUDA device index whose memory (HBM) holds the tier
 
     @property
     def is_file(self) -> bool:
         return self.kind == "file"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.kind == "cuda"
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ def _tier(s: Section) -> TierSpec:
     kind = s.get("kind", str, "numa", choices=KINDS)
     if kind == "file":
         return _file_tier(s, name)
+    if kind == "cuda":
+        return _cuda_tier(s, name)
     nodes = s.ints("nodes")
     if not nodes or any(n < 0 for n in nodes):
         raise s.error("nodes", f"{list(nodes)}: give one or more node ids (0 or greater)")
@@ -140,6 +147,20 @@ def _file_tier(s: Section, name: str) -> TierSpec:
     description = s.get("description", str, "")
     s.done()
     return TierSpec(name, "file", (), Policy.DEFAULT, None, False, None, description, False, capacity_mib, path)
+
+
+def _cuda_tier(s: Section, name: str) -> TierSpec:
+    """A GPU's memory: no nodes and no memory policy of its own. Its speed is the device's when it is real; when
+    it is emulated it lives on the nearest NUMA node with the bind policy (as any emulated tier) and `emulate`
+    may only slow it down from there, so no node list or policy is taken here."""
+    device = s.get("device", int, 0, check=lambda v: None if v >= 0 else "give a CUDA device index, 0 or more")
+    allow = s.get("allow_emulation", bool, False)
+    emulate = _timing(s.section("emulate")) if s.has("emulate") else None
+    capacity_mib = s.get("capacity_mib", int, None, check=positive)
+    description = s.get("description", str, "")
+    s.done()
+    return TierSpec(name, "cuda", (), Policy.BIND, None, allow, emulate, description, False, capacity_mib,
+                    device=device)
 
 
 def _timing(s: Section) -> TimingTarget:

@@ -1,6 +1,9 @@
 """A real decode run over the tiered KV cache: prompts with a shared prefix prefilled one request at a time (the
 time to first token of each), then batched decode steps (the time per output token), with every KV byte read
 counted per tier, the emulated delay paid and audited, and the kernel asked where the blocks are at start and end.
+
+The model and the cache share one device: on a GPU, K/V of host tiers are staged across every step (counted per tier
+in `kv_bytes_staged`), and every timed region ends by waiting for the GPU, so a time is the work's, not its launch's.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class DecodeResult:
     wall_s: float = 0.0
     moves: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+    kv_bytes_staged: dict[str, int] = field(default_factory=dict)  # during decode, per source tier: host -> device
 
     @property
     def tokens_per_s(self) -> float:
@@ -72,6 +76,10 @@ def run_decode(model: LlamaModel, cache: TieredKVCache, spec: DecodeSpec, *,
                on_step: Callable[[int], None] | None = None) -> DecodeResult:
     """Prefill every request (sequentially, reusing resident prefixes), then decode the batch for decode_steps.
     `on_step(step)` runs between steps, outside the timed region (for tests that migrate blocks mid-decode)."""
+    if model.device != cache.device:
+        raise WorkloadError(f"the model runs on {model.device} but the KV cache returns K/V on {cache.device}; "
+                            "build both for one device")
+    sync = _synchronizer(model.device)
     prompts = build_prompts(spec, model.config.vocab)
     seqs = list(range(len(prompts)))
     audits0 = _audit_totals(cache)
@@ -85,11 +93,13 @@ def run_decode(model: LlamaModel, cache: TieredKVCache, spec: DecodeSpec, *,
             raise WorkloadError("a prompt made only of reused full blocks is not supported; add own tokens")
         logits = model.prefill(cache, [seq], [prompt], start=[start])
         cache.end_step()
+        sync()
         ttft.append(time.perf_counter() - t0)
         reused.append(hit.tokens)
         first.append(int(logits.argmax(-1)[0]))
     placement_start = cache.verify()
     read0 = {t: s.bytes_read for t, s in cache.stats.traffic.items()}
+    staged0 = {t: s.bytes_staged for t, s in cache.stats.traffic.items()}
     tokens = torch.tensor(first)
     generated = [tokens]
     lengths = [p.numel() for p in prompts]
@@ -100,8 +110,9 @@ def run_decode(model: LlamaModel, cache: TieredKVCache, spec: DecodeSpec, *,
         t0 = time.perf_counter()
         logits = model.decode_step(cache, seqs, tokens, [n + step for n in lengths])
         cache.end_step()
+        sync()
         tpot.append(time.perf_counter() - t0)
-        tokens = logits.argmax(-1)
+        tokens = logits.argmax(-1).cpu()  # the generated tokens are kept on the host (a no-op on CPU)
         generated.append(tokens)
     wall = time.perf_counter() - t_start
     read = {t: s.bytes_read - read0[t] for t, s in cache.stats.traffic.items()}
@@ -114,7 +125,16 @@ def run_decode(model: LlamaModel, cache: TieredKVCache, spec: DecodeSpec, *,
         injected_s=injected, accounting_s=accounting, placement_start=placement_start,
         placement_end=cache.verify(), generated=torch.stack(generated, dim=1), wall_s=wall,
         moves=len(cache.pool.moves),
+        kv_bytes_staged={t: s.bytes_staged - staged0[t] for t, s in cache.stats.traffic.items()},
     )
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """What ends a timed region: waiting for the GPU's queued work there; nothing on the CPU (work is done when
+    the call returns)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def _audit_totals(cache: TieredKVCache) -> tuple[float, float]:

@@ -203,6 +203,12 @@ def _check(resolved: ResolvedTierMap, layout: KVLayout, time_scale: float, epoch
     if files:
         raise ConfigError(f"tier(s) {', '.join(files)} are file tiers; execute-mode replay keeps blocks in memory "
                           "tiers only: use a tier map without them (simulate mode takes any)")
+    cuda = [t.name for t in resolved.tiers if t.spec.is_cuda]
+    if cuda:
+        # Refused even where it is emulated (NUMA memory), so one experiment file behaves alike on every machine.
+        raise ConfigError(f"tier(s) {', '.join(cuda)} are cuda tiers; execute-mode replay keeps blocks in NUMA "
+                          "memory tiers only (its reads, moves and block check work on host memory): use a tier map "
+                          "without them (simulate mode takes any)")
     if layout.per_layer:
         raise ConfigError("execute-mode replay needs the all-layers block layout (a trace block holds every layer); "
                           "got per-layer")

@@ -15,8 +15,10 @@ from tieremu.configfile import Section, positive
 from tieremu.runner.jobs import Job, RunContext, tier_origin
 from tieremu.runner.metrics import MetricRow
 from tieremu.tiers.config import TierMap
+from tieremu.tiers.resolve import ResolvedTierMap
 
 MIB = 1 << 20
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,19 @@ class DecodeParams:
     budget_gbps: float | None
     seed: int
     threads: int  # torch intra-op threads: 1 leaves a core to the daemon and keeps OpenMP spin-waits out of TPOT
+    device: str = "auto"  # where the model runs: auto (a real cuda tier's GPU, else the CPU), cpu or cuda
+
+
+def decode_device(requested: str, resolved: ResolvedTierMap) -> str:
+    """The torch device a decode runs on: `auto` is the GPU of the map's first real cuda tier (its HBM is the
+    working set), else the CPU; `cuda` is that same GPU, or device 0 when the map has no real cuda tier (every KV
+    block is then staged from host tiers)."""
+    gpu = next((t.device for t in resolved.tiers if t.device is not None), None)
+    if requested == "auto":
+        return gpu or "cpu"
+    if requested == "cuda":
+        return gpu or "cuda:0"
+    return requested
 
 
 class DecodeJob(Job):
@@ -57,8 +72,16 @@ class DecodeJob(Job):
             budget_gbps=budget,
             seed=section.get("seed", int, 0),
             threads=section.get("threads", int, 1, check=positive),
+            device=section.get("device", str, "auto", choices=DEVICES),
         )
         section.done()
+        if params.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise section.error("device", "'cuda' asked, but there is no CUDA device here "
+                                    "(torch.cuda.is_available() is False); use device: auto (the GPU when the tier "
+                                    "map has a real cuda tier, else the CPU) or cpu")
         if not 0 <= params.shared_prefix_tokens < params.prompt_tokens * 3 // 4:
             raise section.error("shared_prefix_tokens", f"{params.shared_prefix_tokens}: must be 0 or more and below "
                                 f"3/4 of prompt_tokens ({params.prompt_tokens * 3 // 4})")
@@ -103,10 +126,11 @@ class DecodeJob(Job):
         else:
             capacities[fast] = max(1, int(params.fast_capacity_mib * MIB) // layout.block_bytes)
             placement = Spill()
-        model = LlamaModel(config, seed=params.seed)
+        device = decode_device(params.device, ctx.resolved)
+        model = LlamaModel(config, seed=params.seed, device=device)
         injector = ctx.injector()
         with TieredKVCache(ctx.resolved, layout, capacities=capacities, placement=placement,
-                           injector=injector) as cache:
+                           injector=injector, device=device) as cache:
             if policy_name not in ("all-fastest", "all-slowest"):
                 from tieremu.daemon.daemon import MigrationDaemon
                 from tieremu.policy.registry import get_policy
@@ -133,6 +157,11 @@ def _decode_rows(ctx: RunContext, result: Any, report: Any, resident: dict[str, 
     for tier, per_token in result.kv_bytes_per_token.items():
         tier_row_origin = tier_origin(ctx.resolved.tier(tier))
         rows.append(ctx.row("kv_bytes_per_token", per_token, "B", tier_row_origin, tier=tier))
+    out_tokens = len(result.tpot_s) * len(result.ttft_s) or 1
+    for tier, staged in result.kv_bytes_staged.items():
+        if staged:  # only a model on a GPU stages: host -> device bytes per generated token, per source tier
+            rows.append(ctx.row("kv_staged_bytes_per_token", staged / out_tokens, "B",
+                                tier_origin(ctx.resolved.tier(tier)), tier=tier))
     total_read = sum(result.kv_bytes_read.values()) or 1
     rows.append(ctx.row("star", sum(b for t, b in result.kv_bytes_read.items() if t != fast) / total_read,
                         "fraction", origin))

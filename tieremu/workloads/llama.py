@@ -8,6 +8,9 @@ tensors (`ContiguousKV`) and over the paged, tiered cache, with one attention ke
 (`scaled_dot_product_attention`) in both.
 
 Llama 3's long-context rope scaling is left out: with random weights it changes no cost and no figure.
+
+The model runs on one torch device (`device`, default the CPU): weights, activations and the logits it returns live
+there, and a store must return K and V on it (the tiered cache stages host blocks to a GPU for this).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class KVStore(Protocol):
         """k, v: [n, kv_heads, head_dim] for positions start .. start+n-1 of sequence seq."""
 
     def read(self, seq: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of every position written so far: [length, kv_heads, head_dim] each (may be a gathered copy)."""
+        """K and V of every position written so far: [length, kv_heads, head_dim] each (may be a gathered copy),
+        on the model's device."""
 
     def layer_start(self, layer: int) -> None:
         """Called before each layer's attention in every forward pass (hook for access logging, prefetch and
@@ -145,10 +149,13 @@ class _Span:
 class LlamaModel:
     """Random-weight Llama-style decoder; all entry points run under torch.inference_mode."""
 
-    def __init__(self, config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
         if dtype not in DTYPES.values():
             raise WorkloadError(f"dtype {dtype} is not supported; valid: {', '.join(DTYPES)}")
-        _check_cpu_supports(dtype)
+        self.device = _usable_device(device)
+        if self.device.type == "cpu":
+            _check_cpu_supports(dtype)
         self.config = config
         self.dtype = dtype
         generator = torch.Generator().manual_seed(seed)
@@ -159,24 +166,25 @@ class LlamaModel:
         self.embed = self._random((c.vocab, c.hidden), 1.0 / math.sqrt(c.hidden), generator)
         self.layers = [
             LayerWeights(
-                attn_norm=torch.ones(c.hidden, dtype=dtype),
+                attn_norm=torch.ones(c.hidden, dtype=dtype, device=self.device),
                 qkv=self._random(((c.heads + 2 * c.kv_heads) * c.head_dim, c.hidden), c.hidden ** -0.5, generator),
                 o=self._random((c.hidden, c.heads * c.head_dim), branch * (c.heads * c.head_dim) ** -0.5, generator),
-                mlp_norm=torch.ones(c.hidden, dtype=dtype),
+                mlp_norm=torch.ones(c.hidden, dtype=dtype, device=self.device),
                 gate_up=self._random((2 * c.intermediate, c.hidden), c.hidden ** -0.5, generator),
                 down=self._random((c.hidden, c.intermediate), branch * c.intermediate ** -0.5, generator),
             )
             for _ in range(c.layers)
         ]
-        self.final_norm = torch.ones(c.hidden, dtype=dtype)
+        self.final_norm = torch.ones(c.hidden, dtype=dtype, device=self.device)
         self.lm_head = self.embed if c.tied_embeddings else \
             self._random((c.vocab, c.hidden), c.hidden ** -0.5, generator)
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
-        self._inv_freq = inv_freq.to(torch.float32)
+        self._inv_freq = inv_freq.to(self.device, torch.float32)
 
     def _random(self, shape: tuple[int, int], std: float, generator: torch.Generator) -> torch.Tensor:
-        # Drawn in float32 whatever the dtype, so models of one seed differ only by rounding across dtypes.
-        return (torch.randn(shape, generator=generator, dtype=torch.float32) * std).to(self.dtype)
+        # Drawn in float32 whatever the dtype, so models of one seed differ only by rounding across dtypes; drawn on
+        # the CPU whatever the device, so a seed gives the same weights on every device.
+        return (torch.randn(shape, generator=generator, dtype=torch.float32) * std).to(self.device, self.dtype)
 
     def parameter_count(self) -> int:
         """Parameters actually allocated (a tied embedding counted once)."""
@@ -249,8 +257,8 @@ class LlamaModel:
         positions = torch.arange(tokens.numel())
         self._check_positions(positions)
         cos, sin = self._rope(positions)
-        x = F.embedding(tokens, self.embed)
-        causal = torch.ones(tokens.numel(), tokens.numel(), dtype=torch.bool).tril()
+        x = F.embedding(tokens.to(self.device), self.embed)
+        causal = torch.ones(tokens.numel(), tokens.numel(), dtype=torch.bool, device=self.device).tril()
         for layer in self.layers:
             q, k, v = self._project_qkv(layer, x, cos, sin)
             # Explicit softmax(QK^T)V with KV heads repeated: independent of the kernel paths under test.
@@ -271,7 +279,7 @@ class LlamaModel:
         self._check_tokens(tokens)
         self._check_positions(positions)
         cos, sin = self._rope(positions)
-        x = F.embedding(tokens, self.embed)
+        x = F.embedding(tokens.to(self.device), self.embed)
         # A store may attend for a decode token itself, over its K/V where they lie (the paged cache's C kernel).
         attend = getattr(store, "attend", None)
         scale = 1 / math.sqrt(self.config.head_dim)
@@ -288,6 +296,9 @@ class LlamaModel:
                         attended[span.offset] = out
                         continue
                 keys, values = store.read(span.seq, index)
+                if keys.device != q.device:
+                    raise WorkloadError(f"sequence {span.seq} layer {index}: the store returned K/V on {keys.device}, "
+                                        f"the model runs on {q.device}; give the store the model's device")
                 if keys.shape[0] != span.start + span.count:
                     raise WorkloadError(
                         f"sequence {span.seq} layer {index}: the store holds {keys.shape[0]} positions after "
@@ -296,7 +307,7 @@ class LlamaModel:
                 attended[rows] = self._attend(q[rows], keys, values, span.start)
             x = x + F.linear(attended.flatten(1), layer.o)
             x = x + self._mlp(layer, x)
-        last = torch.tensor([span.offset + span.count - 1 for span in spans])
+        last = torch.tensor([span.offset + span.count - 1 for span in spans], device=self.device)
         return F.linear(self._norm(x[last], self.final_norm), self.lm_head).float()
 
     def _project_qkv(self, layer: LayerWeights, x: torch.Tensor, cos: torch.Tensor,
@@ -327,7 +338,8 @@ class LlamaModel:
             out = F.scaled_dot_product_attention(query, k, v, is_causal=True, **gqa)
         else:
             # is_causal aligns the mask top-left; with a stored prefix, query i sits at position start + i.
-            visible = torch.arange(start + n) <= (start + torch.arange(n)).unsqueeze(1)
+            rows, cols = torch.arange(n, device=q.device), torch.arange(start + n, device=q.device)
+            visible = cols <= (start + rows).unsqueeze(1)
             out = F.scaled_dot_product_attention(query, k, v, attn_mask=visible, **gqa)
         return out.squeeze(0).transpose(0, 1)
 
@@ -343,7 +355,7 @@ class LlamaModel:
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [n, 1, head_dim] (half-split layout, as Hugging Face Llama) in float32."""
-        angles = positions.to(torch.float32).unsqueeze(1) * self._inv_freq
+        angles = positions.to(self.device, torch.float32).unsqueeze(1) * self._inv_freq
         angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
         return angles.cos(), angles.sin()
 
@@ -382,6 +394,26 @@ def _check_unique(seqs: Sequence[int]) -> None:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _usable_device(device: torch.device | str) -> torch.device:
+    """The device as torch names it, refused with what is available when this machine has no such device."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as error:
+        raise WorkloadError(f"device {device!r} is not a torch device ({error}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise WorkloadError(f"device {device!r}: no CUDA device here (torch.cuda.is_available() is False); "
+                                "use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise WorkloadError(f"device {device!r}: this machine has CUDA devices 0..{count - 1}")
+        if dev.index is None:  # `cuda` is the current device; named, so it compares equal to its tensors' device
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise WorkloadError(f"device {device!r}: only cpu and cuda devices are supported")
+    return dev
 
 
 def _check_cpu_supports(dtype: torch.dtype) -> None:

@@ -532,3 +532,28 @@ def test_decode_on_a_gpu_matches_decode_on_the_cpu() -> None:
     assert torch.equal(cpu.generated, gpu.generated)
     assert gpu.kv_bytes_staged["dram"] > 0 and not any(cpu.kv_bytes_staged.values())
 
+
+
+def test_host_memory_paths_leave_a_gpu_tier_to_its_own_probe_and_the_attach_daemon_refuses_it(tmp_path: Path) -> None:
+    """A real GPU tier has no NUMA node: the host-memory probe passes over it and `tieremu daemon --pid`, which
+    moves another process's pages between nodes, refuses it by name."""
+    from tieremu.daemon.attach import tiers_from_map
+    from tieremu.daemon.proctrack import AttachError
+    from tieremu.probe.emulated import probe_tiers
+    from tieremu.runner.experiment import tier_resolution
+
+    p = tmp_path / "gpu.yaml"
+    p.write_text("name: g\ntiers:\n  - {name: hbm, kind: cuda, device: 0}\n  - {name: dram, nodes: [0]}\n")
+    tier_map = load_tier_map(p)
+    resolved = resolve(tier_map, discover("/"), cuda_devices=1)
+    cal = Calibration(machine="fixture", created_utc="2026-01-01T00:00:00+00:00", node=0, latency_ns=100.0,
+                      bandwidth_gbps={"read": 20.0, "write": 10.0, "copy": 16.0}, latency_by_node={0: 100.0},
+                      read_gbps_by_node={0: 20.0})
+    rows = probe_tiers(resolved, cal, 0, kernels_=("read",), size=8 << 20, working_set=8 << 20, repeats=1)
+    assert [(r.tier, r.metric) for r in rows] == [("dram", "latency_ns"), ("dram", "read_gb_per_s")]
+    manifest = {t["tier"]: t for t in tier_resolution(resolved)}
+    assert manifest["hbm"]["kind"] == "cuda" and manifest["hbm"]["device"] == "cuda:0"
+    assert manifest["dram"]["device"] is None
+    with pytest.raises(AttachError, match="tier hbm of g is a cuda tier: another process's pages can only move "
+                                          "between NUMA nodes"):
+        tiers_from_map(tier_map, discover("/"), 2 << 20)

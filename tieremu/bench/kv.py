@@ -66,7 +66,8 @@ def bench_kv(config: ModelConfig, resolved: ResolvedTierMap, cal: Calibration | 
     model = LlamaModel(config, seed=spec.seed)
     lay = KVLayout(config.layers, config.kv_heads, config.head_dim, block_tokens, torch.float32, layout)
     blocks_needed = spec.batch * lay.blocks_for(spec.prompt_tokens * 5 // 4 + spec.decode_steps + 1) + 8
-    memory = [t.name for t in resolved.tiers if not t.spec.is_file]
+    # Host-memory tiers only: this model runs on the CPU (file and GPU tiers are reached by copies, not reads).
+    memory = [t.name for t in resolved.tiers if t.nodes]
     capacities = {t.name: (blocks_needed if t.name in memory else 0) for t in resolved.tiers}
     local = memory[0]
     injector = _injector(resolved, cal)

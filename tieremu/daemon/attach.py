@@ -101,9 +101,9 @@ def tiers_from_map(tier_map: TierMap, topology: Topology, chunk_bytes: int) -> t
     tiers = []
     owner: dict[int, str] = {}
     for rank, spec in enumerate(tier_map.tiers):
-        if spec.is_file:
-            raise AttachError(f"tier {spec.name} of {tier_map.name} is a file tier: another process's pages can only "
-                              "move between NUMA nodes; leave it out of the map given to the daemon")
+        if spec.is_file or spec.is_cuda:
+            raise AttachError(f"tier {spec.name} of {tier_map.name} is a {spec.kind} tier: another process's pages "
+                              "can only move between NUMA nodes; leave it out of the map given to the daemon")
         missing = [n for n in spec.nodes if n not in topology.memory_nodes]
         if missing:
             raise AttachError(f"tier {spec.name} of {tier_map.name}: node {format_list(missing)} does not exist or has "

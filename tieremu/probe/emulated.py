@@ -199,13 +199,15 @@ class TierMeasurement:
 def probe_tiers(resolved: ResolvedTierMap, cal: Calibration, cpu: int, *, latency: bool = True,
                 kernels_: tuple[str, ...] = (), size: int = 1 << 30, working_set: int = 256 << 20,
                 repeats: int = 5) -> list[TierMeasurement]:
-    """Every tier of a resolved map through the path its users get: real tiers plainly, emulated and shaped
-    ones through their timing models."""
+    """Every host-memory tier of a resolved map through the path its users get: real tiers plainly, emulated and
+    shaped ones through their timing models."""
     from tieremu.probe import bandwidth
     from tieremu.probe.latency import measure
 
     out = []
     for tier in resolved.tiers:
+        if not tier.nodes:
+            continue  # a file or GPU tier is not host memory: `probe storage` and `probe gpu` measure those
         node = tier.nodes[0]
         if latency:
             if tier.timing is not None:

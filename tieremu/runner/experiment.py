@@ -147,7 +147,8 @@ def latest_folder(out_root: Path, experiment: str) -> Path:
 
 def tier_resolution(resolved: ResolvedTierMap) -> list[dict[str, object]]:
     return [
-        {"tier": t.name, "backing": t.label, "origin": t.backing.origin, "nodes": list(t.nodes),
+        {"tier": t.name, "kind": t.spec.kind, "backing": t.label, "origin": t.backing.origin, "nodes": list(t.nodes),
+         "device": t.device,
          "requested_nodes": list(t.spec.nodes), "policy": t.spec.policy.name.lower(), "reason": t.reason,
          "capacity_mib": t.spec.capacity_mib,
          "emulation_targets": t.spec.emulate.describe() if t.spec.emulate else None,

@@ -239,7 +239,7 @@ class ProbeJob(Job):
         if len(topology.node(initiator).cpus) < 2:
             return []  # one CPU: nothing left to generate load with
         rows = []
-        real = [t for t in ctx.resolved.tiers if t.backing in (Backing.REAL, Backing.VM)]
+        real = [t for t in ctx.resolved.tiers if t.backing in (Backing.REAL, Backing.VM) and t.nodes]
         for node in dict.fromkeys(t.nodes[0] for t in real):
             tier = next(t for t in real if t.nodes[0] == node)
             points = loaded_latency(topology, initiator, node, quick=True, chase_bytes=params.size_mib << 20,

@@ -7,6 +7,7 @@ any other policy gets the fast tier limited to `fast_capacity_mib` and a migrati
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from tieremu.tiers.config import TierMap
 from tieremu.tiers.resolve import ResolvedTierMap
 
 MIB = 1 << 20
+TIMELINE_EPOCHS = 5  # daemon epochs per window of the migrations-over-time series
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -138,12 +140,30 @@ class DecodeJob(Job):
                 daemon = MigrationDaemon(cache, get_policy(policy_name), epoch_s=params.epoch_ms / 1e3,
                                          budget_gbps=params.budget_gbps)
                 daemon.start()
+            began = time.monotonic()
             try:
                 result = run_decode(model, cache, spec)
             finally:
                 report = daemon.stop() if daemon is not None else None
+            span = (began, time.monotonic())
             resident = {t: cache.pool.used(t) for t in cache.pool.order}
-        return _decode_rows(ctx, result, report, resident, fast, layout.block_bytes)
+        rows = _decode_rows(ctx, result, report, resident, fast, layout.block_bytes)
+        if report is not None:
+            rows += _migration_windows(ctx, report.records, span, TIMELINE_EPOCHS * params.epoch_ms / 1e3)
+        return rows
+
+
+def _migration_windows(ctx: RunContext, records: Any, span: tuple[float, float], window_s: float) -> list[MetricRow]:
+    """The daemon's migrations over the run, window by window (the report's migrations-over-time plot)."""
+    from tieremu.daemon.timeline import migration_timeline
+
+    order = [t.name for t in ctx.resolved.tiers]
+    windows = migration_timeline(records, order, start=span[0], end=span[1], window_s=window_s)
+    origin = "emulated" if any(t.timing is not None for t in ctx.resolved.tiers) else "measured"
+    return [ctx.row("window_migration_gbps", w.gbps, "GB/s", origin, sample=i, time_s=round(w.start_s, 6),
+                    window_s=round(w.seconds, 6), bytes=w.bytes, promotions=w.promotions, demotions=w.demotions,
+                    failed=w.failed)
+            for i, w in enumerate(windows)]
 
 
 def _decode_rows(ctx: RunContext, result: Any, report: Any, resident: dict[str, int], fast: str,
@@ -214,6 +234,7 @@ class ReplayJob(Job):
 
     kind = "replay"
     takes_policies = True
+    bounds = ("belady",)  # the trace is known ahead: the offline optimum runs beside every policy
 
     @classmethod
     def parse(cls, section: Section) -> ReplayParams:

@@ -61,6 +61,24 @@ def test_check_json_on_this_machine(memory_nodes: tuple[int, ...]) -> None:
     assert checks["cxl"]["status"] == ("enforced" if 1 in memory_nodes else "emulated")
 
 
+def test_check_refuses_a_timing_model_this_machine_cannot_honour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  missing_node: int) -> None:
+    from tieremu import cli
+    from tieremu.tiers.timing import Calibration
+
+    cal = Calibration(machine="fixture", created_utc="2026-01-01T00:00:00+00:00", node=0, latency_ns=100.0,
+                      bandwidth_gbps={"read": 20.0, "write": 10.0, "copy": 16.0}, latency_by_node={0: 100.0},
+                      read_gbps_by_node={0: 20.0})
+    monkeypatch.setattr(cli, "calibration", lambda topo: cal)
+    fast = tmp_path / "fast.yaml"
+    fast.write_text(f"name: x\ntiers:\n  - {{name: dram, nodes: [0]}}\n  - {{name: cxl, nodes: [{missing_node}], "
+                    "allow_emulation: true, emulate: {bandwidth_ratio: 1.5}}\n")
+    result = CliRunner().invoke(main, ["check", "--tiers", str(fast)])
+    assert result.exit_code == 2
+    assert "tier 'cxl': target read bandwidth 30.0 GB/s is above what its memory (node 0) gives, 20.0 GB/s" in \
+        result.output and "ask for bandwidth_ratio <= 1.00" in result.output
+
+
 def test_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
     bad = tmp_path / "t.yaml"
     bad.write_text("name: x\ntiers:\n  - name: a\n    nodes: [0]\n    policy: spread\n")

@@ -92,9 +92,13 @@ def topo(as_json: bool, sysfs_root: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def check(tiers_file: str | None, size_mib: int, as_json: bool) -> None:
     """For every tier: allocate a small region, ask the kernel where its pages are, and report `enforced`,
-    `emulated` or `not enforced` with the reason. Exits 1 when any tier is not enforced."""
+    `emulated` or `not enforced` with the reason. Emulated and shaped tiers' timing models are checked against
+    this machine's calibration (measured once if none is cached). Exits 1 when any tier is not enforced."""
     tier_map = load_tier_map(tiers_file or _config("tiers", "cxl-expander.yaml"))
-    resolved = resolve(tier_map, discover())
+    topo = discover()
+    resolved = resolve(tier_map, topo)
+    if resolved.any_emulated:  # a model this machine cannot honour is refused here, as `run` would refuse it
+        resolved = resolve(tier_map, topo, calibration=calibration(topo))
     checks = check_tiers(resolved, size_mib << 20)
     if as_json:
         _print_json({"tier_map": tier_map.name, "checks": [c.to_dict() for c in checks]})

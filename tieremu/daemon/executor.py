@@ -34,7 +34,7 @@ from tieremu.kv.arena import NumaArena
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.pool import Block, MoveRecord
 from tieremu.numa.syscalls import errno_name
-from tieremu.policy.base import MOVE_REASONS, Move, Plan, Policy
+from tieremu.policy.base import MOVE_REASONS, Move, Plan, Policy, checked_victim
 
 DEFAULT_RETRIES = 3
 
@@ -187,11 +187,7 @@ class _Executor:
         if self.policy is None:
             return "full"
         with self.policy_lock:
-            victim = self.policy.victim(tier, view)
-        if view.tier_of(victim) != tier or view.pinned(victim):
-            state = "pinned" if view.pinned(victim) else f"in {view.tier_of(victim) or 'no tier'}"
-            raise PolicyError(f"policy {self.policy.name} chose block {victim} as the victim of tier {tier}, but it "
-                              f"is {state}: a victim must be an unpinned block of that tier")
+            victim = checked_victim(self.policy, tier, view)
         view.stage(victim, None)
         order = self.pool.order
         rank = view.rank[tier]

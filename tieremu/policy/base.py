@@ -120,6 +120,17 @@ class Policy(ABC):
         """Scheduler hint: the request about to be served first, then the next arrivals."""
 
 
+def checked_victim(policy: Policy, tier: str, view: BlockView) -> int:
+    """The policy's victim for `tier`; PolicyError if it is not an unpinned block of that tier (a driver must
+    never push out a block in use, nor one that is elsewhere)."""
+    victim = policy.victim(tier, view)
+    if view.tier_of(victim) != tier or view.pinned(victim):
+        state = "pinned" if view.pinned(victim) else f"in {view.tier_of(victim) or 'no tier'}"
+        raise PolicyError(f"policy {policy.name} chose block {victim} as the victim of tier {tier}, but it is "
+                          f"{state}: a victim must be an unpinned block of that tier")
+    return victim
+
+
 def first_unpinned(view: BlockView, tier: str) -> int:
     """The oldest resident unpinned block of a tier in the view's order: a fallback victim for any policy."""
     for block in view.blocks_in(tier):

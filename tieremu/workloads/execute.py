@@ -57,7 +57,7 @@ from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Occupancy
 from tieremu.kv.pool import Block, MoveRecord
-from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy, UpcomingRequest
+from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy, UpcomingRequest, checked_victim
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 from tieremu.workloads.simulate import (
@@ -516,11 +516,7 @@ class _Run:
         view.stage(ident, tier, pinned=True)
         if used < capacity:
             return True
-        victim = self.policy.victim(tier, view)
-        if view.tier_of(victim) != tier or view.pinned(victim):
-            state = "pinned" if view.pinned(victim) else f"in {view.tier_of(victim) or 'no tier'}"
-            raise PolicyError(f"policy {self.policy.name} chose block {victim} as the victim of tier {tier}, but it "
-                              f"is {state}: a victim must be an unpinned block of that tier")
+        victim = checked_victim(self.policy, tier, view)
         view.stage(victim, None)
         rank = self.rank[tier]
         if rank + 1 < len(self.names) and self._fit(victim, self.names[rank + 1], chain):

@@ -243,11 +243,16 @@ def replay_table(result: ReplayResult, trace: str, tier_map: str) -> Table:
     return table
 
 
+def _hits_line(r: ReplayResult, ceiling: float) -> str:
+    return (f"requests {r.requests:,}  references {r.references:,}  hit ratio {r.hit_ratio:.1%} (ceiling "
+            f"{ceiling:.1%})  misses {r.misses:,}  evictions {r.evictions:,}"
+            + (f"  uncached {r.uncached:,}" if r.uncached else ""))
+
+
 def replay_summary(result: ReplayResult, ceiling: float, bandwidth: ReadBandwidth) -> str:
     r, t = result, result.ttft_ms
     return "\n".join([
-        f"requests {r.requests:,}  references {r.references:,}  hit ratio {r.hit_ratio:.1%} (ceiling {ceiling:.1%})"
-        f"  misses {r.misses:,}  evictions {r.evictions:,}" + (f"  uncached {r.uncached:,}" if r.uncached else ""),
+        _hits_line(r, ceiling),
         f"STRR {r.strr:.1%}  STAR {r.star:.1%}  TTFT estimate p50 {t.p50:,.1f} ms  p99 {t.p99:,.1f} ms  "
         f"max {t.max:,.1f} ms  (prefill {r.prefill_tokens_per_s:,.0f} tokens/s; local read "
         f"{bandwidth.local_gbps:.1f} GB/s, {bandwidth.local_source})",
@@ -264,8 +269,7 @@ def execute_summary(result: ExecuteResult, ceiling: float) -> str:
     backings = ", ".join(f"{name} {kind}" for name, kind in r.backings.items())
     delay = f"emulated delay paid {r.injected_s:.3f} s" if r.delay_injected else "no delay injected"
     return "\n".join([
-        f"requests {r.requests:,}  references {r.references:,}  hit ratio {r.hit_ratio:.1%} (ceiling {ceiling:.1%})"
-        f"  misses {r.misses:,}  evictions {r.evictions:,}" + (f"  uncached {r.uncached:,}" if r.uncached else ""),
+        _hits_line(r, ceiling),
         f"STRR {r.strr:.1%}  STAR {r.star:.1%}  TTFT measured p50 {t.p50:,.2f} ms  p99 {t.p99:,.2f} ms  max "
         f"{t.max:,.2f} ms (reads of hits, room-making and writes of misses)  start lag p50 {lag.p50:,.1f} ms  p99 "
         f"{lag.p99:,.1f} ms",

@@ -18,6 +18,7 @@ from tieremu.report.tables import Group, figures, groups
 
 MAX_LINES = 16  # past this a plot is unreadable: the first ones are drawn and the caption says so
 MIGRATION_METRICS = ("window_migration_gbps", "migration_gbps", "promotions", "demotions", "ping_pongs")
+MIGRATION_LABELS = {"window_migration_gbps": "migration GB/s", "migration_gbps": "migration GB/s"}
 
 
 @dataclass(frozen=True)
@@ -143,12 +144,13 @@ def migrations_over_time(job: str, labelled: list[tuple[str, Group]]) -> Plot | 
         xs = sorted(points)
         ax.plot(xs, [sum(points[x]) / len(points[x]) for x in xs], label=prefix + g.label)  # mean over repetitions
         drawn += 1
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel(metric)
+    label = MIGRATION_LABELS.get(metric, metric)
+    ax.set_xlabel("time since the run began (s)")
+    ax.set_ylabel(label)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(f"{job}: {metric} over time")
-    return _plot(fig, f"{job}-{metric}-over-time", f"{job}: {metric} per epoch over time",
+    ax.set_title(f"{job}: {label} over time")
+    return _plot(fig, f"{job}-{metric}-over-time", f"{job}: {label} over time, window by window",
                  "mean over repetitions")
 
 

@@ -38,6 +38,12 @@ def test_decode_and_replay_jobs_run_with_their_bounds(tmp_path: Path) -> None:
     placed = [r for r in decode if r["metric"] == "placement_fraction"]
     assert placed and all(r["value"] == 1.0 for r in placed)
     assert {r["origin"] for r in placed if r["tier"] in ("cxl", "far")} <= {"emulated"}
+    # Each emulated tier's audit: the slowest bound read everything from `far`, so far was charged and paid.
+    audits = {(r["run"].split("-r0")[0], r["tier"]): r for r in decode
+              if r["metric"] == "injected_delay_s" and r["tier"]}
+    far = audits[("decode-all-slowest", "far")]
+    assert far["origin"] == "emulated" and far["value"] > 0 and far["params"]["charged_bytes"] > 0
+    assert far["params"]["target_latency_ns"] > 0 and audits[("decode-all-slowest", "cxl")]["value"] == 0
     star = {r["run"].split("-r0")[0]: r["value"] for r in decode if r["metric"] == "star"}
     assert star["decode-all-fastest"] == 0 and star["decode-all-slowest"] == 1 and 0 < star["decode-lru"] < 1
     [total] = [r for r in decode if r["metric"] == "migration_gbps" and "lru" in r["run"]]

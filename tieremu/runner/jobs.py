@@ -178,6 +178,16 @@ def _importable(path: str) -> bool:
         return False
 
 
+def audit_rows(ctx: RunContext, injector: Any) -> list[MetricRow]:
+    """Per emulated or shaped tier, its emulation audit: what was charged (bytes, accesses), what the timing model
+    said that costs (owed), what was spun (the row's value), the targets, and the bookkeeping's own time."""
+    if injector is None:
+        return []
+    return [ctx.row("injected_delay_s", a.injected_ns / 1e9, "s", "emulated", tier=tier,
+                    **{k: v for k, v in a.to_dict().items() if k != "tier"})
+            for tier, a in injector.audits.items()]
+
+
 def tier_origin(tier: ResolvedTier) -> str:
     if tier.backing in (Backing.EMULATED, Backing.SHAPED):
         return "emulated"
@@ -310,11 +320,7 @@ class RoundTripJob(Job):
                              sample=i, **hop),
                      ctx.row("checksum_ok", float(h.checksum_ok), "bool", h.origin, tier=h.target, sample=i, **hop),
                      ctx.row("hop_injected_s", h.injected_seconds, "s", h.origin, tier=h.target, sample=i, **hop)]
-        if injector is not None:  # per emulated tier: what was charged, owed and spun, and the bookkeeping cost
-            rows += [ctx.row("injected_delay_s", a.injected_ns / 1e9, "s", "emulated", tier=tier,
-                             **{k: v for k, v in a.to_dict().items() if k != "tier"})
-                     for tier, a in injector.audits.items()]
-        return rows
+        return rows + audit_rows(ctx, injector)
 
 
 # ---- synthetic: cheap, deterministic figures in the shape of a decode job, for tests of the sweep engine ----

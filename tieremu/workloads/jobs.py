@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tieremu.configfile import Section, positive
-from tieremu.runner.jobs import Job, RunContext, tier_origin
+from tieremu.runner.jobs import Job, RunContext, audit_rows, tier_origin
 from tieremu.runner.metrics import MetricRow
 from tieremu.tiers.config import TierMap
 from tieremu.tiers.resolve import ResolvedTierMap
@@ -147,7 +147,7 @@ class DecodeJob(Job):
                 report = daemon.stop() if daemon is not None else None
             span = (began, time.monotonic())
             resident = {t: cache.pool.used(t) for t in cache.pool.order}
-        rows = _decode_rows(ctx, result, report, resident, fast, layout.block_bytes)
+        rows = _decode_rows(ctx, result, report, resident, fast, layout.block_bytes) + audit_rows(ctx, injector)
         if report is not None:
             rows += _migration_windows(ctx, report.records, span, TIMELINE_EPOCHS * params.epoch_ms / 1e3)
         return rows

@@ -1,4 +1,4 @@
-"""The runner's jobs for the workloads: real decode over the tiered KV cache, and trace replay (simulate mode).
+"""The runner's decode job: real decode over the tiered KV cache (trace replay is replay_job.py).
 
 Each run is one policy at one point of the sweep, in its own worker process. Baselines: `all-fastest` puts every
 KV block in the fastest memory tier with no capacity limit (L100), `all-slowest` in the slowest memory tier (L0);
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tieremu.configfile import Section, positive
@@ -202,79 +201,3 @@ def _decode_rows(ctx: RunContext, result: Any, report: Any, resident: dict[str, 
                          failed=report.failed, skipped=report.skipped, bytes=report.bytes),
                  ctx.row("daemon_cpu_s", report.cpu_seconds, "s", "measured", epochs=report.epochs)]
     return rows
-
-
-@dataclass(frozen=True)
-class ReplayParams:
-    trace: str
-    max_requests: int | None
-    fast_capacity_blocks: int
-    block_mib: float
-    epoch_s: float
-
-
-def tier_read_gbps(ctx: RunContext) -> dict[str, float]:
-    """Per tier, the read bandwidth that a hit's block costs in simulate's TTFT estimate: an emulated or shaped
-    tier's target, a real tier's calibrated node bandwidth. A tier with neither is left out (its hits cost no
-    read time), which happens only on a machine never calibrated whose tiers are all real."""
-    from tieremu.probe.calibrate import load_cached  # reads the cache; never measures
-
-    cal = ctx.calibration or load_cached()
-    out = {}
-    for tier in ctx.resolved.tiers:
-        if tier.timing is not None:
-            out[tier.name] = tier.timing.target_bandwidth_gbps["read"]
-        elif cal is not None and tier.nodes and tier.nodes[0] in cal.read_gbps_by_node:
-            out[tier.name] = cal.read_gbps_by_node[tier.nodes[0]]
-    return out
-
-
-class ReplayJob(Job):
-    """Simulate-mode replay of a Mooncake-format trace: the fastest tier limited, the others unlimited."""
-
-    kind = "replay"
-    takes_policies = True
-    bounds = ("belady",)  # the trace is known ahead: the offline optimum runs beside every policy
-
-    @classmethod
-    def parse(cls, section: Section) -> ReplayParams:
-        trace = section.get("trace", str)
-        params = ReplayParams(
-            trace=str(section.relative_path(trace)),
-            max_requests=section.get("max_requests", int, None, check=positive),
-            fast_capacity_blocks=section.get("fast_capacity_blocks", int, 100, check=positive),
-            block_mib=section.get("block_mib", float, 64.0, check=positive),
-            epoch_s=section.get("epoch_s", float, 0.05, check=positive),
-        )
-        section.done()
-        if not Path(params.trace).is_file():
-            raise section.error("trace", f"{params.trace}: no such trace file")
-        return params
-
-    @classmethod
-    def run(cls, params: ReplayParams, ctx: RunContext) -> list[MetricRow]:
-        from tieremu.policy.registry import get_policy
-        from tieremu.workloads.simulate import SimTier, policy_context, simulate
-        from tieremu.workloads.trace import read_trace
-
-        requests = read_trace(params.trace)[: params.max_requests]
-        names = [t.name for t in ctx.resolved.tiers]
-        tiers = [SimTier(names[0], params.fast_capacity_blocks)] + [SimTier(n, None) for n in names[1:]]
-        policy = get_policy(ctx.policy or "all-fastest", None, policy_context(requests, params.epoch_s))
-        read_gbps = tier_read_gbps(ctx)
-        r = simulate(requests, tiers, policy, epoch_s=params.epoch_s, block_bytes=int(params.block_mib * MIB),
-                     tier_read_gbps=read_gbps)
-        rows = [ctx.row("hit_ratio", r.hit_ratio, "fraction", r.origin)]
-        # Inputs of the estimate, so simulated like it; `backing` says whether the rate is a tier's target.
-        rows += [ctx.row("read_gbps", gbps, "GB/s", r.origin, tier=name, backing=ctx.resolved.tier(name).label,
-                         use="TTFT estimate: a hit's block is read at this rate")
-                 for name, gbps in read_gbps.items()]
-        rows += [ctx.row("hit_ratio", t.hit_ratio, "fraction", r.origin, tier=t.name) for t in r.tiers]
-        rows += [ctx.row("ttft_ms", v, "ms", r.origin, sample=i) for i, v in enumerate(r.ttft_samples_ms)]
-        for metric, value, unit in (("strr", r.strr, "fraction"), ("star", r.star, "fraction"),
-                                    ("migration_gbps", r.migration_gbps, "GB/s"),
-                                    ("promotions", r.promotions, "blocks"), ("demotions", r.demotions, "blocks"),
-                                    ("ping_pongs", r.ping_pongs, "blocks"), ("evictions", r.evictions, "blocks"),
-                                    ("policy_cpu_s", r.policy_cpu_s, "s")):
-            rows.append(ctx.row(metric, float(value), unit, r.origin))
-        return rows

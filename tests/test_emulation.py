@@ -172,3 +172,15 @@ def test_separate_write_bandwidth_and_per_access_overhead() -> None:
     injector = DelayInjector([m], CAL)
     injector.accesses("cxl", 10)
     assert injector.audits["cxl"].owed_ns == pytest.approx(1500.0)
+
+
+def test_a_block_read_is_charged_as_its_accesses_and_its_bytes() -> None:
+    m = timing_model(spec(latency_ratio=2.0, bandwidth_ratio=0.5), "emulated", 0, CAL)
+    one, two = DelayInjector([m], CAL), DelayInjector([m], CAL)
+    one.read("cxl", 10, 10 << 20)
+    two.accesses("cxl", 10)
+    two.transfer("cxl", 10 << 20, "read")
+    a, b = one.audits["cxl"], two.audits["cxl"]
+    assert (a.charged_accesses, a.charged_bytes) == (b.charged_accesses, b.charged_bytes) == (10, 10 << 20)
+    # 10 x 100 ns of extra latency, plus 10 MiB at 10 instead of 20 GB/s
+    assert a.owed_ns == pytest.approx(b.owed_ns) == pytest.approx(10 * 100.0 + (10 << 20) * (1 / 10 - 1 / 20))

@@ -51,7 +51,8 @@ class KVBench:
     gather_gbps: Summary  # KV bytes / time of gathering them into contiguous tensors (the non-fp32 path)
     probe_read_gbps: float
     placements: list[PlacementPoint]
-    overhead: float  # all-local run with a no-slowdown emulated tier over the same run without emulation
+    overhead: float  # all-local run with a no-slowdown emulated tier over the same run without emulation (median)
+    overhead_range: tuple[float, float]  # its min and max over the rounds: how much of it is the machine's noise
     accounting_share: float  # the injector's bookkeeping time / run time, in that run
     load: MachineLoad
 
@@ -115,9 +116,9 @@ def bench_kv(config: ModelConfig, resolved: ResolvedTierMap, cal: Calibration | 
     points = [PlacementPoint(name, shapes[name], Summary.of(samples[name]), last[name][0].kv_bytes_per_token,
                              last[name][0].injected_s, last[name][1]) for name in shapes]
     # 4. bookkeeping of emulation that asks for no slowdown
-    overhead, share = _no_slowdown_overhead(paged, resolved, cal, local, rounds)
+    overhead, overhead_range, share = _no_slowdown_overhead(paged, resolved, cal, local, rounds)
     return KVBench(config.name, spec, layout, Summary.of(paged_ms), Summary.of(contig_ms), attention, gather,
-                   probe_read, points, overhead, share, meter.stop())
+                   probe_read, points, overhead, overhead_range, share, meter.stop())
 
 
 def _placement_shapes(memory: list[str]) -> dict[str, dict[str, float]]:
@@ -166,21 +167,28 @@ def _attention_bandwidth(model: LlamaModel, lay: KVLayout, resolved: ResolvedTie
 
 def _no_slowdown_overhead(paged: Callable[[Mapping[str, float], DelayInjector | None], tuple[list[float], object]],
                           resolved: ResolvedTierMap, cal: Calibration | None, local: str,
-                          rounds: int) -> tuple[float, float]:
+                          rounds: int) -> tuple[float, tuple[float, float], float]:
     """The local tier declared emulated with targets equal to its own speed: the injector charges every read and
-    write and settles every layer, but owes nothing. Its run time over the plain run, alternating."""
+    write and settles every layer, but owes nothing. Its run time over the plain run's, the two run in ABBA order
+    (which one goes first swaps every round: a run after another is not in the same state as the first)."""
     if cal is None:
-        return float("nan"), float("nan")
+        return float("nan"), (float("nan"), float("nan")), float("nan")
     tier = resolved.tier(local)
     spec = replace(tier.spec, emulate=TimingTarget(latency_ratio=1.0, bandwidth_ratio=1.0))
     model = timing_model(spec, "emulated", tier.nodes[0], cal)
     ratios, shares = [], []
-    for _ in range(rounds):
-        plain = sum(paged({local: 1.0}, None)[0])
-        injector = DelayInjector([model], cal)
+
+    def emulated(injector: DelayInjector) -> tuple[float, float]:
         t0 = time.perf_counter()
         ms, _ = paged({local: 1.0}, injector)
-        wall = time.perf_counter() - t0
-        ratios.append(sum(ms) / plain - 1)
+        return sum(ms), time.perf_counter() - t0
+
+    for i in range(rounds):
+        injector = DelayInjector([model], cal)
+        if i % 2:
+            (total, wall), plain = emulated(injector), sum(paged({local: 1.0}, None)[0])
+        else:
+            plain, (total, wall) = sum(paged({local: 1.0}, None)[0]), emulated(injector)
+        ratios.append(total / plain - 1)
         shares.append(injector.audits[local].accounting_ns / 1e9 / wall)
-    return statistics.median(ratios), statistics.median(shares)
+    return statistics.median(ratios), (min(ratios), max(ratios)), statistics.median(shares)

@@ -503,8 +503,7 @@ class TieredKVCache:
             traffic.bytes_read += count * slice_bytes
             if self.injector is not None and self.injector.emulates(tier):
                 # Each block is one access at the tier's latency, then a stream at its bandwidth.
-                self.injector.accesses(tier, count)
-                self.injector.transfer(tier, count * slice_bytes, "read")
+                self.injector.read(tier, count, count * slice_bytes)
         if self.log is not None:
             self.log.record(self.step, layer, seq, index.ids, index.tiers)
 

@@ -60,6 +60,17 @@ class DelayInjector:
         self._charge(tier, count * max(0.0, model.extra_latency_ns), accesses=count)
         self.audits[tier].accounting_ns += time.perf_counter_ns() - t0
 
+    def read(self, tier: str, blocks: int, nbytes: int) -> None:
+        """Charge a read of `blocks` blocks (`nbytes` in all) from tier: each block one dependent access at the
+        tier's extra latency, then the bytes at its bandwidth deficit. accesses() and transfer() in one call: it
+        runs for every block-table read of a decode step, so its own cost counts."""
+        t0 = time.perf_counter_ns()
+        model = self._model(tier)
+        owed = blocks * max(0.0, model.extra_latency_ns) + max(0.0, nbytes * (
+            1 / model.target_bandwidth_gbps["read"] - 1 / model.host_bandwidth_gbps["read"]))
+        self._charge(tier, owed, nbytes=nbytes, accesses=blocks)
+        self.audits[tier].accounting_ns += time.perf_counter_ns() - t0
+
     def owe(self, tier: str, nbytes: int, kind: str = "read") -> float:
         """What one operation's transfer through tier costs beyond the host's own time, in ns, charged to the
         audit but kept out of the shared debt: the caller pays it itself with pay(), e.g. a migration thread

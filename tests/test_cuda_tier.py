@@ -455,18 +455,10 @@ def test_execute_mode_replay_refuses_cuda_tiers() -> None:
 
 
 def test_a_decode_job_on_the_gpu_map_runs_here_with_hbm_labelled_emulated(tmp_path: Path) -> None:
-    import json
+    from experiment_runs import run_jobs
 
-    from tieremu.runner.experiment import run_experiment
-    from tieremu.runner.spec import load_experiment
-
-    spec = tmp_path / "e.yaml"
-    spec.write_text(f"name: g\ntiers: {GPU_HBM}\njobs:\n"
-                    "  - {kind: decode, policies: [lru], prompt_tokens: 96, shared_prefix_tokens: 32,\n"
-                    "     decode_steps: 3, fast_capacity_mib: 0.25}\n")
-    result = run_experiment(load_experiment(spec), tmp_path / "out", report=False)
-    assert not result.failed
-    rows = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
+    rows = run_jobs(tmp_path, GPU_HBM, "  - {kind: decode, policies: [lru], prompt_tokens: 96, shared_prefix_tokens: "
+                    "32,\n     decode_steps: 3, fast_capacity_mib: 0.25}\n")
     assert len([r for r in rows if r["metric"] == "tpot_ms"]) == 3 * 3  # lru and the two bounds
     fastest = [r for r in rows if "all-fastest" in r["run"]]
     hbm_read = [r for r in fastest if r["metric"] == "kv_bytes_per_token" and r["tier"] == "hbm"]

@@ -2,33 +2,27 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from experiment_runs import run_jobs
 
 from tieremu.errors import ConfigError
-from tieremu.runner.experiment import run_experiment
 from tieremu.runner.spec import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def rows_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+CXL_MAP = REPO / "configs" / "tiers" / "cxl-expander.yaml"
+SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"
 
 
 def test_decode_and_replay_jobs_run_with_their_bounds(tmp_path: Path) -> None:
-    spec = tmp_path / "e.yaml"
-    spec.write_text(
-        f"name: wj\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\njobs:\n"
-        "  - {kind: decode, policies: [lru], prompt_tokens: 96, shared_prefix_tokens: 32, decode_steps: 4,\n"
-        "     fast_capacity_mib: 0.25}\n"
-        f"  - {{kind: replay, trace: {REPO / 'configs/traces/small.jsonl'}, policies: [lru], max_requests: 80,\n"
-        "     fast_capacity_blocks: 20}\n")
-    result = run_experiment(load_experiment(spec), tmp_path / "out", report=False)
-    assert not result.failed
-    rows = rows_of(result.path)
+    rows = run_jobs(tmp_path, CXL_MAP,
+                    "  - {kind: decode, policies: [lru], prompt_tokens: 96, shared_prefix_tokens: 32,\n"
+                    "     decode_steps: 4, fast_capacity_mib: 0.25}\n"
+                    f"  - {{kind: replay, trace: {SMALL_TRACE}, policies: [lru], max_requests: 80,\n"
+                    "     fast_capacity_blocks: 20}\n")
     decode = [r for r in rows if r["job"] == "decode"]
     runs = {r["run"] for r in decode}
     assert len(runs) == 3  # lru + all-fastest + all-slowest
@@ -79,14 +73,9 @@ def test_a_decode_spec_with_a_bad_value_fails_before_any_work(tmp_path: Path) ->
 
 def test_replay_job_executes_a_trace_on_real_blocks_beside_its_bounds(tmp_path: Path,
                                                                      memory_nodes: tuple[int, ...]) -> None:
-    spec = tmp_path / "e.yaml"
-    spec.write_text(
-        f"name: ex\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\njobs:\n"
-        f"  - {{kind: replay, mode: execute, trace: {REPO / 'configs/traces/small.jsonl'}, policies: [lru],\n"
-        "     max_requests: 40, fast_capacity_blocks: 20, time_scale: 0.05, block_kib: 16}\n")
-    result = run_experiment(load_experiment(spec), tmp_path / "out", report=False)
-    assert not result.failed, result.failed
-    rows = rows_of(result.path)
+    rows = run_jobs(tmp_path, CXL_MAP,
+                    f"  - {{kind: replay, mode: execute, trace: {SMALL_TRACE}, policies: [lru],\n"
+                    "     max_requests: 40, fast_capacity_blocks: 20, time_scale: 0.05, block_kib: 16}\n")
     runs = {r["run"].split("-r0")[0] for r in rows}
     assert runs == {"replay-lru", "replay-belady", "replay-all-fastest", "replay-all-slowest"}
     emulated = len(memory_nodes) == 1
@@ -106,13 +95,9 @@ def test_replay_job_executes_a_trace_on_real_blocks_beside_its_bounds(tmp_path: 
 
 
 def test_replay_job_generates_its_trace_from_a_seed(tmp_path: Path) -> None:
-    spec = tmp_path / "e.yaml"
-    spec.write_text(f"name: gen\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\njobs:\n"
+    rows = run_jobs(tmp_path, CXL_MAP,
                     "  - {kind: replay, generate: {kind: agent, requests: 60, seed: 3}, policies: [lfu],\n"
                     "     fast_capacity_blocks: 10}\n")
-    result = run_experiment(load_experiment(spec), tmp_path / "out", report=False)
-    assert not result.failed
-    rows = rows_of(result.path)
     ttft = [r for r in rows if r["metric"] == "ttft_ms" and "lfu" in r["run"]]
     assert len(ttft) == 60 and all(r["origin"] == "simulated" for r in ttft)
     # An agentic loop over a shared system prompt hits its prefix: the generator's trace really has reuse.

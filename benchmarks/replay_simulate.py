@@ -20,7 +20,7 @@ from tieremu.workloads.generators import mix
 from tieremu.workloads.simulate import SimTier, policy_context, simulate
 from tieremu.workloads.trace import Request, read_trace, reference_count
 
-SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+SHARED_TRACE = Path(__file__).resolve().parents[1] / "traces" / "mooncake_synthetic_trace.jsonl"
 BUDGET_S = 5.0
 LINEAR_TOLERANCE = 0.30
 

@@ -36,7 +36,7 @@ from tieremu.workloads.trace import Request, ceiling_hit_ratio, read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"
-SHARED_TRACE = REPO.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+SHARED_TRACE = REPO / "traces" / "mooncake_synthetic_trace.jsonl"
 CXL_MAP = REPO / "configs" / "tiers" / "cxl-expander.yaml"
 CAPS = {"dram": 40, "cxl": 100, "far": 400}  # every tier limited: blocks are pushed down and out of the last
 EPOCH_S = 0.01  # the daemon's period, wall seconds, in its thread

@@ -8,11 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tieremu.configfile import Section, load_yaml, positive
+from tieremu.configfile import Section, load_yaml, show
 from tieremu.numa.syscalls import Policy
+from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_NS, MAX_RATIO, Range, number_problem
 
 KINDS = ("numa", "file", "cuda")
 POLICIES = tuple(p.name.lower() for p in Policy if p.takes_nodes)
+# The documented ranges of a tier map's numbers (the kernel's MAX_NUMNODES is at most 1024).
+NODE_IDS = Range(0, 1023, integer=True)
+DEVICE_IDS = Range(0, 1023, integer=True)
+CAPACITY_MIB = Range(1, MAX_MIB, integer=True)
+LATENCY_NS = Range(0, MAX_NS, lo_closed=False)
+GBPS = Range(0, MAX_GBPS, lo_closed=False)
+RATIO = Range(0, MAX_RATIO, lo_closed=False)
 
 
 @dataclass(frozen=True)
@@ -117,13 +125,15 @@ def _tier(s: Section) -> TierSpec:
     if kind == "cuda":
         return _cuda_tier(s, name)
     nodes = s.ints("nodes")
-    if not nodes or any(n < 0 for n in nodes):
-        raise s.error("nodes", f"{list(nodes)}: give one or more node ids (0 or greater)")
+    if not nodes or any(number_problem(n, NODE_IDS) for n in nodes):
+        raise s.error("nodes", f"{show(list(nodes))}: give one or more node ids ({NODE_IDS.describe()})")
+    if len(set(nodes)) != len(nodes):
+        raise s.error("nodes", f"{list(nodes)}: a node is listed twice; list each node once")
     policy = Policy.from_name(s.get("policy", str, "bind", choices=POLICIES))
     weights = s.ints("weights", None)
     if policy == Policy.WEIGHTED_INTERLEAVE:
         if weights is None or len(weights) != len(nodes) or any(not 1 <= w <= 255 for w in weights):
-            raise s.error("weights", f"{weights}: weighted_interleave needs one weight (1..255) per node of "
+            raise s.error("weights", f"{show(weights)}: weighted_interleave needs one weight (1..255) per node of "
                                      f"{list(nodes)}")
     elif weights is not None:
         raise s.error("weights", f"only valid with policy weighted_interleave, not {policy.name.lower()}")
@@ -135,7 +145,7 @@ def _tier(s: Section) -> TierSpec:
     if shape and emulate is None:
         raise s.error("shape", "shaping a real node needs emulate targets (latency_ratio, bandwidth_ratio, ...)")
     description = s.get("description", str, "")
-    capacity_mib = s.get("capacity_mib", int, None, check=positive)
+    capacity_mib = s.get("capacity_mib", int, None, valid=CAPACITY_MIB)
     s.done()
     return TierSpec(name, kind, nodes, policy, weights, allow, emulate, description, shape, capacity_mib)
 
@@ -143,7 +153,7 @@ def _tier(s: Section) -> TierSpec:
 def _file_tier(s: Section, name: str) -> TierSpec:
     """A directory on a storage device: no nodes, no memory policy, no timing model (its speed is the device's)."""
     path = s.relative_path(s.get("path", str))
-    capacity_mib = s.get("capacity_mib", int, None, check=positive)
+    capacity_mib = s.get("capacity_mib", int, None, valid=CAPACITY_MIB)
     description = s.get("description", str, "")
     s.done()
     return TierSpec(name, "file", (), Policy.DEFAULT, None, False, None, description, False, capacity_mib, path)
@@ -153,10 +163,10 @@ def _cuda_tier(s: Section, name: str) -> TierSpec:
     """A GPU's memory: no nodes and no memory policy of its own. Its speed is the device's when it is real; when
     it is emulated it lives on the nearest NUMA node with the bind policy (as any emulated tier) and `emulate`
     may only slow it down from there, so no node list or policy is taken here."""
-    device = s.get("device", int, 0, check=lambda v: None if v >= 0 else "give a CUDA device index, 0 or more")
+    device = s.get("device", int, 0, valid=DEVICE_IDS)
     allow = s.get("allow_emulation", bool, False)
     emulate = _timing(s.section("emulate")) if s.has("emulate") else None
-    capacity_mib = s.get("capacity_mib", int, None, check=positive)
+    capacity_mib = s.get("capacity_mib", int, None, valid=CAPACITY_MIB)
     description = s.get("description", str, "")
     s.done()
     return TierSpec(name, "cuda", (), Policy.BIND, None, allow, emulate, description, False, capacity_mib,
@@ -165,14 +175,13 @@ def _cuda_tier(s: Section, name: str) -> TierSpec:
 
 def _timing(s: Section) -> TimingTarget:
     target = TimingTarget(
-        latency_ns=s.get("latency_ns", float, None, check=positive),
-        latency_ratio=s.get("latency_ratio", float, None, check=positive),
-        bandwidth_gbps=s.get("bandwidth_gbps", float, None, check=positive),
-        bandwidth_ratio=s.get("bandwidth_ratio", float, None, check=positive),
-        write_bandwidth_gbps=s.get("write_bandwidth_gbps", float, None, check=positive),
-        write_bandwidth_ratio=s.get("write_bandwidth_ratio", float, None, check=positive),
-        access_overhead_ns=s.get("access_overhead_ns", float, 0.0,
-                                 check=lambda v: None if v >= 0 else "must be 0 or more"),
+        latency_ns=s.get("latency_ns", float, None, valid=LATENCY_NS),
+        latency_ratio=s.get("latency_ratio", float, None, valid=RATIO),
+        bandwidth_gbps=s.get("bandwidth_gbps", float, None, valid=GBPS),
+        bandwidth_ratio=s.get("bandwidth_ratio", float, None, valid=RATIO),
+        write_bandwidth_gbps=s.get("write_bandwidth_gbps", float, None, valid=GBPS),
+        write_bandwidth_ratio=s.get("write_bandwidth_ratio", float, None, valid=RATIO),
+        access_overhead_ns=s.get("access_overhead_ns", float, 0.0, valid=Range(0, MAX_NS)),
     )
     s.done()
     if target.latency_ns is not None and target.latency_ratio is not None:

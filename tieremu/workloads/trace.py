@@ -9,12 +9,12 @@ Mooncake release), so the later request can reuse it. Lines must arrive in non-d
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tieremu.errors import TraceError
+from tieremu.safefile import atomic_write
 
 MOONCAKE_BLOCK_TOKENS = 512
 FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
@@ -96,14 +96,9 @@ def _parse(line: str, where: str) -> Request:
 
 
 def write_trace(path: str | Path, requests: Sequence[Request]) -> None:
-    """Write atomically (a reader never sees half a trace)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        for request in requests:
-            f.write(request.to_json())
-            f.write("\n")
-    os.replace(tmp, path)
+    """Write atomically (a reader never sees half a trace) and safely: a symlink, device node or FIFO at path is
+    refused, not replaced."""
+    atomic_write(path, "".join(request.to_json() + "\n" for request in requests))
 
 
 def reference_count(requests: Sequence[Request]) -> int:

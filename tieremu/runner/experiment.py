@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,10 +23,11 @@ from tieremu.probe.calibrate import calibration
 from tieremu.runner import manifest
 from tieremu.runner.jobs import RunContext, job_path
 from tieremu.runner.metrics import MetricRow, summarise
-from tieremu.runner.results import ResultDir
+from tieremu.runner.results import ReopenedResultDir, ResultDir, ResultError
 from tieremu.runner.spec import ExperimentSpec
 from tieremu.runner.sweep import PlannedRun, expand
 from tieremu.runner.worker import RunOutcome, RunTask, headline, run_isolated
+from tieremu.safefile import UnsafeFileError, atomic_write, open_append
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
 from tieremu.tiers.timing import Calibration
 
@@ -115,27 +115,6 @@ def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None 
     return ExperimentResult(final, plan, ordered, final / report_path.name if report_path else None)
 
 
-class ReopenedResultDir(ResultDir):
-    """An existing result folder made partial again for `--resume` (done, partial or failed): while runs are
-    added it must not look complete, and `finish()` renames it back exactly as a new folder would be."""
-
-    def __init__(self, folder: Path, experiment: str) -> None:  # no super().__init__: that creates a new folder
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ConfigError(f"--resume {folder}: no such result folder")
-        stamp = folder.name.removesuffix(".partial").removesuffix(".failed")
-        if folder.parent.name != experiment:
-            raise ConfigError(f"--resume {folder}: the folder belongs to experiment {folder.parent.name!r}, "
-                              f"not {experiment!r}; resume it with its own spec")
-        self.final = folder.with_name(stamp)
-        self.path = self.final.with_name(stamp + ".partial")
-        if folder != self.path:
-            os.replace(folder, self.path)
-        error = self.path / "error.txt"
-        if error.exists():  # the earlier attempt's failure: kept, but no longer the folder's verdict
-            os.replace(error, self.path / "error.previous.txt")
-
-
 def latest_folder(out_root: Path, experiment: str) -> Path:
     """The newest result folder of an experiment, finished or not (what `--resume` without DIR picks)."""
     base = out_root / experiment
@@ -175,9 +154,9 @@ def _write_manifest(out: ResultDir, plan: Plan, *, resumed: bool) -> None:
     earlier: list[dict[str, Any]] = []  # the attempts before this --resume: when, and with which command
     old = out.path / "manifest.json"
     if resumed and old.exists():
-        previous = json.loads(old.read_text())
+        previous = json.loads(old.read_text())  # checked to be a tieremu manifest when the folder was reopened
         earlier = [*previous.get("extra", {}).get("earlier_attempts", []),
-                   {"created_utc": previous["created_utc"], "command": previous["command"]}]
+                   {"created_utc": previous.get("created_utc"), "command": previous.get("command")}]
     out.write_json("manifest.json", manifest.collect(
         plan.topology, experiment=spec.name, description=spec.description, spec=str(spec.source),
         spec_text=spec.source.read_text(), tier_map=str(spec.tier_map.source),
@@ -194,16 +173,24 @@ def _previous_records(folder: Path) -> dict[str, RunRecord | None]:
     """Runs already done in this folder (kept by --resume); failed or missing ones map to None (run again)."""
     out: dict[str, RunRecord | None] = {}
     for status in (folder / "runs").glob("*/status.json"):
-        data = json.loads(status.read_text())
-        done = data.get("status") == DONE and (status.parent / "metrics.jsonl").exists()
-        out[data["run_id"]] = RunRecord(data["run_id"], DONE, data["seconds"], None, data["rows"], True) if done \
-            else None
+        try:
+            data = json.loads(status.read_text())
+            done = data.get("status") == DONE and (status.parent / "metrics.jsonl").exists()
+            record = RunRecord(str(data["run_id"]), DONE, float(data["seconds"]), None, int(data["rows"]), True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            # A corrupt or half-written status (a crash, a full disk): the run is not done, so it runs again.
+            out[status.parent.name] = None
+            continue
+        out[record.run_id] = record if done else None
     return out
 
 
 def _execute(out: ResultDir, plan: Plan, run: PlannedRun) -> RunRecord:
     workdir = out.path / "runs" / run.run_id
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResultError(f"cannot create {workdir}: {exc.strerror}") from None
     context = RunContext(run.run_id, run.kind, run.policy, run.repetition, plan.spec.seed + run.repetition,
                          plan.resolved[run.tiers], plan.calibration, workdir)
     outcome: RunOutcome = run_isolated(RunTask(job_path(run.job), run.params, context), plan.spec.run_timeout_s)
@@ -214,15 +201,19 @@ def _execute(out: ResultDir, plan: Plan, run: PlannedRun) -> RunRecord:
                                  "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     # status.json last: a run counts as done only once its rows are safely on disk
     _atomic_text(workdir / "status.json", json.dumps(status, indent=2) + "\n")
-    with (out.path / "metrics.jsonl").open("a") as live:  # readable while the sweep goes on; rebuilt at the end
-        live.writelines(json.dumps(r.to_dict()) + "\n" for r in rows)
+    try:  # readable while the sweep goes on; rebuilt at the end
+        with open_append(out.path / "metrics.jsonl") as live:
+            live.write("".join(json.dumps(r.to_dict()) + "\n" for r in rows).encode())
+    except (UnsafeFileError, OSError) as exc:
+        raise ResultError(f"cannot write {out.path / 'metrics.jsonl'}: {exc}") from None
     return record
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, text)
+    except UnsafeFileError as exc:
+        raise ResultError(str(exc)) from None
 
 
 def _collect_rows(folder: Path, runs: list[PlannedRun]) -> list[MetricRow]:

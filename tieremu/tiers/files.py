@@ -10,9 +10,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import secrets
 from pathlib import Path
 
 from tieremu.errors import ConfigError, TieremuError
+from tieremu.safefile import UnsafeFileError, create_exclusive
 
 ALIGN = 4096
 
@@ -32,18 +34,33 @@ class BlockFile:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FileTierError(f"file tier directory {directory}: {exc.strerror}") from None
-        self.path = directory / f"tieremu-{name}-{os.getpid()}.blocks"
+        # An unpredictable name, created exclusively without following links: the directory may be shared,
+        # and a planted symlink must never make a root process write through it.
+        self.path = directory / f"tieremu-{name}-{os.getpid()}-{secrets.token_hex(4)}.blocks"
         self.slot_bytes = slot_bytes
         self.slots = slots
         self.direct = True
+        self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+            self._fd = create_exclusive(self.path, os.O_RDWR | os.O_DIRECT)
+        except UnsafeFileError as exc:
+            raise FileTierError(f"file tier {exc}") from None
         except OSError as exc:
             if exc.errno != errno.EINVAL:  # tmpfs and some others refuse O_DIRECT: fall back, and say so
                 raise FileTierError(f"file tier {self.path}: {exc.strerror}") from None
             self.direct = False
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.ftruncate(self._fd, slot_bytes * slots)
+            try:
+                self._fd = create_exclusive(self.path, os.O_RDWR)
+            except UnsafeFileError as exc2:
+                raise FileTierError(f"file tier {exc2}") from None
+            except OSError as exc2:
+                raise FileTierError(f"file tier {self.path}: {exc2.strerror}") from None
+        try:
+            os.ftruncate(self._fd, slot_bytes * slots)
+        except OSError as exc:
+            self.close()
+            raise FileTierError(f"file tier {self.path}: cannot size it to {slot_bytes * slots} bytes "
+                                f"({exc.strerror})") from None
 
     def write(self, slot: int, addr: int) -> None:
         """Write slot from the aligned buffer at addr."""

@@ -71,6 +71,9 @@ class Job(ABC):
     # Bounds run beside every policy of the job besides the BASELINES (all-fastest / all-slowest): an offline
     # optimum where the job knows the future (a trace replay runs Belady).
     bounds: ClassVar[tuple[str, ...]] = ()
+    # Params that name input files (a trace): their contents are part of every run id, so --resume never
+    # reuses a result computed from another version of the file.
+    input_files: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod

@@ -7,13 +7,17 @@ fails before any work. A run id depends only on what the run does, so `--resume`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import re
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from tieremu import __version__
 from tieremu.configfile import Section
 from tieremu.errors import ConfigError
 from tieremu.runner.jobs import BASELINES, Job, ProbeJob, job_path
@@ -87,11 +91,12 @@ def _job_runs(spec: ExperimentSpec, job: JobSpec) -> list[PlannedRun]:
             point = dict(zip(names, combo, strict=True))
             raw = {**job.raw, **point}
             params = _parse(spec, job, raw, point, tiers)
+            defines = definition(spec, tiers, {k: raw.get(k) for k in job.job.input_files})
             labelled = ({"tiers": tiers} if tiers_axis else {}) | point
             for policy in policies:
                 for rep in range(job.repetitions):
                     runs.append(PlannedRun(
-                        run_id=run_id(job.kind, job.index, policy, tiers, rep, raw), job_index=job.index,
+                        run_id=run_id(job.kind, job.index, policy, tiers, rep, raw, defines), job_index=job.index,
                         kind=job.kind, job=job.job, policy=policy, tiers=tiers, repetition=rep, axes=labelled,
                         raw_params=raw, params=params))
     return runs
@@ -120,14 +125,50 @@ def _parse(spec: ExperimentSpec, job: JobSpec, raw: dict[str, Any], point: dict[
 
 def _probe_run(spec: ExperimentSpec, tiers: str) -> PlannedRun:
     params = ProbeJob.parse(Section({}, "probe", spec.source))
-    return PlannedRun(run_id=run_id("probe", None, None, tiers, 0, {}), job_index=None, kind="probe", job=ProbeJob,
-                      policy=None, tiers=tiers, repetition=0, axes={"tiers": tiers}, raw_params={}, params=params)
+    defines = definition(spec, tiers, {})
+    return PlannedRun(run_id=run_id("probe", None, None, tiers, 0, {}, defines), job_index=None, kind="probe",
+                      job=ProbeJob, policy=None, tiers=tiers, repetition=0, axes={"tiers": tiers}, raw_params={},
+                      params=params)
 
 
-def run_id(kind: str, job_index: int | None, policy: str | None, tiers: str, rep: int, raw: dict[str, Any]) -> str:
-    """Readable prefix, then a hash of everything that makes the run what it is."""
-    key = json.dumps({"job": job_index, "kind": kind, "policy": policy, "tiers": tiers, "rep": rep, "params": raw},
-                     sort_keys=True, default=str)
+def run_id(kind: str, job_index: int | None, policy: str | None, tiers: str, rep: int, raw: dict[str, Any],
+           defines: str = "") -> str:
+    """Readable prefix, then a hash of everything that makes the run what it is (`defines`: see `definition`)."""
+    key = json.dumps({"job": job_index, "kind": kind, "policy": policy, "tiers": tiers, "rep": rep, "params": raw,
+                      "defines": defines}, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     readable = "-".join(p for p in (kind, policy) if p)
     return f"{re.sub(r'[^A-Za-z0-9._-]', '_', readable)}-r{rep}-{digest}"
+
+
+def definition(spec: ExperimentSpec, tiers: str, inputs: dict[str, Any]) -> str:
+    """A digest of what defines a run beyond its own params, so that `--resume` never takes a result of a changed
+    experiment for this one: the spec's seed, tieremu's version, the contents of its tier map and of the files
+    its job reads (`Job.input_files`: a trace), not just their paths."""
+    tier_map = spec.tier_maps[tiers]
+    files = {str(v): _file_digest(spec.source.parent / v) for v in inputs.values() if isinstance(v, str) and v}
+    key = {"seed": spec.seed, "version": __version__,
+           "tier_map": _file_digest(tier_map.source) if tier_map.source is not None else tiers,
+           "files": {k: d for k, d in files.items() if d is not None}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str | None:
+    """sha256 of a regular file's contents (None: not a regular file, so the value is not a file name)."""
+    try:
+        st = path.stat()
+    except (OSError, ValueError):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return _digest_of(path, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_of(path: Path, inode: int, size: int, mtime_ns: int) -> str | None:
+    """Cached by identity, size and time: a sweep names one trace in many runs, and an edit changes the key."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None

@@ -64,6 +64,7 @@ class ReplayJob(Job):
     kind = "replay"
     takes_policies = True
     bounds = ("belady",)  # the trace is known ahead: the offline optimum runs beside every policy
+    input_files = ("trace",)
 
     @classmethod
     def parse(cls, section: Section) -> ReplayParams:

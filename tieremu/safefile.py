@@ -55,7 +55,7 @@ def open_append(path: str | os.PathLike[str], mode: int = 0o644) -> BinaryIO:
     if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device swapped in between lstat and open
         os.close(fd)
         check_destination(path)
-    return os.fdopen(fd, "ab")
+    return os.fdopen(fd, "ab", buffering=0)
 
 
 @contextmanager

@@ -1,8 +1,9 @@
 """Apply a profile with a durable journal and roll back on any failure; tear a profile down from its journal.
 
-The order of events for every step is: journal on disk, then the write. A failure, Ctrl-C or SIGTERM
-mid-apply undoes the journalled steps in reverse order with those signals held off, so the machine is
-left as it was. A process killed outright leaves its journal behind; `teardown` finds it and undoes it.
+The order of events for every step is: journal on disk, then the write. A failure, Ctrl-C, SIGTERM or SIGHUP
+(a closed terminal or dropped ssh session) mid-apply undoes the journalled steps in reverse order with those
+signals held off, so the machine is left as it was. A process killed outright leaves its journal behind;
+`teardown` finds it and undoes it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,16 @@ from tieremu.lab.plan import Plan, action_label, make_plan
 from tieremu.lab.profile import Profile
 from tieremu.lab.steps import Step
 
+# Signals that end a shell session or ask a process to stop: each rolls an apply back (SIGINT is Ctrl-C).
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
 
 class Terminated(BaseException):
-    """SIGTERM arrived while a profile was being applied; like KeyboardInterrupt, it triggers a rollback."""
+    """SIGTERM or SIGHUP arrived while a profile was being applied; like KeyboardInterrupt, it triggers a rollback."""
+
+    def __init__(self, name: str, signum: int = signal.SIGTERM) -> None:
+        super().__init__(name)
+        self.signum = signum
 
 
 def require_root(what: str) -> None:
@@ -55,7 +63,7 @@ class Applier:
     def __init__(self, profile: Profile, fs: KernelFS, state: str | os.PathLike[str] | None = None) -> None:
         self.profile = profile
         self.fs = fs
-        self.state = state_dir(state)
+        self.state = state_dir(state, fs.root)
 
     def plan(self) -> Plan:
         return make_plan(self.profile, self.fs)
@@ -110,7 +118,7 @@ class Applier:
 def undo(journal: Journal, fs: KernelFS) -> UndoReport:
     """Undo the journal's steps newest first, saving progress after each; remove it when all are undone.
 
-    Ctrl-C and SIGTERM are ignored meanwhile: stopping half-way would leave the machine in a state
+    Ctrl-C, SIGTERM and SIGHUP are ignored meanwhile: stopping half-way would leave the machine in a state
     nobody asked for. A step that fails stays in the journal, and later (older) steps are still tried.
     """
     report = UndoReport()
@@ -141,9 +149,9 @@ def undo(journal: Journal, fs: KernelFS) -> UndoReport:
 
 
 def load_journal(name: str, fs: KernelFS, state: str | os.PathLike[str] | None = None) -> Journal:
-    path = journal_path(state_dir(state), name)
+    path = journal_path(state_dir(state, fs.root), name)
     if not path.exists():
-        active = ", ".join(p.stem for p in journals(state_dir(state))) or "none"
+        active = ", ".join(p.stem for p in journals(state_dir(state, fs.root))) or "none"
         raise LabStateError(f"profile {name} is not applied here: no journal at {path} (active: {active})")
     journal = Journal.load(path)
     if Path(journal.root) != fs.root:
@@ -168,13 +176,14 @@ def _sigterm_raises() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(signal.Signals(signum).name)
+        raise Terminated(signal.Signals(signum).name, signum)
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in ENDING_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @contextmanager
@@ -182,7 +191,7 @@ def _signals_ignored() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, *ENDING_SIGNALS)}
     try:
         yield
     finally:

@@ -22,7 +22,8 @@ _root_option = click.option(
     help=f"Work on sys/ and proc/ under this directory instead of / (also: ${ROOT_ENV}).")
 _state_option = click.option(
     "--state-dir", type=click.Path(file_okay=False), default=None,
-    help=f"Where journals of applied profiles live (default /var/lib/tieremu/lab; also: ${STATE_ENV}).")
+    help=f"Where journals of applied profiles live (default /var/lib/tieremu/lab under the sysfs root, so inside "
+         f"the fixture with --sysfs-root; also: ${STATE_ENV}).")
 
 
 def _console() -> Console:
@@ -40,7 +41,8 @@ def lab() -> None:
     A profile (configs/lab/*.yaml, or a path) lists actions: offline a node's CPUs (a CPU-less node),
     uncore frequency limits, resctrl MBA, NUMA balancing, demotion, THP, huge pages, hygiene knobs, swap,
     a cgroup for the workload. `apply` journals every old value on disk before writing it and rolls back
-    on any failure or Ctrl-C; `teardown` restores from the journal, also after a crash.
+    on any failure, Ctrl-C, SIGTERM or SIGHUP; `teardown` restores from the journal, also after a crash.
+    With --sysfs-root (test mode) nothing outside that tree is touched: swap calls edit its proc/swaps.
     """
 
 
@@ -71,7 +73,7 @@ def apply(profile: str, dry_run: bool, sysfs_root: str | None, state_dir: str | 
         report = applier.apply()
     except (KeyboardInterrupt, Terminated) as exc:
         _say(f"interrupted ({type(exc).__name__}): every write made so far was rolled back")
-        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 143)
+        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum)
     for label, reason in report.skipped:
         _say(f"skipped {label}: unsupported here ({reason})")
     _say(f"applied {report.profile}: {report.writes} write(s), journal {report.journal}; "

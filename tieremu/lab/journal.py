@@ -12,21 +12,29 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tieremu.errors import LabStateError
+from tieremu.errors import LabStateError, TieremuError
 from tieremu.lab.steps import Step, step_from_json, step_to_json
+from tieremu.numa.sysfs import resolve_root
+from tieremu.safefile import check_destination, create_exclusive
 
 STATE_ENV = "TIEREMU_LAB_STATE"
 DEFAULT_STATE = "/var/lib/tieremu/lab"
 VERSION = 1
 
 
-def state_dir(state: str | os.PathLike[str] | None = None) -> Path:
-    """The given dir, else $TIEREMU_LAB_STATE, else /var/lib/tieremu/lab."""
-    return Path(state if state is not None else (os.environ.get(STATE_ENV) or DEFAULT_STATE))
+def state_dir(state: str | os.PathLike[str] | None = None, root: str | os.PathLike[str] | None = None) -> Path:
+    """The given dir, else $TIEREMU_LAB_STATE, else /var/lib/tieremu/lab under the sysfs root: in test mode (a
+    fixture root) the journals live inside the fixture, so a test never marks the host's state as applied."""
+    if state is not None:
+        return Path(state)
+    if os.environ.get(STATE_ENV):
+        return Path(os.environ[STATE_ENV])
+    return resolve_root(root) / DEFAULT_STATE.lstrip("/")
 
 
 def now_utc() -> str:
@@ -104,6 +112,11 @@ class Journal:
 
     def save(self) -> None:
         tmp = self._write_tmp()
+        try:
+            check_destination(self.path)  # never rename over a link or device planted at the journal's name
+        except TieremuError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LabStateError(str(exc)) from None
         os.replace(tmp, self.path)
         _fsync_dir(self.path.parent)
 
@@ -132,8 +145,12 @@ class Journal:
                 "entries": [{"action": e.action, "step": step_to_json(e.step)} for e in self.entries]}
 
     def _write_tmp(self) -> Path:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), "wb") as f:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = create_exclusive(tmp, os.O_WRONLY, 0o644)
+        except TieremuError as exc:
+            raise LabStateError(str(exc)) from None
+        with os.fdopen(fd, "wb") as f:
             f.write(json.dumps(self.to_json(), indent=1).encode())
             f.flush()
             os.fsync(f.fileno())

@@ -2,7 +2,8 @@
 
 Writes go to the file as one `write(2)` without O_CREAT or O_TRUNC, the way sysfs expects; a missing file
 is an error, never created. Every mutation is checked against `tieremu.lab.paths`. Tests subclass this
-to animate fixture trees (the `_do_*` methods) and to inject failures.
+to animate fixture trees (the `_do_*` methods) and to inject failures. With a root other than / (test mode)
+swapoff/swapon edit the fixture's proc/swaps instead of calling the kernel.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from tieremu.errors import LabError, LabWriteError
 from tieremu.lab import paths
-from tieremu.lab.swapcall import SwapSyscall, real_swap_syscall, swap_flags
+from tieremu.lab.swapcall import SwapSyscall, fixture_swap_syscall, real_swap_syscall, swap_flags
 from tieremu.numa.sysfs import SysfsReader
 
 
@@ -22,7 +23,14 @@ class KernelFS:
     def __init__(self, root: str | os.PathLike[str] | None = None, swap_syscall: SwapSyscall | None = None) -> None:
         self.reader = SysfsReader(root)
         self.root = self.reader.root
-        self._swap_syscall = swap_syscall or real_swap_syscall
+        # Test mode: a fixture root never reaches the real swapoff/swapon, whatever its proc/swaps names.
+        default = real_swap_syscall if not self.test_mode else fixture_swap_syscall(self.root)
+        self._swap_syscall = swap_syscall or default
+
+    @property
+    def test_mode(self) -> bool:
+        """Working on a fixture tree (any root but /): no call may reach the host's kernel."""
+        return self.root.resolve() != Path("/")
 
     # -- reads -------------------------------------------------------------------------------------------
 

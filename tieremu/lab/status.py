@@ -46,7 +46,7 @@ class ProfileStatus:
 
 
 def profile_status(profile: Profile, fs: KernelFS, state: str | os.PathLike[str] | None = None) -> ProfileStatus:
-    path = journal_path(state_dir(state), profile.name)
+    path = journal_path(state_dir(state, fs.root), profile.name)
     journal = Journal.load(path) if path.exists() else None
     knobs: list[KnobStatus] = []
     unsupported: list[Unsupported] = []
@@ -71,7 +71,7 @@ def active_profiles(root: str | os.PathLike[str] | None = None, *,
     """
     fs = KernelFS(root)
     out: list[dict[str, Any]] = []
-    where = state_dir(state)
+    where = state_dir(state, fs.root)
     if where.exists() and not os.access(where, os.R_OK | os.X_OK):
         # Saying nothing here would record "no profile active" for a machine that has one.
         return [{"name": None, "error": f"cannot read the lab state dir {where} as uid {os.geteuid()}"}]

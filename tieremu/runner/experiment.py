@@ -26,7 +26,7 @@ from tieremu.runner.metrics import MetricRow, summarise
 from tieremu.runner.results import ReopenedResultDir, ResultDir, ResultError
 from tieremu.runner.spec import ExperimentSpec
 from tieremu.runner.sweep import PlannedRun, expand
-from tieremu.runner.worker import RunOutcome, RunTask, headline, run_isolated
+from tieremu.runner.worker import RunOutcome, RunTask, headline, run_isolated, terminate_raises
 from tieremu.safefile import UnsafeFileError, atomic_write, open_append
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
 from tieremu.tiers.timing import Calibration
@@ -93,7 +93,7 @@ def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None 
                    listener: Listener | None = None, report: bool = True) -> ExperimentResult:
     plan = plan_experiment(spec)
     out = ReopenedResultDir(resume, spec.name) if resume is not None else ResultDir(out_root, spec.name)
-    with out:
+    with out, terminate_raises():
         _write_manifest(out, plan, resumed=resume is not None)
         previous = _previous_records(out.path) if resume is not None else {}
         todo = [r for r in plan.runs if previous.get(r.run_id) is None]

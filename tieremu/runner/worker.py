@@ -6,23 +6,30 @@ the parent carries on.
 
 from __future__ import annotations
 
+import ctypes
 import faulthandler
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from tieremu.runner.jobs import RunContext, load_job
 from tieremu.runner.metrics import MetricRow
+from tieremu.safefile import open_append
 
 LOG_NAME = "worker.log"  # the child's stdout and stderr (and faulthandler's dump on a crash)
 LOG_TAIL = 2000  # characters of that log quoted in a crash's error
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ def run_isolated(task: RunTask, timeout_s: float) -> RunOutcome:
     task.context.workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     # Not a daemon: a job may start processes of its own, which daemonic processes may not.
-    proc = ctx.Process(target=_child, args=(sender, task), name=f"tieremu-run-{task.context.run_id}")
+    proc = ctx.Process(target=_child, args=(sender, task, os.getpid()), name=f"tieremu-run-{task.context.run_id}")
     proc.start()
     sender.close()  # only the child holds the sending end now, so its death reads as EOF here
     message, timed_out = None, False
@@ -112,9 +119,44 @@ def _log_tail(workdir: Path) -> str:
     return f"\n--- worker output (last {LOG_TAIL} characters) ---\n{text[-LOG_TAIL:]}" if text else ""
 
 
-def _child(sender: Connection, task: RunTask) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP reached the runner: handled like Ctrl-C (the running worker is killed, the result folder
+    is marked failed and can be resumed)."""
+
+
+@contextmanager
+def terminate_raises() -> Iterator[None]:
+    """While a sweep runs, SIGTERM and SIGHUP (a closed terminal or ssh session) raise Terminated."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(f"{signal.Signals(signum).name} received")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG), so no worker
+    outlives a runner killed with SIGKILL; if the parent is already gone, exit now."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent:  # the parent died before the prctl: the signal will never come
+        os._exit(1)
+
+
+def _child(sender: Connection, task: RunTask, parent: int) -> None:
     """Runs in the fresh process: output to the run's log, a traceback dump on fatal signals, one message back."""
-    log = open(task.context.workdir / LOG_NAME, "ab", buffering=0)  # noqa: SIM115 - lives as long as the process
+    die_with_parent(parent)
+    log = open_append(task.context.workdir / LOG_NAME)  # lives as long as the process
     sys.stdout.flush()
     sys.stderr.flush()
     os.dup2(log.fileno(), 1)

@@ -29,6 +29,7 @@ with demotion) places its pages, and reports the kernel's counters beside the ch
 from __future__ import annotations
 
 import errno as errno_mod
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -52,9 +53,10 @@ from tieremu.numa import syscalls
 from tieremu.numa.pages import PAGE_SIZE
 from tieremu.numa.sysfs import format_list
 from tieremu.numa.topology import Topology, discover
+from tieremu.numbers import MAX_SECONDS, Range, number_problem
 from tieremu.policy.base import AccessEvent, Move, Plan, Policy, PolicyContext, TierState
 from tieremu.policy.registry import get_policy
-from tieremu.tiers.config import TierMap, load_tier_map
+from tieremu.tiers.config import GBPS, TierMap, load_tier_map
 from tieremu.tiers.resolve import in_vm
 
 DEFAULT_EPOCH_S = 0.5
@@ -731,10 +733,15 @@ def attach(config: AttachConfig, *, topology: Topology | None = None,
 def _check_settings(config: AttachConfig) -> None:
     if config.pid <= 0:
         raise AttachError(f"pid {config.pid}: give the pid of a running process (a positive number)")
-    if not config.epoch_s > 0:
-        raise AttachError(f"epoch {config.epoch_s * 1e3:g} ms: the epoch must be positive")
-    if config.budget_gbps is not None and not config.budget_gbps > 0:
-        raise AttachError(f"budget {config.budget_gbps} GB/s: give a positive budget, or none for unlimited")
+    if config.pid == 1:
+        raise AttachError("pid 1 is init: moving the pages of the process every other depends on is refused; "
+                          "give the pid of the workload")
+    if config.pid == os.getpid():
+        raise AttachError(f"pid {config.pid} is this daemon itself: give the pid of the workload")
+    if (problem := number_problem(config.epoch_s, Range(0, MAX_SECONDS, lo_closed=False))) is not None:
+        raise AttachError(f"epoch (seconds) {problem}")
+    if config.budget_gbps is not None and (problem := number_problem(config.budget_gbps, GBPS)) is not None:
+        raise AttachError(f"budget (GB/s) {problem}; or none for unlimited")
     if config.sample_pages < 0:
         raise AttachError(f"sample_pages={config.sample_pages}: give 0 (every page) or a positive count")
     if config.policy == KERNEL_POLICY and config.params:

@@ -22,8 +22,9 @@ from tieremu.daemon.attach import (
     attach,
 )
 from tieremu.daemon.proctrack import DEFAULT_CHUNK_BYTES
+from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_SECONDS
 from tieremu.policy.registry import names
-from tieremu.workloads.replay_cli import parse_params
+from tieremu.workloads.replay_cli import Number, parse_params
 
 
 @click.command("daemon")
@@ -32,18 +33,18 @@ from tieremu.workloads.replay_cli import parse_params
               help=f"Policy name: {', '.join(names())}, package.module:Class, or {KERNEL_POLICY} (move nothing; "
               "watch the kernel's own tiering).")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A policy parameter (repeatable).")
-@click.option("--epoch-ms", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_EPOCH_S * 1e3,
+@click.option("--epoch-ms", type=Number(0, MAX_SECONDS * 1e3), default=DEFAULT_EPOCH_S * 1e3,
               show_default=True, help="Epoch: how often the process is sampled and the plan carried out.")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--duration", type=Number(0, MAX_SECONDS), default=None,
               help="Seconds to run (default: until Ctrl-C).")
-@click.option("--budget-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--budget-gbps", type=Number(0, MAX_GBPS), default=None,
               help="Migration bandwidth budget in GB/s (default: unlimited).")
 @click.option("--tiers", "tier_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Tier map (configs/tiers/*.yaml), fastest first; capacity_mib limits a tier. Default: one tier "
               "per memory node, by memory tier and distance.")
-@click.option("--chunk-mib", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_CHUNK_BYTES / 2**20,
+@click.option("--chunk-mib", type=Number(0, MAX_MIB), default=DEFAULT_CHUNK_BYTES / 2**20,
               show_default=True, help="Chunk size: the unit tracked and moved (a multiple of the page size).")
-@click.option("--min-region-mib", type=click.FloatRange(min=0), default=None,
+@click.option("--min-region-mib", type=Number(0, MAX_MIB, lo_open=False), default=None,
               help="Smallest anonymous region tracked (default: one chunk).")
 @click.option("--sample-pages", type=click.IntRange(min=0), default=DEFAULT_SAMPLE_PAGES, show_default=True,
               help="Pages per chunk asked where they are each epoch (0: every page).")

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from tieremu.errors import InvalidNodeError
+from tieremu.errors import InvalidNodeError, TopologyError
 from tieremu.numa.sysfs import SysfsReader, format_list, parse_bool, parse_list
 
 NODE_DIR = "sys/devices/system/node"
@@ -146,6 +146,8 @@ def discover(root: str | os.PathLike[str] | None = None) -> Topology:
     """Read the topology under root (default: $TIEREMU_SYSFS_ROOT or /)."""
     fs = SysfsReader(root)
     online = fs.required(f"{NODE_DIR}/online", parse_list)
+    if not online:
+        raise TopologyError(f"{fs.path(f'{NODE_DIR}/online')}: no NUMA node is online; a machine has at least node 0")
     possible = fs.optional(f"{NODE_DIR}/possible", parse_list) or online
     has_memory = fs.optional(f"{NODE_DIR}/has_memory", parse_list)
     tiers = _memory_tiers(fs)
@@ -200,6 +202,9 @@ def _distances(text: str, online: tuple[int, ...]) -> dict[int, int]:
     values = [int(v) for v in text.split()]
     if len(values) != len(online):
         raise ValueError(f"{len(values)} distances for {len(online)} online nodes")
+    # SLIT distances are 10 (local) to 254 (255 means unreachable); a negative or zero one is a broken table.
+    if any(not 1 <= v <= 255 for v in values):
+        raise ValueError(f"distances {values}: each must be 1..255 (10 is local)")
     return dict(zip(online, values, strict=True))
 
 

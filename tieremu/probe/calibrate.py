@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import platform
 import socket
 from pathlib import Path
@@ -17,8 +16,10 @@ from pathlib import Path
 from tieremu.errors import TopologyError
 from tieremu.native.build import cache_dir
 from tieremu.numa.topology import Topology
+from tieremu.numbers import MAX_GBPS, MAX_NS, Range, number_problem
 from tieremu.probe import bandwidth
 from tieremu.probe.latency import ChaseBuffer, measure
+from tieremu.safefile import atomic_write
 from tieremu.tiers.timing import Calibration
 
 LATENCY_BYTES = 1 << 30
@@ -53,7 +54,17 @@ def load_cached() -> Calibration | None:
         cal = Calibration(**data)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None  # written by another version of tieremu: measure again
+    if not _plausible(cal):
+        return None  # 0, NaN or a wild figure (a corrupt or hand-edited cache): measure again rather than trust it
     return cal if cal.machine == machine_key() else None
+
+
+def _plausible(cal: Calibration) -> bool:
+    """Every figure a finite positive number in range: a timing model built on 0 or NaN would be nonsense."""
+    figures = [(cal.latency_ns, MAX_NS), *((v, MAX_NS) for v in cal.latency_by_node.values()),
+               *((v, MAX_GBPS) for v in cal.bandwidth_gbps.values()),
+               *((v, MAX_GBPS) for v in cal.read_gbps_by_node.values())]
+    return all(number_problem(v, Range(0, hi, lo_closed=False)) is None for v, hi in figures)
 
 
 def calibration(topology: Topology, *, refresh: bool = False) -> Calibration:
@@ -64,9 +75,7 @@ def calibration(topology: Topology, *, refresh: bool = False) -> Calibration:
     cal = measure_calibration(topology)
     path = cache_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cal.to_dict(), indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(cal.to_dict(), indent=2))
     return cal
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import html
-import os
 from pathlib import Path
 
 from tieremu import __version__
 from tieremu.report.load import ResultSet
 from tieremu.report.plots import Plot, all_plots
 from tieremu.report.tables import Table, all_tables, provenance
+from tieremu.safefile import atomic_write
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1400px; }
@@ -95,6 +95,4 @@ def _e(text: str) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)

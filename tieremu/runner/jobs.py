@@ -102,8 +102,8 @@ def load_job(path: str) -> type[Job]:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"job {path!r} cannot be loaded: {exc}") from None
+    except Exception as exc:  # user code: any error while importing it is the spec's problem, shown as such
+        raise ConfigError(f"job {path!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
     if not (isinstance(obj, type) and issubclass(obj, Job)):
         raise ConfigError(f"job {path!r} is not a subclass of tieremu.runner.jobs.Job")
     return obj
@@ -143,8 +143,10 @@ class JobRegistry:
         if valid is None:
             return (f"policy {name!r} cannot be checked: job {job.kind!r} uses tieremu.policy.registry, which is "
                     "not installed")
-        if name in valid or (job.policies is None and ":" in name and _importable(name)):
+        if name in valid:
             return None
+        if job.policies is None and ":" in name:
+            return _user_policy_problem(name)
         return f"unknown policy {name!r}; valid: {', '.join(sorted(valid | set(BASELINES)))}"
 
     def valid_policies(self, job: type[Job]) -> frozenset[str] | None:
@@ -173,12 +175,21 @@ def default_registry() -> JobRegistry:
     return registry
 
 
-def _importable(path: str) -> bool:
+def _user_policy_problem(path: str) -> str | None:
+    """Why a `module:Class` policy cannot be used (None: it can). The module is the user's code: whatever its
+    import raises is reported, and the class must be a Policy, so that no run fails later for it."""
+    from tieremu.policy.base import Policy
+
     module, _, attr = path.partition(":")
     try:
-        return hasattr(importlib.import_module(module), attr)
-    except ImportError:
-        return False
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except Exception as exc:
+        return f"policy {path!r} cannot be loaded: {type(exc).__name__}: {exc}"
+    if not (isinstance(obj, type) and issubclass(obj, Policy)):
+        return f"policy {path!r} is not a subclass of tieremu.policy.base.Policy"
+    return None
 
 
 def audit_rows(ctx: RunContext, injector: Any) -> list[MetricRow]:

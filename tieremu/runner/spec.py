@@ -26,13 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tieremu.configfile import Section, load_yaml, positive
+from tieremu.configfile import Section, load_yaml
+from tieremu.numbers import MAX_SECONDS, Range
 from tieremu.runner.jobs import Job, JobRegistry, default_registry
 from tieremu.tiers.config import TierMap, load_tier_map
 
 JOB_KEYS = ("kind", "policies", "sweep", "repetitions")  # read by the runner; every other key is the job's
 SPECIAL_AXES = ("policy", "tiers")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+REPETITIONS = Range(1, 1000, integer=True)  # more is a typo; the sweep's total is bounded too (sweep.MAX_RUNS)
+SEEDS = Range(0, 2**63 - 1, integer=True)
 
 
 class _KeyRecorder(Section):
@@ -98,9 +101,9 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
     tier_maps = {tiers: load_tier_map(doc.relative_path(tiers))}
     lab_profile = doc.get("lab_profile", str, None)
     probe = doc.get("probe", bool, False)
-    repetitions = doc.get("repetitions", int, 1, check=positive)
-    seed = doc.get("seed", int, 0)
-    run_timeout_s = doc.get("run_timeout_s", float, 600.0, check=positive)
+    repetitions = doc.get("repetitions", int, 1, valid=REPETITIONS)
+    seed = doc.get("seed", int, 0, valid=SEEDS)
+    run_timeout_s = doc.get("run_timeout_s", float, 600.0, valid=Range(0, MAX_SECONDS, lo_closed=False))
     sweep = _axes(doc.section("sweep", default_empty=True))
     for written in sweep.get("tiers", ()):
         tier_maps.setdefault(written, load_tier_map(doc.relative_path(written)))
@@ -131,7 +134,7 @@ def _job(index: int, s: Section, registry: JobRegistry, repetitions: int) -> Job
     elif s.has("policies"):
         raise s.error("policies", f"job {kind!r} takes no policies")
     sweep = _axes(s.section("sweep", default_empty=True))
-    reps = s.get("repetitions", int, repetitions, check=positive)
+    reps = s.get("repetitions", int, repetitions, valid=REPETITIONS)
     raw = {k: v for k, v in s.data.items() if k not in JOB_KEYS}
     own = _KeyRecorder(raw, s.path, s.source)
     params = job.parse(own)

@@ -58,7 +58,14 @@ class PlannedRun:
                 "axes": self.axes, "labels": self.labels, "params": self.raw_params}
 
 
+MAX_RUNS = 100_000  # a sweep bigger than this is a mistake (and would take years): refused before it is built
+
+
 def expand(spec: ExperimentSpec) -> list[PlannedRun]:
+    total = sum(_run_count(spec, job) for job in spec.jobs)
+    if total > MAX_RUNS:
+        raise ConfigError(f"{spec.source}: the sweep expands to {total} runs, more than {MAX_RUNS}; shrink the axes "
+                          "or repetitions")
     runs = []
     for job in spec.jobs:
         runs += _job_runs(spec, job)
@@ -100,6 +107,14 @@ def _job_runs(spec: ExperimentSpec, job: JobSpec) -> list[PlannedRun]:
                         kind=job.kind, job=job.job, policy=policy, tiers=tiers, repetition=rep, axes=labelled,
                         raw_params=raw, params=params))
     return runs
+
+
+def _run_count(spec: ExperimentSpec, job: JobSpec) -> int:
+    axes = job_axes(spec, job)
+    count = len(axes.pop("tiers", (spec.tiers,))) * len(_with_bounds(axes.pop("policy", job.policies), job.job.bounds))
+    for values in axes.values():
+        count *= len(values)
+    return count * job.repetitions
 
 
 def _with_bounds(policies: tuple[str, ...] | None, bounds: tuple[str, ...]) -> tuple[str | None, ...]:

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import click
 
+from tieremu.numbers import MAX_SECONDS
 from tieremu.vm import assets as vm_assets
 from tieremu.vm.errors import VmUnavailable
 from tieremu.vm.qemu import ACCELS
 from tieremu.vm.runner import EXIT_UNAVAILABLE, Outcome, RunResult, run_in_guest
 from tieremu.vm.topology import load_topology
+from tieremu.workloads.replay_cli import Number
 
 DEFAULT_TOPOLOGY = vm_assets.REPO_ROOT / "configs" / "vm" / "cxl-3node.yaml"
 ACCEL_ENV = "TIEREMU_VM_ACCEL"
@@ -83,7 +85,7 @@ def _env_pairs(values: tuple[str, ...]) -> dict[str, str]:
 @vm.command(context_settings={"allow_interspersed_args": False})
 @click.option("--topology", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=DEFAULT_TOPOLOGY,
               show_default="configs/vm/cxl-3node.yaml", help="Guest layout: nodes, memory, vCPUs, SLIT, HMAT.")
-@click.option("--timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+@click.option("--timeout", type=Number(1, MAX_SECONDS, lo_open=False), default=600.0, show_default=True,
               help="Seconds from QEMU start to poweroff; past them the guest is killed (exit 124).")
 @click.option("--jobdir", type=click.Path(file_okay=False, path_type=Path),
               help="The folder the guest may write (TIEREMU_VM_JOBDIR inside); kept afterwards. Default: a "

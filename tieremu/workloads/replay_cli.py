@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tieremu.errors import ConfigError, WorkloadError
+from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_RATIO, MAX_SECONDS, Range, number_problem
 from tieremu.policy.registry import get_policy, names
 from tieremu.tiers.config import TierMap, TierSpec, load_tier_map
 from tieremu.workloads.generators import KINDS, generate, mix
@@ -33,6 +34,28 @@ from tieremu.workloads.simulate import (
     simulate,
 )
 from tieremu.workloads.trace import ceiling_hit_ratio, read_trace, write_trace
+
+
+class Number(click.ParamType):
+    """A float option checked by tieremu.numbers: finite and within range (click's FloatRange lets NaN through)."""
+
+    name = "number"
+
+    def __init__(self, lo: float | None = 0, hi: float | None = None, *, lo_open: bool = True) -> None:
+        self.valid = Range(lo, hi, lo_closed=not lo_open)
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is not a number; expected {self.valid.describe()}", param, ctx)
+        if (problem := number_problem(number, self.valid)) is not None:
+            self.fail(problem, param, ctx)
+        return number
+
 
 if TYPE_CHECKING:  # execute mode needs torch and the KV cache: imported only when it runs
     from tieremu.tiers.emulation import DelayInjector
@@ -137,25 +160,25 @@ def _calibrated_local_read() -> tuple[float, str]:
               "migration daemon, arrivals in (scaled) real time.")
 @click.option("--capacity", multiple=True, metavar="TIER=BLOCKS",
               help="A tier's capacity in blocks (repeatable); overrides the map's capacity_mib.")
-@click.option("--block-mib", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_BLOCK_BYTES / 2**20,
+@click.option("--block-mib", type=Number(0, MAX_MIB), default=DEFAULT_BLOCK_BYTES / 2**20,
               show_default=True, help="KV bytes of one block (512 tokens of Llama-3-8B in fp16: 64 MiB).")
 @click.option("--read-gbps", multiple=True, metavar="TIER=GBPS",
               help="A tier's read bandwidth for the TTFT estimate (repeatable); default from its emulate target.")
-@click.option("--local-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--local-gbps", type=Number(0, MAX_GBPS), default=None,
               help="Local DRAM read GB/s that bandwidth ratios refer to (default: calibration, else 20).")
-@click.option("--epoch-ms", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_EPOCH_S * 1e3,
+@click.option("--epoch-ms", type=Number(0, MAX_SECONDS * 1e3), default=DEFAULT_EPOCH_S * 1e3,
               show_default=True, help="Policy epoch, in trace milliseconds.")
-@click.option("--prefill-tokens-per-s", type=click.FloatRange(min=0, min_open=True),
+@click.option("--prefill-tokens-per-s", type=Number(0, 1e9),
               default=DEFAULT_PREFILL_TOKENS_PER_S, show_default=True, help="Cost of a missed token in the TTFT "
               "estimate.")
 @click.option("--max-requests", type=click.IntRange(min=1), default=None,
               help="Replay only the trace's first N requests.")
-@click.option("--time-scale", type=click.FloatRange(min=0, min_open=True), default=EXECUTE_TIME_SCALE,
+@click.option("--time-scale", type=Number(0, MAX_RATIO), default=EXECUTE_TIME_SCALE,
               show_default=True, help="execute: wall seconds per trace second (0.1 replays 10x faster than the "
               "trace; late requests start at once).")
 @click.option("--block-kib", type=click.IntRange(min=1), default=EXECUTE_BLOCK_KIB, show_default=True,
               help="execute: memory a block really takes here (the trace's 512-token block, scaled down).")
-@click.option("--budget-gbps", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--budget-gbps", type=Number(0, MAX_GBPS), default=None,
               help="execute: the daemon's migration budget (default: unlimited).")
 @click.option("--epochs-between-requests", "inline_epochs", is_flag=True,
               help="execute: run the daemon's epochs in the replay's thread at simulate's instants instead of "
@@ -292,7 +315,7 @@ def execute_summary(result: ExecuteResult, ceiling: float) -> str:
               help="mix = chat 40%, agent 30%, rag 20%, long 10% of requests.")
 @click.option("--requests", "n_requests", type=click.IntRange(min=1), required=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+@click.option("--rate", type=Number(0, 1e6), default=4.0, show_default=True,
               help="Requests per second.")
 def generate_trace(out: str, kind: str, n_requests: int, seed: int, rate: float) -> None:
     """Write a seeded synthetic trace in the Mooncake JSONL format to OUT."""

@@ -9,15 +9,21 @@ Mooncake release), so the later request can reuse it. Lines must arrive in non-d
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from tieremu.errors import TraceError
+from tieremu.numbers import Range, number_problem
 from tieremu.safefile import atomic_write
 
 MOONCAKE_BLOCK_TOKENS = 512
 FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
+FIELD_RANGE = Range(0, 2**53, integer=True)  # exact as a float too: arrivals become seconds
+HASH_RANGE = Range(-(2**63), 2**63 - 1, integer=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,14 +54,32 @@ class Request:
 
 
 def read_trace(path: str | Path) -> list[Request]:
+    """A trace file: a regular file (a device or FIFO may never end), UTF-8, one JSON request per line."""
     path = Path(path)
     try:
-        with path.open() as f:
-            return parse_lines(f, source=str(path))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block the open
     except FileNotFoundError:
         raise TraceError(f"{path}: trace file not found") from None
     except OSError as exc:
         raise TraceError(f"{path}: cannot read the trace ({exc.strerror})") from None
+    except ValueError:
+        raise TraceError(f"{path!r}: not a valid path") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise TraceError(f"{path}: not a regular file; give a trace file")
+            return parse_lines(_text_lines(f, str(path)), source=str(path))
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read the trace ({exc.strerror})") from None
+
+
+def _text_lines(f: BinaryIO, source: str) -> Iterator[str]:
+    for number, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise TraceError(f"{source}:{number}: not UTF-8 text (byte {exc.start} of the line is "
+                             f"{raw[exc.start]:#04x})") from None
 
 
 def parse_lines(lines: Iterable[str], *, source: str = "<trace>") -> list[Request]:
@@ -78,8 +102,8 @@ def parse_lines(lines: Iterable[str], *, source: str = "<trace>") -> list[Reques
 def _parse(line: str, where: str) -> Request:
     try:
         obj = json.loads(line)
-    except ValueError as exc:
-        raise TraceError(f"{where}: not a JSON object ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise TraceError(f"{where}: not a JSON object ({str(exc)[:100]})") from None
     if not isinstance(obj, dict):
         raise TraceError(f"{where}: expected a JSON object with keys {', '.join(FIELDS)}, got {line.strip()[:60]}")
     missing = [k for k in FIELDS if k not in obj]
@@ -87,11 +111,12 @@ def _parse(line: str, where: str) -> Request:
         raise TraceError(f"{where}: missing field {missing[0]!r}; a request needs {', '.join(FIELDS)}")
     for key in FIELDS[:3]:
         value = obj[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise TraceError(f"{where}: {key}={value!r} must be an integer 0 or more")
+        if number_problem(value, FIELD_RANGE) is not None:
+            raise TraceError(f"{where}: {key}={str(value)[:40]} must be an integer 0 or more (at most 2**53)")
     ids = obj["hash_ids"]
-    if not isinstance(ids, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in ids):
-        raise TraceError(f"{where}: hash_ids must be a list of integers, got {str(ids)[:60]}")
+    if not isinstance(ids, list) or not all(number_problem(h, HASH_RANGE) is None for h in ids):
+        raise TraceError(f"{where}: hash_ids must be a list of integers ({HASH_RANGE.describe()}), got "
+                         f"{str(ids)[:60]}")
     return Request(obj["timestamp"], obj["input_length"], obj["output_length"], tuple(ids))
 
 

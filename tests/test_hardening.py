@@ -11,13 +11,13 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from fixture_paths import fixture_root
 from fixtures.lab.fakekernel import FakeKernel, Lab, make_lab, snapshot
+from write_audit import listening, outside
 
 import tieremu.lab.cli as lab_cli
 import tieremu.lab.kernelfs as kernelfs
@@ -68,55 +68,6 @@ def _spec(folder: Path, body: str, name: str = "hard", tiers: Path = TIERS) -> P
 
 # ---- 1. the lab's test root never touches the real machine ----------------------------------------------------
 
-_AUDIT: list[tuple[str, str]] | None = None  # (event, path) while a test listens; the hook cannot be removed
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_PATH_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.link", "os.symlink", "os.truncate",
-                "os.chmod", "os.chown", "os.mknod", "shutil.rmtree", "shutil.copytree", "shutil.move"}
-
-
-# Where an event's paths are and which dir_fd each is relative to (shutil.rmtree unlinks by dir_fd).
-_PATH_ARGS = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.chmod": ((0, 2),),
-              "os.chown": ((0, 3),), "os.rename": ((0, 2), (1, 3)), "os.link": ((0, 2), (1, 3))}
-
-
-def _paths(event: str, args: tuple[object, ...]) -> Iterator[tuple[object, int | None]]:
-    for p, d in _PATH_ARGS.get(event, ((0, None), (1, None))):
-        path = args[p] if p < len(args) else None
-        dir_fd = args[d] if d is not None and d < len(args) else None
-        if isinstance(path, (str, bytes, os.PathLike)):
-            yield path, dir_fd if isinstance(dir_fd, int) else None
-
-
-def _audit(event: str, args: tuple[object, ...]) -> None:
-    if _AUDIT is None:
-        return
-    if event == "open":
-        path, mode, flags = args
-        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-            (isinstance(flags, int) and flags & _WRITE_FLAGS)
-        if writes and isinstance(path, (str, bytes, os.PathLike)):
-            _AUDIT.append((event, os.fsdecode(path)))
-    elif event in _PATH_EVENTS:
-        for path, dir_fd in _paths(event, args):
-            where = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None and dir_fd >= 0 else ""
-            _AUDIT.append((event, os.path.join(where, os.fsdecode(path))))
-    elif event == "ctypes.dlsym" and isinstance(args[-1], str) and args[-1] in ("swapon", "swapoff"):
-        _AUDIT.append((event, args[-1]))
-
-
-sys.addaudithook(_audit)
-
-
-@pytest.fixture
-def audited() -> Iterator[list[tuple[str, str]]]:
-    global _AUDIT
-    _AUDIT = []
-    try:
-        yield _AUDIT
-    finally:
-        _AUDIT = None
-
-
 class FixtureKernel(FakeKernel):
     """cgroupfs and sysfs semantics from the test kernel, but the swap calls the product's test mode makes."""
 
@@ -135,7 +86,7 @@ actions:
 
 @pytest.mark.parametrize("kernel", [KernelFS, FixtureKernel], ids=["plain-kernelfs", "with-cgroupfs"])
 def test_lab_test_mode_apply_and_teardown_leave_the_host_untouched(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, audited: list[tuple[str, str]], kernel: type) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel: type) -> None:
     lab = make_lab(tmp_path)
     text = SWAP_AND_CGROUP if kernel is FixtureKernel else SWAP_AND_CGROUP.split("  - {kind: cgroup")[0]
     profile = lab.profile_file(text)
@@ -148,22 +99,20 @@ def test_lab_test_mode_apply_and_teardown_leave_the_host_untouched(
     host_state = Path(DEFAULT_STATE)
     host_state_before = sorted(host_state.iterdir()) if host_state.is_dir() else None
     swaps_before = (lab.root / "proc/swaps").read_text()
-    audited.clear()  # the fixture's own set-up (a copy of the tree) is not the lab's doing
-
-    code, out = _cli("lab", "apply", str(profile), "--sysfs-root", str(lab.root))
-    assert code == 0, out
-    assert (lab.root / "proc/swaps").read_text().count("\n") == 1  # every area off, in the fixture only
-    assert (lab.root / "var/lib/tieremu/lab/host-untouched.json").is_file()  # the journal inside the fixture
-    code, out = _cli("lab", "status", "--sysfs-root", str(lab.root))
-    assert out.startswith("host-untouched: applied")
-    code, out = _cli("lab", "teardown", str(profile), "--sysfs-root", str(lab.root))
-    assert code == 0, out
+    with listening() as audited:  # after the fixture's own set-up (a copy of the tree)
+        code, out = _cli("lab", "apply", str(profile), "--sysfs-root", str(lab.root))
+        assert code == 0, out
+        assert (lab.root / "proc/swaps").read_text().count("\n") == 1  # every area off, in the fixture only
+        assert (lab.root / "var/lib/tieremu/lab/host-untouched.json").is_file()  # the journal inside the fixture
+        code, out = _cli("lab", "status", "--sysfs-root", str(lab.root))
+        assert out.startswith("host-untouched: applied")
+        code, out = _cli("lab", "teardown", str(profile), "--sysfs-root", str(lab.root))
+        assert code == 0, out
 
     assert real_calls == [], "a swap call reached the real kernel"
     assert not [e for e in audited if e[0] == "ctypes.dlsym"], "libc's swapon/swapoff were looked up"
-    outside = sorted({p for _, p in audited if not Path(p).resolve().is_relative_to(tmp_path.resolve())
-                      and "__pycache__" not in p})  # Python's own bytecode cache is not the lab's doing
-    assert outside == [], f"written outside the fixture: {outside}"
+    assert any("var/lib/tieremu/lab" in p for _, p in audited)  # the hook sees the journal's writes
+    assert outside(audited, tmp_path) == [], "written outside the fixture"
     assert (sorted(host_state.iterdir()) if host_state.is_dir() else None) == host_state_before
     # Every area back with its explicit priority (automatic ones are renumbered, as the kernel does).
     assert _areas(lab.root) == _areas_of(swaps_before)

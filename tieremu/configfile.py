@@ -50,9 +50,10 @@ def read_config_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
     except ValueError:  # a NUL byte in the path
         raise ConfigError(f"{show(str(path))}: not a valid path") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path}: not a regular file; give a config file")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{path}: not a regular file; give a config file")
         try:
             data = f.read(limit + 1)
         except OSError as exc:
@@ -68,9 +69,10 @@ def read_config_text(path: Path, limit: int = MAX_CONFIG_BYTES) -> str:
 
 def parse_yaml(text: str, source: str | Path) -> Any:
     """YAML through the strict loader; every YAML problem a ConfigError naming the source."""
-    loader = _StrictLoader(text)
-    loader.name = str(source)  # marks in YAML errors name the file
+    loader: _StrictLoader | None = None
     try:
+        loader = _StrictLoader(text)  # the reader checks every character here already
+        loader.name = str(source)  # marks in YAML errors name the file
         return loader.get_single_data()
     except _TooBig as exc:
         raise ConfigError(f"{source}: {exc}") from None
@@ -79,7 +81,8 @@ def parse_yaml(text: str, source: str | Path) -> Any:
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # e.g. a date like 2024-13-45
         raise ConfigError(f"{source}: not valid YAML: {_clip(str(exc), 400)}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 class _TooBig(Exception):
@@ -185,7 +188,10 @@ class Section:
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # YAML ints are valid floats; bools are not numbers.
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:
+                raise self.error(key, f"{show(value)} is too large for a number") from None
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             names = " or ".join(k.__name__ for k in kinds)
             raise self.error(key, f"expected {names}, got {show(value)}")

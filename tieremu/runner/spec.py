@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tieremu.configfile import Section, load_yaml
+from tieremu.errors import ConfigError
 from tieremu.numbers import MAX_SECONDS, Range
 from tieremu.runner.jobs import Job, JobRegistry, default_registry
 from tieremu.tiers.config import TierMap, load_tier_map
@@ -98,7 +99,7 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
                    "use letters, digits, '.', '_' or '-' (it names the result folder)")
     description = doc.get("description", str, "")
     tiers = doc.get("tiers", str)
-    tier_maps = {tiers: load_tier_map(doc.relative_path(tiers))}
+    tier_maps = {tiers: _tier_map(doc, "tiers", tiers)}
     lab_profile = doc.get("lab_profile", str, None)
     probe = doc.get("probe", bool, False)
     repetitions = doc.get("repetitions", int, 1, valid=REPETITIONS)
@@ -106,11 +107,13 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
     run_timeout_s = doc.get("run_timeout_s", float, 600.0, valid=Range(0, MAX_SECONDS, lo_closed=False))
     sweep = _axes(doc.section("sweep", default_empty=True))
     for written in sweep.get("tiers", ()):
-        tier_maps.setdefault(written, load_tier_map(doc.relative_path(written)))
+        if written not in tier_maps:
+            tier_maps[written] = _tier_map(doc, "sweep.tiers", written)
     jobs = tuple(_job(i, s, registry, repetitions) for i, s in enumerate(doc.sections("jobs")))
     for job in jobs:  # a job's own tiers axis: its maps are loaded (and checked) here too
         for written in job.sweep.get("tiers", ()):
-            tier_maps.setdefault(written, load_tier_map(doc.relative_path(written)))
+            if written not in tier_maps:
+                tier_maps[written] = _tier_map(doc, f"{job.where}.sweep.tiers", written)
     if not jobs and not probe:
         raise doc.error("jobs", "nothing to run: list at least one job (kinds: "
                                 f"{', '.join(registry.kinds)}) or set probe: true")
@@ -119,6 +122,14 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
                           run_timeout_s, sweep, doc.source)
     _check_global_axes(spec, doc, registry)
     return spec
+
+
+def _tier_map(doc: Section, key: str, written: str) -> TierMap:
+    """A tier map the spec names; its errors say which key of the spec named it."""
+    try:
+        return load_tier_map(doc.relative_path(written))
+    except ConfigError as exc:
+        raise doc.error(key, f"tier map {written!r}: {exc}") from None
 
 
 def _job(index: int, s: Section, registry: JobRegistry, repetitions: int) -> JobSpec:

@@ -64,10 +64,11 @@ def read_trace(path: str | Path) -> list[Request]:
         raise TraceError(f"{path}: cannot read the trace ({exc.strerror})") from None
     except ValueError:
         raise TraceError(f"{path!r}: not a valid path") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TraceError(f"{path}: not a regular file; give a trace file")
     try:
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise TraceError(f"{path}: not a regular file; give a trace file")
             return parse_lines(_text_lines(f, str(path)), source=str(path))
     except OSError as exc:
         raise TraceError(f"{path}: cannot read the trace ({exc.strerror})") from None

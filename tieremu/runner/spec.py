@@ -134,7 +134,10 @@ def _tier_map(doc: Section, key: str, written: str) -> TierMap:
 
 def _job(index: int, s: Section, registry: JobRegistry, repetitions: int) -> JobSpec:
     kind = s.get("kind", str)
-    job = registry.lookup(kind)
+    try:
+        job = registry.lookup(kind)  # a `module:Class` kind imports the user's module: its error is shown here
+    except ConfigError as exc:
+        raise s.error("kind", str(exc)) from None
     if job is None:
         raise s.error("kind", f"unknown job kind {kind!r}; valid: {', '.join(registry.kinds)} "
                               "(or a Job subclass as module:Class)")

@@ -46,7 +46,7 @@ SYNTHETIC = "jobs:\n  - kind: synthetic\n    policies: [lru, hotcold]\n    token
     (SYNTHETIC + "sweep:\n  policy: [lru, belady]\n", r"sweep\.policy\[1\]: unknown policy 'belady'"),
     ("jobs:\n  - kind: roundtrip\n    policies: [lru]\n", r"jobs\[0\]\.policies: job 'roundtrip' takes no policies"),
     ("jobs: []\n", r"jobs: nothing to run"),
-    ("repetitions: 0\n" + SYNTHETIC, r"repetitions: 0: must be positive"),
+    ("repetitions: 0\n" + SYNTHETIC, r"repetitions: 0: must be an integer >= 1 and <= 1000"),
 ])
 def test_spec_errors_name_the_key_and_the_valid_choices(tmp_path: Path, body: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

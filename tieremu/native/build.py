@@ -12,10 +12,12 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 
-from tieremu.errors import ProbeError
+from tieremu.errors import ProbeError, TieremuError
+from tieremu.safefile import check_destination
 
 SOURCE = Path(__file__).with_name("kernels.c")
 CFLAGS = ("-O2", "-march=native", "-fno-tree-loop-distribute-patterns", "-shared", "-fPIC")
@@ -63,12 +65,18 @@ def kernels() -> ctypes.CDLL:
     lib = cache_dir() / f"kernels-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
-        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
-        result = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True,
-                                text=True)
-        if result.returncode != 0:
-            raise ProbeError(f"compiling {SOURCE} failed:\n{result.stderr.strip()}")
-        os.replace(tmp, lib)  # atomic: concurrent builders never load half a library
+        # The compiler writes into a fresh private folder (no planted link can redirect it), then one rename.
+        with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as work:
+            tmp = Path(work) / lib.name
+            result = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True,
+                                    text=True)
+            if result.returncode != 0:
+                raise ProbeError(f"compiling {SOURCE} failed:\n{result.stderr.strip()}")
+            try:
+                check_destination(lib)
+            except TieremuError as exc:
+                raise ProbeError(str(exc)) from None
+            os.replace(tmp, lib)  # atomic: concurrent builders never load half a library
     dll = ctypes.CDLL(str(lib))
     for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(dll, name)

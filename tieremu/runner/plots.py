@@ -6,9 +6,12 @@ QEMU guest, where every command would otherwise pay it.
 
 from __future__ import annotations
 
+import io
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from tieremu.safefile import atomic_write
 
 
 @cache
@@ -94,8 +97,7 @@ def migrate_bars(points: list[dict[str, Any]], path: Path, origin: str) -> Path:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     _plt().close(fig)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, buf.getvalue())  # never through a planted link, never half a file

@@ -63,7 +63,7 @@ def test_check_json_on_this_machine(memory_nodes: tuple[int, ...]) -> None:
 
 def test_check_refuses_a_timing_model_this_machine_cannot_honour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   missing_node: int) -> None:
-    from tieremu import cli
+    from tieremu.cli import root as cli
     from tieremu.tiers.timing import Calibration
 
     cal = Calibration(machine="fixture", created_utc="2026-01-01T00:00:00+00:00", node=0, latency_ns=100.0,

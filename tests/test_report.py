@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tieremu.cli.report import report as report_cmd
 from tieremu.errors import ReportError
-from tieremu.report.cli import report as report_cmd
 from tieremu.report.load import ResultSet, load_result
 from tieremu.report.plots import all_plots
 from tieremu.report.tables import Table, comparison_table, job_tables, provenance

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tieremu.cli.run import run as run_cmd
 from tieremu.errors import ConfigError, ResolutionError
 from tieremu.runner.experiment import latest_folder, run_experiment
 from tieremu.runner.jobs import BASELINES, JobRegistry, SyntheticJob, default_registry
 from tieremu.runner.metrics import MetricRow, percentile
-from tieremu.runner.run_cli import run as run_cmd
 from tieremu.runner.spec import load_experiment
 from tieremu.runner.sweep import expand
 

@@ -12,9 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.table import Table as RichTable
-from rich.text import Text
-
 from tieremu.report.load import ResultSet
 from tieremu.runner.metrics import MetricRow, percentile
 from tieremu.runner.worker import headline
@@ -318,14 +315,4 @@ def _tables_of(result: ResultSet) -> Iterable[Table]:
     failed = failed_table(result)
     if failed is not None:
         yield failed
-
-
-def to_rich(table: Table) -> RichTable:
-    # Text, not markup: a cell such as "hit_ratio[dram]" must not be read as a style tag.
-    out = RichTable(title=Text(table.title), caption=Text(table.note) if table.note else None)
-    for column in table.columns:
-        out.add_column(Text(column), overflow="fold")
-    for row in table.rows:
-        out.add_row(*(Text(cell) for cell in row))
-    return out
 

@@ -13,28 +13,28 @@ from rich.console import Console
 from tieremu import __version__
 from tieremu.bench.emulation import bench_emulation
 from tieremu.bench.placement import bench_placement
-from tieremu.daemon.attach_cli import daemon
-from tieremu.errors import TieremuError
-from tieremu.lab.cli import lab
-from tieremu.numa.sysfs import ROOT_ENV
-from tieremu.numa.topology import discover
-from tieremu.probe.calibrate import cache_path, calibration
-from tieremu.report.cli import report
-from tieremu.runner.manifest import topology_summary
-from tieremu.runner.probe_cli import probe
-from tieremu.runner.run_cli import run
-from tieremu.tiers.check import NOT_ENFORCED, check_tiers
-from tieremu.tiers.config import load_tier_map
-from tieremu.tiers.resolve import resolve
-from tieremu.views import (
+from tieremu.cli.daemon import daemon
+from tieremu.cli.lab import lab
+from tieremu.cli.probe import probe
+from tieremu.cli.replay import generate_trace, replay
+from tieremu.cli.report import report
+from tieremu.cli.run import run
+from tieremu.cli.views import (
     checks_table,
     emulation_bench_table,
     kv_bench_table,
     placement_bench_table,
     topology_table,
 )
-from tieremu.vm.cli import vm
-from tieremu.workloads.replay_cli import generate_trace, replay
+from tieremu.cli.vm import vm
+from tieremu.errors import TieremuError
+from tieremu.numa.sysfs import ROOT_ENV
+from tieremu.numa.topology import discover
+from tieremu.probe.calibrate import cache_path, calibration
+from tieremu.runner.manifest import topology_summary
+from tieremu.tiers.check import NOT_ENFORCED, check_tiers
+from tieremu.tiers.config import load_tier_map
+from tieremu.tiers.resolve import resolve
 
 
 class _Group(click.Group):
@@ -56,7 +56,7 @@ def main() -> None:
 
 def _config(*parts: str) -> str:
     """A shipped config: from the source tree tieremu runs from, else relative to the working directory."""
-    shipped = Path(__file__).resolve().parents[1] / "configs" / Path(*parts)
+    shipped = Path(__file__).resolve().parents[2] / "configs" / Path(*parts)
     return str(shipped if shipped.exists() else Path("configs", *parts))
 
 

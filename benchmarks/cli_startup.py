@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from tieremu.stats import LoadMeter, Summary
+from tieremu.record.stats import LoadMeter, Summary
 
 BUDGET_S = 0.5
 COMMANDS = (["--help"], ["topo"], ["topo", "--json"])

@@ -9,7 +9,6 @@ import sys
 from dataclasses import dataclass
 
 import click
-from click.utils import make_default_short_help
 
 from tieremu.errors import TieremuError
 
@@ -55,7 +54,7 @@ class LazyGroup(click.Group):
                 rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
             else:
                 limit = formatter.width - 6 - len(name)
-                rows.append((name, make_default_short_help(self.lazy[name].short_help, limit)))
+                rows.append((name, _shorten(self.lazy[name].short_help, limit)))
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
@@ -66,3 +65,11 @@ class LazyGroup(click.Group):
         except TieremuError as exc:
             click.echo(f"tieremu: error: {exc}", err=True)
             sys.exit(2)
+
+
+def _shorten(text: str, limit: int) -> str:
+    """As click shortens a command's help in a listing: whole words, then an ellipsis."""
+    if len(text) <= limit:
+        return text
+    cut = text[: max(0, limit - 3)].rsplit(" ", 1)[0]
+    return cut.rstrip(" ,;:") + "..."

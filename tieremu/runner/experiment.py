@@ -1,11 +1,13 @@
 """Running an experiment spec: plan (everything that can refuse does so here), then every run in its own worker
 process, results written as runs finish, then the summary, plots and report; `--resume` picks a folder up again.
 
-Folder layout (results/<experiment>/<timestamp>/, `.partial` until finished):
-    manifest.json            machine, tiers as resolved, calibration, command line, the expanded run list
+Folder layout (results/<experiment>/<timestamp>/, `.partial` until finished; tieremu.record.SCHEMA_VERSION):
+    manifest.json            schema_version, machine, tiers as resolved, calibration, command line, the run list
+    runs.jsonl               one RunRecord per run: labels, status, seconds, error, load and steal, noisy and why
     metrics.jsonl            one MetricRow per line, every run (rebuilt from runs/ at the end, in plan order)
-    summary.csv              one line per run: its labels, status and aggregated figures
-    runs/<run_id>/           status.json (done | failed, error, seconds), metrics.jsonl, worker.log
+    summary.csv              long format: one line per run group x metric x tier x phase (n, median, mean, CI...)
+    summary.parquet          the same, when pyarrow is installed
+    runs/<run_id>/           status.json (its RunRecord), metrics.jsonl, worker.log
     plots/, report.html      written by tieremu.report from the files above
 """
 
@@ -14,24 +16,25 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from tieremu.errors import ConfigError
 from tieremu.numa.topology import Topology, discover
 from tieremu.probe.calibrate import calibration
+from tieremu.record import SCHEMA_VERSION
+from tieremu.record.row import MetricRow
+from tieremu.record.runs import DONE, FAILED, LoadSample, RunRecord
+from tieremu.record.summary import summarise, to_table
 from tieremu.runner import manifest
 from tieremu.runner.jobs import RunContext, job_path
-from tieremu.runner.metrics import MetricRow, summarise
 from tieremu.runner.results import ResultDir
 from tieremu.runner.spec import ExperimentSpec
 from tieremu.runner.sweep import PlannedRun, expand
-from tieremu.runner.worker import RunOutcome, RunTask, headline, run_isolated
+from tieremu.runner.worker import RunOutcome, RunTask, run_isolated
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
 from tieremu.tiers.timing import Calibration
-
-DONE, FAILED = "done", "failed"
 
 
 @dataclass(frozen=True)
@@ -45,19 +48,6 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class RunRecord:
-    run_id: str
-    status: str  # done | failed
-    seconds: float
-    error: str | None
-    rows: int
-    reused: bool = False  # done in an earlier attempt and skipped by --resume
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class ExperimentResult:
     path: Path
     plan: Plan
@@ -67,6 +57,10 @@ class ExperimentResult:
     @property
     def failed(self) -> list[RunRecord]:
         return [r for r in self.records if r.status == FAILED]
+
+    @property
+    def noisy(self) -> list[RunRecord]:
+        return [r for r in self.records if r.noisy]
 
 
 class Listener(Protocol):
@@ -109,7 +103,10 @@ def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None 
         ordered = [records[r.run_id] for r in plan.runs]
         rows = _collect_rows(out.path, plan.runs)
         out.write_text("metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
-        out.write_csv("summary.csv", _summary(plan.runs, ordered, rows))
+        out.write_text("runs.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in ordered))
+        table = to_table(summarise(rows, ordered))
+        out.write_csv("summary.csv", table)
+        _write_parquet(out.path / "summary.parquet", table)
         report_path = _write_report(out) if report else None
     final = out.final
     return ExperimentResult(final, plan, ordered, final / report_path.name if report_path else None)
@@ -179,7 +176,8 @@ def _write_manifest(out: ResultDir, plan: Plan, *, resumed: bool) -> None:
         earlier = [*previous.get("extra", {}).get("earlier_attempts", []),
                    {"created_utc": previous["created_utc"], "command": previous["command"]}]
     out.write_json("manifest.json", manifest.collect(
-        plan.topology, experiment=spec.name, description=spec.description, spec=str(spec.source),
+        plan.topology, schema_version=SCHEMA_VERSION, experiment=spec.name, description=spec.description,
+        spec=str(spec.source),
         spec_text=spec.source.read_text(), tier_map=str(spec.tier_map.source),
         tiers=tier_resolution(plan.resolved[spec.tiers]),
         tier_maps={path: {"name": r.tier_map.name, "source": str(r.tier_map.source), "tiers": tier_resolution(r)}
@@ -196,8 +194,7 @@ def _previous_records(folder: Path) -> dict[str, RunRecord | None]:
     for status in (folder / "runs").glob("*/status.json"):
         data = json.loads(status.read_text())
         done = data.get("status") == DONE and (status.parent / "metrics.jsonl").exists()
-        out[data["run_id"]] = RunRecord(data["run_id"], DONE, data["seconds"], None, data["rows"], True) if done \
-            else None
+        out[data["run_id"]] = replace(RunRecord.from_dict(data), reused=True) if done else None
     return out
 
 
@@ -206,11 +203,14 @@ def _execute(out: ResultDir, plan: Plan, run: PlannedRun) -> RunRecord:
     workdir.mkdir(parents=True, exist_ok=True)
     context = RunContext(run.run_id, run.kind, run.policy, run.repetition, plan.spec.seed + run.repetition,
                          plan.resolved[run.tiers], plan.calibration, workdir)
+    before = LoadSample.now()
     outcome: RunOutcome = run_isolated(RunTask(job_path(run.job), run.params, context), plan.spec.run_timeout_s)
+    after = LoadSample.now()
     rows = [r.stamped(run.run_id, run.kind, run.labels) for r in outcome.rows]
     _atomic_text(workdir / "metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
-    record = RunRecord(run.run_id, DONE if outcome.ok else FAILED, outcome.seconds, outcome.error, len(rows))
-    status = record.to_dict() | {"exitcode": outcome.exitcode, "labels": run.labels, "job": run.kind,
+    record = RunRecord(run.run_id, run.kind, run.labels, DONE if outcome.ok else FAILED, outcome.seconds,
+                       outcome.error, len(rows)).with_load(before, after)
+    status = record.to_dict() | {"exitcode": outcome.exitcode,
                                  "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     # status.json last: a run counts as done only once its rows are safely on disk
     _atomic_text(workdir / "status.json", json.dumps(status, indent=2) + "\n")
@@ -234,14 +234,14 @@ def _collect_rows(folder: Path, runs: list[PlannedRun]) -> list[MetricRow]:
     return rows
 
 
-def _summary(runs: list[PlannedRun], records: list[RunRecord], rows: list[MetricRow]) -> list[dict[str, Any]]:
-    by_run: dict[str, list[MetricRow]] = {}
-    for row in rows:
-        by_run.setdefault(row.run, []).append(row)
-    return [{"run_id": run.run_id, "job": run.kind, "tiers": run.tiers, **run.labels, "status": rec.status,
-             "seconds": round(rec.seconds, 3), "error": headline(rec.error),
-             **summarise(by_run.get(run.run_id, []))}
-            for run, rec in zip(runs, records, strict=True)]
+def _write_parquet(path: Path, table: list[dict[str, Any]]) -> None:
+    """summary.csv again as Parquet, when pyarrow is installed (optional: nothing else needs it)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return
+    pq.write_table(pa.Table.from_pylist([{k: None if v == "" else v for k, v in r.items()} for r in table]), path)
 
 
 def _write_report(out: ResultDir) -> Path:

@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import threading
-from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,68 +23,19 @@ from typing import Any, ClassVar
 
 from tieremu.configfile import Section, positive
 from tieremu.errors import ConfigError
-from tieremu.runner.metrics import MetricRow
+from tieremu.record.row import MetricRow
 from tieremu.tiers.config import TierMap
-from tieremu.tiers.resolve import Backing, ResolvedTier, ResolvedTierMap
-from tieremu.tiers.timing import Calibration
+from tieremu.tiers.resolve import Backing
+from tieremu.workloads.job import Job, RunContext, audit_rows, tier_origin
+
+__all__ = ["BASELINES", "Job", "JobRegistry", "RunContext", "audit_rows", "default_registry", "job_path",
+           "load_job", "tier_origin"]
 
 BASELINES = ("all-fastest", "all-slowest")  # the L100 / L0 bounds run beside every policy
 BUILTIN_JOBS = ("tieremu.runner.jobs:ProbeJob", "tieremu.runner.jobs:RoundTripJob",
                 "tieremu.runner.jobs:SyntheticJob")
 # Jobs living with their own layers (decode, trace replay): listed here once they land; absent modules are skipped.
 OPTIONAL_JOBS: tuple[str, ...] = ("tieremu.workloads.jobs:DecodeJob", "tieremu.workloads.replay_job:ReplayJob")
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """Everything a job needs to know about the run it is executing (picklable: it crosses to the worker)."""
-
-    run_id: str
-    kind: str
-    policy: str | None
-    repetition: int
-    seed: int
-    resolved: ResolvedTierMap
-    calibration: Calibration | None
-    workdir: Path  # runs/<run_id>/: for artefacts the job wants to keep
-
-    def row(self, metric: str, value: float, unit: str, origin: str, *, tier: str | None = None,
-            sample: int | None = None, **params: object) -> MetricRow:
-        return MetricRow(self.run_id, self.kind, metric, float(value), unit, origin, tier, sample, dict(params))
-
-    def injector(self) -> Any:
-        """A DelayInjector for the emulated and shaped tiers of this run, or None when every tier is real."""
-        models = [t.timing for t in self.resolved.tiers if t.timing is not None]
-        if not models or self.calibration is None:
-            return None
-        from tieremu.tiers.emulation import DelayInjector  # loads native kernels: only in the worker
-
-        return DelayInjector(models, self.calibration)
-
-
-class Job(ABC):
-    kind: ClassVar[str]
-    takes_policies: ClassVar[bool] = False
-    # Policy names the job accepts; None: the policy registry's names. Baselines are always accepted.
-    policies: ClassVar[frozenset[str] | None] = None
-    # Bounds run beside every policy of the job besides the BASELINES (all-fastest / all-slowest): an offline
-    # optimum where the job knows the future (a trace replay runs Belady).
-    bounds: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    @abstractmethod
-    def parse(cls, section: Section) -> Any:
-        """The job's params (a dataclass) from its spec section; ConfigError with the key path if invalid."""
-
-    @classmethod
-    def validate(cls, params: Any, tier_map: TierMap) -> tuple[str, str] | None:
-        """(key, problem) if params do not fit this tier map (checked for every run before any work)."""
-        return None
-
-    @classmethod
-    @abstractmethod
-    def run(cls, params: Any, ctx: RunContext) -> list[MetricRow]:
-        """Run once in a fresh worker process and return the figures."""
 
 
 def job_path(job: type[Job]) -> str:
@@ -178,22 +128,6 @@ def _importable(path: str) -> bool:
         return False
 
 
-def audit_rows(ctx: RunContext, injector: Any) -> list[MetricRow]:
-    """Per emulated or shaped tier, its emulation audit: what was charged (bytes, accesses), what the timing model
-    said that costs (owed), what was spun (the row's value), the targets, and the bookkeeping's own time."""
-    if injector is None:
-        return []
-    return [ctx.row("injected_delay_s", a.injected_ns / 1e9, "s", "emulated", tier=tier,
-                    **{k: v for k, v in a.to_dict().items() if k != "tier"})
-            for tier, a in injector.audits.items()]
-
-
-def tier_origin(tier: ResolvedTier) -> str:
-    if tier.backing in (Backing.EMULATED, Backing.SHAPED):
-        return "emulated"
-    return "vm" if tier.backing == Backing.VM else "measured"
-
-
 # ---- probe: per-tier latency and bandwidth through each tier's own path, plus loaded-latency curves ----
 
 @dataclass(frozen=True)
@@ -273,6 +207,7 @@ class RoundTripParams:
 
 class RoundTripJob(Job):
     kind = "roundtrip"
+    repetitions = 3  # a timing job: enough runs for a confidence interval
 
     @classmethod
     def parse(cls, section: Section) -> RoundTripParams:

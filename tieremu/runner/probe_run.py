@@ -14,9 +14,9 @@ from typing import Any
 from tieremu.numa.topology import Topology
 from tieremu.probe import bandwidth, gpu, latency, loaded, migrate, storage
 from tieremu.probe.report import bandwidth_json, latency_json, loaded_json, migrate_json
+from tieremu.record.stats import LoadMeter
 from tieremu.runner import manifest, plots
 from tieremu.runner.results import ResultDir
-from tieremu.stats import LoadMeter
 from tieremu.tiers.resolve import in_vm
 
 

@@ -5,7 +5,8 @@ policies are errors naming the key path and the valid choices, raised before any
     tiers: ../tiers/cxl-expander.yaml     # default tier map; a `tiers` sweep axis may replace it per run
     lab_profile: cxl-cpuless-node1         # optional: the profile expected active (warned in the manifest if not)
     probe: true                            # optional: a quick per-tier probe before the jobs
-    repetitions: 3                         # every run, this many times (a job may override)
+    repetitions: 3                         # every run, this many times (a job may override; default: the job's own,
+                                           # several for timing jobs, one for accounting-only ones)
     seed: 0
     run_timeout_s: 600                     # a run still going after this is killed and recorded failed
     jobs:
@@ -98,7 +99,7 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
     tier_maps = {tiers: load_tier_map(doc.relative_path(tiers))}
     lab_profile = doc.get("lab_profile", str, None)
     probe = doc.get("probe", bool, False)
-    repetitions = doc.get("repetitions", int, 1, check=positive)
+    repetitions = doc.get("repetitions", int, None, check=positive)
     seed = doc.get("seed", int, 0)
     run_timeout_s = doc.get("run_timeout_s", float, 600.0, check=positive)
     sweep = _axes(doc.section("sweep", default_empty=True))
@@ -112,13 +113,13 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
         raise doc.error("jobs", "nothing to run: list at least one job (kinds: "
                                 f"{', '.join(registry.kinds)}) or set probe: true")
     doc.done()
-    spec = ExperimentSpec(name, description, tiers, tier_maps, lab_profile, probe, jobs, repetitions, seed,
+    spec = ExperimentSpec(name, description, tiers, tier_maps, lab_profile, probe, jobs, repetitions or 1, seed,
                           run_timeout_s, sweep, doc.source)
     _check_global_axes(spec, doc, registry)
     return spec
 
 
-def _job(index: int, s: Section, registry: JobRegistry, repetitions: int) -> JobSpec:
+def _job(index: int, s: Section, registry: JobRegistry, repetitions: int | None) -> JobSpec:
     kind = s.get("kind", str)
     job = registry.lookup(kind)
     if job is None:
@@ -131,7 +132,7 @@ def _job(index: int, s: Section, registry: JobRegistry, repetitions: int) -> Job
     elif s.has("policies"):
         raise s.error("policies", f"job {kind!r} takes no policies")
     sweep = _axes(s.section("sweep", default_empty=True))
-    reps = s.get("repetitions", int, repetitions, check=positive)
+    reps = s.get("repetitions", int, repetitions or job.repetitions, check=positive)
     raw = {k: v for k, v in s.data.items() if k not in JOB_KEYS}
     own = _KeyRecorder(raw, s.path, s.source)
     params = job.parse(own)

@@ -18,8 +18,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from tieremu.record.row import MetricRow
 from tieremu.runner.jobs import RunContext, load_job
-from tieremu.runner.metrics import MetricRow
 
 LOG_NAME = "worker.log"  # the child's stdout and stderr (and faulthandler's dump on a crash)
 LOG_TAIL = 2000  # characters of that log quoted in a crash's error

@@ -15,8 +15,8 @@ from typing import Any
 
 from tieremu.configfile import Section, positive
 from tieremu.errors import WorkloadError
-from tieremu.runner.jobs import Job, RunContext, audit_rows
-from tieremu.runner.metrics import MetricRow
+from tieremu.record.row import MetricRow
+from tieremu.workloads.job import Job, RunContext, audit_rows
 
 MIB = 1 << 20
 MODES = ("simulate", "execute")

@@ -193,7 +193,7 @@ def _decode_rows(ctx: RunContext, result: Any, report: Any, resident: dict[str, 
             if not p.blocks:
                 continue  # nothing there to ask the kernel about
             rows.append(ctx.row("placement_fraction", p.on_tier, "fraction", tier_origin(ctx.resolved.tier(p.tier)),
-                                tier=p.tier, when=when, blocks=p.blocks, pages=p.pages))
+                                tier=p.tier, phase=when, blocks=p.blocks, pages=p.pages))
     rows.append(ctx.row("prefix_tokens", float(sum(result.prefix_tokens)), "tokens", origin))
     rows.append(ctx.row("injected_delay_s", result.injected_s, "s", "emulated" if emulated else origin,
                         accounting_s=result.accounting_s))

@@ -147,7 +147,8 @@ def test_plots_are_drawn_from_what_the_rows_hold(folder: Path, tmp_path: Path) -
     copy = _copy(folder, tmp_path)
     names = {p.name for p in all_plots([load_result(copy)])}
     assert names == {"synthetic-tpot_ms-cdf", "synthetic-ttft_ms-cdf", "synthetic-hits-per-tier",
-                     "synthetic-tpot_p50-vs-fast_capacity_mib", "synthetic-migration_gbps-over-time"}
+                     "synthetic-tpot_p50-per-policy", "synthetic-tpot_p50-vs-fast_capacity_mib",
+                     "synthetic-migration_gbps-over-time"}
     run = load_result(copy).runs[0]
     _append(copy, [MetricRow(run.run_id, "probe", "loaded_latency_ns", 100 + 10 * t, "ns", "measured", "dram", seq=i,
                              params={"mix": "100/0", "traffic_gb_per_s": float(t)}) for i, t in enumerate((0, 5, 10))])

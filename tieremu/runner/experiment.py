@@ -22,13 +22,13 @@ from typing import Any, Protocol
 
 from tieremu.errors import ConfigError
 from tieremu.numa.topology import Topology, discover
-from tieremu.probe.calibrate import calibration
+from tieremu.probe.calibrate import Anchor, anchor, calibration
 from tieremu.record import SCHEMA_VERSION
 from tieremu.record.row import MetricRow
 from tieremu.record.runs import DONE, FAILED, LoadSample, RunRecord
 from tieremu.record.summary import summarise, to_table
 from tieremu.runner import manifest
-from tieremu.runner.jobs import RunContext, job_path
+from tieremu.runner.jobs import ProbeParams, RunContext, job_path
 from tieremu.runner.results import ResultDir
 from tieremu.runner.spec import ExperimentSpec
 from tieremu.runner.sweep import PlannedRun, expand
@@ -42,9 +42,11 @@ class Plan:
     spec: ExperimentSpec
     topology: Topology
     resolved: dict[str, ResolvedTierMap]  # by tier map path as written
-    calibration: Calibration | None
+    calibration: Calibration | None  # the run's: the cache, or the run's own figures where it was off (anchor)
     runs: list[PlannedRun]
     warnings: list[str]
+    anchor: Anchor | None = None  # the run-start re-measure the ratios were resolved against
+    cached_calibration: Calibration | None = None
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,13 @@ def plan_experiment(spec: ExperimentSpec) -> Plan:
     runs = expand(spec)
     topology = discover()
     resolved = {path: resolve(tier_map, topology) for path, tier_map in spec.tier_maps.items()}
-    cal = None
+    cal = cached = anchored = None
     if any(r.any_emulated for r in resolved.values()):
-        cal = calibration(topology)  # cached per machine: the same config means the same slowdown
+        cal = cached = calibration(topology)  # cached per machine: the same config means the same slowdown
+        if any(r.job.uses_timing for r in runs):  # ratios are to this run's local memory, as the probe sees it
+            cal, anchored = anchor(cached, topology, working_set=ProbeParams.size_mib << 20)
         resolved = {path: resolve(spec.tier_maps[path], topology, calibration=cal) for path in resolved}
-    return Plan(spec, topology, resolved, cal, runs, _lab_warnings(spec))
+    return Plan(spec, topology, resolved, cal, runs, _lab_warnings(spec), anchored, cached)
 
 
 def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None = None,
@@ -183,6 +187,8 @@ def _write_manifest(out: ResultDir, plan: Plan, *, resumed: bool) -> None:
         tier_maps={path: {"name": r.tier_map.name, "source": str(r.tier_map.source), "tiers": tier_resolution(r)}
                    for path, r in plan.resolved.items()},
         calibration=plan.calibration.to_dict() if plan.calibration else None,
+        calibration_cached=plan.cached_calibration.to_dict() if plan.cached_calibration else None,
+        calibration_anchor=plan.anchor.to_dict() if plan.anchor else None,
         lab_profile_expected=spec.lab_profile, warnings=plan.warnings,
         runs=[r.to_dict() for r in plan.runs], earlier_attempts=earlier,
     ).to_dict())

@@ -12,6 +12,7 @@ absent); a spec may also name any Job subclass by path (`kind: mypkg.jobs:MyJob`
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import random
 import signal
@@ -171,8 +172,30 @@ class ProbeJob(Job):
             rows.append(ctx.row(m.metric, m.achieved.median, unit, tier_origin(tier), tier=m.tier,
                                 backing=m.backing, requested=m.requested, min=m.achieved.min, max=m.achieved.max,
                                 spread=m.achieved.spread))
+        rows += cls._ratios(measured, ctx)
         if params.loaded:
             rows += cls._loaded(params, ctx, topology)
+        return rows
+
+    @classmethod
+    def _ratios(cls, measured: list[Any], ctx: RunContext) -> list[MetricRow]:
+        """Each emulated tier's achieved figure over the local tier's figure of this same probe (same working set,
+        minutes apart at most): the ratio a reader computes from the report, next to the one the model targeted."""
+        if ctx.calibration is None:
+            return []
+        local = {m.metric: m.achieved.median for m in measured
+                 if ctx.resolved.tier(m.tier).timing is None and ctx.resolved.tier(m.tier).nodes[:1] ==
+                 (ctx.calibration.node,)}
+        rows = []
+        for m in measured:
+            model = ctx.resolved.tier(m.tier).timing
+            if model is None or m.metric not in local or not local[m.metric]:
+                continue
+            anchor = ctx.calibration.latency_ns if m.metric == "latency_ns" else \
+                ctx.calibration.bandwidth_gbps[m.metric.removesuffix("_gb_per_s")]
+            rows.append(ctx.row("emulated_ratio", m.achieved.median / local[m.metric], "x", "emulated", tier=m.tier,
+                                of=m.metric, target_ratio=(m.requested or math.nan) / anchor,
+                                local=local[m.metric], anchor=anchor, achieved=m.achieved.median))
         return rows
 
     @classmethod
@@ -281,6 +304,7 @@ class SyntheticJob(Job):
     min(1, capacity / working set) times the policy's quality; TPOT interpolates between the bounds."""
 
     kind = "synthetic"
+    uses_timing = False  # figures computed from its params: no emulated timing is involved
     takes_policies = True
     policies = frozenset({"lru", "lfu", "hotcold"})
     QUALITY: ClassVar[dict[str, float]] = {"lru": 0.9, "lfu": 0.85, "hotcold": 0.95}

@@ -57,6 +57,9 @@ class Job(ABC):
     # Repetitions when the spec names none: a timing job runs several, so that its figures carry a confidence
     # interval and drift falls on every arm alike (the sweep interleaves them); accounting-only jobs run once.
     repetitions: ClassVar[int] = 1
+    # Whether its figures depend on the emulated tiers' timing; if none of a plan's jobs does, the run-start re-measure
+    # that anchors the timing models (tieremu.probe.calibrate.anchor) is skipped.
+    uses_timing: ClassVar[bool] = True
 
     @classmethod
     @abstractmethod
@@ -79,8 +82,10 @@ def audit_rows(ctx: RunContext, injector: Any) -> list[MetricRow]:
     said that costs (owed), what was spun (the row's value), the targets, and the bookkeeping's own time."""
     if injector is None:
         return []
+    anchor = {} if ctx.calibration is None else {"local_latency_ns": ctx.calibration.latency_ns,
+                                                  "local_read_gbps": ctx.calibration.bandwidth_gbps.get("read")}
     return [ctx.row("injected_delay_s", a.injected_ns / 1e9, "s", "emulated", tier=tier,
-                    **{k: v for k, v in a.to_dict().items() if k != "tier"})
+                    **{k: v for k, v in a.to_dict().items() if k != "tier"}, **anchor)
             for tier, a in injector.audits.items()]
 
 

@@ -66,3 +66,37 @@ def test_round_trip_rate_is_bytes_over_the_hops_wall_time(memory_nodes: tuple[in
         if moved is not None:
             assert h.gb_per_s == pytest.approx(moved / h.seconds / 1e9)
     assert dataclasses.asdict(hops[0])["seconds"] > 0
+
+
+def test_the_probe_stage_anchors_every_later_run_and_the_manifest_says_so(tmp_path: Path,
+                                                                          memory_nodes: tuple[int, ...]) -> None:
+    import json
+
+    from tieremu.runner.experiment import run_experiment
+    from tieremu.runner.spec import load_experiment
+
+    if len(memory_nodes) > 1:
+        pytest.skip("no tier of cxl-expander.yaml is emulated on a multi-node machine")
+    spec = tmp_path / "a.yaml"
+    spec.write_text(f"name: a\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\nprobe: true\nrepetitions: 1\n"
+                    "jobs:\n  - {kind: roundtrip, route: [dram, cxl, far], size_mib: 8, check_mib: 1}\n")
+    result = run_experiment(load_experiment(spec), tmp_path / "out", report=False)
+    assert not result.failed, result.failed
+    extra = json.loads((result.path / "manifest.json").read_text())["extra"]
+    taken = extra["calibration_anchor"]
+    rows = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
+    probe_dram = next(r for r in rows if r["metric"] == "latency_ns" and r["tier"] == "dram")
+    # the anchor is the probe's own local figure, and the manifest's calibration took it when the cache was off
+    assert taken["run_latency_ns"] == probe_dram["value"] and taken["working_set"] == 256 * MIB
+    assert extra["calibration_cached"]["latency_ns"] == taken["cached_latency_ns"]
+    run_latency = extra["calibration"]["latency_ns"]
+    assert run_latency == (taken["run_latency_ns"] if taken["refreshed"] else taken["cached_latency_ns"])
+    models = {t["tier"]: t["timing_model"] for t in extra["tiers"] if t["timing_model"]}
+    assert models["cxl"]["target_latency_ns"] == pytest.approx(2.2 * run_latency)
+    # the later run (the round trip) was resolved against the same figure
+    audits = [r for r in rows if r["job"] == "roundtrip" and r["metric"] == "injected_delay_s"]
+    assert audits and all(a["params"]["local_latency_ns"] == run_latency for a in audits)
+    ratios = {(r["tier"], r["params"]["of"]): r for r in rows if r["metric"] == "emulated_ratio"}
+    cxl = ratios[("cxl", "latency_ns")]
+    assert cxl["params"]["target_ratio"] == pytest.approx(2.2) and cxl["params"]["local"] == probe_dram["value"]
+    assert cxl["value"] == pytest.approx(cxl["params"]["achieved"] / probe_dram["value"])

@@ -28,7 +28,7 @@ from tieremu.record.row import MetricRow
 from tieremu.record.runs import DONE, FAILED, LoadSample, RunRecord
 from tieremu.record.summary import summarise, to_table
 from tieremu.runner import manifest
-from tieremu.runner.jobs import ProbeParams, RunContext, job_path
+from tieremu.runner.jobs import ProbeParams, RunContext, anchor_from_rows, job_path
 from tieremu.runner.results import ResultDir
 from tieremu.runner.spec import ExperimentSpec
 from tieremu.runner.sweep import PlannedRun, expand
@@ -81,7 +81,9 @@ def plan_experiment(spec: ExperimentSpec) -> Plan:
     cal = cached = anchored = None
     if any(r.any_emulated for r in resolved.values()):
         cal = cached = calibration(topology)  # cached per machine: the same config means the same slowdown
-        if any(r.job.uses_timing for r in runs):  # ratios are to this run's local memory, as the probe sees it
+        # Ratios are to this run's local memory, as the probe sees it: the probe stage, first of the runs, anchors
+        # them with its own local figures (run_experiment re-resolves the later runs); without one, a re-measure here.
+        if not spec.probe and any(r.job.uses_timing for r in runs):
             cal, anchored = anchor(cached, topology, working_set=ProbeParams.size_mib << 20)
         resolved = {path: resolve(spec.tier_maps[path], topology, calibration=cal) for path in resolved}
     return Plan(spec, topology, resolved, cal, runs, _lab_warnings(spec), anchored, cached)
@@ -98,12 +100,17 @@ def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None 
         if listener:
             listener.planned(plan, len(todo))
         records = {run_id: rec for run_id, rec in previous.items() if rec is not None}
+        for run in plan.runs:  # --resume: a probe done before anchors the runs still to do, as it did then
+            if run.kind == "probe" and run.run_id in records:
+                plan = _anchored_by_probe(out, plan, run)
         for run in todo:
             if listener:
                 listener.started(run)
             records[run.run_id] = _execute(out, plan, run)
             if listener:
                 listener.finished(run, records[run.run_id])
+            if run.kind == "probe" and records[run.run_id].status == DONE:
+                plan = _anchored_by_probe(out, plan, run)
         ordered = [records[r.run_id] for r in plan.runs]
         rows = _collect_rows(out.path, plan.runs)
         out.write_text("metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
@@ -194,6 +201,19 @@ def _write_manifest(out: ResultDir, plan: Plan, *, resumed: bool) -> None:
     ).to_dict())
 
 
+def _update_manifest(out: ResultDir, plan: Plan) -> None:
+    """The manifest once the probe has anchored the run: the tiers as now resolved, the run's calibration and the
+    anchor beside the cached calibration; the rest (when, which command, earlier attempts) as first written."""
+    data = json.loads((out.path / "manifest.json").read_text())
+    extra = data["extra"]
+    extra["tiers"] = tier_resolution(plan.resolved[plan.spec.tiers])
+    for path, r in plan.resolved.items():
+        extra["tier_maps"][path]["tiers"] = tier_resolution(r)
+    extra["calibration"] = plan.calibration.to_dict() if plan.calibration else None
+    extra["calibration_anchor"] = plan.anchor.to_dict() if plan.anchor else None
+    out.write_json("manifest.json", data)
+
+
 def _previous_records(folder: Path) -> dict[str, RunRecord | None]:
     """Runs already done in this folder (kept by --resume); failed or missing ones map to None (run again)."""
     out: dict[str, RunRecord | None] = {}
@@ -238,6 +258,21 @@ def _collect_rows(folder: Path, runs: list[PlannedRun]) -> list[MetricRow]:
         if path.exists():
             rows += [MetricRow.from_dict(json.loads(line)) for line in path.read_text().splitlines() if line]
     return rows
+
+
+def _anchored_by_probe(out: ResultDir, plan: Plan, probe: PlannedRun) -> Plan:
+    """The plan with every tier map re-resolved against the anchor the probe run took (its local figures), and the
+    manifest rewritten to say so; the plan as it was when the probe took none or the plan is already anchored."""
+    if plan.anchor is not None or plan.cached_calibration is None:
+        return plan
+    taken = anchor_from_rows(plan.cached_calibration, _collect_rows(out.path, [probe]))
+    if taken is None:
+        return plan
+    cal, record = taken
+    resolved = {path: resolve(plan.spec.tier_maps[path], plan.topology, calibration=cal) for path in plan.resolved}
+    anchored_plan = replace(plan, resolved=resolved, calibration=cal, anchor=record)
+    _update_manifest(out, anchored_plan)
+    return anchored_plan
 
 
 def _write_parquet(path: Path, table: list[dict[str, Any]]) -> None:

@@ -18,15 +18,17 @@ import random
 import signal
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from tieremu.configfile import Section, positive
 from tieremu.errors import ConfigError
+from tieremu.probe.calibrate import Anchor, anchored
 from tieremu.record.row import MetricRow
 from tieremu.tiers.config import TierMap
-from tieremu.tiers.resolve import Backing
+from tieremu.tiers.resolve import Backing, ResolvedTierMap
+from tieremu.tiers.timing import Calibration
 from tieremu.workloads.job import Job, RunContext, audit_rows, tier_origin
 
 __all__ = ["BASELINES", "Job", "JobRegistry", "RunContext", "audit_rows", "default_registry", "job_path",
@@ -156,43 +158,55 @@ class ProbeJob(Job):
 
     @classmethod
     def run(cls, params: ProbeParams, ctx: RunContext) -> list[MetricRow]:
+        """Real tiers first; their local figures anchor the run (see `anchor_rows`), the emulated and shaped tiers'
+        models are resolved against them, then those tiers are probed through their models."""
         from tieremu.numa.topology import discover
         from tieremu.probe.emulated import probe_tiers
+        from tieremu.tiers.resolve import resolve
 
         topology = discover()
         cpu = topology.node(topology.cpu_nodes[0]).cpus[0]
         size = params.size_mib << 20
+        probe = {"latency": True, "kernels_": params.kernels, "size": size, "working_set": min(size, 256 << 20),
+                 "repeats": params.repeats}
+        resolved, cal = ctx.resolved, ctx.calibration
+        real = replace(resolved, tiers=tuple(t for t in resolved.tiers if t.timing is None))
+        measured = probe_tiers(real, cal, cpu, **probe)  # type: ignore[arg-type]
         rows = []
-        measured = probe_tiers(ctx.resolved, ctx.calibration, cpu, latency=True,  # type: ignore[arg-type]
-                               kernels_=params.kernels, size=size, working_set=min(size, 256 << 20),
-                               repeats=params.repeats)
+        modelled = [t for t in resolved.tiers if t.timing is not None]
+        if modelled and cal is not None:
+            cal, anchor = _anchor_to(measured, resolved, cal, size)
+            if anchor is not None:
+                resolved = resolve(resolved.tier_map, topology, calibration=cal)
+                rows += anchor_rows(ctx, anchor)
+            emulated = replace(resolved, tiers=tuple(t for t in resolved.tiers if t.timing is not None))
+            measured += probe_tiers(emulated, cal, cpu, **probe)
         for m in measured:
-            tier = ctx.resolved.tier(m.tier)
+            tier = resolved.tier(m.tier)
             unit = "ns" if m.metric == "latency_ns" else "GB/s"
             rows.append(ctx.row(m.metric, m.achieved.median, unit, tier_origin(tier), tier=m.tier,
                                 backing=m.backing, requested=m.requested, min=m.achieved.min, max=m.achieved.max,
                                 spread=m.achieved.spread))
-        rows += cls._ratios(measured, ctx)
+        rows += cls._ratios(measured, ctx, resolved, cal)
         if params.loaded:
             rows += cls._loaded(params, ctx, topology)
         return rows
 
     @classmethod
-    def _ratios(cls, measured: list[Any], ctx: RunContext) -> list[MetricRow]:
+    def _ratios(cls, measured: list[Any], ctx: RunContext, resolved: ResolvedTierMap,
+                cal: Calibration | None) -> list[MetricRow]:
         """Each emulated tier's achieved figure over the local tier's figure of this same probe (same working set,
-        minutes apart at most): the ratio a reader computes from the report, next to the one the model targeted."""
-        if ctx.calibration is None:
+        seconds apart): the ratio a reader computes from the report, next to the one the model targeted."""
+        if cal is None:
             return []
-        local = {m.metric: m.achieved.median for m in measured
-                 if ctx.resolved.tier(m.tier).timing is None and ctx.resolved.tier(m.tier).nodes[:1] ==
-                 (ctx.calibration.node,)}
+        local = _local_figures(measured, resolved, cal.node)
         rows = []
         for m in measured:
-            model = ctx.resolved.tier(m.tier).timing
+            model = resolved.tier(m.tier).timing
             if model is None or m.metric not in local or not local[m.metric]:
                 continue
-            anchor = ctx.calibration.latency_ns if m.metric == "latency_ns" else \
-                ctx.calibration.bandwidth_gbps[m.metric.removesuffix("_gb_per_s")]
+            anchor = cal.latency_ns if m.metric == "latency_ns" else \
+                cal.bandwidth_gbps[m.metric.removesuffix("_gb_per_s")]
             rows.append(ctx.row("emulated_ratio", m.achieved.median / local[m.metric], "x", "emulated", tier=m.tier,
                                 of=m.metric, target_ratio=(m.requested or math.nan) / anchor,
                                 local=local[m.metric], anchor=anchor, achieved=m.achieved.median))
@@ -216,6 +230,41 @@ class ProbeJob(Job):
                                     tier=tier.name, sample=i, mix=p.mix, traffic_gb_per_s=p.traffic_gb_per_s,
                                     delay_ns=p.delay_ns, memory_node=node, initiator_node=initiator))
         return rows
+
+
+def _local_figures(measured: list[Any], resolved: ResolvedTierMap, node: int) -> dict[str, float]:
+    """The probe's figures of the real tier on the calibration's node (the local memory), by metric."""
+    return {m.metric: m.achieved.median for m in measured
+            if resolved.tier(m.tier).timing is None and resolved.tier(m.tier).nodes[:1] == (node,)}
+
+
+def _anchor_to(measured: list[Any], resolved: ResolvedTierMap, cal: Calibration,
+               working_set: int) -> tuple[Calibration, Anchor | None]:
+    """The run's calibration from the probe's local figures (read bandwidth: the cached one if not probed)."""
+    local = _local_figures(measured, resolved, cal.node)
+    if "latency_ns" not in local:
+        return cal, None  # no real tier on the local node: nothing to anchor to
+    return anchored(cal, working_set=working_set, latency_ns=local["latency_ns"],
+                    read_gbps=local.get("read_gb_per_s", cal.bandwidth_gbps["read"]))
+
+
+def anchor_rows(ctx: RunContext, anchor: Anchor) -> list[MetricRow]:
+    """The run's anchor as rows: the runner reads them back to resolve every later run's models alike."""
+    extra = {"cached": anchor.cached_latency_ns, "refreshed": anchor.refreshed, "working_set": anchor.working_set,
+             "node": anchor.node}
+    return [ctx.row("local_latency_ns", anchor.run_latency_ns, "ns", "measured", **extra),
+            ctx.row("local_read_gb_per_s", anchor.run_read_gbps, "GB/s", "measured",
+                    **extra | {"cached": anchor.cached_read_gbps})]
+
+
+def anchor_from_rows(cal: Calibration, rows: Iterable[MetricRow]) -> tuple[Calibration, Anchor] | None:
+    """The anchor a probe run took (its `local_*` rows), decided again here exactly as the probe decided it."""
+    found = {r.metric: r for r in rows if r.metric in ("local_latency_ns", "local_read_gb_per_s")}
+    if len(found) < 2:
+        return None
+    latency = found["local_latency_ns"]
+    return anchored(cal, working_set=int(latency.params["working_set"]), latency_ns=latency.value,  # type: ignore
+                    read_gbps=found["local_read_gb_per_s"].value)
 
 
 # ---- roundtrip: a KV-sized tensor placed and migrated through the tiers, checked page by page ----

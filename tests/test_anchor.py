@@ -96,7 +96,8 @@ def test_the_probe_stage_anchors_every_later_run_and_the_manifest_says_so(tmp_pa
     # the later run (the round trip) was resolved against the same figure
     audits = [r for r in rows if r["job"] == "roundtrip" and r["metric"] == "injected_delay_s"]
     assert audits and all(a["params"]["local_latency_ns"] == run_latency for a in audits)
-    ratios = {(r["tier"], r["params"]["of"]): r for r in rows if r["metric"] == "emulated_ratio"}
-    cxl = ratios[("cxl", "latency_ns")]
+    ratios = {(r["tier"], r["metric"]): r for r in rows if r["metric"].endswith("_ratio")}
+    assert set(ratios) == {(t, m) for t in ("cxl", "far") for m in ("latency_ratio", "read_bw_ratio")}
+    cxl = ratios[("cxl", "latency_ratio")]
     assert cxl["params"]["target_ratio"] == pytest.approx(2.2) and cxl["params"]["local"] == probe_dram["value"]
     assert cxl["value"] == pytest.approx(cxl["params"]["achieved"] / probe_dram["value"])

@@ -73,7 +73,7 @@ def test_round_trip_writes_a_complete_labelled_result_folder(tmp_path: Path, mem
     assert (extra["calibration"] is None) == (len(memory_nodes) >= 3)
 
     rows = _rows(folder)
-    hops = sorted((r for r in rows if r.metric == "migration_gbps"), key=lambda r: r.sample or 0)
+    hops = sorted((r for r in rows if r.metric == "migration_gbps"), key=lambda r: r.seq or 0)
     assert [(h.params["source"], h.params["target"]) for h in hops] == [("dram", "cxl"), ("cxl", "far"),
                                                                           ("far", "dram")]
     assert all(r.value == 1.0 for r in rows if r.metric in ("checksum_ok", "fraction_on_target"))

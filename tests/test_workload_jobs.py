@@ -43,7 +43,7 @@ def test_decode_and_replay_jobs_run_with_their_bounds(tmp_path: Path) -> None:
     [total] = [r for r in decode if r["metric"] == "migration_gbps" and "lru" in r["run"]]
     # Migrations over time: windows of the run that add up to what the daemon moved.
     windows = [r for r in decode if r["metric"] == "window_migration_gbps" and "lru" in r["run"]]
-    assert windows and [r["sample"] for r in windows] == list(range(len(windows)))
+    assert windows and [r["seq"] for r in windows] == list(range(len(windows)))
     assert sum(r["params"]["bytes"] for r in windows) == total["params"]["bytes"]
     assert not any(r["metric"] == "window_migration_gbps" for r in decode if "all-" in r["run"])
     replay = [r for r in rows if r["job"] == "replay" and r["metric"] == "hit_ratio" and r["tier"] == "dram"]

@@ -36,8 +36,10 @@ _METRICS = (
     Metric("kv_staged_bytes_per_token", "B", "host-to-device KV bytes per generated token", None),
     Metric("injected_delay_s", "s", "delay injected by the emulation (its audit rides in the row's params)", None,
            TOTAL),
-    Metric("emulated_ratio", "x", "emulated tier's achieved latency or bandwidth over the same run's local figure",
-           None),
+    Metric("latency_ratio", "x", "emulated tier's achieved latency over the same probe's local latency", None),
+    Metric("read_bw_ratio", "x", "emulated tier's achieved read bandwidth over the same probe's local one", None),
+    Metric("write_bw_ratio", "x", "emulated tier's achieved write bandwidth over the same probe's local one", None),
+    Metric("copy_bw_ratio", "x", "emulated tier's achieved copy bandwidth over the same probe's local one", None),
     Metric("local_latency_ns", "ns", "local DRAM latency measured at run start (the anchor of latency ratios)",
            None),
     Metric("local_read_gb_per_s", "GB/s", "local read bandwidth measured at run start (the anchor of bandwidth "

@@ -17,8 +17,6 @@ from tieremu.record import SCHEMA_VERSION
 from tieremu.record.row import MetricRow, MetricRowError
 from tieremu.record.runs import MISSING, RunRecord
 
-RunStatus = RunRecord  # the name this module used before the record model (schema 1)
-
 
 @dataclass(frozen=True)
 class ResultSet:

@@ -304,9 +304,12 @@ def _other_table(job: str, mine: list[Group]) -> Table | None:
 def probe_table(result: ResultSet) -> Table | None:
     """Per tier: idle latency and stream bandwidth through the tier's own path (emulated tiers: their model)."""
     rows_by_tier: dict[str, dict[str, MetricRow]] = {}
+    ratios: dict[tuple[str, str], MetricRow] = {}  # (tier, probe metric): the emulated tier's ratio to local
     for r in result.rows:
         if r.job == "probe" and r.metric in PROBE[:4] and r.tier is not None:
             rows_by_tier.setdefault(r.tier, {})[r.metric] = r
+        elif r.job == "probe" and r.metric.endswith("_ratio") and r.tier is not None and "of" in r.params:
+            ratios[(r.tier, str(r.params["of"]))] = r
     if not rows_by_tier:
         return None
     metrics = [m for m in PROBE[:4] if any(m in v for v in rows_by_tier.values())]
@@ -317,13 +320,18 @@ def probe_table(result: ResultSet) -> Table | None:
         for m in metrics:
             r = by_metric.get(m)
             target = r.params.get("requested") if r else None
-            cells.append("-" if r is None else fmt(r.value) + ("" if target is None else f" (target {fmt(target)})"))
+            cell = "-" if r is None else fmt(r.value) + ("" if target is None else f" (target {fmt(target)})")
+            ratio = ratios.get((tier, m))
+            if ratio is not None:
+                cell += f"; {ratio.value:.2f}x local (target {float(ratio.params['target_ratio']):.2f}x)"
+            cells.append(cell)
         rows.append([tier, str(first.params.get("backing", "-")), *cells, first.origin])
     headers = {"latency_ns": "idle latency ns", "read_gb_per_s": "read GB/s", "write_gb_per_s": "write GB/s",
                "copy_gb_per_s": "copy GB/s"}
     return Table("probe: every tier through its own path", ["tier", "backing", *(headers[m] for m in metrics),
                                                             "origin"], rows,
-                 "one thread; emulated tiers run through their timing model, with the target beside what was achieved")
+                 "one thread; emulated tiers run through their timing model, with the target beside what was achieved "
+                 "and the ratio to the local tier's figure of the same probe")
 
 
 def failed_table(result: ResultSet) -> Table | None:

@@ -207,8 +207,8 @@ class ProbeJob(Job):
                 continue
             anchor = cal.latency_ns if m.metric == "latency_ns" else \
                 cal.bandwidth_gbps[m.metric.removesuffix("_gb_per_s")]
-            rows.append(ctx.row("emulated_ratio", m.achieved.median / local[m.metric], "x", "emulated", tier=m.tier,
-                                of=m.metric, target_ratio=(m.requested or math.nan) / anchor,
+            rows.append(ctx.row(ratio_metric(m.metric), m.achieved.median / local[m.metric], "x", "emulated",
+                                tier=m.tier, of=m.metric, target_ratio=(m.requested or math.nan) / anchor,
                                 local=local[m.metric], anchor=anchor, achieved=m.achieved.median))
         return rows
 
@@ -230,6 +230,11 @@ class ProbeJob(Job):
                                     tier=tier.name, sample=i, mix=p.mix, traffic_gb_per_s=p.traffic_gb_per_s,
                                     delay_ns=p.delay_ns, memory_node=node, initiator_node=initiator))
         return rows
+
+
+def ratio_metric(metric: str) -> str:
+    """The name of an emulated tier's ratio to local for a probe metric: latency_ratio, read_bw_ratio, ..."""
+    return "latency_ratio" if metric == "latency_ns" else f"{metric.removesuffix('_gb_per_s')}_bw_ratio"
 
 
 def _local_figures(measured: list[Any], resolved: ResolvedTierMap, node: int) -> dict[str, float]:

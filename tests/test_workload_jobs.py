@@ -53,7 +53,7 @@ def test_decode_and_replay_jobs_run_with_their_bounds(tmp_path: Path) -> None:
     assert fast["replay-all-slowest"] == 0 <= fast["replay-lru"] <= fast["replay-belady"] <= fast["replay-all-fastest"]
     assert all(r["origin"] == "simulated" for r in rows if r["job"] == "replay")
     # The TTFT estimate charges a hit's block read at its tier's rate: the slow bound waits longer for its hits.
-    rates = {r["tier"]: r["value"] for r in rows if r["job"] == "replay" and r["metric"] == "read_gbps"}
+    rates = {r["tier"]: r["value"] for r in rows if r["job"] == "replay" and r["metric"] == "read_gb_per_s"}
     assert set(rates) == {"dram", "cxl", "far"} and rates["far"] < rates["cxl"] < rates["dram"]
     ttft = {}
     for r in rows:

@@ -83,7 +83,7 @@ def audit_rows(ctx: RunContext, injector: Any) -> list[MetricRow]:
     if injector is None:
         return []
     anchor = {} if ctx.calibration is None else {"local_latency_ns": ctx.calibration.latency_ns,
-                                                  "local_read_gbps": ctx.calibration.bandwidth_gbps.get("read")}
+                                                  "local_read_gb_per_s": ctx.calibration.bandwidth_gbps.get("read")}
     return [ctx.row("injected_delay_s", a.injected_ns / 1e9, "s", "emulated", tier=tier,
                     **{k: v for k, v in a.to_dict().items() if k != "tier"}, **anchor)
             for tier, a in injector.audits.items()]

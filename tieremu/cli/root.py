@@ -35,8 +35,8 @@ SUBCOMMANDS = {
                           "side by side."),
     "run": LazyCommand("tieremu.cli.run:run", "Run an experiment spec (default: configs/experiments/default.yaml): "
                        "every run of its sweep in a fresh worker process, the all-fastest and all-slowest bounds "
-                       "beside every policy; writes manifest.json, metrics.jsonl, summary.csv, runs/, plots/ and "
-                       "report.html."),
+                       "beside every policy; writes manifest.json, runs.jsonl, metrics.jsonl, summary.csv, runs/, "
+                       "plots/ and report.html."),
     "vm": LazyCommand("tieremu.cli.vm:vm", "Run commands inside a multi-node QEMU guest with real kernel NUMA."),
 }
 

@@ -97,7 +97,8 @@ class _Reporter:
 def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool, strict: bool) -> None:
     """Run an experiment spec (default: configs/experiments/default.yaml): every run of its sweep in a fresh
     worker process, the all-fastest and all-slowest bounds beside every policy; writes manifest.json,
-    metrics.jsonl, summary.csv, runs/, plots/ and report.html. Exits 1 if any run failed."""
+    runs.jsonl, metrics.jsonl, summary.csv, runs/, plots/ and report.html. Exits 1 if any run failed, 3 with
+    --strict if any was noisy."""
     if spec is None and resume not in (None, LATEST) and Path(resume).is_file():
         spec, resume = Path(resume), LATEST  # `run --resume SPEC`: the spec was taken as the folder
     experiment = load_experiment(spec or default_spec())

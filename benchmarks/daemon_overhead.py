@@ -28,7 +28,7 @@ from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.numa.topology import discover
 from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy
-from tieremu.stats import LoadMeter, Summary
+from tieremu.record.stats import LoadMeter, Summary
 from tieremu.tiers.config import load_tier_map
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
 from tieremu.workloads.decode import DecodeSpec, run_decode

@@ -20,7 +20,7 @@ from pathlib import Path
 from tieremu.probe.bandwidth import measure as measure_bandwidth
 from tieremu.probe.latency import ChaseBuffer
 from tieremu.probe.latency import measure as measure_latency
-from tieremu.stats import LoadMeter
+from tieremu.record.stats import LoadMeter
 
 HERE = Path(__file__).resolve().parent
 LATENCY_TOLERANCE = 0.05

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tieremu.policy.registry import get_policy, names
-from tieremu.stats import LoadMeter, Summary
+from tieremu.record.stats import LoadMeter, Summary
 from tieremu.workloads.generators import mix
 from tieremu.workloads.simulate import SimTier, policy_context, simulate
 from tieremu.workloads.trace import Request, read_trace, reference_count

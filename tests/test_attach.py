@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 from fixture_paths import fixture_root
 
+from tieremu.cli import daemon as attach_cli
 from tieremu.configfile import Section
-from tieremu.daemon import attach_cli
 from tieremu.daemon.attach import (
     AttachConfig,
     AttachedDaemon,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,13 +64,13 @@ def test_check_json_on_this_machine(memory_nodes: tuple[int, ...]) -> None:
 
 def test_check_refuses_a_timing_model_this_machine_cannot_honour(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   missing_node: int) -> None:
-    from tieremu import cli
+    from tieremu.probe import calibrate
     from tieremu.tiers.timing import Calibration
 
     cal = Calibration(machine="fixture", created_utc="2026-01-01T00:00:00+00:00", node=0, latency_ns=100.0,
                       bandwidth_gbps={"read": 20.0, "write": 10.0, "copy": 16.0}, latency_by_node={0: 100.0},
                       read_gbps_by_node={0: 20.0})
-    monkeypatch.setattr(cli, "calibration", lambda topo: cal)
+    monkeypatch.setattr(calibrate, "calibration", lambda topo: cal)
     fast = tmp_path / "fast.yaml"
     fast.write_text(f"name: x\ntiers:\n  - {{name: dram, nodes: [0]}}\n  - {{name: cxl, nodes: [{missing_node}], "
                     "allow_emulation: true, emulate: {bandwidth_ratio: 1.5}}\n")
@@ -105,3 +106,33 @@ def test_bench_placement_json_reports_medians(memory_nodes: tuple[int, ...]) -> 
     assert data["query_pages_per_s"]["n"] == 3 and data["query_pages_per_s"]["median"] > 0
     assert len(data["migrations"]) == len(memory_nodes) * (len(memory_nodes) - 1)
     assert data["load"]["cpus"] >= 1
+
+
+def test_lazy_subcommands_list_their_own_short_help() -> None:
+    # `tieremu --help` lists lazy subcommands from a table so that it imports none of them; the table must say
+    # what each command's docstring says.
+    from tieremu.cli.root import SUBCOMMANDS
+
+    for name, entry in SUBCOMMANDS.items():
+        assert entry.short_help == entry.load().get_short_help_str(10_000), name
+
+
+def _heavy_modules_after(*argvs: list[str]) -> list[str]:
+    code = ("import sys; from click.testing import CliRunner; from tieremu.cli import main\n"
+            f"for a in {list(argvs)!r}: CliRunner().invoke(main, a, catch_exceptions=False)\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    return json.loads(out.stdout.strip().replace("'", '"'))
+
+
+def test_help_and_topo_import_neither_torch_nor_numpy() -> None:
+    assert _heavy_modules_after(["--help"], ["topo"]) == []
+
+
+def test_subcommand_help_and_simulated_replay_do_not_import_torch() -> None:
+    trace = str(REPO / "traces" / "mooncake_synthetic_trace.jsonl")
+    heavy = _heavy_modules_after(["run", "--help"], ["report", "--help"], ["probe", "--help"],
+                                 ["replay", trace, "--tiers", str(REPO / "configs/tiers/cxl-expander.yaml"),
+                                  "--policy", "lru", "--json"])
+    assert "torch" not in heavy and "matplotlib" not in heavy

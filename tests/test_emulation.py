@@ -148,7 +148,7 @@ def test_experiment_carries_the_audit_of_every_emulated_tier(tmp_path: Path, mem
 
     monkeypatch.setattr(experiment_mod, "calibration", lambda topo: calibration_here)
     spec_file = tmp_path / "e.yaml"
-    spec_file.write_text(f"name: emu\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\n"
+    spec_file.write_text(f"name: emu\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\nrepetitions: 1\n"
                          "jobs:\n  - {kind: roundtrip, route: [dram, cxl, far], size_mib: 8, check_mib: 1}\n")
     result = run_experiment(load_experiment(spec_file), tmp_path / "out", report=False)
     rows = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]

@@ -12,6 +12,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tieremu.cli import replay as replay_cli
+from tieremu.cli.replay import replay
 from tieremu.errors import ConfigError
 from tieremu.kv.cache import TieredKVCache
 from tieremu.numa.topology import discover
@@ -20,7 +22,6 @@ from tieremu.tiers.config import load_tier_map
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
 from tieremu.tiers.timing import Calibration
-from tieremu.workloads import replay_cli
 from tieremu.workloads.execute import (
     DEFAULT_BLOCK_KIB,
     DEFAULT_TIME_SCALE,
@@ -30,7 +31,6 @@ from tieremu.workloads.execute import (
     execute,
     scaled_layout,
 )
-from tieremu.workloads.replay_cli import replay
 from tieremu.workloads.simulate import ReplayResult, SimTier, policy_context, simulate
 from tieremu.workloads.trace import Request, ceiling_hit_ratio, read_trace
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tieremu.errors import ConfigError
+from tieremu.record.row import MetricRow
 from tieremu.runner import experiment as experiment_mod
 from tieremu.runner.experiment import run_experiment
-from tieremu.runner.metrics import MetricRow
 from tieremu.runner.results import ResultDir
 from tieremu.runner.spec import load_experiment
 from tieremu.runner.sweep import expand
@@ -38,21 +38,26 @@ def test_default_spec_validates_and_plans_probe_round_trip_decode_and_replay_wit
     spec = load_experiment(DEFAULT)
     assert spec.name == "default" and spec.tier_map.name == "cxl-expander" and spec.probe
     runs = expand(spec)
-    assert [r.kind for r in runs] == ["probe", "roundtrip"] + ["decode"] * 4 + ["replay"] * 6
+    # timing jobs repeat (3 by default), accounting-only replay runs once
+    assert [r.kind for r in runs] == ["probe"] + ["roundtrip"] * 3 + ["decode"] * 12 + ["replay"] * 6
     assert runs[1].params.route == ("dram", "cxl", "far")
+    # the arms of the decode comparison interleave, ABBA across repetitions, so drift weighs on all alike
+    arms = ["lru", "hotcold", "all-fastest", "all-slowest"]
+    assert [(r.repetition, r.policy) for r in runs if r.kind == "decode"] == \
+        [(0, a) for a in arms] + [(1, a) for a in reversed(arms)] + [(2, a) for a in arms]
     # the all-fastest / all-slowest bounds run beside every policy of a job
-    assert sorted(r.policy for r in runs if r.kind == "decode") == ["all-fastest", "all-slowest", "hotcold", "lru"]
+    assert sorted({r.policy for r in runs if r.kind == "decode"}) == ["all-fastest", "all-slowest", "hotcold", "lru"]
     assert sorted(r.policy for r in runs if r.kind == "replay") == ["all-fastest", "all-slowest", "belady",
                                                                      "hotcold", "lookahead", "lru"]
 
 
 def test_round_trip_writes_a_complete_labelled_result_folder(tmp_path: Path, memory_nodes: tuple[int, ...]) -> None:
-    result = run_experiment(load_experiment(_spec(tmp_path, ROUNDTRIP)), tmp_path / "out")
+    result = run_experiment(load_experiment(_spec(tmp_path, ROUNDTRIP, "repetitions: 1\n")), tmp_path / "out")
     assert not result.failed, result.failed
     folder = result.path
     assert folder.parent == tmp_path / "out" / "small" and not folder.name.endswith((".partial", ".failed"))
-    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "metrics.jsonl", "plots", "report.html",
-                                                        "runs", "summary.csv"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != "summary.parquet") == \
+        ["manifest.json", "metrics.jsonl", "plots", "report.html", "runs", "runs.jsonl", "summary.csv"]
     [run] = result.plan.runs
     assert sorted(p.name for p in (folder / "runs" / run.run_id).iterdir()) == ["metrics.jsonl", "status.json",
                                                                                 "worker.log"]
@@ -68,7 +73,7 @@ def test_round_trip_writes_a_complete_labelled_result_folder(tmp_path: Path, mem
     assert (extra["calibration"] is None) == (len(memory_nodes) >= 3)
 
     rows = _rows(folder)
-    hops = sorted((r for r in rows if r.metric == "migration_gbps"), key=lambda r: r.sample or 0)
+    hops = sorted((r for r in rows if r.metric == "migration_gbps"), key=lambda r: r.seq or 0)
     assert [(h.params["source"], h.params["target"]) for h in hops] == [("dram", "cxl"), ("cxl", "far"),
                                                                           ("far", "dram")]
     assert all(r.value == 1.0 for r in rows if r.metric in ("checksum_ok", "fraction_on_target"))
@@ -105,7 +110,7 @@ def test_an_experiment_that_fails_is_left_marked_failed_never_complete(tmp_path:
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(experiment_mod, "_summary", boom)
+    monkeypatch.setattr(experiment_mod, "summarise", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         run_experiment(load_experiment(_spec(tmp_path, ROUNDTRIP)), tmp_path / "out", report=False)
     [entry] = (tmp_path / "out" / "small").iterdir()
@@ -162,7 +167,7 @@ def test_the_readmes_first_command_runs_the_default_experiment_to_a_report(tmp_p
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[-3] == "runs: 12 done (0 from before), 0 failed, 12 planned"
+    assert lines[-3] == "runs: 22 done (0 from before), 0 failed, 22 planned"
     report = Path(lines[-2].removeprefix("report: "))
     folder = Path(lines[-1].removeprefix("results: "))
     assert report == folder / "report.html" and report.is_file() and folder.parent == tmp_path / "default"

@@ -19,7 +19,7 @@ from fixture_paths import fixture_root
 from fixtures.lab.fakekernel import FakeKernel, Lab, make_lab, snapshot
 from write_audit import listening, outside
 
-import tieremu.lab.cli as lab_cli
+import tieremu.cli.lab as lab_cli
 import tieremu.lab.kernelfs as kernelfs
 import tieremu.safefile as safefile
 import tieremu.tiers.files as files

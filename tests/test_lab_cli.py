@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner, Result
 from fixtures.lab.fakekernel import FakeKernel, Lab, make_lab, snapshot
 
-import tieremu.lab.cli as lab_cli
+import tieremu.cli.lab as lab_cli
 from tieremu.cli import main
 from tieremu.lab import active_profiles
 

@@ -13,7 +13,7 @@ from tieremu.errors import ProbeError
 from tieremu.numa.topology import discover
 from tieremu.probe import bandwidth, latency, loaded, migrate
 from tieremu.probe.report import format_matrix, latency_json, medians
-from tieremu.stats import Summary
+from tieremu.record.stats import Summary
 
 KIB, MIB = 1 << 10, 1 << 20
 

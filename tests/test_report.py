@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tieremu.cli.report import report as report_cmd
 from tieremu.errors import ReportError
-from tieremu.report.cli import report as report_cmd
+from tieremu.record.row import MetricRow
+from tieremu.record.stats import percentile
 from tieremu.report.load import ResultSet, load_result
 from tieremu.report.plots import all_plots
 from tieremu.report.tables import Table, comparison_table, job_tables, provenance
 from tieremu.runner.experiment import run_experiment
-from tieremu.runner.metrics import MetricRow, percentile
 from tieremu.runner.spec import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,8 @@ def test_unknown_metrics_are_tabulated_generically(folder: Path, tmp_path: Path)
     copy = _copy(folder, tmp_path)
     run = load_result(copy).runs[1]
     values = [3.0, 1.0, 8.0]
-    _append(copy, [MetricRow(run.run_id, "synthetic", "widgets", v, "w", "measured", "dram", i, dict(run.labels))
+    _append(copy, [MetricRow(run.run_id, "synthetic", "widgets", v, "w", "measured", "dram", seq=i,
+                             params=dict(run.labels))
                    for i, v in enumerate(values)])
     other = _table(job_tables(load_result(copy)), "synthetic: other figures")
     [row] = [r for r in other.rows if r[2] == "widgets[dram]"]
@@ -145,10 +147,11 @@ def test_plots_are_drawn_from_what_the_rows_hold(folder: Path, tmp_path: Path) -
     copy = _copy(folder, tmp_path)
     names = {p.name for p in all_plots([load_result(copy)])}
     assert names == {"synthetic-tpot_ms-cdf", "synthetic-ttft_ms-cdf", "synthetic-hits-per-tier",
-                     "synthetic-tpot_p50-vs-fast_capacity_mib", "synthetic-migration_gbps-over-time"}
+                     "synthetic-tpot_p50-per-policy", "synthetic-tpot_p50-vs-fast_capacity_mib",
+                     "synthetic-migration_gbps-over-time"}
     run = load_result(copy).runs[0]
-    _append(copy, [MetricRow(run.run_id, "probe", "loaded_latency_ns", 100 + 10 * t, "ns", "measured", "dram", i,
-                             {"mix": "100/0", "traffic_gb_per_s": float(t)}) for i, t in enumerate((0, 5, 10))])
+    _append(copy, [MetricRow(run.run_id, "probe", "loaded_latency_ns", 100 + 10 * t, "ns", "measured", "dram", seq=i,
+                             params={"mix": "100/0", "traffic_gb_per_s": float(t)}) for i, t in enumerate((0, 5, 10))])
     plots = all_plots([load_result(copy)])
     assert "bandwidth-latency" in {p.name for p in plots}
     assert all(p.png.startswith(PNG) and len(p.png) > 5000 for p in plots)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tieremu.cli.replay import replay
 from tieremu.errors import ConfigError, PolicyError
 from tieremu.policy import Move, Plan, Policy, PolicyContext, get_policy, names
 from tieremu.policy.base import BlockView, first_unpinned
-from tieremu.workloads.replay_cli import replay
 from tieremu.workloads.simulate import ReplayResult, SimTier, policy_context, simulate
 from tieremu.workloads.trace import Request, ceiling_hit_ratio, read_trace, reference_count
 

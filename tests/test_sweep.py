@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tieremu.cli.run import run as run_cmd
 from tieremu.errors import ConfigError, ResolutionError
+from tieremu.record.row import MetricRow
+from tieremu.record.stats import percentile
 from tieremu.runner.experiment import latest_folder, run_experiment
 from tieremu.runner.jobs import BASELINES, JobRegistry, SyntheticJob, default_registry
-from tieremu.runner.metrics import MetricRow, percentile
-from tieremu.runner.run_cli import run as run_cmd
 from tieremu.runner.spec import load_experiment
 from tieremu.runner.sweep import expand
 
@@ -139,12 +140,20 @@ def test_a_run_that_kills_its_process_is_recorded_and_the_others_complete(tmp_pa
     rows = _rows(folder)
     assert {r.run for r in rows} == {r.run_id for r in result.records if r.status == "done"}
     assert sum(r.metric == "tpot_ms" for r in rows) == 3 * 8
+    runs = {r["run_id"]: r for r in map(json.loads, (folder / "runs.jsonl").read_text().splitlines())}
+    assert runs[crashed.run_id]["status"] == "failed" and "SIGSEGV" in runs[crashed.run_id]["error"]
+    assert all({"load_before", "load_after", "steal_fraction", "noisy", "noisy_why"} <= set(r) for r in runs.values())
     with (folder / "summary.csv").open() as f:
-        summary = {row["run_id"]: row for row in csv.DictReader(f)}
-    assert summary[crashed.run_id]["status"] == "failed" and "SIGSEGV" in summary[crashed.run_id]["error"]
+        summary = list(csv.DictReader(f))
+    assert list(summary[0])[:16] == ["metric", "unit", "origin", "job", "tier", "policy", "phase", "point", "n",
+                                     "median", "mean", "ci_low", "ci_high", "min", "max", "noisy_runs"]
+    assert not any(r["policy"] == "lru" for r in summary)  # the crashed arm has no figures
     lfu = next(r for r in result.plan.runs if r.policy == "lfu")
     tpots = [r.value for r in rows if r.run == lfu.run_id and r.metric == "tpot_ms"]
-    assert float(summary[lfu.run_id]["tpot_ms_p50"]) == pytest.approx(percentile(tpots, 50))
+    [lfu_tpot] = [r for r in summary if r["policy"] == "lfu" and r["metric"] == "tpot_ms"]
+    # one repetition: its run's median, and no interval to claim
+    assert (lfu_tpot["n"], lfu_tpot["unit"], lfu_tpot["ci_low"]) == ("1", "ms", "")
+    assert float(lfu_tpot["median"]) == pytest.approx(percentile(tpots, 50))
     assert (folder / "report.html").exists()
 
 

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from tieremu.cli.replay import generate_trace
 from tieremu.errors import TraceError, WorkloadError
 from tieremu.workloads.generators import KINDS, BlockHasher, generate, mix
-from tieremu.workloads.replay_cli import generate_trace
 from tieremu.workloads.trace import Request, ceiling_hit_ratio, parse_lines, read_trace, reference_count, write_trace
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TRACE = REPO.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"
-# How configs/traces/small.jsonl was made (python -m tieremu.workloads.replay_cli generate-trace ... --requests 300
+# How configs/traces/small.jsonl was made (python -m tieremu.cli.replay generate-trace ... --requests 300
 # --seed 7): the shipped file must stay reproducible from it.
 SMALL_REQUESTS, SMALL_SEED = 300, 7
 
@@ -160,7 +160,7 @@ def test_shipped_small_trace_is_reproducible_from_its_seed() -> None:
     shipped = read_trace(SMALL_TRACE)
     assert shipped == mix(SMALL_REQUESTS, seed=SMALL_SEED), (
         "configs/traces/small.jsonl no longer matches its generator; if the generator changed on purpose, "
-        "regenerate it: python -m tieremu.workloads.replay_cli generate-trace configs/traces/small.jsonl "
+        "regenerate it: python -m tieremu.cli.replay generate-trace configs/traces/small.jsonl "
         f"--requests {SMALL_REQUESTS} --seed {SMALL_SEED}")
     assert len(shipped) == SMALL_REQUESTS and prefix_consistent(shipped)
 

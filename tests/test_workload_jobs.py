@@ -43,7 +43,7 @@ def test_decode_and_replay_jobs_run_with_their_bounds(tmp_path: Path) -> None:
     [total] = [r for r in decode if r["metric"] == "migration_gbps" and "lru" in r["run"]]
     # Migrations over time: windows of the run that add up to what the daemon moved.
     windows = [r for r in decode if r["metric"] == "window_migration_gbps" and "lru" in r["run"]]
-    assert windows and [r["sample"] for r in windows] == list(range(len(windows)))
+    assert windows and [r["seq"] for r in windows] == list(range(len(windows)))
     assert sum(r["params"]["bytes"] for r in windows) == total["params"]["bytes"]
     assert not any(r["metric"] == "window_migration_gbps" for r in decode if "all-" in r["run"])
     replay = [r for r in rows if r["job"] == "replay" and r["metric"] == "hit_ratio" and r["tier"] == "dram"]
@@ -53,7 +53,7 @@ def test_decode_and_replay_jobs_run_with_their_bounds(tmp_path: Path) -> None:
     assert fast["replay-all-slowest"] == 0 <= fast["replay-lru"] <= fast["replay-belady"] <= fast["replay-all-fastest"]
     assert all(r["origin"] == "simulated" for r in rows if r["job"] == "replay")
     # The TTFT estimate charges a hit's block read at its tier's rate: the slow bound waits longer for its hits.
-    rates = {r["tier"]: r["value"] for r in rows if r["job"] == "replay" and r["metric"] == "read_gbps"}
+    rates = {r["tier"]: r["value"] for r in rows if r["job"] == "replay" and r["metric"] == "read_gb_per_s"}
     assert set(rates) == {"dram", "cxl", "far"} and rates["far"] < rates["cxl"] < rates["dram"]
     ttft = {}
     for r in rows:

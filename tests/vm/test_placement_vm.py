@@ -172,7 +172,7 @@ def test_default_round_trip_really_moves_pages(tmp_path: Path) -> None:
                     "jobs:\n  - {kind: roundtrip, route: [dram, cxl, far], size_mib: 16, check_mib: 1}\n")
     result = run_experiment(load_experiment(spec), tmp_path / "out", report=False)
     rows = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
-    hops = sorted((r for r in rows if r["metric"] == "migration_gbps"), key=lambda r: r["sample"])
+    hops = sorted((r for r in rows if r["metric"] == "migration_gbps"), key=lambda r: r["seq"])
     assert [(h["params"]["target_node"], h["params"]["moved"], h["params"]["already"]) for h in hops] == [
         (1, 4096, 0), (2, 4096, 0), (0, 4096, 0)]
     assert all(r["value"] == 1.0 for r in rows if r["metric"] == "checksum_ok")

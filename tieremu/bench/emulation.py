@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tieremu.probe.emulated import pacing_overhead, tier_bandwidth, tier_latency
-from tieremu.stats import LoadMeter, MachineLoad, Summary
+from tieremu.record.stats import LoadMeter, MachineLoad, Summary
 from tieremu.tiers.config import TierSpec, TimingTarget
 from tieremu.tiers.timing import Calibration, timing_model
 

@@ -20,7 +20,7 @@ import torch
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Vector
-from tieremu.stats import LoadMeter, MachineLoad, Summary
+from tieremu.record.stats import LoadMeter, MachineLoad, Summary
 from tieremu.tiers.config import TimingTarget
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from tieremu.numa import pages, syscalls
 from tieremu.numa.topology import Topology
-from tieremu.stats import LoadMeter, MachineLoad, Summary
+from tieremu.record.stats import LoadMeter, MachineLoad, Summary
 from tieremu.tiers.region import Region, allocate
 from tieremu.tiers.resolve import in_vm
 

@@ -16,7 +16,7 @@ from tieremu.errors import ProbeError
 from tieremu.native.build import kernels, tsc_ticks_per_ns
 from tieremu.probe.affinity import pinned
 from tieremu.probe.latency import ChaseBuffer
-from tieremu.stats import Summary
+from tieremu.record.stats import Summary
 from tieremu.tiers.region import Region, allocate
 from tieremu.tiers.resolve import ResolvedTierMap
 from tieremu.tiers.timing import Calibration, TimingModel

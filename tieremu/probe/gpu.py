@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from tieremu.errors import PlacementError, ProbeError
 from tieremu.numa.topology import Topology
 from tieremu.probe.affinity import pinned
-from tieremu.stats import LoadMeter, MachineLoad, Summary
+from tieremu.record.stats import LoadMeter, MachineLoad, Summary
 from tieremu.tiers.region import allocate
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ from tieremu.errors import PlacementError, ProbeError
 from tieremu.native.build import kernels
 from tieremu.numa.topology import Topology
 from tieremu.probe.affinity import pinned
-from tieremu.stats import Summary
+from tieremu.record.stats import Summary
 from tieremu.tiers.region import Region, allocate
 
 LINE = 64  # one element per cache line

@@ -17,7 +17,7 @@ from tieremu.native.build import kernels, spin_ns_per_iter
 from tieremu.numa.topology import Topology
 from tieremu.probe.affinity import pinned
 from tieremu.probe.latency import ChaseBuffer, measure
-from tieremu.stats import Summary
+from tieremu.record.stats import Summary
 from tieremu.tiers.region import Region, allocate
 
 # Read:write mixes in cache lines, named as Mess names them (percent reads / percent writes).

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from tieremu.native.build import kernels
 from tieremu.numa.topology import Topology
 from tieremu.probe.affinity import pinned
-from tieremu.stats import Summary
+from tieremu.record.stats import Summary
 from tieremu.tiers.region import allocate
 
 QUICK_BATCHES = (64, 4096)

@@ -9,7 +9,7 @@ from tieremu.probe.bandwidth import KERNELS, BandwidthMatrix, BandwidthPoint
 from tieremu.probe.latency import LatencyMatrix, LatencyPoint
 from tieremu.probe.loaded import LoadedPoint
 from tieremu.probe.migrate import MigrateProbe
-from tieremu.stats import Summary
+from tieremu.record.stats import Summary
 
 T = TypeVar("T")
 

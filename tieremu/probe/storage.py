@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tieremu.errors import ProbeError
-from tieremu.stats import LoadMeter, MachineLoad
+from tieremu.record.stats import LoadMeter, MachineLoad
 
 INSTALL_HINT = "install it with `apt-get install fio` (or run scripts/bootstrap.sh)"
 

@@ -1,4 +1,8 @@
-"""Reading a finished result folder back: manifest, metric rows and run statuses, refusing anything incomplete."""
+"""Reading a finished result folder back: manifest, metric rows and run records, refusing anything incomplete.
+
+Reads both layouts: schema 2 (runs.jsonl, `seq`) and schema 1 (runs/<id>/status.json, `sample`); a folder of a
+newer schema, one that is not tieremu's, or one that cannot be read is refused with a message saying which.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from tieremu.errors import ReportError
-from tieremu.runner.metrics import MetricRow, MetricRowError
-
-
-@dataclass(frozen=True)
-class RunStatus:
-    run_id: str
-    job: str
-    status: str  # done | failed | missing (planned, never run: only in a folder still being written)
-    seconds: float | None
-    error: str | None
-    labels: dict[str, Any]  # what tells the run apart: policy, swept values, rep
+from tieremu.record import SCHEMA_VERSION
+from tieremu.record.row import MetricRow, MetricRowError
+from tieremu.record.runs import MISSING, RunRecord
 
 
 @dataclass(frozen=True)
@@ -27,7 +23,7 @@ class ResultSet:
     path: Path
     manifest: dict[str, Any]
     rows: list[MetricRow]
-    runs: list[RunStatus]
+    runs: list[RunRecord]
 
     @property
     def extra(self) -> dict[str, Any]:
@@ -64,6 +60,14 @@ class ResultSet:
     def warnings(self) -> list[str]:
         return list(self.extra.get("warnings", []))
 
+    @property
+    def schema_version(self) -> int:
+        return int(self.extra.get("schema_version", 1))
+
+    @property
+    def noisy(self) -> list[RunRecord]:
+        return [r for r in self.runs if r.noisy]
+
     def labels_of(self, run_id: str) -> dict[str, Any]:
         return next((r.labels for r in self.runs if r.run_id == run_id), {})
 
@@ -79,12 +83,22 @@ def load_result(path: str | Path, *, allow_partial: bool = False) -> ResultSet:
                           f"or run again with: tieremu run SPEC --resume {folder}")
     if not folder.is_dir():
         raise ReportError(f"{folder}: no such result folder (expected results/<experiment>/<timestamp>/)")
+    if not (folder / "manifest.json").exists():
+        raise ReportError(f"{folder}: not a tieremu result folder (no manifest.json); give a folder that "
+                          "`tieremu run` wrote: results/<experiment>/<timestamp>/")
     manifest = _json(folder / "manifest.json")
-    if "runs" not in manifest.get("extra", {}):
+    extra = manifest.get("extra")
+    if not isinstance(extra, dict) or "runs" not in extra:
         raise ReportError(f"{folder / 'manifest.json'}: no run list: not a sweep result folder (a probe folder, "
                           "or one written by an older tieremu)")
+    version = extra.get("schema_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= SCHEMA_VERSION:
+        raise ReportError(f"{folder / 'manifest.json'}: schema_version {version!r} is not one this tieremu reads "
+                          f"(1 to {SCHEMA_VERSION}); report it with the tieremu that wrote it "
+                          f"(version {manifest.get('tieremu_version', '?')})")
     rows = _rows(folder / "metrics.jsonl")
-    return ResultSet(folder, manifest, rows, _runs(folder, manifest["extra"]["runs"]))
+    runs = _records(folder / "runs.jsonl", extra["runs"]) if version >= 2 else _runs(folder, extra["runs"])
+    return ResultSet(folder, manifest, rows, runs)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -93,6 +107,8 @@ def _json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ReportError(f"{path}: missing; a result folder has manifest.json, metrics.jsonl and summary.csv") \
             from None
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     except ValueError as exc:
         raise ReportError(f"{path}: not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -106,6 +122,8 @@ def _rows(path: Path) -> list[MetricRow]:
     except FileNotFoundError:
         raise ReportError(f"{path}: missing; a result folder has manifest.json, metrics.jsonl and summary.csv") \
             from None
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot be read: {exc.strerror or exc}") from None
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -117,11 +135,41 @@ def _rows(path: Path) -> list[MetricRow]:
     return rows
 
 
-def _runs(folder: Path, planned: list[dict[str, Any]]) -> list[RunStatus]:
+def _records(path: Path, planned: list[dict[str, Any]]) -> list[RunRecord]:
+    """Schema 2: runs.jsonl, in plan order; a planned run without a line (a folder still being written) is missing.
+    While the runner draws its own report runs.jsonl is not written yet: the runs' status.json stand in."""
+    if not path.exists():
+        return _runs(path.parent, planned)
+    found = {}
+    for number, line in enumerate(_lines(path), 1):
+        try:
+            record = RunRecord.from_dict(json.loads(line))
+        except (ValueError, TypeError) as exc:
+            raise ReportError(f"{path}:{number}: not a run record: {exc}") from None
+        found[record.run_id] = record
+    return [found.get(run["run_id"]) or _missing(run) for run in planned]
+
+
+def _runs(folder: Path, planned: list[dict[str, Any]]) -> list[RunRecord]:
+    """Schema 1 (and a folder being written): each run's status.json."""
     out = []
     for run in planned:
         status_file = folder / "runs" / run["run_id"] / "status.json"
-        status = json.loads(status_file.read_text()) if status_file.exists() else {"status": "missing"}
-        out.append(RunStatus(run["run_id"], run["job"], status["status"], status.get("seconds"), status.get("error"),
-                             dict(run.get("labels", {}))))
+        if not status_file.exists():
+            out.append(_missing(run))
+            continue
+        status = _json(status_file)
+        out.append(RunRecord.from_dict({"job": run["job"], "labels": dict(run.get("labels", {})), **status,
+                                        "run_id": run["run_id"]}))
     return out
+
+
+def _missing(run: dict[str, Any]) -> RunRecord:
+    return RunRecord(run["run_id"], run["job"], dict(run.get("labels", {})), MISSING, None, None)
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot be read: {exc.strerror or exc}") from None

@@ -14,7 +14,7 @@ from functools import cache
 from typing import Any
 
 from tieremu.report.load import ResultSet
-from tieremu.report.tables import Group, figures, groups
+from tieremu.report.tables import Group, figure_stats, figures, groups
 
 MAX_LINES = 16  # past this a plot is unreadable: the first ones are drawn and the caption says so
 MIGRATION_METRICS = ("window_migration_gbps", "migration_gbps", "promotions", "demotions", "ping_pongs")
@@ -44,6 +44,7 @@ def all_plots(results: list[ResultSet]) -> list[Plot]:
     plots: list[Plot | None] = []
     for metric, title in (("tpot_ms", "TPOT"), ("ttft_ms", "TTFT")):
         plots += [latency_cdf(job, gs, metric, title) for job, gs in labelled.items()]
+    plots += [headline_bars(job, gs) for job, gs in labelled.items()]
     plots += [hit_bars(job, gs) for job, gs in labelled.items()]
     plots += [p for job, gs in labelled.items() for p in capacity_sweeps(job, gs)]
     plots += [migrations_over_time(job, gs) for job, gs in labelled.items()]
@@ -78,6 +79,32 @@ def latency_cdf(job: str, labelled: list[tuple[str, Group]], metric: str, title:
     return _plot(fig, f"{job}-{metric}-cdf", f"{job}: {title} CDF per policy", _cut(len(series)))
 
 
+def headline_bars(job: str, labelled: list[tuple[str, Group]]) -> Plot | None:
+    """The job's headline figure per policy and sweep point: the median of the runs' figures, with the 95% CI of
+    their mean as an error bar (groups of one run have none)."""
+    key, ylabel = _headline([g for _, g in labelled])
+    if key is None:
+        return None
+    shown = [(prefix + g.label, figure_stats(g)[key]) for prefix, g in labelled][:MAX_LINES]
+    shown = [(label, st) for label, st in shown if st.n]
+    if not shown:
+        return None
+    fig, ax = _plt().subplots(figsize=(max(6, 0.8 * len(shown) + 2), 4.5))
+    medians = [st.median for _, st in shown]
+    low = [st.median - st.ci_low if st.has_ci else 0.0 for _, st in shown]
+    high = [st.ci_high - st.median if st.has_ci else 0.0 for _, st in shown]
+    ax.bar(range(len(shown)), medians, yerr=[[max(0.0, v) for v in low], [max(0.0, v) for v in high]], capsize=4,
+           color="tab:blue", alpha=0.8)
+    ax.set_xticks(range(len(shown)), [label for label, _ in shown], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(f"{job}: {ylabel} per policy, 95% CI over runs")
+    runs = sorted({st.n for _, st in shown})
+    return _plot(fig, f"{job}-{key}-per-policy", f"{job}: {ylabel} per policy with 95% CI",
+                 f"bars: median of the runs' figures; error bars: 95% CI of their mean; runs per bar: "
+                 f"{', '.join(map(str, runs))}" + (f"; {_cut(len(labelled))}" if _cut(len(labelled)) else ""))
+
+
 def hit_bars(job: str, labelled: list[tuple[str, Group]]) -> Plot | None:
     tiers = list(dict.fromkeys(t for _, g in labelled for t in g.tiers_of("hit_ratio")))
     shown = [(prefix + g.label, g) for prefix, g in labelled
@@ -105,19 +132,22 @@ def capacity_sweeps(job: str, labelled: list[tuple[str, Group]]) -> list[Plot]:
         key, ylabel = _headline([g for _, g in labelled])
         if key is None:
             continue
-        lines: dict[str, list[tuple[float, float]]] = {}
+        lines: dict[str, list[tuple[float, float, float, float]]] = {}
         for prefix, g in labelled:
             labels = dict(g.labels)
             rest = ", ".join(str(v) if k == "policy" else f"{k}={v}" for k, v in g.labels if k != axis)
-            value = figures(g)[key]
-            if math.isfinite(value):
-                lines.setdefault(prefix + (rest or job), []).append((float(labels[axis]), value))
+            st = figure_stats(g)[key]
+            if math.isfinite(st.median):
+                below = max(0.0, st.median - st.ci_low) if st.has_ci else 0.0
+                above = max(0.0, st.ci_high - st.median) if st.has_ci else 0.0
+                lines.setdefault(prefix + (rest or job), []).append((float(labels[axis]), st.median, below, above))
         if not lines:
             continue
         fig, ax = _plt().subplots(figsize=(7, 4.5))
         for name, points in list(lines.items())[:MAX_LINES]:
             points.sort()
-            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[[p[2] for p in points],
+                        [p[3] for p in points]], marker="o", capsize=3, label=name)
         ax.set_xlabel(axis)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)

@@ -1,8 +1,9 @@
 """The report's tables as data (title, columns, rows of text), grouped per job and policy; rendered by the
 terminal (rich) and the HTML page alike.
 
-A group is every run of one job with the same labels except the repetition: samples are pooled across
-repetitions, single figures averaged, counters summed per run then averaged.
+A group is every run of one job with the same labels except the repetition. Each run's samples become one figure
+per run (TPOT p50 of that run, its hit ratio, its counters' total); the group's figure is the median of its runs'
+figures, with the 95% confidence interval across runs (tieremu.record.stats.describe) beside it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.table import Table as RichTable
-from rich.text import Text
-
+from tieremu.record.row import MetricRow
+from tieremu.record.stats import Stats, describe, percentile
 from tieremu.report.load import ResultSet
-from tieremu.runner.metrics import MetricRow, percentile
 from tieremu.runner.worker import headline
 
 COUNTERS = ("promotions", "demotions", "ping_pongs", "evictions")
@@ -65,9 +64,15 @@ class Group:
         return sum(values) / len(values) if values else math.nan
 
     def per_run_total(self, metric: str) -> float:
-        totals = [sum(r.value for r in self.rows if r.run == run and r.metric == metric and math.isfinite(r.value))
-                  for run in self.runs if any(r.run == run and r.metric == metric for r in self.rows)]
-        return sum(totals) / len(totals) if totals else math.nan
+        return describe(self.per_run(metric, None, math.fsum)).median
+
+    def per_run(self, metric: str, tier: str | None, reduce: Any) -> list[float]:
+        """One figure per run that has the metric: `reduce` of that run's finite values."""
+        by_run: dict[str, list[float]] = {}
+        for r in self.rows:
+            if r.metric == metric and r.tier == tier and math.isfinite(r.value):
+                by_run.setdefault(r.run, []).append(r.value)
+        return [reduce(values) for values in by_run.values()]
 
 
 def groups(result: ResultSet) -> list[Group]:
@@ -87,21 +92,68 @@ def groups(result: ResultSet) -> list[Group]:
                                       POLICY_RANK.get(g.policy or "", 1)))
 
 
-def figures(group: Group) -> dict[str, float]:
-    """The standard figures of one group, by column key."""
-    tpot, ttft = group.values("tpot_ms"), group.values("ttft_ms")
-    out = {"tpot_p50": percentile(tpot, 50), "tpot_p99": percentile(tpot, 99), "tpot_max": max(tpot, default=math.nan),
-           "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99), "ttft_max": max(ttft, default=math.nan),
-           "tokens_per_s": group.mean("tokens_per_s"), "hit": group.mean("hit_ratio"),
-           "strr": group.mean("strr"), "star": group.mean("star"), "migration_gbps": group.mean("migration_gbps")}
-    if not group.values("migration_gbps"):  # per-tier figures only (a round trip's hops): their mean
-        per_tier = [r.value for r in group.rows if r.metric == "migration_gbps" and math.isfinite(r.value)]
-        out["migration_gbps"] = sum(per_tier) / len(per_tier) if per_tier else math.nan
+def _p(q: float) -> Any:
+    return lambda values: percentile(values, q)
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def figure_stats(group: Group) -> dict[str, Stats]:
+    """The standard figures of one group, by column key: each described across the group's runs."""
+    per_run = {"tpot_p50": group.per_run("tpot_ms", None, _p(50)), "tpot_p99": group.per_run("tpot_ms", None, _p(99)),
+               "tpot_max": group.per_run("tpot_ms", None, max), "ttft_p50": group.per_run("ttft_ms", None, _p(50)),
+               "ttft_p99": group.per_run("ttft_ms", None, _p(99)), "ttft_max": group.per_run("ttft_ms", None, max),
+               "tokens_per_s": group.per_run("tokens_per_s", None, _mean),
+               "hit": group.per_run("hit_ratio", None, _mean), "strr": group.per_run("strr", None, _mean),
+               "star": group.per_run("star", None, _mean),
+               "migration_gbps": group.per_run("migration_gbps", None, _mean)}
+    if not per_run["migration_gbps"]:  # per-tier figures only (a round trip's hops): their mean per run
+        hops: dict[str, list[float]] = {}
+        for r in group.rows:
+            if r.metric == "migration_gbps" and math.isfinite(r.value):
+                hops.setdefault(r.run, []).append(r.value)
+        per_run["migration_gbps"] = [_mean(v) for v in hops.values()]
     for tier in group.tiers_of("hit_ratio"):
-        out[f"hit[{tier}]"] = group.mean("hit_ratio", tier)
+        per_run[f"hit[{tier}]"] = group.per_run("hit_ratio", tier, _mean)
     for counter in COUNTERS:
-        out[counter] = group.per_run_total(counter)
-    return out
+        per_run[counter] = group.per_run(counter, None, math.fsum)
+    return {key: describe(values) for key, values in per_run.items()}
+
+
+def figures(group: Group) -> dict[str, float]:
+    """The standard figures of one group, by column key: the median of its runs' figures."""
+    return {key: stats.median for key, stats in figure_stats(group).items()}
+
+
+def bounds_check(group: Group, all_groups: list[Group]) -> str:
+    """"outside bounds" when the group's CI of its headline (TPOT p50, else TTFT p50) lies wholly beyond the CI of
+    all-fastest (better than the best placement can be) or of all-slowest (worse than the worst): the figures of
+    this comparison cannot both be right. "" when within, "-" when it cannot be told (no bounds, or n < 2)."""
+    if group.policy is None or group.policy in ("all-fastest", "all-slowest"):
+        return ""
+    bounds = {g.policy: g for g in all_groups if g.job == group.job and g.without_policy() == group.without_policy()
+              and g.policy in ("all-fastest", "all-slowest")}
+    if len(bounds) < 2:
+        return "-"
+    mine = figure_stats(group)
+    key = "tpot_p50" if mine["tpot_p50"].n else "ttft_p50"
+    fast, slow, own = figure_stats(bounds["all-fastest"])[key], figure_stats(bounds["all-slowest"])[key], mine[key]
+    if not (own.has_ci and fast.has_ci and slow.has_ci):
+        return "-"
+    if own.ci_high < fast.ci_low:
+        return "outside bounds (faster than all-fastest)"
+    if own.ci_low > slow.ci_high:
+        return "outside bounds (slower than all-slowest)"
+    return "within"
+
+
+def fmt_ci(stats: Stats) -> str:
+    """The median, and the 95% CI of the runs' mean when there are two runs or more: `4.81 [4.62-5.03]`."""
+    if not stats.n:
+        return "-"
+    return fmt(stats.median) + (f" [{fmt(stats.ci_low)}-{fmt(stats.ci_high)}]" if stats.has_ci else "")
 
 
 def slowdown(group: Group, all_groups: list[Group]) -> tuple[float, str]:
@@ -147,6 +199,14 @@ def provenance(result: ResultSet) -> list[str]:
     done = sum(r.status == "done" for r in result.runs)
     failed = [r for r in result.runs if r.status == "failed"]
     lines.append(f"runs: {done} done, {len(failed)} failed, {len(result.runs)} planned")
+    noisy = result.noisy
+    if noisy:
+        lines.append(f"NOISY: {len(noisy)} of {len(result.runs)} runs ran on a busy machine (figures kept, flagged): "
+                     + "; ".join(f"{r.run_id} ({', '.join(r.noisy_why)})" for r in noisy))
+    elif result.schema_version >= 2:
+        lines.append("noise: no run was flagged (steal, other processes' load and load average within limits)")
+    else:
+        lines.append("noise: not recorded (a schema 1 folder)")
     lines += [f"warning: {w}" for w in result.warnings]
     return lines
 
@@ -176,26 +236,35 @@ def job_tables(result: ResultSet) -> list[Table]:
 def _summary_table(job: str, mine: list[Group], all_groups: list[Group]) -> Table | None:
     if not any(r.metric in SUMMARISED for g in mine for r in g.rows):
         return None
-    figs = [figures(g) for g in mine]
+    stats = [figure_stats(g) for g in mine]
+    figs = [{k: v.median for k, v in s.items()} for s in stats]
     tiers = list(dict.fromkeys(t for g in mine for t in g.tiers_of("hit_ratio")))
     columns = [*SUMMARY_COLUMNS, *((f"hit[{t}]", f"hit {t}") for t in tiers), *TAIL_COLUMNS]
     shown = [(k, h) for k, h in columns if any(math.isfinite(f.get(k, math.nan)) for f in figs)]
     slow = [slowdown(g, all_groups) for g in mine]
     bases = sorted({b for _, b in slow if b})
     axes = point_axes(mine)
+    checks = [bounds_check(g, all_groups) for g in mine]
     headers = [*axes, "runs", "origin"] + [h for _, h in shown]
     if bases:
         headers.append("slowdown vs all-fastest")
+    if any(checks):
+        headers.append("bounds")
     rows = []
-    for g, f, (ratio, _) in zip(mine, figs, slow, strict=True):
+    for g, st, (ratio, _), check in zip(mine, stats, slow, checks, strict=True):
         row = [*point_cells(g, axes), f"{g.done}/{len(g.runs)}", ", ".join(sorted({r.origin for r in g.rows})) or "-"]
-        row += [fmt(f.get(k, math.nan)) for k, _ in shown]
+        row += [fmt_ci(st[k]) if k in st else "-" for k, _ in shown]
         if bases:
             row.append("-" if not math.isfinite(ratio) else f"{ratio:.2f}x")
+        if any(checks):
+            row.append(check)
         rows.append(row)
-    notes = ["runs: finished / planned; samples pooled over repetitions"]
+    notes = ["runs: finished / planned; each figure is the median of the runs' own figures, with the 95% CI of "
+             "their mean in brackets (two runs or more)"]
     if bases:
         notes.append(f"slowdown: ratio of {' / '.join(bases)} to the all-fastest bound at the same sweep point")
+    if any(c.startswith("outside") for c in checks):
+        notes.append("outside bounds: the policy's CI lies beyond a bound's CI: noise, or a bug in the comparison")
     per = " per policy" if any(g.policy for g in mine) else ""
     return Table(f"{job}: summary{per}", headers, rows, "; ".join(notes))
 
@@ -235,9 +304,12 @@ def _other_table(job: str, mine: list[Group]) -> Table | None:
 def probe_table(result: ResultSet) -> Table | None:
     """Per tier: idle latency and stream bandwidth through the tier's own path (emulated tiers: their model)."""
     rows_by_tier: dict[str, dict[str, MetricRow]] = {}
+    ratios: dict[tuple[str, str], MetricRow] = {}  # (tier, probe metric): the emulated tier's ratio to local
     for r in result.rows:
         if r.job == "probe" and r.metric in PROBE[:4] and r.tier is not None:
             rows_by_tier.setdefault(r.tier, {})[r.metric] = r
+        elif r.job == "probe" and r.metric.endswith("_ratio") and r.tier is not None and "of" in r.params:
+            ratios[(r.tier, str(r.params["of"]))] = r
     if not rows_by_tier:
         return None
     metrics = [m for m in PROBE[:4] if any(m in v for v in rows_by_tier.values())]
@@ -248,13 +320,18 @@ def probe_table(result: ResultSet) -> Table | None:
         for m in metrics:
             r = by_metric.get(m)
             target = r.params.get("requested") if r else None
-            cells.append("-" if r is None else fmt(r.value) + ("" if target is None else f" (target {fmt(target)})"))
+            cell = "-" if r is None else fmt(r.value) + ("" if target is None else f" (target {fmt(target)})")
+            ratio = ratios.get((tier, m))
+            if ratio is not None:
+                cell += f"; {ratio.value:.2f}x local (target {float(ratio.params['target_ratio']):.2f}x)"
+            cells.append(cell)
         rows.append([tier, str(first.params.get("backing", "-")), *cells, first.origin])
     headers = {"latency_ns": "idle latency ns", "read_gb_per_s": "read GB/s", "write_gb_per_s": "write GB/s",
                "copy_gb_per_s": "copy GB/s"}
     return Table("probe: every tier through its own path", ["tier", "backing", *(headers[m] for m in metrics),
                                                             "origin"], rows,
-                 "one thread; emulated tiers run through their timing model, with the target beside what was achieved")
+                 "one thread; emulated tiers run through their timing model, with the target beside what was achieved "
+                 "and the ratio to the local tier's figure of the same probe")
 
 
 def failed_table(result: ResultSet) -> Table | None:
@@ -318,14 +395,4 @@ def _tables_of(result: ResultSet) -> Iterable[Table]:
     failed = failed_table(result)
     if failed is not None:
         yield failed
-
-
-def to_rich(table: Table) -> RichTable:
-    # Text, not markup: a cell such as "hit_ratio[dram]" must not be read as a style tag.
-    out = RichTable(title=Text(table.title), caption=Text(table.note) if table.note else None)
-    for column in table.columns:
-        out.add_column(Text(column), overflow="fold")
-    for row in table.rows:
-        out.add_row(*(Text(cell) for cell in row))
-    return out
 

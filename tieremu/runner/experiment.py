@@ -1,11 +1,13 @@
 """Running an experiment spec: plan (everything that can refuse does so here), then every run in its own worker
 process, results written as runs finish, then the summary, plots and report; `--resume` picks a folder up again.
 
-Folder layout (results/<experiment>/<timestamp>/, `.partial` until finished):
-    manifest.json            machine, tiers as resolved, calibration, command line, the expanded run list
+Folder layout (results/<experiment>/<timestamp>/, `.partial` until finished; tieremu.record.SCHEMA_VERSION):
+    manifest.json            schema_version, machine, tiers as resolved, calibration, command line, the run list
+    runs.jsonl               one RunRecord per run: labels, status, seconds, error, load and steal, noisy and why
     metrics.jsonl            one MetricRow per line, every run (rebuilt from runs/ at the end, in plan order)
-    summary.csv              one line per run: its labels, status and aggregated figures
-    runs/<run_id>/           status.json (done | failed, error, seconds), metrics.jsonl, worker.log
+    summary.csv              long format: one line per run group x metric x tier x phase (n, median, mean, CI...)
+    summary.parquet          the same, when pyarrow is installed
+    runs/<run_id>/           status.json (its RunRecord), metrics.jsonl, worker.log
     plots/, report.html      written by tieremu.report from the files above
 """
 
@@ -13,25 +15,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from tieremu.errors import ConfigError
 from tieremu.numa.topology import Topology, discover
-from tieremu.probe.calibrate import calibration
+from tieremu.probe.calibrate import Anchor, anchor, calibration
+from tieremu.record import SCHEMA_VERSION
+from tieremu.record.row import MetricRow
+from tieremu.record.runs import DONE, FAILED, LoadSample, RunRecord
+from tieremu.record.summary import summarise, to_table
 from tieremu.runner import manifest
-from tieremu.runner.jobs import RunContext, job_path
-from tieremu.runner.metrics import MetricRow, summarise
+from tieremu.runner.jobs import ProbeParams, RunContext, anchor_from_rows, job_path
 from tieremu.runner.results import ReopenedResultDir, ResultDir, ResultError
 from tieremu.runner.spec import ExperimentSpec
 from tieremu.runner.sweep import PlannedRun, expand
-from tieremu.runner.worker import RunOutcome, RunTask, headline, run_isolated, terminate_raises
+from tieremu.runner.worker import RunOutcome, RunTask, run_isolated, terminate_raises
 from tieremu.safefile import UnsafeFileError, atomic_write, open_append
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
 from tieremu.tiers.timing import Calibration
-
-DONE, FAILED = "done", "failed"
 
 
 @dataclass(frozen=True)
@@ -39,22 +42,11 @@ class Plan:
     spec: ExperimentSpec
     topology: Topology
     resolved: dict[str, ResolvedTierMap]  # by tier map path as written
-    calibration: Calibration | None
+    calibration: Calibration | None  # the run's: the cache, or the run's own figures where it was off (anchor)
     runs: list[PlannedRun]
     warnings: list[str]
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    run_id: str
-    status: str  # done | failed
-    seconds: float
-    error: str | None
-    rows: int
-    reused: bool = False  # done in an earlier attempt and skipped by --resume
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+    anchor: Anchor | None = None  # the run-start re-measure the ratios were resolved against
+    cached_calibration: Calibration | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +59,10 @@ class ExperimentResult:
     @property
     def failed(self) -> list[RunRecord]:
         return [r for r in self.records if r.status == FAILED]
+
+    @property
+    def noisy(self) -> list[RunRecord]:
+        return [r for r in self.records if r.noisy]
 
 
 class Listener(Protocol):
@@ -82,11 +78,15 @@ def plan_experiment(spec: ExperimentSpec) -> Plan:
     runs = expand(spec)
     topology = discover()
     resolved = {path: resolve(tier_map, topology) for path, tier_map in spec.tier_maps.items()}
-    cal = None
+    cal = cached = anchored = None
     if any(r.any_emulated for r in resolved.values()):
-        cal = calibration(topology)  # cached per machine: the same config means the same slowdown
+        cal = cached = calibration(topology)  # cached per machine: the same config means the same slowdown
+        # Ratios are to this run's local memory, as the probe sees it: the probe stage, first of the runs, anchors
+        # them with its own local figures (run_experiment re-resolves the later runs); without one, a re-measure here.
+        if not spec.probe and any(r.job.uses_timing for r in runs):
+            cal, anchored = anchor(cached, topology, working_set=ProbeParams.size_mib << 20)
         resolved = {path: resolve(spec.tier_maps[path], topology, calibration=cal) for path in resolved}
-    return Plan(spec, topology, resolved, cal, runs, _lab_warnings(spec))
+    return Plan(spec, topology, resolved, cal, runs, _lab_warnings(spec), anchored, cached)
 
 
 def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None = None,
@@ -100,16 +100,24 @@ def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None 
         if listener:
             listener.planned(plan, len(todo))
         records = {run_id: rec for run_id, rec in previous.items() if rec is not None}
+        for run in plan.runs:  # --resume: a probe done before anchors the runs still to do, as it did then
+            if run.kind == "probe" and run.run_id in records:
+                plan = _anchored_by_probe(out, plan, run)
         for run in todo:
             if listener:
                 listener.started(run)
             records[run.run_id] = _execute(out, plan, run)
             if listener:
                 listener.finished(run, records[run.run_id])
+            if run.kind == "probe" and records[run.run_id].status == DONE:
+                plan = _anchored_by_probe(out, plan, run)
         ordered = [records[r.run_id] for r in plan.runs]
         rows = _collect_rows(out.path, plan.runs)
         out.write_text("metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
-        out.write_csv("summary.csv", _summary(plan.runs, ordered, rows))
+        out.write_text("runs.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in ordered))
+        table = to_table(summarise(rows, ordered))
+        out.write_csv("summary.csv", table)
+        _write_parquet(out.path / "summary.parquet", table)
         report_path = _write_report(out) if report else None
     final = out.final
     return ExperimentResult(final, plan, ordered, final / report_path.name if report_path else None)
@@ -158,15 +166,31 @@ def _write_manifest(out: ResultDir, plan: Plan, *, resumed: bool) -> None:
         earlier = [*previous.get("extra", {}).get("earlier_attempts", []),
                    {"created_utc": previous.get("created_utc"), "command": previous.get("command")}]
     out.write_json("manifest.json", manifest.collect(
-        plan.topology, experiment=spec.name, description=spec.description, spec=str(spec.source),
+        plan.topology, schema_version=SCHEMA_VERSION, experiment=spec.name, description=spec.description,
+        spec=str(spec.source),
         spec_text=spec.source.read_text(), tier_map=str(spec.tier_map.source),
         tiers=tier_resolution(plan.resolved[spec.tiers]),
         tier_maps={path: {"name": r.tier_map.name, "source": str(r.tier_map.source), "tiers": tier_resolution(r)}
                    for path, r in plan.resolved.items()},
         calibration=plan.calibration.to_dict() if plan.calibration else None,
+        calibration_cached=plan.cached_calibration.to_dict() if plan.cached_calibration else None,
+        calibration_anchor=plan.anchor.to_dict() if plan.anchor else None,
         lab_profile_expected=spec.lab_profile, warnings=plan.warnings,
         runs=[r.to_dict() for r in plan.runs], earlier_attempts=earlier,
     ).to_dict())
+
+
+def _update_manifest(out: ResultDir, plan: Plan) -> None:
+    """The manifest once the probe has anchored the run: the tiers as now resolved, the run's calibration and the
+    anchor beside the cached calibration; the rest (when, which command, earlier attempts) as first written."""
+    data = json.loads((out.path / "manifest.json").read_text())
+    extra = data["extra"]
+    extra["tiers"] = tier_resolution(plan.resolved[plan.spec.tiers])
+    for path, r in plan.resolved.items():
+        extra["tier_maps"][path]["tiers"] = tier_resolution(r)
+    extra["calibration"] = plan.calibration.to_dict() if plan.calibration else None
+    extra["calibration_anchor"] = plan.anchor.to_dict() if plan.anchor else None
+    out.write_json("manifest.json", data)
 
 
 def _previous_records(folder: Path) -> dict[str, RunRecord | None]:
@@ -176,7 +200,7 @@ def _previous_records(folder: Path) -> dict[str, RunRecord | None]:
         try:
             data = json.loads(status.read_text())
             done = data.get("status") == DONE and (status.parent / "metrics.jsonl").exists()
-            record = RunRecord(str(data["run_id"]), DONE, float(data["seconds"]), None, int(data["rows"]), True)
+            record = replace(RunRecord.from_dict(data), reused=True)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             # A corrupt or half-written status (a crash, a full disk): the run is not done, so it runs again.
             out[status.parent.name] = None
@@ -193,11 +217,14 @@ def _execute(out: ResultDir, plan: Plan, run: PlannedRun) -> RunRecord:
         raise ResultError(f"cannot create {workdir}: {exc.strerror}") from None
     context = RunContext(run.run_id, run.kind, run.policy, run.repetition, plan.spec.seed + run.repetition,
                          plan.resolved[run.tiers], plan.calibration, workdir)
+    before = LoadSample.now()
     outcome: RunOutcome = run_isolated(RunTask(job_path(run.job), run.params, context), plan.spec.run_timeout_s)
+    after = LoadSample.now()
     rows = [r.stamped(run.run_id, run.kind, run.labels) for r in outcome.rows]
     _atomic_text(workdir / "metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
-    record = RunRecord(run.run_id, DONE if outcome.ok else FAILED, outcome.seconds, outcome.error, len(rows))
-    status = record.to_dict() | {"exitcode": outcome.exitcode, "labels": run.labels, "job": run.kind,
+    record = RunRecord(run.run_id, run.kind, run.labels, DONE if outcome.ok else FAILED, outcome.seconds,
+                       outcome.error, len(rows)).with_load(before, after)
+    status = record.to_dict() | {"exitcode": outcome.exitcode,
                                  "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     # status.json last: a run counts as done only once its rows are safely on disk
     _atomic_text(workdir / "status.json", json.dumps(status, indent=2) + "\n")
@@ -225,14 +252,29 @@ def _collect_rows(folder: Path, runs: list[PlannedRun]) -> list[MetricRow]:
     return rows
 
 
-def _summary(runs: list[PlannedRun], records: list[RunRecord], rows: list[MetricRow]) -> list[dict[str, Any]]:
-    by_run: dict[str, list[MetricRow]] = {}
-    for row in rows:
-        by_run.setdefault(row.run, []).append(row)
-    return [{"run_id": run.run_id, "job": run.kind, "tiers": run.tiers, **run.labels, "status": rec.status,
-             "seconds": round(rec.seconds, 3), "error": headline(rec.error),
-             **summarise(by_run.get(run.run_id, []))}
-            for run, rec in zip(runs, records, strict=True)]
+def _anchored_by_probe(out: ResultDir, plan: Plan, probe: PlannedRun) -> Plan:
+    """The plan with every tier map re-resolved against the anchor the probe run took (its local figures), and the
+    manifest rewritten to say so; the plan as it was when the probe took none or the plan is already anchored."""
+    if plan.anchor is not None or plan.cached_calibration is None:
+        return plan
+    taken = anchor_from_rows(plan.cached_calibration, _collect_rows(out.path, [probe]))
+    if taken is None:
+        return plan
+    cal, record = taken
+    resolved = {path: resolve(plan.spec.tier_maps[path], plan.topology, calibration=cal) for path in plan.resolved}
+    anchored_plan = replace(plan, resolved=resolved, calibration=cal, anchor=record)
+    _update_manifest(out, anchored_plan)
+    return anchored_plan
+
+
+def _write_parquet(path: Path, table: list[dict[str, Any]]) -> None:
+    """summary.csv again as Parquet, when pyarrow is installed (optional: nothing else needs it)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return
+    pq.write_table(pa.Table.from_pylist([{k: None if v == "" else v for k, v in r.items()} for r in table]), path)
 
 
 def _write_report(out: ResultDir) -> Path:

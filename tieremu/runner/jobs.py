@@ -12,83 +12,33 @@ absent); a spec may also name any Job subclass by path (`kind: mypkg.jobs:MyJob`
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import random
 import signal
 import threading
-from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from tieremu.configfile import Section, positive
 from tieremu.errors import ConfigError
-from tieremu.runner.metrics import MetricRow
+from tieremu.probe.calibrate import Anchor, anchored
+from tieremu.record.row import MetricRow
 from tieremu.tiers.config import TierMap
-from tieremu.tiers.resolve import Backing, ResolvedTier, ResolvedTierMap
+from tieremu.tiers.resolve import Backing, ResolvedTierMap
 from tieremu.tiers.timing import Calibration
+from tieremu.workloads.job import Job, RunContext, audit_rows, tier_origin
+
+__all__ = ["BASELINES", "Job", "JobRegistry", "RunContext", "audit_rows", "default_registry", "job_path",
+           "load_job", "tier_origin"]
 
 BASELINES = ("all-fastest", "all-slowest")  # the L100 / L0 bounds run beside every policy
 BUILTIN_JOBS = ("tieremu.runner.jobs:ProbeJob", "tieremu.runner.jobs:RoundTripJob",
                 "tieremu.runner.jobs:SyntheticJob")
 # Jobs living with their own layers (decode, trace replay): listed here once they land; absent modules are skipped.
 OPTIONAL_JOBS: tuple[str, ...] = ("tieremu.workloads.jobs:DecodeJob", "tieremu.workloads.replay_job:ReplayJob")
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """Everything a job needs to know about the run it is executing (picklable: it crosses to the worker)."""
-
-    run_id: str
-    kind: str
-    policy: str | None
-    repetition: int
-    seed: int
-    resolved: ResolvedTierMap
-    calibration: Calibration | None
-    workdir: Path  # runs/<run_id>/: for artefacts the job wants to keep
-
-    def row(self, metric: str, value: float, unit: str, origin: str, *, tier: str | None = None,
-            sample: int | None = None, **params: object) -> MetricRow:
-        return MetricRow(self.run_id, self.kind, metric, float(value), unit, origin, tier, sample, dict(params))
-
-    def injector(self) -> Any:
-        """A DelayInjector for the emulated and shaped tiers of this run, or None when every tier is real."""
-        models = [t.timing for t in self.resolved.tiers if t.timing is not None]
-        if not models or self.calibration is None:
-            return None
-        from tieremu.tiers.emulation import DelayInjector  # loads native kernels: only in the worker
-
-        return DelayInjector(models, self.calibration)
-
-
-class Job(ABC):
-    kind: ClassVar[str]
-    takes_policies: ClassVar[bool] = False
-    # Policy names the job accepts; None: the policy registry's names. Baselines are always accepted.
-    policies: ClassVar[frozenset[str] | None] = None
-    # Bounds run beside every policy of the job besides the BASELINES (all-fastest / all-slowest): an offline
-    # optimum where the job knows the future (a trace replay runs Belady).
-    bounds: ClassVar[tuple[str, ...]] = ()
-    # Params that name input files (a trace): their contents are part of every run id, so --resume never
-    # reuses a result computed from another version of the file.
-    input_files: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    @abstractmethod
-    def parse(cls, section: Section) -> Any:
-        """The job's params (a dataclass) from its spec section; ConfigError with the key path if invalid."""
-
-    @classmethod
-    def validate(cls, params: Any, tier_map: TierMap) -> tuple[str, str] | None:
-        """(key, problem) if params do not fit this tier map (checked for every run before any work)."""
-        return None
-
-    @classmethod
-    @abstractmethod
-    def run(cls, params: Any, ctx: RunContext) -> list[MetricRow]:
-        """Run once in a fresh worker process and return the figures."""
 
 
 def job_path(job: type[Job]) -> str:
@@ -192,22 +142,6 @@ def _user_policy_problem(path: str) -> str | None:
     return None
 
 
-def audit_rows(ctx: RunContext, injector: Any) -> list[MetricRow]:
-    """Per emulated or shaped tier, its emulation audit: what was charged (bytes, accesses), what the timing model
-    said that costs (owed), what was spun (the row's value), the targets, and the bookkeeping's own time."""
-    if injector is None:
-        return []
-    return [ctx.row("injected_delay_s", a.injected_ns / 1e9, "s", "emulated", tier=tier,
-                    **{k: v for k, v in a.to_dict().items() if k != "tier"})
-            for tier, a in injector.audits.items()]
-
-
-def tier_origin(tier: ResolvedTier) -> str:
-    if tier.backing in (Backing.EMULATED, Backing.SHAPED):
-        return "emulated"
-    return "vm" if tier.backing == Backing.VM else "measured"
-
-
 # ---- probe: per-tier latency and bandwidth through each tier's own path, plus loaded-latency curves ----
 
 @dataclass(frozen=True)
@@ -235,24 +169,58 @@ class ProbeJob(Job):
 
     @classmethod
     def run(cls, params: ProbeParams, ctx: RunContext) -> list[MetricRow]:
+        """Real tiers first; their local figures anchor the run (see `anchor_rows`), the emulated and shaped tiers'
+        models are resolved against them, then those tiers are probed through their models."""
         from tieremu.numa.topology import discover
         from tieremu.probe.emulated import probe_tiers
+        from tieremu.tiers.resolve import resolve
 
         topology = discover()
         cpu = topology.node(topology.cpu_nodes[0]).cpus[0]
         size = params.size_mib << 20
+        probe = {"latency": True, "kernels_": params.kernels, "size": size, "working_set": min(size, 256 << 20),
+                 "repeats": params.repeats}
+        resolved, cal = ctx.resolved, ctx.calibration
+        real = replace(resolved, tiers=tuple(t for t in resolved.tiers if t.timing is None))
+        measured = probe_tiers(real, cal, cpu, **probe)  # type: ignore[arg-type]
         rows = []
-        measured = probe_tiers(ctx.resolved, ctx.calibration, cpu, latency=True,  # type: ignore[arg-type]
-                               kernels_=params.kernels, size=size, working_set=min(size, 256 << 20),
-                               repeats=params.repeats)
+        modelled = [t for t in resolved.tiers if t.timing is not None]
+        if modelled and cal is not None:
+            cal, anchor = _anchor_to(measured, resolved, cal, size)
+            if anchor is not None:
+                resolved = resolve(resolved.tier_map, topology, calibration=cal)
+                rows += anchor_rows(ctx, anchor)
+            emulated = replace(resolved, tiers=tuple(t for t in resolved.tiers if t.timing is not None))
+            measured += probe_tiers(emulated, cal, cpu, **probe)
         for m in measured:
-            tier = ctx.resolved.tier(m.tier)
+            tier = resolved.tier(m.tier)
             unit = "ns" if m.metric == "latency_ns" else "GB/s"
             rows.append(ctx.row(m.metric, m.achieved.median, unit, tier_origin(tier), tier=m.tier,
                                 backing=m.backing, requested=m.requested, min=m.achieved.min, max=m.achieved.max,
                                 spread=m.achieved.spread))
+        rows += cls._ratios(measured, ctx, resolved, cal)
         if params.loaded:
             rows += cls._loaded(params, ctx, topology)
+        return rows
+
+    @classmethod
+    def _ratios(cls, measured: list[Any], ctx: RunContext, resolved: ResolvedTierMap,
+                cal: Calibration | None) -> list[MetricRow]:
+        """Each emulated tier's achieved figure over the local tier's figure of this same probe (same working set,
+        seconds apart): the ratio a reader computes from the report, next to the one the model targeted."""
+        if cal is None:
+            return []
+        local = _local_figures(measured, resolved, cal.node)
+        rows = []
+        for m in measured:
+            model = resolved.tier(m.tier).timing
+            if model is None or m.metric not in local or not local[m.metric]:
+                continue
+            anchor = cal.latency_ns if m.metric == "latency_ns" else \
+                cal.bandwidth_gbps[m.metric.removesuffix("_gb_per_s")]
+            rows.append(ctx.row(ratio_metric(m.metric), m.achieved.median / local[m.metric], "x", "emulated",
+                                tier=m.tier, of=m.metric, target_ratio=(m.requested or math.nan) / anchor,
+                                local=local[m.metric], anchor=anchor, achieved=m.achieved.median))
         return rows
 
     @classmethod
@@ -275,6 +243,46 @@ class ProbeJob(Job):
         return rows
 
 
+def ratio_metric(metric: str) -> str:
+    """The name of an emulated tier's ratio to local for a probe metric: latency_ratio, read_bw_ratio, ..."""
+    return "latency_ratio" if metric == "latency_ns" else f"{metric.removesuffix('_gb_per_s')}_bw_ratio"
+
+
+def _local_figures(measured: list[Any], resolved: ResolvedTierMap, node: int) -> dict[str, float]:
+    """The probe's figures of the real tier on the calibration's node (the local memory), by metric."""
+    return {m.metric: m.achieved.median for m in measured
+            if resolved.tier(m.tier).timing is None and resolved.tier(m.tier).nodes[:1] == (node,)}
+
+
+def _anchor_to(measured: list[Any], resolved: ResolvedTierMap, cal: Calibration,
+               working_set: int) -> tuple[Calibration, Anchor | None]:
+    """The run's calibration from the probe's local figures (read bandwidth: the cached one if not probed)."""
+    local = _local_figures(measured, resolved, cal.node)
+    if "latency_ns" not in local:
+        return cal, None  # no real tier on the local node: nothing to anchor to
+    return anchored(cal, working_set=working_set, latency_ns=local["latency_ns"],
+                    read_gbps=local.get("read_gb_per_s", cal.bandwidth_gbps["read"]))
+
+
+def anchor_rows(ctx: RunContext, anchor: Anchor) -> list[MetricRow]:
+    """The run's anchor as rows: the runner reads them back to resolve every later run's models alike."""
+    extra = {"cached": anchor.cached_latency_ns, "refreshed": anchor.refreshed, "working_set": anchor.working_set,
+             "node": anchor.node}
+    return [ctx.row("local_latency_ns", anchor.run_latency_ns, "ns", "measured", **extra),
+            ctx.row("local_read_gb_per_s", anchor.run_read_gbps, "GB/s", "measured",
+                    **extra | {"cached": anchor.cached_read_gbps})]
+
+
+def anchor_from_rows(cal: Calibration, rows: Iterable[MetricRow]) -> tuple[Calibration, Anchor] | None:
+    """The anchor a probe run took (its `local_*` rows), decided again here exactly as the probe decided it."""
+    found = {r.metric: r for r in rows if r.metric in ("local_latency_ns", "local_read_gb_per_s")}
+    if len(found) < 2:
+        return None
+    latency = found["local_latency_ns"]
+    return anchored(cal, working_set=int(latency.params["working_set"]), latency_ns=latency.value,  # type: ignore
+                    read_gbps=found["local_read_gb_per_s"].value)
+
+
 # ---- roundtrip: a KV-sized tensor placed and migrated through the tiers, checked page by page ----
 
 @dataclass(frozen=True)
@@ -287,6 +295,7 @@ class RoundTripParams:
 
 class RoundTripJob(Job):
     kind = "roundtrip"
+    repetitions = 3  # a timing job: enough runs for a confidence interval
 
     @classmethod
     def parse(cls, section: Section) -> RoundTripParams:
@@ -360,6 +369,7 @@ class SyntheticJob(Job):
     min(1, capacity / working set) times the policy's quality; TPOT interpolates between the bounds."""
 
     kind = "synthetic"
+    uses_timing = False  # figures computed from its params: no emulated timing is involved
     takes_policies = True
     policies = frozenset({"lru", "lfu", "hotcold"})
     QUALITY: ClassVar[dict[str, float]] = {"lru": 0.9, "lfu": 0.85, "hotcold": 0.95}

@@ -11,14 +11,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from tieremu.numa.topology import Topology
 from tieremu.probe import bandwidth, gpu, latency, loaded, migrate, storage
 from tieremu.probe.report import bandwidth_json, latency_json, loaded_json, migrate_json
+from tieremu.record.stats import LoadMeter
 from tieremu.runner import manifest, plots
 from tieremu.runner.results import ResultDir
-from tieremu.stats import LoadMeter
 from tieremu.tiers.resolve import in_vm
 
 
@@ -50,17 +48,19 @@ def origin() -> str:
     return "vm" if in_vm() else "measured"
 
 
-def run_all(topology: Topology, plan: ProbePlan, out_root: Path) -> Path:
+# Announces a step (name, how many ticks it will take) and returns the tick to call after each; the CLI draws a bar.
+Steps = Callable[[str, int], Callable[[], None]]
+
+
+def no_progress(name: str, total: int) -> Callable[[], None]:
+    return lambda: None
+
+
+def run_all(topology: Topology, plan: ProbePlan, out_root: Path, step: Steps = no_progress) -> Path:
     meter = LoadMeter()
     label = origin()
     data: dict[str, Any] = {}
-    with ResultDir(out_root, "probe") as out, _progress() as progress:
-        def step(name: str, total: int) -> Callable[[], None]:
-            task = progress.add_task(name, total=total)
-            if total == 0:
-                progress.stop_task(task)  # nothing to measure here: freeze its clock
-            return lambda: progress.advance(task)
-
+    with ResultDir(out_root, "probe") as out:
         data["latency"] = _latency(topology, plan, label, step)
         data["bandwidth"] = _bandwidth(topology, plan, label, step)
         data["loaded"] = _loaded(topology, plan, label, step)
@@ -80,10 +80,6 @@ def run_all(topology: Topology, plan: ProbePlan, out_root: Path) -> Path:
         out.write_json("manifest.json", manifest.collect(
             topology, probe="all", quick=plan.quick, origin=label, load=meter.stop().to_dict()).to_dict())
     return out.final
-
-
-def _progress() -> Progress:
-    return Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
 def _latency(topology: Topology, plan: ProbePlan, label: str, step: Callable[..., Callable[[], None]]) -> dict:

@@ -5,7 +5,8 @@ policies are errors naming the key path and the valid choices, raised before any
     tiers: ../tiers/cxl-expander.yaml     # default tier map; a `tiers` sweep axis may replace it per run
     lab_profile: cxl-cpuless-node1         # optional: the profile expected active (warned in the manifest if not)
     probe: true                            # optional: a quick per-tier probe before the jobs
-    repetitions: 3                         # every run, this many times (a job may override)
+    repetitions: 3                         # every run, this many times (a job may override; default: the job's own,
+                                           # several for timing jobs, one for accounting-only ones)
     seed: 0
     run_timeout_s: 600                     # a run still going after this is killed and recorded failed
     jobs:
@@ -102,7 +103,7 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
     tier_maps = {tiers: _tier_map(doc, "tiers", tiers)}
     lab_profile = doc.get("lab_profile", str, None)
     probe = doc.get("probe", bool, False)
-    repetitions = doc.get("repetitions", int, 1, valid=REPETITIONS)
+    repetitions = doc.get("repetitions", int, None, valid=REPETITIONS)
     seed = doc.get("seed", int, 0, valid=SEEDS)
     run_timeout_s = doc.get("run_timeout_s", float, 600.0, valid=Range(0, MAX_SECONDS, lo_closed=False))
     sweep = _axes(doc.section("sweep", default_empty=True))
@@ -118,7 +119,7 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
         raise doc.error("jobs", "nothing to run: list at least one job (kinds: "
                                 f"{', '.join(registry.kinds)}) or set probe: true")
     doc.done()
-    spec = ExperimentSpec(name, description, tiers, tier_maps, lab_profile, probe, jobs, repetitions, seed,
+    spec = ExperimentSpec(name, description, tiers, tier_maps, lab_profile, probe, jobs, repetitions or 1, seed,
                           run_timeout_s, sweep, doc.source)
     _check_global_axes(spec, doc, registry)
     return spec
@@ -132,7 +133,7 @@ def _tier_map(doc: Section, key: str, written: str) -> TierMap:
         raise doc.error(key, f"tier map {written!r}: {exc}") from None
 
 
-def _job(index: int, s: Section, registry: JobRegistry, repetitions: int) -> JobSpec:
+def _job(index: int, s: Section, registry: JobRegistry, repetitions: int | None) -> JobSpec:
     kind = s.get("kind", str)
     try:
         job = registry.lookup(kind)  # a `module:Class` kind imports the user's module: its error is shown here
@@ -148,7 +149,7 @@ def _job(index: int, s: Section, registry: JobRegistry, repetitions: int) -> Job
     elif s.has("policies"):
         raise s.error("policies", f"job {kind!r} takes no policies")
     sweep = _axes(s.section("sweep", default_empty=True))
-    reps = s.get("repetitions", int, repetitions, valid=REPETITIONS)
+    reps = s.get("repetitions", int, repetitions or job.repetitions, valid=REPETITIONS)
     raw = {k: v for k, v in s.data.items() if k not in JOB_KEYS}
     own = _KeyRecorder(raw, s.path, s.source)
     params = job.parse(own)

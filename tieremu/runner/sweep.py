@@ -1,8 +1,9 @@
 """A spec's sweep matrix expanded into the list of runs, with the bounds beside every policy and a stable id each.
 
-Per job: tier maps × the cartesian product of its param axes × (its policies + all-fastest + all-slowest) ×
-repetitions. Every run's params are parsed and checked against its tier map here, so that a bad axis value
-fails before any work. A run id depends only on what the run does, so `--resume` finds the same run again.
+Per job: tier maps × the cartesian product of its param axes × repetitions × (its policies + all-fastest +
+all-slowest), the arms interleaved: every repetition runs each arm once, in ABBA order across repetitions.
+Every run's params are parsed and checked against its tier map here, so that a bad axis value fails before any
+work. A run id depends only on what the run does, so `--resume` finds the same run again.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def _job_runs(spec: ExperimentSpec, job: JobSpec) -> list[PlannedRun]:
             params = _parse(spec, job, raw, point, tiers)
             defines = definition(spec, tiers, {k: raw.get(k) for k in job.job.input_files})
             labelled = ({"tiers": tiers} if tiers_axis else {}) | point
-            for policy in policies:
-                for rep in range(job.repetitions):
+            for rep in range(job.repetitions):
+                for policy in _arms_order(policies, rep):
                     runs.append(PlannedRun(
                         run_id=run_id(job.kind, job.index, policy, tiers, rep, raw, defines), job_index=job.index,
                         kind=job.kind, job=job.job, policy=policy, tiers=tiers, repetition=rep, axes=labelled,
@@ -115,6 +116,12 @@ def _run_count(spec: ExperimentSpec, job: JobSpec) -> int:
     for values in axes.values():
         count *= len(values)
     return count * job.repetitions
+
+
+def _arms_order(policies: tuple[str | None, ...], rep: int) -> tuple[str | None, ...]:
+    """The arms of one comparison (policies and their bounds) in repetition `rep`: forward, then backward (ABBA
+    across repetitions), so a machine that slows down or warms up over the sweep weighs on every arm alike."""
+    return policies if rep % 2 == 0 else policies[::-1]
 
 
 def _with_bounds(policies: tuple[str, ...] | None, bounds: tuple[str, ...]) -> tuple[str | None, ...]:

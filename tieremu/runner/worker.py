@@ -23,8 +23,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from tieremu.record.row import MetricRow
 from tieremu.runner.jobs import RunContext, load_job
-from tieremu.runner.metrics import MetricRow
 from tieremu.safefile import open_append
 
 LOG_NAME = "worker.log"  # the child's stdout and stderr (and faulthandler's dump on a crash)

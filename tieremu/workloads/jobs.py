@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from tieremu.configfile import Section, positive
-from tieremu.runner.jobs import Job, RunContext, audit_rows, tier_origin
-from tieremu.runner.metrics import MetricRow
+from tieremu.record.row import MetricRow
 from tieremu.tiers.config import TierMap
 from tieremu.tiers.resolve import ResolvedTierMap
+from tieremu.workloads.job import Job, RunContext, audit_rows, tier_origin
 
 MIB = 1 << 20
 TIMELINE_EPOCHS = 5  # daemon epochs per window of the migrations-over-time series
@@ -53,6 +53,7 @@ def decode_device(requested: str, resolved: ResolvedTierMap) -> str:
 
 class DecodeJob(Job):
     kind = "decode"
+    repetitions = 3  # a timing job: enough runs for a confidence interval
     takes_policies = True
 
     @classmethod
@@ -192,7 +193,7 @@ def _decode_rows(ctx: RunContext, result: Any, report: Any, resident: dict[str, 
             if not p.blocks:
                 continue  # nothing there to ask the kernel about
             rows.append(ctx.row("placement_fraction", p.on_tier, "fraction", tier_origin(ctx.resolved.tier(p.tier)),
-                                tier=p.tier, when=when, blocks=p.blocks, pages=p.pages))
+                                tier=p.tier, phase=when, blocks=p.blocks, pages=p.pages))
     rows.append(ctx.row("prefix_tokens", float(sum(result.prefix_tokens)), "tokens", origin))
     rows.append(ctx.row("injected_delay_s", result.injected_s, "s", "emulated" if emulated else origin,
                         accounting_s=result.accounting_s))

@@ -15,8 +15,8 @@ from typing import Any
 
 from tieremu.configfile import Section, positive
 from tieremu.errors import WorkloadError
-from tieremu.runner.jobs import Job, RunContext, audit_rows
-from tieremu.runner.metrics import MetricRow
+from tieremu.record.row import MetricRow
+from tieremu.workloads.job import Job, RunContext, audit_rows
 
 MIB = 1 << 20
 MODES = ("simulate", "execute")
@@ -140,7 +140,7 @@ def _simulate(params: ReplayParams, ctx: RunContext, requests: list[Any], policy
     r = simulate(requests, tiers, policy, epoch_s=params.epoch_s, block_bytes=int(params.block_mib * MIB),
                  tier_read_gbps=read_gbps)
     # Inputs of the estimate, so simulated like it; `backing` says whether the rate is a tier's target.
-    rows = [ctx.row("read_gbps", gbps, "GB/s", r.origin, tier=name, backing=ctx.resolved.tier(name).label,
+    rows = [ctx.row("read_gb_per_s", gbps, "GB/s", r.origin, tier=name, backing=ctx.resolved.tier(name).label,
                     use="TTFT estimate: a hit's block is read at this rate")
             for name, gbps in read_gbps.items()]
     return _result_rows(ctx, r) + rows

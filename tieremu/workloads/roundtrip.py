@@ -7,6 +7,7 @@ proof that the tier map is enforced and that migration neither loses nor corrupt
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import asdict, dataclass
 
@@ -31,7 +32,7 @@ class Hop:
     already: int
     failed: dict[str, int]
     busy_rechecked: int
-    seconds: float  # page migration plus any delay injected for emulated ends
+    seconds: float  # wall time of the hop: page migration plus any delay injected for emulated ends
     injected_seconds: float  # delay injected for emulated or shaped ends (0 between real tiers)
     gb_per_s: float
     fraction_on_target: float
@@ -69,8 +70,10 @@ def _hop(region: Region, source: ResolvedTier, target: ResolvedTier, checksum: i
         raise PlacementError(f"tier {target.name}: a round trip migrates to one node, but the tier spans "
                              f"nodes {list(target.nodes)}")
     node = target.nodes[0]
+    start = time.perf_counter()  # the hop's wall time: the migration and the emulated ends' delay, as a user waits
     result: MigrationResult = region.migrate(node)
     injected = _charge_emulated_ends(injector, source, target, result.pages * result.page_size)
+    seconds = time.perf_counter() - start
     fraction = region.placement().fraction_on((node,))
     emulated = "emulated" in (source.backing.origin, target.backing.origin)
     notes = []
@@ -78,7 +81,6 @@ def _hop(region: Region, source: ResolvedTier, target: ResolvedTier, checksum: i
         notes.append(f"no page moved: tiers {source.name} and {target.name} share node {node}")
     if injected:
         notes.append(f"{injected * 1e3:.1f} ms injected for the emulated end(s)")
-    seconds = result.seconds + injected
     moved_bytes = result.bytes_moved if not emulated else result.pages * result.page_size
     return Hop(
         source=source.name, target=target.name, target_node=node,

@@ -327,5 +327,5 @@ def generate_trace(out: str, kind: str, n_requests: int, seed: int, rate: float)
                f"{ceiling_hit_ratio(requests):.1%}, {requests[-1].arrival_s:,.1f} s of arrivals")
 
 
-if __name__ == "__main__":  # until both are registered in tieremu.cli: python -m tieremu.workloads.replay_cli ...
+if __name__ == "__main__":  # until both are registered in tieremu.cli: python -m tieremu.cli.replay ...
     click.Group(commands=[replay, generate_trace])()

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.table import Table as RichTable
+from rich.text import Text
 
 from tieremu.report.load import load_result
-from tieremu.report.tables import all_tables, provenance, to_rich
+from tieremu.report.tables import Table, all_tables, provenance
 
 
 @click.command("report")
@@ -40,3 +42,13 @@ def report(folders: tuple[Path, ...], as_html: bool, out_file: Path | None) -> N
         # As wide as the table needs: a terminal wraps long lines, while a squeezed table breaks every cell.
         natural = Console(width=1000).measure(rich_table).maximum
         Console(width=max(console.width, natural)).print(rich_table)
+
+
+def to_rich(table: Table) -> RichTable:
+    # Text, not markup: a cell such as "hit_ratio[dram]" must not be read as a style tag.
+    out = RichTable(title=Text(table.title), caption=Text(table.note) if table.note else None)
+    for column in table.columns:
+        out.add_column(Text(column), overflow="fold")
+    for row in table.rows:
+        out.add_row(*(Text(cell) for cell in row))
+    return out

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tieremu.numa.topology import discover
 from tieremu.probe import bandwidth, latency, loaded, migrate
@@ -224,5 +226,13 @@ def gpu_cmd(quick: bool, as_json: bool) -> None:
 def all_cmd(quick: bool, storage_dir: Path | None, out_root: Path) -> None:
     """Every probe, saved under results/probe/<timestamp>/ as JSON, CSV and PNG plots with a manifest."""
     plan = ProbePlan.quick_plan(storage_dir) if quick else ProbePlan.full_plan(storage_dir)
-    path = run_all(discover(), plan, out_root)
+    with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn()) as progress:
+        def step(name: str, total: int) -> Callable[[], None]:
+            task = progress.add_task(name, total=total)
+            if total == 0:
+                progress.stop_task(task)  # nothing to measure here: freeze its clock
+            return lambda: progress.advance(task)
+
+        path = run_all(discover(), plan, out_root, step)
     Console().print(f"results: {path}")

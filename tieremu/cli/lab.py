@@ -9,12 +9,12 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from tieremu.cli.lab_views import plan_table, status_table, undo_table
 from tieremu.lab.applier import Applier, Terminated, UndoReport, load_journal, require_root, undo
 from tieremu.lab.journal import STATE_ENV
 from tieremu.lab.kernelfs import KernelFS
 from tieremu.lab.profile import find_profile, load_profile, resolve_profile
 from tieremu.lab.status import active_profiles, profile_status
-from tieremu.lab.views import plan_table, status_table, undo_table
 from tieremu.numa.sysfs import ROOT_ENV
 
 _root_option = click.option(

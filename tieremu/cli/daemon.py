@@ -1,6 +1,6 @@
 """`tieremu daemon --pid PID --policy NAME`: attach to a running process and move its pages between NUMA nodes.
 
-Registered in tieremu/cli.py (`from tieremu.daemon.attach_cli import daemon`, added to the subcommand groups).
+Registered in tieremu/cli.py (`from tieremu.cli.daemon import daemon`, added to the subcommand groups).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from tieremu.cli.replay import Number, parse_params
 from tieremu.daemon.attach import (
     DEFAULT_EPOCH_S,
     DEFAULT_SAMPLE_PAGES,
@@ -24,7 +25,6 @@ from tieremu.daemon.attach import (
 from tieremu.daemon.proctrack import DEFAULT_CHUNK_BYTES
 from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_SECONDS
 from tieremu.policy.registry import names
-from tieremu.workloads.replay_cli import Number, parse_params
 
 
 @click.command("daemon")

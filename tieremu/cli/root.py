@@ -6,49 +6,42 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.console import Console
 
 from tieremu import __version__
-from tieremu.bench.emulation import bench_emulation
-from tieremu.bench.placement import bench_placement
-from tieremu.daemon.attach_cli import daemon
-from tieremu.errors import TieremuError
-from tieremu.lab.cli import lab
+from tieremu.cli.lazy import LazyCommand, LazyGroup
 from tieremu.numa.sysfs import ROOT_ENV
-from tieremu.numa.topology import discover
-from tieremu.probe.calibrate import cache_path, calibration
-from tieremu.report.cli import report
-from tieremu.runner.manifest import topology_summary
-from tieremu.runner.probe_cli import probe
-from tieremu.runner.run_cli import run
-from tieremu.tiers.check import NOT_ENFORCED, check_tiers
-from tieremu.tiers.config import load_tier_map
-from tieremu.tiers.resolve import resolve
-from tieremu.views import (
-    checks_table,
-    emulation_bench_table,
-    kv_bench_table,
-    placement_bench_table,
-    topology_table,
-)
-from tieremu.vm.cli import vm
-from tieremu.workloads.replay_cli import generate_trace, replay
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Subcommands that live in their own module, imported only when run (`tieremu --help` imports none of them).
+SUBCOMMANDS = {
+    "daemon": LazyCommand("tieremu.cli.daemon:daemon", "Attach to process PID and migrate its memory between NUMA "
+                          "nodes under a placement policy."),
+    "generate-trace": LazyCommand("tieremu.cli.replay:generate_trace",
+                                  "Write a seeded synthetic trace in the Mooncake JSONL format to OUT."),
+    "lab": LazyCommand("tieremu.cli.lab:lab", "Root-only lab profiles that turn a server into a CXL or remote-memory "
+                       "testbed, reversibly."),
+    "probe": LazyCommand("tieremu.cli.probe:probe", "Characterize every NUMA node: latency, bandwidth, loaded latency, "
+                         "migration, storage, GPU copies."),
+    "replay": LazyCommand("tieremu.cli.replay:replay",
+                          "Replay a Mooncake-format TRACE against a tier map under a placement policy."),
+    "report": LazyCommand("tieremu.cli.report:report", "Summary tables per job and policy (TPOT and TTFT p50/p99, "
+                          "tokens/s, hit ratio per tier, STRR, STAR, migration GB/s, slowdown vs all-fastest), with "
+                          "the origin of every figure and which tiers were emulated; several folders are compared "
+                          "side by side."),
+    "run": LazyCommand("tieremu.cli.run:run", "Run an experiment spec (default: configs/experiments/default.yaml): "
+                       "every run of its sweep in a fresh worker process, the all-fastest and all-slowest bounds "
+                       "beside every policy; writes manifest.json, runs.jsonl, metrics.jsonl, summary.csv, runs/, "
+                       "plots/ and report.html."),
+    "vm": LazyCommand("tieremu.cli.vm:vm", "Run commands inside a multi-node QEMU guest with real kernel NUMA."),
+}
 
 
-class _Group(click.Group):
-    """Prints TieremuError as one clear line and exits 2 instead of showing a traceback."""
-
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except TieremuError as exc:
-            click.echo(f"tieremu: error: {exc}", err=True)
-            sys.exit(2)
-
-
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, lazy=SUBCOMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tieremu")
 def main() -> None:
     """tieremu: memory-tier emulation testbed for LLM inference on real Linux NUMA."""
@@ -56,12 +49,20 @@ def main() -> None:
 
 def _config(*parts: str) -> str:
     """A shipped config: from the source tree tieremu runs from, else relative to the working directory."""
-    shipped = Path(__file__).resolve().parents[1] / "configs" / Path(*parts)
+    shipped = Path(__file__).resolve().parents[2] / "configs" / Path(*parts)
     return str(shipped if shipped.exists() else Path("configs", *parts))
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     return Console(width=max(120, Console().width))
+
+
+def _topology_summary(topology: object) -> dict:
+    from tieremu.runner.manifest import topology_summary  # numpy: only for --json
+
+    return topology_summary(topology)  # type: ignore[arg-type]
 
 
 def _print_json(data: object) -> None:
@@ -75,10 +76,13 @@ def _print_json(data: object) -> None:
 def topo(as_json: bool, sysfs_root: str | None) -> None:
     """Show the machine as tiers see it: one row per NUMA node with CPUs, memory, SLIT distances, HMAT
     latency/bandwidth, memory tier and whether it is CPU-less."""
+    from tieremu.cli.views import topology_table
+    from tieremu.numa.topology import discover
+
     topology = discover(sysfs_root)
     if as_json:
         _print_json({"root": topology.root, "online": list(topology.online),
-                     "cpuless_nodes": list(topology.cpuless_nodes), **topology_summary(topology),
+                     "cpuless_nodes": list(topology.cpuless_nodes), **_topology_summary(topology),
                      "knobs": asdict(topology.knobs)})
     else:
         _console().print(topology_table(topology))
@@ -94,6 +98,13 @@ def check(tiers_file: str | None, size_mib: int, as_json: bool) -> None:
     """For every tier: allocate a small region, ask the kernel where its pages are, and report `enforced`,
     `emulated` or `not enforced` with the reason. Emulated and shaped tiers' timing models are checked against
     this machine's calibration (measured once if none is cached). Exits 1 when any tier is not enforced."""
+    from tieremu.cli.views import checks_table
+    from tieremu.numa.topology import discover
+    from tieremu.probe.calibrate import calibration
+    from tieremu.tiers.check import NOT_ENFORCED, check_tiers
+    from tieremu.tiers.config import load_tier_map
+    from tieremu.tiers.resolve import resolve
+
     tier_map = load_tier_map(tiers_file or _config("tiers", "cxl-expander.yaml"))
     topo = discover()
     resolved = resolve(tier_map, topo)
@@ -120,6 +131,10 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench_placement_cmd(size_mib: int, repeats: int, hugepages: bool, as_json: bool) -> None:
     """Placement-query speed (pages/s) and migration throughput (GB/s) between every pair of memory nodes."""
+    from tieremu.bench.placement import bench_placement
+    from tieremu.cli.views import placement_bench_table
+    from tieremu.numa.topology import discover
+
     result = bench_placement(discover(), size_mib << 20, repeats, hugepages)
     if as_json:
         _print_json(asdict(result))
@@ -138,6 +153,9 @@ def calibrate_cmd(refresh: bool, as_json: bool) -> None:
 
     Cached per machine (host, CPU model, kernel) so the same tier config means the same slowdown on every run.
     """
+    from tieremu.numa.topology import discover
+    from tieremu.probe.calibrate import cache_path, calibration
+
     cal = calibration(discover(), refresh=refresh)
     if as_json:
         _print_json(cal.to_dict())
@@ -154,6 +172,11 @@ def calibrate_cmd(refresh: bool, as_json: bool) -> None:
 def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
     """Emulated tiers against their targets: latency 1.2x-4x and bandwidth 0.1x-0.9x of local, with the error
     of each (goal: within 5%), and the pacing overhead when no slowdown is asked (goal: under 2%)."""
+    from tieremu.bench.emulation import bench_emulation
+    from tieremu.cli.views import emulation_bench_table
+    from tieremu.numa.topology import discover
+    from tieremu.probe.calibrate import calibration
+
     topo = discover()
     cal = calibration(topo, refresh=refresh)
     result = bench_emulation(cal, topo.node(topo.cpu_nodes[0]).cpus[0], repeats=repeats)
@@ -180,6 +203,11 @@ def bench_kv_cmd(tiers_file: str | None, preset: str, batch: int, prompt_tokens:
     TPOT with KV all local, split and all in the slower tier (emulated where the node is missing), and the
     bookkeeping of emulation that asks for no slowdown (goal: under 2%)."""
     from tieremu.bench.kv import bench_kv
+    from tieremu.cli.views import kv_bench_table
+    from tieremu.numa.topology import discover
+    from tieremu.probe.calibrate import calibration
+    from tieremu.tiers.config import load_tier_map
+    from tieremu.tiers.resolve import resolve
     from tieremu.workloads.decode import DecodeSpec
     from tieremu.workloads.llama import preset as model_preset
 
@@ -198,8 +226,3 @@ def bench_kv_cmd(tiers_file: str | None, preset: str, batch: int, prompt_tokens:
         _print_json(asdict(result) | {"paged_ratio": result.paged_ratio})
         return
     _console().print(kv_bench_table(result))
-
-
-# Subcommand groups that live with their layer.
-for _group in (vm, probe, lab, run, report, replay, generate_trace, daemon):
-    main.add_command(_group)

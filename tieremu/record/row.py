@@ -8,6 +8,12 @@ Metric names the report knows (any other is still tabulated, generically):
 - probe figures per tier: `latency_ns`, `read_gb_per_s` (and write/copy), `loaded_latency_ns` with params
   `mix` and `traffic_gb_per_s` (bandwidth-latency curves).
 A row whose params carry `time_s` is a time sample (migrations over time are plotted from those).
+What each metric means, its unit and direction: tieremu.record.catalogue.
+
+Facets, typed: `tier` (None: the whole run), `phase` (None, or when in the run: placement at `start` / `end`),
+`seq` (which sample of the run: token, request, hop, epoch; None for a single figure), and `params`: the run's
+labels (policy, swept values, rep) stamped by the sweep, then whatever the job adds.
+Schema 1 folders called `seq` `sample`; they are read all the same.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tieremu.errors import TieremuError
+from tieremu.record.origin import ORIGINS
 
-ORIGINS = ("measured", "emulated", "simulated", "vm")
-FIELDS = ("run", "job", "metric", "value", "unit", "origin", "tier", "sample", "params")
+FIELDS = ("run", "job", "metric", "value", "unit", "origin", "tier", "phase", "seq", "params")
+OLD_FIELDS = {"sample": "seq"}  # schema 1 names
 
 
 class MetricRowError(TieremuError):
@@ -39,7 +46,8 @@ class MetricRow:
     unit: str
     origin: str  # measured | emulated | simulated | vm
     tier: str | None = None  # None: the figure is about the whole run, not one tier
-    sample: int | None = None  # index of the sample (token, request, epoch, hop); None for a single figure
+    phase: str | None = None  # when in the run (start / end), None: the run as a whole
+    seq: int | None = None  # index of the sample (token, request, epoch, hop); None for a single figure
     params: dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +70,7 @@ class MetricRow:
     def from_dict(cls, data: Any) -> MetricRow:
         if not isinstance(data, dict):
             raise MetricRowError(f"expected a JSON object with keys {', '.join(FIELDS)}, got {type(data).__name__}")
+        data = {OLD_FIELDS.get(k, k): v for k, v in data.items()}
         missing = [k for k in FIELDS[:6] if k not in data]
         unknown = sorted(set(data) - set(FIELDS))
         if missing or unknown:
@@ -73,41 +82,19 @@ class MetricRow:
             raise MetricRowError(f"params must be an object, got {params!r}")
         return cls(run=str(data["run"]), job=str(data["job"]), metric=str(data["metric"]), value=value,
                    unit=str(data["unit"]), origin=str(data["origin"]), tier=data.get("tier"),
-                   sample=data.get("sample"), params=params)
+                   phase=data.get("phase"), seq=data.get("seq"), params=params)
 
     def stamped(self, run: str, job: str, labels: dict[str, object]) -> MetricRow:
         """The row as the sweep records it: its run id and job, and the run's labels under its own params."""
         return replace(self, run=run, job=job, params={**labels, **self.params})
 
     @property
+    def policy(self) -> str | None:
+        policy = self.params.get("policy")
+        return None if policy is None else str(policy)
+
+    @property
     def column(self) -> str:
         """The metric's name in a table: `hit_ratio[dram]` for a per-tier figure."""
         return self.metric if self.tier is None else f"{self.metric}[{self.tier}]"
 
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def summarise(rows: list[MetricRow]) -> dict[str, float]:
-    """One run's figures as flat columns: a sampled metric as p50/p99/max/mean/n, a single figure as itself."""
-    by_column: dict[str, list[MetricRow]] = {}
-    for row in rows:
-        by_column.setdefault(row.column, []).append(row)
-    out: dict[str, float] = {}
-    for column, group in by_column.items():
-        values = [r.value for r in group if math.isfinite(r.value)]
-        if len(group) == 1 and group[0].sample is None:
-            out[column] = group[0].value
-            continue
-        out |= {f"{column}_p50": percentile(values, 50), f"{column}_p99": percentile(values, 99),
-                f"{column}_max": max(values, default=math.nan),
-                f"{column}_mean": sum(values) / len(values) if values else math.nan, f"{column}_n": len(group)}
-    return out

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from tieremu.bench.emulation import TOLERANCE, EmulationBench
-from tieremu.bench.kv import KVBench
-from tieremu.bench.placement import PlacementBench
 from tieremu.numa.sysfs import format_list
-from tieremu.numa.topology import Topology
-from tieremu.tiers.check import TierCheck
-from tieremu.workloads.roundtrip import Hop
+
+if TYPE_CHECKING:  # types only: importing the benches would pull numpy and torch into every table
+    from tieremu.bench.emulation import EmulationBench
+    from tieremu.bench.kv import KVBench
+    from tieremu.bench.placement import PlacementBench
+    from tieremu.numa.topology import Topology
+    from tieremu.tiers.check import TierCheck
+    from tieremu.workloads.roundtrip import Hop
 
 
 def _mib(n: int | None) -> str:
@@ -84,6 +87,8 @@ def placement_bench_table(b: PlacementBench) -> Table:
 
 
 def emulation_bench_table(b: EmulationBench) -> Table:
+    from tieremu.bench.emulation import TOLERANCE
+
     table = Table(title=f"Emulated tiers vs targets (local: {b.calibration.latency_ns:.0f} ns, "
                         f"read {b.calibration.bandwidth_gbps['read']:.1f} GB/s; median of repeats)")
     for col in ("metric", "ratio to local", "target", "achieved", "error", "spread", "verdict"):

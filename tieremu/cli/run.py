@@ -18,7 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from tieremu.runner.experiment import ExperimentResult, Plan, RunRecord, latest_folder, run_experiment
+from tieremu.record.runs import RunRecord
+from tieremu.runner.experiment import ExperimentResult, Plan, latest_folder, run_experiment
 from tieremu.runner.spec import load_experiment
 from tieremu.runner.sweep import PlannedRun
 from tieremu.runner.worker import headline
@@ -90,10 +91,14 @@ class _Reporter:
               help="Continue a result folder (default: the newest of this experiment, finished or not): runs "
                    "already done are kept, failed and missing ones run again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (no progress bar).")
-def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool) -> None:
+@click.option("--strict", is_flag=True,
+              help="Exit 3 when any run was noisy (steal, other processes' load): figures from a busy machine are "
+                   "kept and flagged, but not passed as clean.")
+def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool, strict: bool) -> None:
     """Run an experiment spec (default: configs/experiments/default.yaml): every run of its sweep in a fresh
     worker process, the all-fastest and all-slowest bounds beside every policy; writes manifest.json,
-    metrics.jsonl, summary.csv, runs/, plots/ and report.html. Exits 1 if any run failed."""
+    runs.jsonl, metrics.jsonl, summary.csv, runs/, plots/ and report.html. Exits 1 if any run failed, 3 with
+    --strict if any was noisy."""
     if spec is None and resume not in (None, LATEST) and Path(resume).is_file():
         spec, resume = Path(resume), LATEST  # `run --resume SPEC`: the spec was taken as the folder
     experiment = load_experiment(spec or default_spec())
@@ -114,15 +119,22 @@ def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool) ->
         _print_outcome(console, result)
     if result.failed:
         sys.exit(1)
+    if strict and result.noisy:
+        click.echo(f"tieremu: --strict: {len(result.noisy)} of {len(result.records)} runs were noisy (see "
+                   f"{result.path / 'runs.jsonl'}); run again on a quieter machine", err=True)
+        sys.exit(3)
 
 
 def _print_outcome(console: Console, result: ExperimentResult) -> None:
+    for record in result.noisy:  # before the tally, so that the last lines stay the outcome and the paths
+        console.print(f"noisy: {record.run_id}: {'; '.join(record.noisy_why)}", style="yellow", highlight=False)
     done = sum(r.status == "done" for r in result.records)
     reused = sum(r.reused for r in result.records)
     console.print(f"runs: {done} done ({reused} from before), {len(result.failed)} failed, "
                   f"{len(result.records)} planned", highlight=False)
     for record in result.failed:
         console.print(f"failed: {record.run_id}: {headline(record.error)}", style="red", highlight=False)
+
     if result.report is not None:
         console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
     console.print(f"results: {result.path}", highlight=False, soft_wrap=True)
@@ -134,4 +146,5 @@ def _as_json(result: ExperimentResult) -> dict[str, object]:
             "tiers": {path: [{"tier": t.name, "backing": t.label, "reason": t.reason} for t in r.tiers]
                       for path, r in result.plan.resolved.items()},
             "warnings": result.plan.warnings, "failed": len(result.failed),
+            "noisy": [{"run_id": r.run_id, "why": r.noisy_why} for r in result.noisy],
             "runs": [r.to_dict() for r in result.records]}

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
+from tieremu.cli.replay import Number
 from tieremu.numbers import MAX_SECONDS
 from tieremu.vm import assets as vm_assets
 from tieremu.vm.errors import VmUnavailable
 from tieremu.vm.qemu import ACCELS
 from tieremu.vm.runner import EXIT_UNAVAILABLE, Outcome, RunResult, run_in_guest
 from tieremu.vm.topology import load_topology
-from tieremu.workloads.replay_cli import Number
 
 DEFAULT_TOPOLOGY = vm_assets.REPO_ROOT / "configs" / "vm" / "cxl-3node.yaml"
 ACCEL_ENV = "TIEREMU_VM_ACCEL"

@@ -1,4 +1,5 @@
-"""Summaries of repeated measurements and of how busy the machine was while they ran.
+"""The one statistics function of tieremu (`describe`), the percentile it and the reports use, summaries of
+repeated measurements, and how busy the machine was while they ran.
 
 Benchmarks report the median and the spread, never one run, and record load and steal time so that a
 noisy run is flagged rather than hidden (pyperf does the same).
@@ -6,9 +7,67 @@ noisy run is flagged rather than hidden (pyperf does the same).
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+
+CONFIDENCE = 0.95
+# Student's t, two-sided 95%, by degrees of freedom (1..30); beyond 30 the normal 1.96 is within 4%.
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What a set of figures says: n, median, mean, the 95% confidence interval of the mean, min and max.
+
+    The interval is Student's t over the values (repetitions are the unit: one value per run); with one value
+    there is no interval (NaN), which the tables print as "n=1" rather than a made-up spread.
+    """
+
+    n: int
+    median: float
+    mean: float
+    ci_low: float
+    ci_high: float
+    min: float
+    max: float
+
+    @property
+    def has_ci(self) -> bool:
+        return math.isfinite(self.ci_low) and math.isfinite(self.ci_high)
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def describe(values: Iterable[float]) -> Stats:
+    """Stats of the finite values (NaN and infinities, figures that could not be computed, are left out)."""
+    finite = sorted(v for v in values if math.isfinite(v))
+    n = len(finite)
+    if n == 0:
+        nan = math.nan
+        return Stats(0, nan, nan, nan, nan, nan, nan)
+    mean = math.fsum(finite) / n
+    low = high = math.nan
+    if n > 1:
+        t = _T95[n - 2] if n - 2 < len(_T95) else 1.96
+        half = t * statistics.stdev(finite) / math.sqrt(n)
+        low, high = mean - half, mean + half
+    return Stats(n, percentile(finite, 50), mean, low, high, finite[0], finite[-1])
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    pos = (len(ordered) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 # A run during which more than this share of CPU time was stolen or spent by others is flagged noisy.
 NOISY_STEAL = 0.05
@@ -30,8 +89,9 @@ class Summary:
     def of(cls, values: list[float]) -> Summary:
         if not values:
             raise ValueError("no values to summarise")
-        return cls(n=len(values), median=statistics.median(values), min=min(values), max=max(values),
-                   mean=statistics.fmean(values), stdev=statistics.stdev(values) if len(values) > 1 else 0.0)
+        d = describe(values)
+        return cls(n=d.n, median=d.median, min=d.min, max=d.max, mean=d.mean,
+                   stdev=statistics.stdev(values) if len(values) > 1 else 0.0)
 
     @property
     def spread(self) -> float:

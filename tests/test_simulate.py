@@ -11,23 +11,24 @@ from click.testing import CliRunner
 
 from tieremu.errors import ConfigError, PolicyError
 from tieremu.policy import Move, Plan, Policy, PolicyContext, get_policy, names
-from tieremu.policy.base import BlockView, first_unpinned
+from tieremu.policy.base import AccessEvent, BlockView, first_unpinned
 from tieremu.workloads.replay_cli import replay
 from tieremu.workloads.simulate import ReplayResult, SimTier, policy_context, simulate
 from tieremu.workloads.trace import Request, ceiling_hit_ratio, read_trace, reference_count
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TRACE = REPO.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
+SHARED_TRACE = REPO / "traces" / "mooncake_synthetic_trace.jsonl"
 SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"
 CXL_MAP = REPO / "configs" / "tiers" / "cxl-expander.yaml"
-ONLINE = ("lru", "lfu", "hotcold", "lookahead", "interleave")
+DEMAND = ("lru", "lfu")  # the demand caches Belady (MIN with bypass) bounds
+ONLINE = (*DEMAND, "lru-epoch", "hotcold", "lookahead", "interleave")
 MIB = 2**20
 
 
 @pytest.fixture(scope="module")
 def shared_trace() -> list[Request]:
     if not SHARED_TRACE.exists():
-        pytest.skip(f"the shared Mooncake trace is not at {SHARED_TRACE} (it lives beside the repository)")
+        pytest.skip(f"the shared Mooncake trace is not at {SHARED_TRACE}")
     return read_trace(SHARED_TRACE)
 
 
@@ -70,10 +71,11 @@ def check_bounds(requests: list[Request], tiers: list[SimTier]) -> dict[str, Rep
     results = {name: run(requests, tiers, name) for name in (*ONLINE, "belady", "all-fastest", "all-slowest")}
     ceiling = ceiling_hit_ratio(requests)
     fast = {name: r.fast_hit_ratio for name, r in results.items()}
-    for name in ONLINE:
+    for name in DEMAND:
         assert fast["belady"] >= fast[name], (name, fast)
-        assert fast["all-slowest"] <= fast[name] <= fast["all-fastest"], (name, fast)
         assert results["belady"].hit_ratio >= results[name].hit_ratio, name
+    for name in (*ONLINE, "belady"):
+        assert fast["all-slowest"] <= fast[name] <= fast["all-fastest"], (name, fast)
     assert fast["all-fastest"] == pytest.approx(ceiling) and fast["all-slowest"] == 0.0
     assert results["all-fastest"].capacity_lifted and not results["lru"].capacity_lifted
     assert results["lru"].fast_hit_ratio < ceiling  # the limit binds: the comparison is not vacuous
@@ -85,8 +87,14 @@ def test_with_a_limited_fast_tier_belady_and_the_static_bounds_bracket_every_onl
         shared_trace: list[Request], fast_blocks: int) -> None:
     results = check_bounds(shared_trace, [SimTier("dram", fast_blocks), SimTier("cxl")])
     ttft = {name: r.ttft_ms.mean for name, r in results.items()}
-    for name in (*ONLINE, "belady"):  # the slow tier holds everything here, so TTFT is bracketed too
-        assert ttft["all-fastest"] <= ttft[name] <= ttft["all-slowest"], (name, ttft)
+    for name in (*ONLINE, "belady"):
+        assert ttft["all-fastest"] <= ttft[name], (name, ttft)
+        # A demand cache moves a block on every miss and slow hit: with 64 MiB blocks the migration channel
+        # saturates and reads wait for blocks in flight, which may cost more than reading all from the slow tier.
+        # The daemons move within their quota and epoch, so the slow tier's TTFT still bounds theirs.
+        if name not in (*DEMAND, "belady"):
+            assert ttft[name] <= ttft["all-slowest"], (name, ttft)
+    assert max(results[name].waited_requests for name in DEMAND) > 0
 
 
 @pytest.mark.parametrize("capacities", [(20, None), (60, None), (30, 150, None), (30, 150, 600)])
@@ -120,10 +128,29 @@ def test_full_last_tier_evicts_and_the_block_misses_again() -> None:
     assert result.evictions == 2 and result.misses == 4 and result.hits == 0
 
 
-def test_lru_fills_the_fastest_tier_with_room() -> None:
+def test_lru_epoch_fills_the_fastest_tier_with_room() -> None:
+    requests = trace((0.0, [1, 2]), (0.01, [3]), (0.02, [4]))
+    result = run(requests, [SimTier("dram", 2), SimTier("cxl", 1), SimTier("far", 1)], "lru-epoch")
+    assert result.demotions == 0 and [t.resident_blocks for t in result.tiers] == [2, 1, 1]
+
+
+def test_a_demand_cache_places_every_miss_in_the_fastest_tier_and_pushes_victims_down() -> None:
     requests = trace((0.0, [1, 2]), (0.01, [3]), (0.02, [4]))
     result = run(requests, [SimTier("dram", 2), SimTier("cxl", 1), SimTier("far", 1)], "lru")
-    assert result.demotions == 0 and [t.resident_blocks for t in result.tiers] == [2, 1, 1]
+    # 3 pushes 1 (least recent) to cxl; 4 pushes 2 to cxl, which pushes 1 on to far.
+    assert result.demotions == 3 and [t.resident_blocks for t in result.tiers] == [2, 1, 1]
+    assert result.family == "demand" and result.evictions == 0
+
+
+def test_a_demand_cache_promotes_a_slow_hit_at_once() -> None:
+    requests = trace((0.0, [1]), (0.01, [2]), (0.02, [1]), (0.03, [1]))
+    result = run(requests, [SimTier("dram", 1), SimTier("cxl")], "lru")
+    # 2 pushes 1 down; 1 is hit in cxl (served there) and promoted, pushing 2 down; then 1 is a fast hit.
+    assert [t.hits for t in result.tiers] == [1, 1] and (result.promotions, result.demotions) == (1, 2)
+    # lru-epoch places 2 in cxl (dram is full) and would promote it only at the first epoch, 50 ms in.
+    epoch = run(trace((0.0, [1]), (0.01, [2]), (0.02, [2]), (0.03, [2])), [SimTier("dram", 1), SimTier("cxl")],
+                "lru-epoch")
+    assert [t.hits for t in epoch.tiers] == [0, 2] and epoch.promotions == 0 and epoch.family == "daemon"
 
 
 def test_victims_move_down_the_chain() -> None:
@@ -186,7 +213,7 @@ def test_moves_are_counted_with_ping_pongs_and_bytes() -> None:
     assert (result.promotions, result.prefetches, result.demotions) == (1, 1, 1)
     assert result.ping_pongs == 1 and result.moves_skipped == 2 and result.evictions == 1
     assert result.migration_bytes == 3 * 4 * MIB
-    assert result.migration_gbps == pytest.approx(3 * 4 * MIB / 1.0 / 1e9)
+    assert result.migration_gbps == pytest.approx(3 * 4 * MIB / 1.0 / 1e9)  # every move landed within the trace
 
 
 def test_a_promotion_into_a_full_tier_swaps_with_its_victim() -> None:
@@ -289,19 +316,64 @@ def test_replay_refuses_an_unknown_mode_and_a_param_without_a_value() -> None:
     assert bad.exit_code == 2 and "expected KEY=VALUE" in bad.output
 
 
-@pytest.mark.parametrize("name", ["lru", "lfu", "hotcold", "lookahead", "belady"])
-def test_ranking_policies_never_lose_sight_of_a_resident_block(small_trace: list[Request], name: str) -> None:
-    """A block the policy forgot can never be chosen as a victim or moved again: it would squat in its tier."""
-    policy = get_policy(name, {}, policy_context(small_trace))
+@pytest.mark.parametrize(("name", "params"), [("lru", {}), ("lfu", {}), ("belady", {}), ("hotcold", {}),
+                                              ("lookahead", {}), ("lru-epoch", {"promote_quota": 1000})])
+def test_ranking_policies_file_every_resident_block_where_it_is(small_trace: list[Request], name: str,
+                                                                params: dict[str, object]) -> None:
+    """A block filed under the wrong tier is never a victim there (RankedWalk skips it): it would squat in its tier.
+    Regression: promotions by a plan were never re-filed, so with a large quota lru-epoch turned into FIFO."""
+    policy = get_policy(name, params, policy_context(small_trace))
     ranked = policy.ranked  # type: ignore[attr-defined]
-    lost: list[int] = []
+    misfiled: list[int] = []
     plan = policy.plan
 
     def checked_plan(view: BlockView, now: float) -> Plan:
-        lost.extend(b for t in view.tiers for b in view.blocks_in(t.name) if b not in ranked)
+        misfiled.extend(b for t in view.tiers for b in view.blocks_in(t.name) if ranked.tier(b) != t.name)
         return plan(view, now)
 
+    def checked_victim(tier: str, view: BlockView) -> int:
+        # (A newcomer being fitted is pinned and may not be re-filed yet: it cannot be the victim anyway.)
+        misfiled.extend(b for b in view.blocks_in(tier) if ranked.tier(b) != tier and not view.pinned(b))
+        return victim(tier, view)
+
+    victim = policy.victim
     policy.plan = checked_plan  # type: ignore[method-assign]
-    result = simulate(small_trace, [SimTier("dram", 20), SimTier("cxl", 60), SimTier("far", 200)], policy)
+    policy.victim = checked_victim  # type: ignore[method-assign]
+    tiers = [SimTier("dram", 20), SimTier("cxl", 60), SimTier("far", 200)]
+    result = simulate(small_trace, tiers, policy, core="python")
     assert result.evictions > 0 and result.demotions > 0 and result.epochs > 100
-    assert lost == []
+    if policy.family == "daemon":
+        assert result.promotions + result.prefetches > 0  # plans moved blocks: the check above saw them after
+    final = simulate(small_trace, tiers, get_policy(name, params, policy_context(small_trace)), core="python")
+    assert misfiled == [] and final.fast_hit_ratio == result.fast_hit_ratio
+
+
+def test_lru_epoch_with_unlimited_quota_is_not_fifo(small_trace: list[Request]) -> None:
+    """The ghost-block bug made every promoted block invisible to victim choice, so eviction fell back to first
+    placed, first out; fixed, a generous quota makes lru-epoch promote like a demand LRU and hit more."""
+    tiers = [SimTier("dram", 20), SimTier("cxl")]
+    fifo = simulate(small_trace, tiers, FirstIn(promote_quota=1000))
+    fixed = run(small_trace, tiers, "lru-epoch", promote_quota=1000)
+    assert fixed.fast_hit_ratio > fifo.fast_hit_ratio
+
+
+class FirstIn(Policy):
+    """lru-epoch's placement and promotions, but the victim is always the first block placed: what the bug did."""
+
+    name = "first-in"
+
+    def __init__(self, promote_quota: int) -> None:
+        super().__init__(PolicyContext())
+        self.inner = get_policy("lru-epoch", {"promote_quota": promote_quota})
+
+    def admit(self, block: int, view: BlockView) -> str:
+        return self.inner.admit(block, view)
+
+    def observe(self, events: Sequence[AccessEvent]) -> None:
+        self.inner.observe(events)
+
+    def victim(self, tier: str, view: BlockView) -> int:
+        return first_unpinned(view, tier)
+
+    def plan(self, view: BlockView, now: float) -> Plan:
+        return self.inner.plan(view, now)

@@ -19,12 +19,13 @@ from tieremu.policy.belady import Belady
 from tieremu.policy.hotcold import HotCold
 from tieremu.policy.layerahead import LayerAhead
 from tieremu.policy.prefetch import Lookahead
-from tieremu.policy.recency import LFU, LRU
+from tieremu.policy.recency import LFU, LRU, LRUEpoch
 from tieremu.policy.static import AllFastest, AllSlowest, Interleave, Split
 
 BUILTIN: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (AllFastest, AllSlowest, Interleave, Split, LRU, LFU, HotCold, Lookahead, LayerAhead, Belady)
+    for cls in (AllFastest, AllSlowest, Interleave, Split, LRU, LFU, LRUEpoch, HotCold, Lookahead, LayerAhead,
+                Belady)
 }
 
 

@@ -50,6 +50,10 @@ typedef struct {
     /* Entries of blocks pinned for the request, set aside until it ends (they cannot be victims before): a search
      * passes over each once per request, not once per search. */
     heap parked[MAX_TIERS];
+    /* lru and lfu rank with ordered lists instead (no stale entries): each limited tier's blocks in (score, stamp)
+     * order, head first; lfu keeps the last block of each count and a bitmap of the counts present. */
+    int32_t *prev, *next_in, head[MAX_TIERS], tail[MAX_TIERS];
+    int32_t *last_of[MAX_TIERS]; uint64_t *counts_present[MAX_TIERS]; int64_t max_count;
     int failed; /* out of memory */
 } state;
 
@@ -139,13 +143,69 @@ static void heap_compact(state *s, int tier) {
 
 /* ---- RankedBlocks ------------------------------------------------------------------------------------------ */
 
+static inline int key_after(const state *s, int32_t a, int32_t b) {  /* (score, stamp) of a > that of b */
+    return s->score[a] > s->score[b] || (s->score[a] == s->score[b] && s->stamp[a] > s->stamp[b]);
+}
+
+static void list_unlink(state *s, int t, int32_t b) {
+    int32_t p = s->prev[b], n = s->next_in[b];
+    if (s->kind == LFU) {
+        int64_t c = s->score[b];
+        if (s->last_of[t][c] == b) {
+            if (p >= 0 && s->score[p] == c) s->last_of[t][c] = p;
+            else { s->last_of[t][c] = -1; s->counts_present[t][c >> 6] &= ~(1ull << (c & 63)); }
+        }
+    }
+    if (p >= 0) s->next_in[p] = n; else s->head[t] = n;
+    if (n >= 0) s->prev[n] = p; else s->tail[t] = p;
+}
+
+/* The block after which b goes in tier t's list (-1: at the head). */
+static int32_t list_place(state *s, int t, int32_t b) {
+    if (s->kind == LRU) {  /* a touched block has the newest clock: the walk from the tail stops at once */
+        int32_t p = s->tail[t];
+        while (p >= 0 && key_after(s, p, b)) p = s->prev[p];
+        return p;
+    }
+    int64_t c = s->score[b];  /* lfu: after the last block of its count, else of the highest count below it */
+    if (s->last_of[t][c] >= 0) return s->last_of[t][c];
+    const uint64_t *bits = s->counts_present[t];
+    for (int64_t w = (c - 1) >> 6; c > 0 && w >= 0; w--) {
+        uint64_t word = bits[w];
+        if (w == (c - 1) >> 6) word &= (c & 63) ? ((1ull << (c & 63)) - 1) : ~0ull;
+        if (word) return s->last_of[t][(w << 6) + 63 - __builtin_clzll(word)];
+    }
+    return -1;
+}
+
+static void list_insert(state *s, int t, int32_t b) {
+    int32_t p = list_place(s, t, b), n = p >= 0 ? s->next_in[p] : s->head[t];
+    s->prev[b] = p; s->next_in[b] = n;
+    if (p >= 0) s->next_in[p] = b; else s->head[t] = b;
+    if (n >= 0) s->prev[n] = b; else s->tail[t] = b;
+    if (s->kind == LFU) {
+        int64_t c = s->score[b];
+        s->last_of[t][c] = b;
+        s->counts_present[t][c >> 6] |= 1ull << (c & 63);
+    }
+}
+
+static inline int listed(const state *s, int32_t b) {
+    return s->kind != BELADY && s->filed[b] >= 0 && s->cap[s->filed[b]] >= 0;
+}
+
 /* File block b under `tier` with `score` and a new stamp. `push` = 0 defers its heap entry to the next rank_set of
  * the block: only for a block about to be observed, which is pinned (or guarded) until then, so no search can want
  * it meanwhile, and whose stamp order against other blocks is the same at either set. */
 static void rank_set_(state *s, int32_t b, int tier, int64_t score, int push) {
+    if (listed(s, b)) list_unlink(s, s->filed[b], b);
     s->score[b] = score;
     s->filed[b] = tier;
     s->stamp[b] = ++s->stamp_clock;
+    if (s->kind != BELADY) {
+        if (s->cap[tier] >= 0) list_insert(s, tier, b);
+        return;
+    }
     if (!push || s->cap[tier] < 0) return; /* an unlimited tier is never asked for a victim: no heap */
     heap *h = &s->h[tier];
     heap_push(s, h, key_of(s, b));
@@ -154,7 +214,10 @@ static void rank_set_(state *s, int32_t b, int tier, int64_t score, int push) {
 
 static inline void rank_set(state *s, int32_t b, int tier, int64_t score) { rank_set_(s, b, tier, score, 1); }
 
-static void rank_forget(state *s, int32_t b) { s->filed[b] = -1; }
+static void rank_forget(state *s, int32_t b) {
+    if (listed(s, b)) list_unlink(s, s->filed[b], b);
+    s->filed[b] = -1;
+}
 
 static void rank_follow(state *s, int32_t b, int target) {
     if (target < 0) rank_forget(s, b);
@@ -164,6 +227,19 @@ static void rank_follow(state *s, int32_t b, int target) {
 /* The lowest-keyed unpinned block really in `tier`, or -1. The block found stays on top of its heap (Python pops
  * and pushes it back: the same heap order); stale entries are dropped, pinned ones parked or put back. */
 static int32_t rank_first(state *s, int tier) {
+    if (s->kind != BELADY) {
+        for (int32_t b = s->head[tier], n; b >= 0; b = n) {
+            n = s->next_in[b];
+            int actual = s->where[b];
+            if (actual != tier) {
+                if (actual < 0) rank_forget(s, b);
+                else rank_set(s, b, actual, s->score[b]);
+                continue;
+            }
+            if (!s->pinned[b]) return b;
+        }
+        return -1;
+    }
     heap *h = &s->h[tier];
     int64_t passed_n = 0;
     int32_t found = -1;
@@ -352,7 +428,23 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
     int64_t *next = kind == BELADY ? malloc((size_t)(n_refs ? n_refs : 1) * sizeof(int64_t)) : NULL;
     int64_t *last = kind == BELADY ? malloc(nb * sizeof(int64_t)) : NULL;
     s.hits = hits_out; s.residency = residency_out;
+    s.prev = malloc(nb * sizeof(int32_t)); s.next_in = malloc(nb * sizeof(int32_t));
     int rc = 0;
+    if (!s.prev || !s.next_in) { rc = 1; goto out; }
+    for (int t = 0; t < MAX_TIERS; t++) s.head[t] = s.tail[t] = -1;
+    if (kind == LFU) {  /* a count never exceeds the block's references: size the per-count arrays by that */
+        int64_t *refs = calloc(nb, sizeof(int64_t));
+        if (!refs) { rc = 1; goto out; }
+        for (int64_t k = 0; k < n_refs; k++) if (++refs[blocks[k]] > s.max_count) s.max_count = refs[blocks[k]];
+        free(refs);
+        for (int t = 0; t < n_tiers; t++) {
+            if (capacity[t] < 0) continue;
+            s.last_of[t] = malloc((size_t)(s.max_count + 2) * sizeof(int32_t));
+            s.counts_present[t] = calloc((size_t)((s.max_count + 2) / 64 + 1), sizeof(uint64_t));
+            if (!s.last_of[t] || !s.counts_present[t]) { rc = 1; goto out; }
+            for (int64_t c = 0; c < s.max_count + 2; c++) s.last_of[t][c] = -1;
+        }
+    }
     if (!s.where || !s.filed || !s.score || !s.stamp || !s.pinned || !s.lands || !s.lm_epoch || !s.lm_src ||
         !s.lm_dst || (kind == BELADY && (!next || !last))) { rc = 1; goto out; }
     for (size_t b = 0; b < nb; b++) {
@@ -418,7 +510,10 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
     doubles_out[0] = s.strr_sum; doubles_out[1] = s.channel_free;
     rc = s.failed;
 out:
-    for (int t = 0; t < MAX_TIERS; t++) { free(s.h[t].e); free(s.parked[t].e); }
+    for (int t = 0; t < MAX_TIERS; t++) {
+        free(s.h[t].e); free(s.parked[t].e); free(s.last_of[t]); free(s.counts_present[t]);
+    }
+    free(s.prev); free(s.next_in);
     free(s.passed);
     free(s.where); free(s.filed); free(s.score); free(s.stamp); free(s.pinned); free(s.lands);
     free(s.lm_epoch); free(s.lm_src); free(s.lm_dst); free(next); free(last);

@@ -3,7 +3,8 @@
 simulate() calls it for those policies (`core="auto"`); the core (tieremu/native/replay.c) makes simulate.py's
 Python decisions exactly, and both build their result through simulate.build_result. Only the exact built-in
 classes run here: a subclass may override any decision, so it takes the Python path. Flattening the trace into
-arrays (hash ids to dense ids) is the driver's work, outside the core's own timing (`policy_cpu_s`).
+arrays (hash ids to dense ids) is trace preparation (`prepare_s`), outside `wall_s` as parsing is; `wall_s` is the
+core's run and the result built from it, `policy_cpu_s` the core's run alone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ctypes
 import time
 from array import array
 from collections.abc import Sequence
+from dataclasses import replace
 
 from tieremu.errors import PolicyError, WorkloadError
 from tieremu.policy.base import Policy
@@ -69,8 +71,9 @@ def run(requests: Sequence[Request], settings: Settings, policy: Policy, params:
                     samples=samples, strr_sum=doubles[0], evictions=evictions, uncached=uncached,
                     promotions=promotions, demotions=demotions, prefetches=0, ping_pongs=ping_pongs, skipped=0,
                     deferred=0, waited=waited, epochs=epochs, channel_free=doubles[1], ttft_ms=tuple(ttft))
-    return build_result(result, settings, policy, requests, arrivals, time.perf_counter() - started, core_s,
-                        params, core="native")
+    replayed = build_result(result, settings, policy, requests, arrivals, 0.0, core_s, params, core="native",
+                            prepare_s=core_started - started)
+    return replace(replayed, wall_s=time.perf_counter() - core_started)
 
 
 def _ptr(values: array) -> int:

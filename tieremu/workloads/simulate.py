@@ -141,6 +141,7 @@ class ReplayResult:
     moves_deferred: int = 0  # plan moves not carried out: the migration channel was busy past their epoch
     waited_requests: int = 0  # requests that waited for a block in flight
     core: str = "python"  # which replay core ran: python or native
+    prepare_s: float = 0.0  # native: flattening the trace into the core's arrays (outside wall_s, as parsing is)
     ttft_samples_ms: tuple[float, ...] = field(default=(), repr=False)
 
     def tier(self, name: str) -> TierResult:
@@ -600,7 +601,8 @@ class Counts:
 
 
 def build_result(c: Counts, s: Settings, policy: Policy, requests: Sequence[Request], arrivals: Sequence[float],
-                 wall_s: float, policy_s: float, params: dict[str, object], *, core: str) -> ReplayResult:
+                 wall_s: float, policy_s: float, params: dict[str, object], *, core: str,
+                 prepare_s: float = 0.0) -> ReplayResult:
     hits = sum(c.hits)
     references = hits + c.misses
     trace_s = arrivals[-1] - arrivals[0] if arrivals else 0.0
@@ -626,4 +628,4 @@ def build_result(c: Counts, s: Settings, policy: Policy, requests: Sequence[Requ
         wall_s=wall_s, policy_cpu_s=policy_s, block_bytes=s.block_bytes,
         prefill_tokens_per_s=s.prefill, capacity_lifted=policy.lifts_capacity,
         family=policy.family, pinned=s.pin, budget_gbps=s.budget_gbps, moves_deferred=c.deferred,
-        waited_requests=c.waited, core=core, ttft_samples_ms=c.ttft_ms)
+        waited_requests=c.waited, core=core, prepare_s=prepare_s, ttft_samples_ms=c.ttft_ms)

@@ -38,9 +38,10 @@ def both(requests: list[Request], name: str, tiers: list[SimTier], **kwargs: obj
                  for core in ("python", "native"))
 
 
+@pytest.mark.parametrize("fast", [439, 4392])  # 1% and 10% of the distinct blocks (at 1%, requests fill it)
 @pytest.mark.parametrize("name", NATIVE)
-def test_two_tiers_pinned(requests: list[Request], name: str) -> None:
-    python, native = both(requests, name, [SimTier("fast", 4392), SimTier("slow")])
+def test_two_tiers_pinned(requests: list[Request], name: str, fast: int) -> None:
+    python, native = both(requests, name, [SimTier("fast", fast), SimTier("slow")])
     assert (python.core, native.core) == ("python", "native")
     assert figures(native) == figures(python)
     assert python.promotions > 0 and python.demotions > 0 and python.waited_requests > 0  # not vacuous

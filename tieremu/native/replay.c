@@ -54,6 +54,8 @@ typedef struct {
      * order, head first; lfu keeps the last block of each count and a bitmap of the counts present. */
     int32_t *prev, *next_in, head[MAX_TIERS], tail[MAX_TIERS];
     int32_t *last_of[MAX_TIERS]; uint64_t *counts_present[MAX_TIERS]; int64_t max_count;
+    /* Blocks pinned for the request that a search walked past are taken out of their list until it ends. */
+    uint8_t *set_aside; int32_t *aside; int64_t n_aside, aside_cap;
     int failed; /* out of memory */
 } state;
 
@@ -167,15 +169,20 @@ static int32_t list_place(state *s, int t, int32_t b) {
         while (p >= 0 && key_after(s, p, b)) p = s->prev[p];
         return p;
     }
-    int64_t c = s->score[b];  /* lfu: after the last block of its count, else of the highest count below it */
-    if (s->last_of[t][c] >= 0) return s->last_of[t][c];
-    const uint64_t *bits = s->counts_present[t];
-    for (int64_t w = (c - 1) >> 6; c > 0 && w >= 0; w--) {
-        uint64_t word = bits[w];
-        if (w == (c - 1) >> 6) word &= (c & 63) ? ((1ull << (c & 63)) - 1) : ~0ull;
-        if (word) return s->last_of[t][(w << 6) + 63 - __builtin_clzll(word)];
+    /* lfu: after the last block of its count, else of the highest count below it; then back past any of its count
+     * with a later stamp (a block put back after its request, see restore_aside) */
+    int64_t c = s->score[b];
+    int32_t p = s->last_of[t][c];
+    if (p < 0) {
+        const uint64_t *bits = s->counts_present[t];
+        for (int64_t w = (c - 1) >> 6; c > 0 && w >= 0; w--) {
+            uint64_t word = bits[w];
+            if (w == (c - 1) >> 6) word &= (c & 63) ? ((1ull << (c & 63)) - 1) : ~0ull;
+            if (word) { p = s->last_of[t][(w << 6) + 63 - __builtin_clzll(word)]; break; }
+        }
     }
-    return -1;
+    while (p >= 0 && key_after(s, p, b)) p = s->prev[p];
+    return p;
 }
 
 static void list_insert(state *s, int t, int32_t b) {
@@ -185,13 +192,13 @@ static void list_insert(state *s, int t, int32_t b) {
     if (n >= 0) s->prev[n] = b; else s->tail[t] = b;
     if (s->kind == LFU) {
         int64_t c = s->score[b];
-        s->last_of[t][c] = b;
+        if (n < 0 || s->score[n] != c) s->last_of[t][c] = b;
         s->counts_present[t][c >> 6] |= 1ull << (c & 63);
     }
 }
 
 static inline int listed(const state *s, int32_t b) {
-    return s->kind != BELADY && s->filed[b] >= 0 && s->cap[s->filed[b]] >= 0;
+    return s->kind != BELADY && s->filed[b] >= 0 && s->cap[s->filed[b]] >= 0 && !s->set_aside[b];
 }
 
 /* File block b under `tier` with `score` and a new stamp. `push` = 0 defers its heap entry to the next rank_set of
@@ -199,6 +206,7 @@ static inline int listed(const state *s, int32_t b) {
  * it meanwhile, and whose stamp order against other blocks is the same at either set. */
 static void rank_set_(state *s, int32_t b, int tier, int64_t score, int push) {
     if (listed(s, b)) list_unlink(s, s->filed[b], b);
+    s->set_aside[b] = 0;
     s->score[b] = score;
     s->filed[b] = tier;
     s->stamp[b] = ++s->stamp_clock;
@@ -216,7 +224,19 @@ static inline void rank_set(state *s, int32_t b, int tier, int64_t score) { rank
 
 static void rank_forget(state *s, int32_t b) {
     if (listed(s, b)) list_unlink(s, s->filed[b], b);
+    s->set_aside[b] = 0;
     s->filed[b] = -1;
+}
+
+/* The request ended: blocks set aside go back into their lists, in key order wherever they are put back. */
+static void restore_aside(state *s) {
+    for (int64_t i = 0; i < s->n_aside; i++) {
+        int32_t b = s->aside[i];
+        if (!s->set_aside[b]) continue;  /* re-filed (or forgotten) since */
+        s->set_aside[b] = 0;
+        list_insert(s, s->filed[b], b);
+    }
+    s->n_aside = 0;
 }
 
 static void rank_follow(state *s, int32_t b, int target) {
@@ -237,6 +257,17 @@ static int32_t rank_first(state *s, int tier) {
                 continue;
             }
             if (!s->pinned[b]) return b;
+            if (s->pinned[b] == 1) {  /* pinned until the request ends: out of the way until then */
+                if (s->n_aside == s->aside_cap) {
+                    int64_t cap = s->aside_cap ? 2 * s->aside_cap : 256;
+                    int32_t *a = realloc(s->aside, (size_t)cap * sizeof(int32_t));
+                    if (!a) { s->failed = 1; return -1; }
+                    s->aside = a; s->aside_cap = cap;
+                }
+                list_unlink(s, tier, b);
+                s->set_aside[b] = 1;
+                s->aside[s->n_aside++] = b;
+            }
         }
         return -1;
     }
@@ -429,8 +460,9 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
     int64_t *last = kind == BELADY ? malloc(nb * sizeof(int64_t)) : NULL;
     s.hits = hits_out; s.residency = residency_out;
     s.prev = malloc(nb * sizeof(int32_t)); s.next_in = malloc(nb * sizeof(int32_t));
+    s.set_aside = calloc(nb, 1);
     int rc = 0;
-    if (!s.prev || !s.next_in) { rc = 1; goto out; }
+    if (!s.prev || !s.next_in || !s.set_aside) { rc = 1; goto out; }
     for (int t = 0; t < MAX_TIERS; t++) s.head[t] = s.tail[t] = -1;
     if (kind == LFU) {  /* a count never exceeds the block's references: size the per-count arrays by that */
         int64_t *refs = calloc(nb, sizeof(int64_t));
@@ -489,6 +521,7 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
             policy_observe(&s, b, i);
         }
         for (int64_t k = first; k < end; k++) s.pinned[blocks[k]] = 0;
+        restore_aside(&s);
         for (int t = 0; t < n_tiers; t++) {
             s.pinned_in[t] = 0;
             heap *parked = &s.parked[t];
@@ -513,7 +546,7 @@ out:
     for (int t = 0; t < MAX_TIERS; t++) {
         free(s.h[t].e); free(s.parked[t].e); free(s.last_of[t]); free(s.counts_present[t]);
     }
-    free(s.prev); free(s.next_in);
+    free(s.prev); free(s.next_in); free(s.set_aside); free(s.aside);
     free(s.passed);
     free(s.where); free(s.filed); free(s.score); free(s.stamp); free(s.pinned); free(s.lands);
     free(s.lm_epoch); free(s.lm_src); free(s.lm_dst); free(next); free(last);

@@ -9,6 +9,8 @@
  *
  * Blocks are dense ids 0..n_blocks-1 (the driver maps hash ids). A tier's ranking is a binary heap with lazy
  * deletion: an entry is live while its stamp is the block's stamp and the block is filed under that tier. */
+/* Python rounds every multiply and add on its own: no fused multiply-add here, or sums differ in the last bit. */
+#pragma GCC optimize("fp-contract=off")
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from tieremu.errors import ConfigError, PolicyError
-from tieremu.policy import Move, Plan, Policy, PolicyContext, get_policy, names
+from tieremu.policy import Move, Plan, Policy, PolicyContext, UpcomingRequest, get_policy, names
 from tieremu.policy.base import AccessEvent, BlockView, first_unpinned
 from tieremu.workloads.replay_cli import replay
 from tieremu.workloads.simulate import ReplayResult, SimTier, policy_context, simulate
@@ -377,3 +381,144 @@ class FirstIn(Policy):
 
     def plan(self, view: BlockView, now: float) -> Plan:
         return self.inner.plan(view, now)
+
+
+# -- migrations cost ------------------------------------------------------------------------------------------------
+
+def test_a_read_waits_for_its_block_to_land_and_ttft_counts_the_wait() -> None:
+    # dram holds one block: 2 pushes 1 down at 1.000 s; the move takes 64 MiB / 4 GB/s = 16.8 ms on the channel,
+    # so 1, read from cxl at 1.001 s, is still in flight: that request waits for it to land.
+    requests = trace((0.0, [1]), (1.0, [2]), (1.001, [1]))
+    result = simulate(requests, [SimTier("dram", 1), SimTier("cxl")], get_policy("lru"), block_bytes=64 * MIB,
+                      tier_read_gbps={"dram": 4.0, "cxl": 4.0}, prefill_tokens_per_s=1e9, core="python")
+    move_s = 64 * MIB / 4e9
+    landing = 1.0 + move_s
+    read_s = 64 * MIB / 4e9
+    assert result.waited_requests == 1 and result.demotions == 2 and result.promotions == 1
+    assert result.ttft_samples_ms[2] == pytest.approx((read_s + (landing - 1.001)) * 1e3)
+    # Three moves of 64 MiB at 4 GB/s, one after the other on the channel from 1.000 s: the span ends when the
+    # last lands, so the rate stays under the channel's.
+    assert result.migration_gbps == pytest.approx(3 * 64 * MIB / (1.0 + 3 * move_s) / 1e9)
+
+
+@pytest.mark.parametrize("name", ["lru", "lfu", "belady", "lru-epoch", "hotcold", "lookahead"])
+@pytest.mark.parametrize("budget", [0.5, 4.0])
+def test_the_migration_budget_is_never_exceeded(small_trace: list[Request], name: str, budget: float) -> None:
+    tiers = [SimTier("dram", 20), SimTier("cxl", 60), SimTier("far")]
+    result = simulate(small_trace, tiers, get_policy(name, {}, policy_context(small_trace)), budget_gbps=budget,
+                      tier_read_gbps={"dram": 20.0, "cxl": 8.0, "far": 2.0})
+    assert result.moves > 0 and result.budget_gbps == budget
+    assert result.migration_gbps <= budget * (1 + 1e-12)
+
+
+def test_hotcold_moves_less_and_hits_differently_under_a_tighter_budget(small_trace: list[Request]) -> None:
+    tiers = [SimTier("dram", 20), SimTier("cxl", 60), SimTier("far")]
+    results = {budget: simulate(small_trace, tiers, get_policy("hotcold", {}, policy_context(small_trace)),
+                                budget_gbps=budget) for budget in (0.05, 1.0, None)}
+    tight, loose, unlimited = results[0.05], results[1.0], results[None]
+    assert tight.moves_deferred > loose.moves_deferred and tight.moves < loose.moves <= unlimited.moves
+    assert tight.fast_hit_ratio != unlimited.fast_hit_ratio
+    assert tight.migration_gbps <= 0.05 * (1 + 1e-12)
+
+
+# -- epochs ---------------------------------------------------------------------------------------------------------
+
+class Counting(Policy):
+    """Remembers when it was asked to plan, and which request came last before."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        super().__init__(PolicyContext())
+        self.plans: list[tuple[float, int]] = []
+        self.last = -1
+
+    def admit(self, block: int, view: BlockView) -> str:
+        return view.tiers[0].name
+
+    def victim(self, tier: str, view: BlockView) -> int:
+        return first_unpinned(view, tier)
+
+    def upcoming(self, requests: Sequence[UpcomingRequest]) -> None:
+        self.last = requests[0].request
+
+    def plan(self, view: BlockView, now: float) -> Plan:
+        self.plans.append((now, self.last))
+        return Plan()
+
+
+def test_epochs_fall_between_requests_sharing_a_timestamp() -> None:
+    requests = trace((0.0, [1]), (0.0, [2]), (0.0, [3]), (0.0, [4]))  # one millisecond, four requests
+    policy = Counting()
+    result = simulate(requests, [SimTier("dram")], policy, epoch_s=0.0002)
+    assert [last for _, last in policy.plans] == [0, 1, 2]  # an epoch ended after each of the first three
+    assert result.epochs == 3
+
+
+def test_empty_epochs_cost_nothing_and_are_counted() -> None:
+    requests = trace((0.0, [1]), (10_000.0, [1]))  # 10,000 s apart at 1 ms epochs: ten million epochs
+    policy = Counting()
+    result = simulate(requests, [SimTier("dram"), SimTier("cxl")], policy, epoch_s=0.001)
+    assert result.epochs == 10_000_000 and len(policy.plans) == 1  # asked once; its empty plan stands after
+    assert result.tier("dram").residency == 1.0
+
+
+# -- the replay command: capacities, checks, bounds ---------------------------------------------------------------
+
+def shared(*args: str) -> list[str]:
+    return [str(SHARED_TRACE), "--tiers", str(CXL_MAP), *args]
+
+
+def test_replay_json_keeps_its_shape_and_flags_nothing(shared_trace: list[Request]) -> None:
+    out = CliRunner().invoke(replay, shared("--policy", "lru", "--capacity", "dram=10%", "--capacity", "cxl=100%",
+                                            "--json"))
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["references"] == 121_877 and data["wall_s"] > 0 and data["core"] == "native"
+    assert data["tiers"][0]["capacity_blocks"] == 4392 and data["tiers"][1]["capacity_blocks"] == 43_924
+    assert round(data["tiers"][0]["hit_ratio"], 4) == 0.2598
+    assert [b["bound"] for b in data["bounds"]] == ["ceiling", "belady"] and all(b["within"] for b in data["bounds"])
+    unpinned = json.loads(CliRunner().invoke(replay, shared("--policy", "belady", "--capacity", "dram=1%",
+                                                            "--no-pin", "--json")).output)
+    assert round(unpinned["tiers"][0]["hit_ratio"], 4) == 0.1854 and unpinned["pinned"] is False
+
+
+def test_a_result_outside_its_bound_is_flagged(small_trace: list[Request], monkeypatch: pytest.MonkeyPatch) -> None:
+    from tieremu.workloads import bounds
+
+    real = bounds.simulate
+
+    def weak_belady(*args: object, **kwargs: object) -> ReplayResult:  # a Belady that hits nothing in dram
+        result = real(*args, **kwargs)  # type: ignore[arg-type]
+        return dataclasses.replace(result, tiers=tuple(dataclasses.replace(t, hit_ratio=0.0) for t in result.tiers))
+
+    monkeypatch.setattr(bounds, "simulate", weak_belady)
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(CXL_MAP), "--policy", "lru", "--capacity",
+                                      "dram=20"])
+    assert out.exit_code == 0, out.output
+    assert "OUTSIDE ITS BOUNDS" in out.output and "vs belady 0:" in out.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--policy", "lru", "--capacity", "dram=150%"], "--capacity dram=150%: a share must be above 0% and at most 100%"),
+    (["--policy", "lru", "--capacity", "dram=0.001%"], "is less than one block"),
+    (["--policy", "lru", "--capacity", "dram=0"], "--capacity dram=0: give 1 block or more"),
+    (["--policy", "lru", "--capacity", "dram=lots"], "expected a number of blocks or a share such as 10%"),
+    (["--policy", "hotcold", "--param", "quota=many"], "parameter quota='many' must be int"),
+    (["--policy", "hotcold", "--param", "target_util=1.5"], "target_util=1.5 must be in (0, 1]"),
+    (["--policy", "lru", "--param", "promote_quota=4"], "policy lru: unknown parameter 'promote_quota'"),
+])
+def test_bad_input_is_refused_with_its_name(args: list[str], message: str) -> None:
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(CXL_MAP), *args])
+    assert isinstance(out.exception, (ConfigError, PolicyError)), out.output
+    assert message in str(out.exception)
+
+
+def test_the_simulate_replay_path_never_imports_torch(tmp_path: Path) -> None:
+    script = ("import sys\nfrom tieremu.workloads.replay_cli import replay\n"
+              f"replay.main([{str(SMALL_TRACE)!r}, '--tiers', {str(CXL_MAP)!r}, '--policy', 'lru', '--json'], "
+              "standalone_mode=False)\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["policy"] == "lru"

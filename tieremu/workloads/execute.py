@@ -609,7 +609,7 @@ class _Run:
             wall_s=self.wall_s, policy_cpu_s=self.policy_s, block_bytes=self.layout.block_bytes,
             # Not an assumption here: the rate at which the stand-in prefill's writes went.
             prefill_tokens_per_s=self.written * self.layout.block_tokens / self.write_s if self.write_s else 0.0,
-            capacity_lifted=self.lifted, origin="emulated" if emulated else "measured",
+            capacity_lifted=self.lifted, origin="emulated" if emulated else "measured", family=self.policy.family,
             ttft_samples_ms=tuple(self.ttft_ms),
             represented_block_bytes=represented_block_bytes, time_scale=self.time_scale, epoch_s=self.epoch_s,
             budget_gbps=self.budget_gbps,

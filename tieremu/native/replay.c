@@ -24,19 +24,26 @@ typedef struct { int64_t k1, k2; int32_t block; } entry;
 typedef struct { entry *e; int64_t n, cap; } heap;
 
 typedef struct {
+    int64_t score, stamp;  /* its ranking: filed under `filed` with this score, set at this stamp */
+    int64_t lm_epoch;      /* its last move: epoch (-1: none), from lm_src to lm_dst */
+    double lands;          /* when its latest move lands (-inf: none) */
+    int32_t where;         /* tier, -1: none */
+    int32_t filed;         /* tier the ranking files it under, -1: not ranked */
+    int32_t prev, next_in; /* lru, lfu: neighbours in its tier's list */
+    uint8_t pinned;        /* 1: pinned for the request, 2: while its own victim is chosen */
+    uint8_t set_aside;     /* out of its list until the request ends */
+    int8_t lm_src, lm_dst;
+} block_state;
+
+typedef struct {
     /* settings */
     int kind, n_tiers, pin;
     int64_t cap[MAX_TIERS]; /* -1: unlimited */
     const double *read_s, *move_s;
     double prefill, epoch_s;
     int64_t ping_pong_epochs;
-    /* block state */
-    int32_t *where;   /* tier, -1: none */
-    int32_t *filed;   /* tier the ranking files it under, -1: not ranked */
-    int64_t *score, *stamp;
-    uint8_t *pinned;
-    double *lands;    /* -inf: no move of it in flight or landed */
-    int64_t *lm_epoch; int8_t *lm_src, *lm_dst;
+    /* block state, one record a block: a reference touches one cache line, not one per field */
+    block_state *bk;
     /* tiers */
     int64_t used[MAX_TIERS], pinned_in[MAX_TIERS];
     heap h[MAX_TIERS];
@@ -54,10 +61,10 @@ typedef struct {
     heap parked[MAX_TIERS];
     /* lru and lfu rank with ordered lists instead (no stale entries): each limited tier's blocks in (score, stamp)
      * order, head first; lfu keeps the last block of each count and a bitmap of the counts present. */
-    int32_t *prev, *next_in, head[MAX_TIERS], tail[MAX_TIERS];
+    int32_t head[MAX_TIERS], tail[MAX_TIERS];
     int32_t *last_of[MAX_TIERS]; uint64_t *counts_present[MAX_TIERS]; int64_t max_count;
     /* Blocks pinned for the request that a search walked past are taken out of their list until it ends. */
-    uint8_t *set_aside; int32_t *aside; int64_t n_aside, aside_cap;
+    int32_t *aside; int64_t n_aside, aside_cap;
     int failed; /* out of memory */
 } state;
 
@@ -111,15 +118,15 @@ static entry heap_pop(heap *h) {
 
 static inline entry key_of(const state *s, int32_t b) {
     entry x;
-    if (s->kind == BELADY) { x.k1 = -s->score[b]; x.k2 = -s->stamp[b]; }  /* the highest first */
-    else { x.k1 = s->score[b]; x.k2 = s->stamp[b]; }                      /* the lowest first */
+    if (s->kind == BELADY) { x.k1 = -s->bk[b].score; x.k2 = -s->bk[b].stamp; }  /* the highest first */
+    else { x.k1 = s->bk[b].score; x.k2 = s->bk[b].stamp; }                      /* the lowest first */
     x.block = b;
     return x;
 }
 
 static inline int live(const state *s, const entry *x, int tier) {
     int32_t b = x->block;
-    return s->filed[b] == tier && s->stamp[b] == (s->kind == BELADY ? -x->k2 : x->k2);
+    return s->bk[b].filed == tier && s->bk[b].stamp == (s->kind == BELADY ? -x->k2 : x->k2);
 }
 
 /* Drop stale entries once they dominate: the order of live entries is their keys', so nothing changes. */
@@ -148,32 +155,32 @@ static void heap_compact(state *s, int tier) {
 /* ---- RankedBlocks ------------------------------------------------------------------------------------------ */
 
 static inline int key_after(const state *s, int32_t a, int32_t b) {  /* (score, stamp) of a > that of b */
-    return s->score[a] > s->score[b] || (s->score[a] == s->score[b] && s->stamp[a] > s->stamp[b]);
+    return s->bk[a].score > s->bk[b].score || (s->bk[a].score == s->bk[b].score && s->bk[a].stamp > s->bk[b].stamp);
 }
 
 static void list_unlink(state *s, int t, int32_t b) {
-    int32_t p = s->prev[b], n = s->next_in[b];
+    int32_t p = s->bk[b].prev, n = s->bk[b].next_in;
     if (s->kind == LFU) {
-        int64_t c = s->score[b];
+        int64_t c = s->bk[b].score;
         if (s->last_of[t][c] == b) {
-            if (p >= 0 && s->score[p] == c) s->last_of[t][c] = p;
+            if (p >= 0 && s->bk[p].score == c) s->last_of[t][c] = p;
             else { s->last_of[t][c] = -1; s->counts_present[t][c >> 6] &= ~(1ull << (c & 63)); }
         }
     }
-    if (p >= 0) s->next_in[p] = n; else s->head[t] = n;
-    if (n >= 0) s->prev[n] = p; else s->tail[t] = p;
+    if (p >= 0) s->bk[p].next_in = n; else s->head[t] = n;
+    if (n >= 0) s->bk[n].prev = p; else s->tail[t] = p;
 }
 
 /* The block after which b goes in tier t's list (-1: at the head). */
 static int32_t list_place(state *s, int t, int32_t b) {
     if (s->kind == LRU) {  /* a touched block has the newest clock: the walk from the tail stops at once */
         int32_t p = s->tail[t];
-        while (p >= 0 && key_after(s, p, b)) p = s->prev[p];
+        while (p >= 0 && key_after(s, p, b)) p = s->bk[p].prev;
         return p;
     }
     /* lfu: after the last block of its count, else of the highest count below it; then back past any of its count
      * with a later stamp (a block put back after its request, see restore_aside) */
-    int64_t c = s->score[b];
+    int64_t c = s->bk[b].score;
     int32_t p = s->last_of[t][c];
     if (p < 0) {
         const uint64_t *bits = s->counts_present[t];
@@ -183,35 +190,35 @@ static int32_t list_place(state *s, int t, int32_t b) {
             if (word) { p = s->last_of[t][(w << 6) + 63 - __builtin_clzll(word)]; break; }
         }
     }
-    while (p >= 0 && key_after(s, p, b)) p = s->prev[p];
+    while (p >= 0 && key_after(s, p, b)) p = s->bk[p].prev;
     return p;
 }
 
 static void list_insert(state *s, int t, int32_t b) {
-    int32_t p = list_place(s, t, b), n = p >= 0 ? s->next_in[p] : s->head[t];
-    s->prev[b] = p; s->next_in[b] = n;
-    if (p >= 0) s->next_in[p] = b; else s->head[t] = b;
-    if (n >= 0) s->prev[n] = b; else s->tail[t] = b;
+    int32_t p = list_place(s, t, b), n = p >= 0 ? s->bk[p].next_in : s->head[t];
+    s->bk[b].prev = p; s->bk[b].next_in = n;
+    if (p >= 0) s->bk[p].next_in = b; else s->head[t] = b;
+    if (n >= 0) s->bk[n].prev = b; else s->tail[t] = b;
     if (s->kind == LFU) {
-        int64_t c = s->score[b];
-        if (n < 0 || s->score[n] != c) s->last_of[t][c] = b;
+        int64_t c = s->bk[b].score;
+        if (n < 0 || s->bk[n].score != c) s->last_of[t][c] = b;
         s->counts_present[t][c >> 6] |= 1ull << (c & 63);
     }
 }
 
 static inline int listed(const state *s, int32_t b) {
-    return s->kind != BELADY && s->filed[b] >= 0 && s->cap[s->filed[b]] >= 0 && !s->set_aside[b];
+    return s->kind != BELADY && s->bk[b].filed >= 0 && s->cap[s->bk[b].filed] >= 0 && !s->bk[b].set_aside;
 }
 
 /* File block b under `tier` with `score` and a new stamp. `push` = 0 defers its heap entry to the next rank_set of
  * the block: only for a block about to be observed, which is pinned (or guarded) until then, so no search can want
  * it meanwhile, and whose stamp order against other blocks is the same at either set. */
 static void rank_set_(state *s, int32_t b, int tier, int64_t score, int push) {
-    if (listed(s, b)) list_unlink(s, s->filed[b], b);
-    s->set_aside[b] = 0;
-    s->score[b] = score;
-    s->filed[b] = tier;
-    s->stamp[b] = ++s->stamp_clock;
+    if (listed(s, b)) list_unlink(s, s->bk[b].filed, b);
+    s->bk[b].set_aside = 0;
+    s->bk[b].score = score;
+    s->bk[b].filed = tier;
+    s->bk[b].stamp = ++s->stamp_clock;
     if (s->kind != BELADY) {
         if (s->cap[tier] >= 0) list_insert(s, tier, b);
         return;
@@ -219,31 +226,31 @@ static void rank_set_(state *s, int32_t b, int tier, int64_t score, int push) {
     if (!push || s->cap[tier] < 0) return; /* an unlimited tier is never asked for a victim: no heap */
     heap *h = &s->h[tier];
     heap_push(s, h, key_of(s, b));
-    if (h->n > 4 * s->used[tier] + 4096) heap_compact(s, tier);
+    if (h->n > 2 * s->used[tier] + 1024) heap_compact(s, tier);
 }
 
 static inline void rank_set(state *s, int32_t b, int tier, int64_t score) { rank_set_(s, b, tier, score, 1); }
 
 static void rank_forget(state *s, int32_t b) {
-    if (listed(s, b)) list_unlink(s, s->filed[b], b);
-    s->set_aside[b] = 0;
-    s->filed[b] = -1;
+    if (listed(s, b)) list_unlink(s, s->bk[b].filed, b);
+    s->bk[b].set_aside = 0;
+    s->bk[b].filed = -1;
 }
 
 /* The request ended: blocks set aside go back into their lists, in key order wherever they are put back. */
 static void restore_aside(state *s) {
     for (int64_t i = 0; i < s->n_aside; i++) {
         int32_t b = s->aside[i];
-        if (!s->set_aside[b]) continue;  /* re-filed (or forgotten) since */
-        s->set_aside[b] = 0;
-        list_insert(s, s->filed[b], b);
+        if (!s->bk[b].set_aside) continue;  /* re-filed (or forgotten) since */
+        s->bk[b].set_aside = 0;
+        list_insert(s, s->bk[b].filed, b);
     }
     s->n_aside = 0;
 }
 
 static void rank_follow(state *s, int32_t b, int target) {
     if (target < 0) rank_forget(s, b);
-    else if (s->filed[b] >= 0 && s->filed[b] != target) rank_set(s, b, target, s->score[b]);
+    else if (s->bk[b].filed >= 0 && s->bk[b].filed != target) rank_set(s, b, target, s->bk[b].score);
 }
 
 /* The lowest-keyed unpinned block really in `tier`, or -1. The block found stays on top of its heap (Python pops
@@ -251,15 +258,15 @@ static void rank_follow(state *s, int32_t b, int target) {
 static int32_t rank_first(state *s, int tier) {
     if (s->kind != BELADY) {
         for (int32_t b = s->head[tier], n; b >= 0; b = n) {
-            n = s->next_in[b];
-            int actual = s->where[b];
+            n = s->bk[b].next_in;
+            int actual = s->bk[b].where;
             if (actual != tier) {
                 if (actual < 0) rank_forget(s, b);
-                else rank_set(s, b, actual, s->score[b]);
+                else rank_set(s, b, actual, s->bk[b].score);
                 continue;
             }
-            if (!s->pinned[b]) return b;
-            if (s->pinned[b] == 1) {  /* pinned until the request ends: out of the way until then */
+            if (!s->bk[b].pinned) return b;
+            if (s->bk[b].pinned == 1) {  /* pinned until the request ends: out of the way until then */
                 if (s->n_aside == s->aside_cap) {
                     int64_t cap = s->aside_cap ? 2 * s->aside_cap : 256;
                     int32_t *a = realloc(s->aside, (size_t)cap * sizeof(int32_t));
@@ -267,7 +274,7 @@ static int32_t rank_first(state *s, int tier) {
                     s->aside = a; s->aside_cap = cap;
                 }
                 list_unlink(s, tier, b);
-                s->set_aside[b] = 1;
+                s->bk[b].set_aside = 1;
                 s->aside[s->n_aside++] = b;
             }
         }
@@ -280,16 +287,16 @@ static int32_t rank_first(state *s, int tier) {
         entry x = h->e[0];
         int32_t b = x.block;
         if (!live(s, &x, tier)) { heap_pop(h); continue; }
-        int actual = s->where[b];
+        int actual = s->bk[b].where;
         if (actual != tier) {
             heap_pop(h);
             if (actual < 0) rank_forget(s, b);
-            else rank_set(s, b, actual, s->score[b]);
+            else rank_set(s, b, actual, s->bk[b].score);
             continue;
         }
-        if (!s->pinned[b]) { found = b; break; }
+        if (!s->bk[b].pinned) { found = b; break; }
         heap_pop(h);
-        if (s->pinned[b] == 1) { heap_append(s, &s->parked[tier], x); continue; }
+        if (s->bk[b].pinned == 1) { heap_append(s, &s->parked[tier], x); continue; }
         if (passed_n == s->passed_cap) {
             int64_t cap = s->passed_cap ? 2 * s->passed_cap : 64;
             entry *p = realloc(s->passed, (size_t)cap * sizeof(entry));
@@ -306,12 +313,12 @@ static int32_t rank_first(state *s, int tier) {
 
 static int64_t admitted_score(state *s, int32_t b) {
     if (s->kind == LRU) return ++s->lru_clock;
-    return s->filed[b] >= 0 ? s->score[b] : 0; /* LFU: the count it has (Python: score or 0.0) */
+    return s->bk[b].filed >= 0 ? s->bk[b].score : 0; /* LFU: the count it has (Python: score or 0.0) */
 }
 
 static int64_t touched_score(state *s, int32_t b) {
     if (s->kind == LRU) return ++s->lru_clock;
-    return (s->filed[b] >= 0 ? s->score[b] : 0) + 1;
+    return (s->bk[b].filed >= 0 ? s->bk[b].score : 0) + 1;
 }
 
 static int policy_admit(state *s, int32_t b) {
@@ -320,20 +327,20 @@ static int policy_admit(state *s, int32_t b) {
         return 0;
     }
     int64_t use = s->next[s->position];
-    int current = s->where[b];
+    int current = s->bk[b].where;
     int chosen = current >= 0 ? current : s->n_tiers - 1;
     for (int t = 0; t < s->n_tiers; t++) {
         if (t == current) break;
         if (s->cap[t] < 0 || s->used[t] < s->cap[t]) { chosen = t; break; }
         int32_t far = rank_first(s, t);
-        if (far >= 0 && use < s->score[far]) { chosen = t; break; }
+        if (far >= 0 && use < s->bk[far].score) { chosen = t; break; }
     }
     rank_set_(s, b, chosen, use, 0);
     return chosen;
 }
 
 static void policy_observe(state *s, int32_t b, int served) {
-    int tier = s->filed[b] >= 0 ? s->filed[b] : served;
+    int tier = s->bk[b].filed >= 0 ? s->bk[b].filed : served;
     if (tier >= 0) {
         int64_t score = s->kind == BELADY ? s->next[s->position] : touched_score(s, b);
         rank_set(s, b, tier, score);
@@ -352,27 +359,27 @@ static int32_t policy_victim(state *s, int tier) {
 /* ---- the driver (simulate.py's _Replay) -------------------------------------------------------------------- */
 
 static void place(state *s, int32_t b, int t) {
-    s->where[b] = t;
+    s->bk[b].where = t;
     s->used[t]++;
-    if (s->pinned[b]) s->pinned_in[t]++;
+    if (s->bk[b].pinned) s->pinned_in[t]++;
 }
 
 static void remove_block(state *s, int32_t b) {
-    int t = s->where[b];
-    s->where[b] = -1;
+    int t = s->bk[b].where;
+    s->bk[b].where = -1;
     s->used[t]--;
-    if (s->pinned[b]) s->pinned_in[t]--;
+    if (s->bk[b].pinned) s->pinned_in[t]--;
 }
 
 static void record_move(state *s, int32_t b, int source, int target, int promote) {
     if (promote) s->promotions++; else s->demotions++;
-    if (s->lm_epoch[b] >= 0 && s->lm_src[b] == target && s->lm_dst[b] == source &&
-        s->epoch - s->lm_epoch[b] <= s->ping_pong_epochs)
+    if (s->bk[b].lm_epoch >= 0 && s->bk[b].lm_src == target && s->bk[b].lm_dst == source &&
+        s->epoch - s->bk[b].lm_epoch <= s->ping_pong_epochs)
         s->ping_pongs++;
-    s->lm_epoch[b] = s->epoch; s->lm_src[b] = (int8_t)source; s->lm_dst[b] = (int8_t)target;
+    s->bk[b].lm_epoch = s->epoch; s->bk[b].lm_src = (int8_t)source; s->bk[b].lm_dst = (int8_t)target;
     double start = s->now >= s->channel_free ? s->now : s->channel_free;
     s->channel_free = start + s->move_s[source * s->n_tiers + target];
-    s->lands[b] = s->channel_free;
+    s->bk[b].lands = s->channel_free;
     rank_follow(s, b, target);
 }
 
@@ -381,17 +388,17 @@ static int fit(state *s, int32_t b, int i) {
     if (cap >= 0 && s->used[i] >= cap && s->used[i] <= s->pinned_in[i]) return 0;
     place(s, b, i);
     if (cap < 0 || s->used[i] <= cap) return 1;
-    int guard = !s->pinned[b];
-    if (guard) { s->pinned[b] = 2; s->pinned_in[i]++; }  /* 2: pinned only while its victim is chosen */
+    int guard = !s->bk[b].pinned;
+    if (guard) { s->bk[b].pinned = 2; s->pinned_in[i]++; }  /* 2: pinned only while its victim is chosen */
     int32_t v = policy_victim(s, i);
-    if (guard) { s->pinned[b] = 0; s->pinned_in[i]--; }
+    if (guard) { s->bk[b].pinned = 0; s->pinned_in[i]--; }
     if (v < 0) { s->failed = 2; return 1; } /* a ranking lost a block: cannot happen (Python raises) */
     remove_block(s, v);
     if (i + 1 < s->n_tiers && fit(s, v, i + 1)) {
         record_move(s, v, i, i + 1, 0);
     } else {
         s->evictions++;
-        s->lands[v] = -INFINITY;
+        s->bk[v].lands = -INFINITY;
         rank_forget(s, v);
     }
     return 1;
@@ -438,14 +445,20 @@ static int64_t epochs_due(double start, double epoch_s, double now) {
     return k;
 }
 
+static int by_value(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 /* Replay. Returns 0, or 1 out of memory, 2 a lost block, 3 too many tiers. counts_out: misses, evictions,
- * uncached, promotions, demotions, ping_pongs, waited, samples, epochs; doubles_out: strr_sum, channel_free. */
+ * uncached, promotions, demotions, ping_pongs, waited, samples, epochs; doubles_out: strr_sum, channel_free;
+ * ttft_ms_out per request, ttft_sorted_out the same sorted. */
 int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blocks, int64_t n_requests,
                   const int64_t *request_start, const int64_t *input_length, const double *arrival,
                   int n_tiers, const int64_t *capacity, const double *read_s, const double *move_s,
                   double prefill, int64_t block_tokens, double epoch_s, int64_t ping_pong_epochs, int pin,
                   int64_t *hits_out, double *residency_out, int64_t *resident_out, int64_t *counts_out,
-                  double *doubles_out, double *ttft_ms_out) {
+                  double *doubles_out, double *ttft_ms_out, double *ttft_sorted_out) {
     if (n_tiers < 1 || n_tiers > MAX_TIERS) return 3;
     state s;
     memset(&s, 0, sizeof s);
@@ -454,17 +467,12 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
     s.read_s = read_s; s.move_s = move_s; s.prefill = prefill; s.epoch_s = epoch_s;
     s.ping_pong_epochs = ping_pong_epochs;
     size_t nb = (size_t)(n_blocks ? n_blocks : 1);
-    s.where = malloc(nb * sizeof(int32_t)); s.filed = malloc(nb * sizeof(int32_t));
-    s.score = malloc(nb * sizeof(int64_t)); s.stamp = calloc(nb, sizeof(int64_t));
-    s.pinned = calloc(nb, 1); s.lands = malloc(nb * sizeof(double));
-    s.lm_epoch = malloc(nb * sizeof(int64_t)); s.lm_src = calloc(nb, 1); s.lm_dst = calloc(nb, 1);
+    s.bk = calloc(nb, sizeof(block_state));
     int64_t *next = kind == BELADY ? malloc((size_t)(n_refs ? n_refs : 1) * sizeof(int64_t)) : NULL;
     int64_t *last = kind == BELADY ? malloc(nb * sizeof(int64_t)) : NULL;
     s.hits = hits_out; s.residency = residency_out;
-    s.prev = malloc(nb * sizeof(int32_t)); s.next_in = malloc(nb * sizeof(int32_t));
-    s.set_aside = calloc(nb, 1);
     int rc = 0;
-    if (!s.prev || !s.next_in || !s.set_aside) { rc = 1; goto out; }
+    if (!s.bk || (kind == BELADY && (!next || !last))) { rc = 1; goto out; }
     for (int t = 0; t < MAX_TIERS; t++) s.head[t] = s.tail[t] = -1;
     if (kind == LFU) {  /* a count never exceeds the block's references: size the per-count arrays by that */
         int64_t *refs = calloc(nb, sizeof(int64_t));
@@ -479,10 +487,8 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
             for (int64_t c = 0; c < s.max_count + 2; c++) s.last_of[t][c] = -1;
         }
     }
-    if (!s.where || !s.filed || !s.score || !s.stamp || !s.pinned || !s.lands || !s.lm_epoch || !s.lm_src ||
-        !s.lm_dst || (kind == BELADY && (!next || !last))) { rc = 1; goto out; }
     for (size_t b = 0; b < nb; b++) {
-        s.where[b] = -1; s.filed[b] = -1; s.lands[b] = -INFINITY; s.lm_epoch[b] = -1;
+        s.bk[b].where = -1; s.bk[b].filed = -1; s.bk[b].lands = -INFINITY; s.bk[b].lm_epoch = -1;
     }
     if (kind == BELADY) {
         for (size_t b = 0; b < nb; b++) last[b] = NEVER;
@@ -504,7 +510,7 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
         double read = 0.0, wait = 0.0;
         for (int64_t k = first; k < end; k++) {
             int32_t b = blocks[k];
-            int i = s.where[b];
+            int i = s.bk[b].where;
             if (i < 0) {
                 s.misses++;
                 missed += k + 1 == end ? last_tokens : block_tokens;
@@ -512,17 +518,17 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
             } else {
                 hits_out[i]++;
                 read += read_s[i];
-                double landing = s.lands[b];
+                double landing = s.bk[b].lands;
                 if (landing > s.now && landing - s.now > wait) wait = landing - s.now;
                 if (i) promote_on_access(&s, b, i);
             }
-            if (pin && !s.pinned[b]) {
-                s.pinned[b] = 1;
-                if (s.where[b] >= 0) s.pinned_in[s.where[b]]++;
+            if (pin && !s.bk[b].pinned) {
+                s.bk[b].pinned = 1;
+                if (s.bk[b].where >= 0) s.pinned_in[s.bk[b].where]++;
             }
             policy_observe(&s, b, i);
         }
-        for (int64_t k = first; k < end; k++) s.pinned[blocks[k]] = 0;
+        for (int64_t k = first; k < end; k++) s.bk[blocks[k]].pinned = 0;
         restore_aside(&s);
         for (int t = 0; t < n_tiers; t++) {
             s.pinned_in[t] = 0;
@@ -538,6 +544,9 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
         ttft_ms_out[r] = ttft * 1e3;
     }
     if (s.samples == 0) sample(&s, 1);
+    /* sorted for the tails: the driver's sort of sorted values is linear, of these n log n in Python */
+    memcpy(ttft_sorted_out, ttft_ms_out, (size_t)n_requests * sizeof(double));
+    qsort(ttft_sorted_out, (size_t)n_requests, sizeof(double), by_value);
     for (int t = 0; t < n_tiers; t++) resident_out[t] = s.used[t];
     counts_out[0] = s.misses; counts_out[1] = s.evictions; counts_out[2] = s.uncached;
     counts_out[3] = s.promotions; counts_out[4] = s.demotions; counts_out[5] = s.ping_pongs;
@@ -548,9 +557,6 @@ out:
     for (int t = 0; t < MAX_TIERS; t++) {
         free(s.h[t].e); free(s.parked[t].e); free(s.last_of[t]); free(s.counts_present[t]);
     }
-    free(s.prev); free(s.next_in); free(s.set_aside); free(s.aside);
-    free(s.passed);
-    free(s.where); free(s.filed); free(s.score); free(s.stamp); free(s.pinned); free(s.lands);
-    free(s.lm_epoch); free(s.lm_src); free(s.lm_dst); free(next); free(last);
+    free(s.aside); free(s.passed); free(s.bk); free(next); free(last);
     return rc;
 }

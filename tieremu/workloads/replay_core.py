@@ -52,14 +52,15 @@ def run(requests: Sequence[Request], settings: Settings, policy: Policy, params:
     read_s = array("d", settings.read_s)
     move_s = array("d", [x for row in settings.move_s for x in row])
     hits, resident, counts = array("q", [0] * n), array("q", [0] * n), array("q", [0] * COUNTS)
-    residency, doubles, ttft = array("d", [0.0] * n), array("d", [0.0] * 2), array("d", [0.0] * len(requests))
+    residency, doubles = array("d", [0.0] * n), array("d", [0.0] * 2)
+    ttft, ttft_sorted = array("d", bytes(8 * len(requests))), array("d", bytes(8 * len(requests)))
     arrival = array("d", arrivals)
     core_started = time.perf_counter()
     rc = replay_core().replay_demand(
         KINDS[type(policy)], len(blocks), _ptr(blocks), len(ids), len(requests), _ptr(starts), _ptr(lengths),
         _ptr(arrival), n, _ptr(capacity), _ptr(read_s), _ptr(move_s), settings.prefill, settings.block_tokens,
         settings.epoch_s, settings.ping_pong_epochs, int(settings.pin), _ptr(hits), _ptr(residency), _ptr(resident),
-        _ptr(counts), _ptr(doubles), _ptr(ttft))
+        _ptr(counts), _ptr(doubles), _ptr(ttft), _ptr(ttft_sorted))
     core_s = time.perf_counter() - core_started
     if rc == 1:
         raise MemoryError("the compiled replay core ran out of memory")
@@ -72,7 +73,7 @@ def run(requests: Sequence[Request], settings: Settings, policy: Policy, params:
                     promotions=promotions, demotions=demotions, prefetches=0, ping_pongs=ping_pongs, skipped=0,
                     deferred=0, waited=waited, epochs=epochs, channel_free=doubles[1], ttft_ms=tuple(ttft))
     replayed = build_result(result, settings, policy, requests, arrivals, 0.0, core_s, params, core="native",
-                            prepare_s=core_started - started)
+                            prepare_s=core_started - started, ttft_sorted=ttft_sorted.tolist())
     return replace(replayed, wall_s=time.perf_counter() - core_started)
 
 

@@ -602,7 +602,8 @@ class Counts:
 
 def build_result(c: Counts, s: Settings, policy: Policy, requests: Sequence[Request], arrivals: Sequence[float],
                  wall_s: float, policy_s: float, params: dict[str, object], *, core: str,
-                 prepare_s: float = 0.0) -> ReplayResult:
+                 prepare_s: float = 0.0, ttft_sorted: Sequence[float] | None = None) -> ReplayResult:
+    """The result from a core's counts (`ttft_sorted`: the TTFT samples already sorted, if the core sorted them)."""
     hits = sum(c.hits)
     references = hits + c.misses
     trace_s = arrivals[-1] - arrivals[0] if arrivals else 0.0
@@ -621,7 +622,7 @@ def build_result(c: Counts, s: Settings, policy: Policy, requests: Sequence[Requ
         evictions=c.evictions, uncached=c.uncached,
         strr=c.strr_sum / c.samples if c.samples else 0.0,
         star=(hits - c.hits[0]) / hits if hits else 0.0,
-        ttft_ms=Tail.of(c.ttft_ms), migration_bytes=moves * s.block_bytes,
+        ttft_ms=Tail.of(c.ttft_ms if ttft_sorted is None else ttft_sorted), migration_bytes=moves * s.block_bytes,
         migration_gbps=moves * s.block_bytes / span / 1e9 if span > 0 else 0.0,
         promotions=c.promotions, demotions=c.demotions, prefetches=c.prefetches,
         ping_pongs=c.ping_pongs, moves_skipped=c.skipped, epochs=c.epochs, trace_s=trace_s,

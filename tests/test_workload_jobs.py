@@ -105,7 +105,24 @@ def test_replay_job_generates_its_trace_from_a_seed(tmp_path: Path) -> None:
     assert hits["value"] > 0.3
 
 
+def test_replay_job_takes_a_share_of_the_blocks_a_budget_and_checks_its_bounds(tmp_path: Path) -> None:
+    rows = run_jobs(tmp_path, CXL_MAP,
+                    f"  - {{kind: replay, trace: {SMALL_TRACE}, policies: [lru, hotcold], fast_capacity: 5%,\n"
+                    "     pin: false, budget_gbps: 2}\n")
+    checks = [r for r in rows if r["metric"] == "bound_check"]
+    assert {r["params"]["bound"] for r in checks} == {"ceiling", "belady", "budget"}
+    assert all(r["value"] == 1 for r in checks)
+    assert {r["run"].split("-r0")[0] for r in checks if r["params"]["bound"] == "belady"} == {"replay-lru"}
+    rates = [r["value"] for r in rows if r["metric"] == "migration_gbps"]
+    assert rates and max(rates) <= 2.0
+
+
 @pytest.mark.parametrize(("job", "message"), [
+    ("{kind: replay, trace: TRACE, fast_capacity: 120%, policies: [lru]}",
+     r"jobs\[0\]\.fast_capacity: fast_capacity=120%: a share must be above 0% and at most 100%"),
+    ("{kind: replay, trace: TRACE, fast_capacity: 5%, fast_capacity_blocks: 4, policies: [lru]}",
+     r"give fast_capacity or fast_capacity_blocks, not both"),
+    ("{kind: replay, trace: TRACE, mode: execute, pin: false, policies: [lru]}", r"pin: false is for simulate"),
     ("{kind: replay, policies: [lru]}", r"jobs\[0\]\.trace: give a trace file \(trace: FILE\) or a generator"),
     ("{kind: replay, trace: TRACE, generate: {requests: 5}, policies: [lru]}", r"exactly one, not both"),
     ("{kind: replay, generate: {kind: forum, requests: 5}, policies: [lru]}",

@@ -117,7 +117,23 @@ def test_replay_job_takes_a_share_of_the_blocks_a_budget_and_checks_its_bounds(t
     assert rates and max(rates) <= 2.0
 
 
+def test_replay_job_sweeps_policy_parameters(tmp_path: Path) -> None:
+    rows = run_jobs(tmp_path, CXL_MAP,
+                    f"  - {{kind: replay, trace: {SMALL_TRACE}, policies: [lru], fast_capacity: 20,\n"
+                    "     sweep: {policy: [{name: hotcold, quota: 1}, {name: hotcold, quota: 32}]}}\n")
+    moves = {r["params"]["policy"]: r["value"] for r in rows if r["metric"] == "promotions"}
+    assert set(moves) == {'hotcold{"quota":1}', 'hotcold{"quota":32}', "belady", "all-fastest", "all-slowest"}
+    assert moves['hotcold{"quota":1}'] < moves['hotcold{"quota":32}']  # the parameter reached the policy
+
+
 @pytest.mark.parametrize(("job", "message"), [
+    ("{kind: replay, trace: TRACE, policies: [{name: hotcold, quota: many}]}",
+     r"jobs\[0\]\.policies\[0\]: policy hotcold: parameter quota='many' must be int"),
+    ("{kind: replay, trace: TRACE, policies: [{name: lru, promote_quota: 4}]}",
+     r"policy lru: unknown parameter 'promote_quota'; valid parameters: none"),
+    ("{kind: replay, trace: TRACE, policies: [{quota: 4}]}", r"a policy entry with parameters needs a name"),
+    ("{kind: replay, trace: TRACE, policies: [lru], sweep: {policy: [{name: hotcold, target_util: 2}]}}",
+     r"jobs\[0\]\.sweep\.policy\[0\]: policy hotcold: target_util=2.0 must be in \(0, 1\]"),
     ("{kind: replay, trace: TRACE, fast_capacity: 120%, policies: [lru]}",
      r"jobs\[0\]\.fast_capacity: fast_capacity=120%: a share must be above 0% and at most 100%"),
     ("{kind: replay, trace: TRACE, fast_capacity: 5%, fast_capacity_blocks: 4, policies: [lru]}",

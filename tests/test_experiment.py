@@ -41,7 +41,8 @@ def test_default_spec_validates_and_plans_probe_round_trip_decode_and_replay_wit
     assert [r.kind for r in runs] == ["probe", "roundtrip"] + ["decode"] * 4 + ["replay"] * 6
     assert runs[1].params.route == ("dram", "cxl", "far")
     # the all-fastest / all-slowest bounds run beside every policy of a job
-    assert sorted(r.policy for r in runs if r.kind == "decode") == ["all-fastest", "all-slowest", "hotcold", "lru"]
+    assert sorted(r.policy for r in runs if r.kind == "decode") == ["all-fastest", "all-slowest", "hotcold",
+                                                                     "lru-epoch"]
     assert sorted(r.policy for r in runs if r.kind == "replay") == ["all-fastest", "all-slowest", "belady",
                                                                      "hotcold", "lookahead", "lru"]
 

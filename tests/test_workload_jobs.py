@@ -9,6 +9,7 @@ from experiment_runs import run_jobs
 
 from tieremu.errors import ConfigError
 from tieremu.runner.spec import load_experiment
+from tieremu.runner.sweep import expand
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,6 +125,17 @@ def test_replay_job_sweeps_policy_parameters(tmp_path: Path) -> None:
     moves = {r["params"]["policy"]: r["value"] for r in rows if r["metric"] == "promotions"}
     assert set(moves) == {'hotcold{"quota":1}', 'hotcold{"quota":32}', "belady", "all-fastest", "all-slowest"}
     assert moves['hotcold{"quota":1}'] < moves['hotcold{"quota":32}']  # the parameter reached the policy
+
+
+def test_a_bound_that_does_not_depend_on_the_swept_axis_runs_once(tmp_path: Path) -> None:
+    spec = tmp_path / "e.yaml"
+    spec.write_text(f"name: s\ntiers: {CXL_MAP}\njobs:\n  - {{kind: replay, trace: {SMALL_TRACE}, policies: [lru],\n"
+                    "     sweep: {fast_capacity: [5%, 10%, 20%], epoch_s: [0.05, 0.1]}}\n")
+    runs = expand(load_experiment(spec))
+    per_policy = {p: sum(1 for r in runs if r.policy == p) for p in ("lru", "belady", "all-fastest", "all-slowest")}
+    # belady and lru depend on the fast tier's size; the static bounds only on the epoch (their residency samples).
+    assert per_policy == {"lru": 6, "belady": 6, "all-fastest": 2, "all-slowest": 2}
+    assert {r.axes["epoch_s"] for r in runs if r.policy == "all-fastest"} == {0.05, 0.1}
 
 
 @pytest.mark.parametrize(("job", "message"), [

@@ -17,7 +17,7 @@ import random
 import signal
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -71,6 +71,9 @@ class Job(ABC):
     # Bounds run beside every policy of the job besides the BASELINES (all-fastest / all-slowest): an offline
     # optimum where the job knows the future (a trace replay runs Belady).
     bounds: ClassVar[tuple[str, ...]] = ()
+    # Per bound (or baseline), the job params its result does not depend on: a sweep over only those runs it once,
+    # at the first point, not at every point.
+    bound_ignores: ClassVar[Mapping[str, frozenset[str]]] = {}
 
     @classmethod
     @abstractmethod

@@ -794,7 +794,7 @@ def test_a_started_daemon_runs_epochs_until_stopped_and_reports_them(
     cache = make_cache(2, 8, 8)
     ref = reference()
     fill(cache, ref, 0, 6 * BT)
-    policy = get_policy("lru", {"promote_quota": 2})
+    policy = get_policy("lru-epoch", {"promote_quota": 2})
     daemon = MigrationDaemon(cache, policy, epoch_s=0.005)
     daemon.start()
     with pytest.raises(TieremuError, match="already running"):

@@ -46,7 +46,8 @@ def test_default_spec_validates_and_plans_probe_round_trip_decode_and_replay_wit
     assert [(r.repetition, r.policy) for r in runs if r.kind == "decode"] == \
         [(0, a) for a in arms] + [(1, a) for a in reversed(arms)] + [(2, a) for a in arms]
     # the all-fastest / all-slowest bounds run beside every policy of a job
-    assert sorted({r.policy for r in runs if r.kind == "decode"}) == ["all-fastest", "all-slowest", "hotcold", "lru"]
+    assert sorted({r.policy for r in runs if r.kind == "decode"}) == ["all-fastest", "all-slowest", "hotcold",
+                                                                      "lru-epoch"]
     assert sorted(r.policy for r in runs if r.kind == "replay") == ["all-fastest", "all-slowest", "belady",
                                                                      "hotcold", "lookahead", "lru"]
 

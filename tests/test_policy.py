@@ -50,8 +50,16 @@ def hit(policy: Policy, view: FakeView, blocks: Iterable[int], *, request: int =
 # -- registry ---------------------------------------------------------------------------------------------------
 
 def test_builtin_names() -> None:
-    assert set(names()) == {"all-fastest", "all-slowest", "interleave", "split", "lru", "lfu", "hotcold",
-                            "lookahead", "belady", "layerahead"}
+    assert set(names()) == {"all-fastest", "all-slowest", "interleave", "split", "lru", "lfu", "lru-epoch",
+                            "hotcold", "lookahead", "belady", "layerahead"}
+
+
+def test_every_policy_names_its_family() -> None:
+    families = {name: get_policy(name, {"fractions": [1.0]} if name == "split" else {},
+                                 PolicyContext(future=[[1]])).family for name in names()}
+    assert {n for n, f in families.items() if f == "demand"} == {"lru", "lfu", "belady"}
+    assert {n for n, f in families.items() if f == "daemon"} == {"lru-epoch", "hotcold", "lookahead", "layerahead"}
+    assert set(families.values()) <= {"demand", "daemon", "static"}
 
 
 def test_unknown_policy_lists_the_valid_names() -> None:
@@ -63,15 +71,17 @@ def test_unknown_parameter_names_it_and_the_valid_ones() -> None:
     with pytest.raises(PolicyError, match="policy hotcold: unknown parameter 'quotas'; valid parameters: "
                                           "half_life_s, hysteresis, quota, target_util"):
         get_policy("hotcold", {"quotas": 3})
-    with pytest.raises(PolicyError, match="policy lru: unknown parameter 'x'; valid parameters: promote_quota"):
+    with pytest.raises(PolicyError, match="policy lru-epoch: unknown parameter 'x'; valid parameters: promote_quota"):
+        get_policy("lru-epoch", {"x": 1})
+    with pytest.raises(PolicyError, match="policy lru: unknown parameter 'x'; valid parameters: none"):
         get_policy("lru", {"x": 1})
 
 
 @pytest.mark.parametrize(("name", "params", "message"), [
-    ("lru", {"promote_quota": "many"}, "parameter promote_quota='many' must be int"),
-    ("lru", {"promote_quota": 1.5}, "parameter promote_quota=1.5 must be int"),
-    ("lru", {"promote_quota": True}, "parameter promote_quota=True must be int"),
-    ("lru", {"promote_quota": -1}, "promote_quota=-1 must be 0 or more"),
+    ("lru-epoch", {"promote_quota": "many"}, "parameter promote_quota='many' must be int"),
+    ("lru-epoch", {"promote_quota": 1.5}, "parameter promote_quota=1.5 must be int"),
+    ("lru-epoch", {"promote_quota": True}, "parameter promote_quota=True must be int"),
+    ("lru-epoch", {"promote_quota": -1}, "promote_quota=-1 must be 0 or more"),
     ("hotcold", {"target_util": 1.5}, r"target_util=1.5 must be in \(0, 1\]"),
     ("split", {"fractions": ["a"]}, r"parameter fractions=\['a'\] must be"),
     ("split", {"fractions": [0.5, 0.6]}, "must be 0 or more and sum to 1"),
@@ -167,14 +177,23 @@ def test_split_spills_when_a_tier_is_full_and_checks_its_length() -> None:
 
 # -- LRU / LFU ------------------------------------------------------------------------------------------------------
 
-def test_lru_admits_to_the_fastest_with_room() -> None:
+def test_lru_epoch_admits_to_the_fastest_with_room() -> None:
     view = FakeView(2, 2, None)
-    policy = get_policy("lru")
+    policy = get_policy("lru-epoch")
     admit_all(policy, view, [1, 2, 3, 4, 5])
     assert [view.where[b] for b in (1, 2, 3, 4, 5)] == ["fast", "fast", "mid", "mid", "slow"]
     full = FakeView(1)
     full.where[9] = "fast"
-    assert get_policy("lru").admit(10, full) == "fast"  # nowhere has room: the fastest, pushing a victim down
+    assert get_policy("lru-epoch").admit(10, full) == "fast"  # nowhere has room: the fastest, pushing a victim down
+
+
+def test_demand_caches_admit_to_the_fastest_always() -> None:
+    for name in ("lru", "lfu"):
+        view = FakeView(2, None)
+        view.where.update({1: "fast", 2: "fast", 3: "mid"})
+        policy = get_policy(name)
+        assert policy.admit(4, view) == "fast" and policy.admit(3, view) == "fast"  # a miss, a slow hit
+        assert policy.plan(view, 1.0).moves == []  # demand caches never plan
 
 
 def test_lru_victim_is_least_recent_and_never_pinned() -> None:
@@ -213,9 +232,9 @@ def test_lfu_victim_is_least_frequent_ties_by_age() -> None:
     assert policy.victim("fast", view) == 3
 
 
-def test_lru_promotes_slow_hits_latest_first_within_quota() -> None:
+def test_lru_epoch_promotes_slow_hits_latest_first_within_quota() -> None:
     view = FakeView(10, None)
-    policy = get_policy("lru", {"promote_quota": 2})
+    policy = get_policy("lru-epoch", {"promote_quota": 2})
     admit_all(policy, view, [1])
     for b in (5, 6, 7):
         view.where[b] = "mid"
@@ -226,9 +245,9 @@ def test_lru_promotes_slow_hits_latest_first_within_quota() -> None:
     assert policy.plan(view, 2.0).moves == []  # hits are promoted at the next epoch or not at all
 
 
-def test_lru_without_quota_never_promotes() -> None:
+def test_lru_epoch_without_quota_never_promotes() -> None:
     view = FakeView(10, None)
-    policy = get_policy("lru", {"promote_quota": 0})
+    policy = get_policy("lru-epoch", {"promote_quota": 0})
     view.where[5] = "mid"
     hit(policy, view, [5])
     assert policy.plan(view, 1.0).moves == []
@@ -321,15 +340,32 @@ def test_belady_bypasses_a_block_used_later_than_everything_resident() -> None:
     assert policy.admit(3, view) == "mid"  # next used at 4; both residents are needed sooner
 
 
-def test_belady_plan_lifts_the_soonest_used_blocks() -> None:
-    future = [[1, 2, 3], [9], [3], [1], [2]]
-    view = FakeView(2, None)
-    policy = belady(future)
-    policy.upcoming([UpcomingRequest(0, 0.0, (1, 2, 3))])
-    view.where.update({1: "fast", 2: "fast", 3: "mid"})
-    hit(policy, view, [1, 2, 3], request=0)
-    moves = [(m.block, m.source, m.target) for m in policy.plan(view, 0.5).moves]
-    assert moves == [(2, "fast", "mid"), (3, "mid", "fast")]  # 3 is next used at 2, sooner than 2 (at 4)
+def test_belady_promotes_a_slow_hit_only_if_needed_sooner_than_the_farthest_fast_block() -> None:
+    # Positions in the flattened stream: 1@0 2@1 3@2 3@3 then 3@4 1@5 2@6 (first future) or 1@4 2@5 3@6 (second).
+    for future, expected in (([[1, 2], [3], [3], [3], [1], [2]], "fast"), ([[1, 2], [3], [3], [1], [2], [3]], "mid")):
+        view = FakeView(2, None)
+        policy = belady(future)
+        policy.upcoming([UpcomingRequest(0, 0.0, (1, 2))])
+        admit_all(policy, view, [1, 2], request=0)
+        view.where[3] = "mid"
+        policy.upcoming([UpcomingRequest(2, 2.0, (3,))])  # 3 is hit in mid at position 3
+        assert policy.admit(3, view) == expected, future
+        assert policy.plan(view, 2.5).moves == []  # no epoch moves: MIN moves only on access
+
+
+def test_lru_epoch_files_a_promoted_block_under_its_new_tier() -> None:
+    """Regression (the ghost-block bug): a block promoted by a plan stayed filed under its old tier, so it was
+    never a victim of the fast tier until referenced again."""
+    view = FakeView(None, None)
+    policy = get_policy("lru-epoch", {"promote_quota": 10})
+    admit_all(policy, view, [1, 2])
+    view.where[3] = "mid"
+    hit(policy, view, [3])
+    [move] = policy.plan(view, 1.0).moves
+    view.where[3] = "fast"
+    policy.moved(move.block, move.source, move.target)  # what every driver reports after carrying a move out
+    hit(policy, view, [1, 2])  # 3 is now the least recently used block of the fast tier
+    assert policy.victim("fast", view) == 3
 
 
 # -- ranking bookkeeping ----------------------------------------------------------------------------------------------

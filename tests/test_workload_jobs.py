@@ -9,6 +9,7 @@ from experiment_runs import run_jobs
 
 from tieremu.errors import ConfigError
 from tieremu.runner.spec import load_experiment
+from tieremu.runner.sweep import expand
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,7 +106,51 @@ def test_replay_job_generates_its_trace_from_a_seed(tmp_path: Path) -> None:
     assert hits["value"] > 0.3
 
 
+def test_replay_job_takes_a_share_of_the_blocks_a_budget_and_checks_its_bounds(tmp_path: Path) -> None:
+    rows = run_jobs(tmp_path, CXL_MAP,
+                    f"  - {{kind: replay, trace: {SMALL_TRACE}, policies: [lru, hotcold], fast_capacity: 5%,\n"
+                    "     pin: false, budget_gbps: 2}\n")
+    checks = [r for r in rows if r["metric"] == "bound_check"]
+    assert {r["params"]["bound"] for r in checks} == {"ceiling", "belady", "budget"}
+    assert all(r["value"] == 1 for r in checks)
+    assert {r["run"].split("-r0")[0] for r in checks if r["params"]["bound"] == "belady"} == {"replay-lru"}
+    rates = [r["value"] for r in rows if r["metric"] == "migration_gbps"]
+    assert rates and max(rates) <= 2.0
+
+
+def test_replay_job_sweeps_policy_parameters(tmp_path: Path) -> None:
+    rows = run_jobs(tmp_path, CXL_MAP,
+                    f"  - {{kind: replay, trace: {SMALL_TRACE}, policies: [lru], fast_capacity: 20,\n"
+                    "     sweep: {policy: [{name: hotcold, quota: 1}, {name: hotcold, quota: 32}]}}\n")
+    moves = {r["params"]["policy"]: r["value"] for r in rows if r["metric"] == "promotions"}
+    assert set(moves) == {'hotcold{"quota":1}', 'hotcold{"quota":32}', "belady", "all-fastest", "all-slowest"}
+    assert moves['hotcold{"quota":1}'] < moves['hotcold{"quota":32}']  # the parameter reached the policy
+
+
+def test_a_bound_that_does_not_depend_on_the_swept_axis_runs_once(tmp_path: Path) -> None:
+    spec = tmp_path / "e.yaml"
+    spec.write_text(f"name: s\ntiers: {CXL_MAP}\njobs:\n  - {{kind: replay, trace: {SMALL_TRACE}, policies: [lru],\n"
+                    "     sweep: {fast_capacity: [5%, 10%, 20%], epoch_s: [0.05, 0.1]}}\n")
+    runs = expand(load_experiment(spec))
+    per_policy = {p: sum(1 for r in runs if r.policy == p) for p in ("lru", "belady", "all-fastest", "all-slowest")}
+    # belady and lru depend on the fast tier's size; the static bounds only on the epoch (their residency samples).
+    assert per_policy == {"lru": 6, "belady": 6, "all-fastest": 2, "all-slowest": 2}
+    assert {r.axes["epoch_s"] for r in runs if r.policy == "all-fastest"} == {0.05, 0.1}
+
+
 @pytest.mark.parametrize(("job", "message"), [
+    ("{kind: replay, trace: TRACE, policies: [{name: hotcold, quota: many}]}",
+     r"jobs\[0\]\.policies\[0\]: policy hotcold: parameter quota='many' must be int"),
+    ("{kind: replay, trace: TRACE, policies: [{name: lru, promote_quota: 4}]}",
+     r"policy lru: unknown parameter 'promote_quota'; valid parameters: none"),
+    ("{kind: replay, trace: TRACE, policies: [{quota: 4}]}", r"a policy entry with parameters needs a name"),
+    ("{kind: replay, trace: TRACE, policies: [lru], sweep: {policy: [{name: hotcold, target_util: 2}]}}",
+     r"jobs\[0\]\.sweep\.policy\[0\]: policy hotcold: target_util=2.0 must be in \(0, 1\]"),
+    ("{kind: replay, trace: TRACE, fast_capacity: 120%, policies: [lru]}",
+     r"jobs\[0\]\.fast_capacity: fast_capacity=120%: a share must be above 0% and at most 100%"),
+    ("{kind: replay, trace: TRACE, fast_capacity: 5%, fast_capacity_blocks: 4, policies: [lru]}",
+     r"give fast_capacity or fast_capacity_blocks, not both"),
+    ("{kind: replay, trace: TRACE, mode: execute, pin: false, policies: [lru]}", r"pin: false is for simulate"),
     ("{kind: replay, policies: [lru]}", r"jobs\[0\]\.trace: give a trace file \(trace: FILE\) or a generator"),
     ("{kind: replay, trace: TRACE, generate: {requests: 5}, policies: [lru]}", r"exactly one, not both"),
     ("{kind: replay, generate: {kind: forum, requests: 5}, policies: [lru]}",

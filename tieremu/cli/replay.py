@@ -1,16 +1,20 @@
 """`tieremu replay` (a trace against a tier map under a policy) and `tieremu generate-trace` (a synthetic trace).
 
 The tier map's order is the tier order; a tier's capacity in blocks is its `capacity_mib` over the block size
-(`--block-mib`, the KV a trace block stands for), or `--capacity TIER=BLOCKS`: the same block counts in both
-modes. Simulate only reads the map (it needs no memory); execute resolves it against this machine and stores
-each block in `--block-kib` of real memory.
+(`--block-mib`, the KV a trace block stands for), or `--capacity TIER=BLOCKS` or `TIER=P%` (a share of the trace's
+distinct blocks): the same block counts in both modes. Simulate only reads the map (it needs no memory); execute
+resolves it against this machine and stores each block in `--block-kib` of real memory.
+
+Policies come in families (tieremu.policy.base.FAMILIES): demand caches (lru, lfu, belady) promote on access;
+tiering daemons (lru-epoch, hotcold, lookahead, layerahead) move blocks at epochs; static placements never move.
+Simulate checks every result against its bounds (tieremu.workloads.bounds) and flags one outside them.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,8 +25,11 @@ from rich.table import Table
 
 from tieremu.errors import ConfigError, WorkloadError
 from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_RATIO, MAX_SECONDS, Range, number_problem
-from tieremu.policy.registry import get_policy, names
+from tieremu.policy.base import PolicyContext
+from tieremu.policy.registry import BUILTIN, get_policy, names
 from tieremu.tiers.config import TierMap, TierSpec, load_tier_map
+from tieremu.workloads.bounds import BoundCheck, check
+from tieremu.workloads.capacity import Capacity, distinct_blocks
 from tieremu.workloads.generators import KINDS, generate, mix
 from tieremu.workloads.simulate import (
     DEFAULT_BLOCK_BYTES,
@@ -100,6 +107,16 @@ def parse_params(values: Sequence[str]) -> dict[str, object]:
     return params
 
 
+def parse_capacities(tier_map: TierMap, values: Sequence[str]) -> dict[str, Capacity]:
+    """`--capacity TIER=BLOCKS|P%` pairs, checked against the map before the trace is read."""
+    out = {}
+    for name, raw in _pairs(values, "--capacity"):
+        if name not in tier_map.names:
+            raise ConfigError(f"--capacity names tier {name!r}; tiers of {tier_map.name}: {', '.join(tier_map.names)}")
+        out[name] = Capacity.parse(raw, f"--capacity {name}")
+    return out
+
+
 def sim_tiers(tier_map: TierMap, block_bytes: int, overrides: Mapping[str, int]) -> list[SimTier]:
     for name, blocks in overrides.items():
         if name not in tier_map.names:
@@ -149,17 +166,28 @@ def _calibrated_local_read() -> tuple[float, str]:
     return ASSUMED_LOCAL_READ_GBPS, "assumed"
 
 
+def _policy_help() -> str:
+    families = {"demand": "demand caches", "daemon": "tiering daemons", "static": "static placements"}
+    parts = [f"{label}: {', '.join(n for n in names() if BUILTIN[n].family == family)}"
+             for family, label in families.items()]
+    return f"Policy name ({'; '.join(parts)}), or package.module:Class."
+
+
 @click.command("replay")
 @click.argument("trace", type=click.Path(exists=True, dir_okay=False))
 @click.option("--tiers", "tier_file", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Tier map (configs/tiers/*.yaml): its order is the tier order, fastest first.")
-@click.option("--policy", required=True, help=f"Policy name: {', '.join(names())}, or package.module:Class.")
+@click.option("--policy", required=True, help=_policy_help())
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A policy parameter (repeatable).")
 @click.option("--mode", type=click.Choice(["simulate", "execute"]), default="simulate", show_default=True,
               help="simulate: accounting only, no memory touched. execute: real KV blocks in the tiers' memory, a "
               "migration daemon, arrivals in (scaled) real time.")
-@click.option("--capacity", multiple=True, metavar="TIER=BLOCKS",
-              help="A tier's capacity in blocks (repeatable); overrides the map's capacity_mib.")
+@click.option("--capacity", multiple=True, metavar="TIER=BLOCKS|P%",
+              help="A tier's capacity in blocks, or as a share of the trace's distinct blocks (fast=10%) "
+              "(repeatable); overrides the map's capacity_mib.")
+@click.option("--no-pin", "no_pin", is_flag=True,
+              help="simulate: do not pin the blocks a request has read while it is served (for comparison with "
+              "textbook caches over the flattened stream).")
 @click.option("--block-mib", type=Number(0, MAX_MIB), default=DEFAULT_BLOCK_BYTES / 2**20,
               show_default=True, help="KV bytes of one block (512 tokens of Llama-3-8B in fp16: 64 MiB).")
 @click.option("--read-gbps", multiple=True, metavar="TIER=GBPS",
@@ -179,22 +207,28 @@ def _calibrated_local_read() -> tuple[float, str]:
 @click.option("--block-kib", type=click.IntRange(min=1), default=EXECUTE_BLOCK_KIB, show_default=True,
               help="execute: memory a block really takes here (the trace's 512-token block, scaled down).")
 @click.option("--budget-gbps", type=Number(0, MAX_GBPS), default=None,
-              help="execute: the daemon's migration budget (default: unlimited).")
+              help="Migration budget, GB/s (default: none; simulate still charges every move its bytes over the "
+              "tier pair's bandwidth, execute's daemon then moves without limit).")
 @click.option("--epochs-between-requests", "inline_epochs", is_flag=True,
               help="execute: run the daemon's epochs in the replay's thread at simulate's instants instead of "
               "in its own thread (same decisions as simulate; no concurrency).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mode: str, capacity: tuple[str, ...],
-           block_mib: float, read_gbps: tuple[str, ...], local_gbps: float | None, epoch_ms: float,
+           no_pin: bool, block_mib: float, read_gbps: tuple[str, ...], local_gbps: float | None, epoch_ms: float,
            prefill_tokens_per_s: float, max_requests: int | None, time_scale: float, block_kib: int,
            budget_gbps: float | None, inline_epochs: bool, as_json: bool) -> None:
     """Replay a Mooncake-format TRACE against a tier map under a placement policy."""
     block_bytes = int(block_mib * 2**20)
     tier_map = load_tier_map(tier_file)
-    capacities = {k: int(_number(v, int, "--capacity")) for k, v in _pairs(capacity, "--capacity")}
-    tiers = sim_tiers(tier_map, block_bytes, capacities)
-    requests = read_trace(trace)[:max_requests]
+    shares = parse_capacities(tier_map, capacity)
     policy_params = parse_params(params)
+    get_policy(policy, policy_params, PolicyContext(future=()))  # names and values checked before any work
+    if no_pin and mode == "execute":
+        raise ConfigError("--no-pin is for simulate mode: execute always pins the blocks of the request it serves")
+    requests = read_trace(trace)[:max_requests]
+    distinct = distinct_blocks(requests) if any(c.share is not None for c in shares.values()) else 0
+    capacities = {name: c.resolve(distinct, f"--capacity {name}") for name, c in shares.items()}
+    tiers = sim_tiers(tier_map, block_bytes, capacities)
     chosen = get_policy(policy, policy_params, policy_context(requests, epoch_ms / 1e3))
     console = Console(width=max(120, Console().width))
     if mode == "execute":
@@ -217,14 +251,23 @@ def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mod
         return
     bandwidths = {k: _number(v, float, "--read-gbps") for k, v in _pairs(read_gbps, "--read-gbps")}
     bandwidth = read_bandwidth(tier_map, bandwidths, local_gbps)
-    result = simulate(requests, tiers, chosen, epoch_s=epoch_ms / 1e3, block_bytes=block_bytes,
-                      tier_read_gbps=bandwidth.by_tier, prefill_tokens_per_s=prefill_tokens_per_s,
-                      params=policy_params)
+    settings = {"epoch_s": epoch_ms / 1e3, "block_bytes": block_bytes, "tier_read_gbps": bandwidth.by_tier,
+                "prefill_tokens_per_s": prefill_tokens_per_s}
+    result = simulate(requests, tiers, chosen, params=policy_params, pin=not no_pin, budget_gbps=budget_gbps,
+                      **settings)  # type: ignore[arg-type]
+    bounds = check(requests, tiers, result, **settings)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(json.dumps({**result.to_dict(), "bounds": [asdict(b) for b in bounds]}, indent=2))
         return
     console.print(replay_table(result, Path(trace).name, tier_map.name))
     console.print(replay_summary(result, ceiling_hit_ratio(requests), bandwidth))
+    console.print(bounds_line(bounds))
+
+
+def bounds_line(bounds: Sequence[BoundCheck]) -> str:
+    outside = [b for b in bounds if not b.within]
+    head = "OUTSIDE ITS BOUNDS (a bug in the policy or the replay)" if outside else "within its bounds"
+    return f"bounds: {head}: " + "; ".join(b.describe() for b in bounds)
 
 
 def resolve_here(tier_map: TierMap) -> tuple[ResolvedTierMap, DelayInjector | None]:
@@ -255,6 +298,10 @@ def _number(value: str, kind: type[int] | type[float], option: str) -> float:
 
 def replay_table(result: ReplayResult, trace: str, tier_map: str) -> Table:
     table = Table(title=f"Replay of {trace} on {tier_map} under {result.policy} ({result.origin})")
+    family = {"demand": "a demand cache", "daemon": "a tiering daemon", "static": "a static placement"}
+    table.caption = f"{result.policy} is {family.get(result.family, result.family)}" + (
+        "; belady is Belady's MIN with bypass, the bound of every demand cache's fastest tier"
+        if result.policy == "belady" else "")
     for col in ("tier", "capacity blocks", "hits", "hit ratio", "residency", "resident at end", "read GB/s"):
         table.add_column(col, justify="left" if col == "tier" else "right")
     for t in result.tiers:
@@ -263,6 +310,8 @@ def replay_table(result: ReplayResult, trace: str, tier_map: str) -> Table:
                       "-" if t.read_gbps is None else f"{t.read_gbps:.1f}")
     if result.capacity_lifted:
         table.caption = f"{result.policy} is a bound: every tier was treated as unlimited"
+    if not result.pinned:
+        table.caption += "; blocks not pinned (--no-pin)"
     return table
 
 
@@ -279,10 +328,14 @@ def replay_summary(result: ReplayResult, ceiling: float, bandwidth: ReadBandwidt
         f"STRR {r.strr:.1%}  STAR {r.star:.1%}  TTFT estimate p50 {t.p50:,.1f} ms  p99 {t.p99:,.1f} ms  "
         f"max {t.max:,.1f} ms  (prefill {r.prefill_tokens_per_s:,.0f} tokens/s; local read "
         f"{bandwidth.local_gbps:.1f} GB/s, {bandwidth.local_source})",
-        f"migrations {r.migration_bytes / 2**30:,.1f} GiB = {r.migration_gbps:.3f} GB/s of trace time  promotions "
+        f"migrations {r.migration_bytes / 2**30:,.1f} GiB = {r.migration_gbps:.3f} GB/s (budget "
+        f"{'none' if r.budget_gbps is None else f'{r.budget_gbps:g} GB/s'})  promotions "
         f"{r.promotions:,}  demotions {r.demotions:,}  prefetches {r.prefetches:,}  ping-pongs {r.ping_pongs:,}"
-        + (f"  skipped moves {r.moves_skipped:,}" if r.moves_skipped else ""),
-        f"{r.epochs:,} epochs over {r.trace_s:,.1f} s of trace  wall {r.wall_s:.2f} s  policy CPU "
+        + (f"  skipped moves {r.moves_skipped:,}" if r.moves_skipped else "")
+        + (f"  deferred (budget) {r.moves_deferred:,}" if r.moves_deferred else "")
+        + f"  requests that waited for a block in flight {r.waited_requests:,}",
+        f"{r.epochs:,} epochs over {r.trace_s:,.1f} s of trace  wall {r.wall_s:.3f} s ({r.core} core, "
+        f"{r.references / r.wall_s / 1e6 if r.wall_s else 0:,.1f} M references/s)  policy CPU "
         f"{r.policy_cpu_s:.2f} s  block {r.block_bytes / 2**20:g} MiB  origin: {r.origin}",
     ])
 

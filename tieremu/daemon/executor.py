@@ -217,10 +217,17 @@ class _Executor:
                     if step is not steps[-1]:
                         self.out.skip("no_room")  # a victim would not move: the plan's move cannot happen
                     break
+                self._tell(step)
         finally:
             pool.capacity[source] -= 1
         if pool.used(source) > pool.capacity[source]:
             self._give_back_lent_slot(steps, source)
+
+    def _tell(self, step: _Step) -> None:
+        """Report a move carried out to the policy, so that its rankings file the block where it now is."""
+        if self.policy is not None:
+            with self.policy_lock:
+                self.policy.moved(step.ident, step.source, step.target)
 
     def _give_back_lent_slot(self, steps: list[_Step], source: str) -> None:
         """The plan's move failed after a victim had moved into its source: move that victim back up."""

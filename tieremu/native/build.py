@@ -20,6 +20,7 @@ from tieremu.errors import ProbeError, TieremuError
 from tieremu.safefile import check_destination
 
 SOURCE = Path(__file__).with_name("kernels.c")
+REPLAY_SOURCE = Path(__file__).with_name("replay.c")
 CFLAGS = ("-O2", "-march=native", "-fno-tree-loop-distribute-patterns", "-shared", "-fPIC")
 CACHE_ENV = "TIEREMU_CACHE_DIR"
 
@@ -47,6 +48,14 @@ _SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
 }
 
 
+i64 = ctypes.c_int64
+_REPLAY_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
+    "replay_demand": (ctypes.c_int, (ctypes.c_int, i64, vp, i64, i64, vp, vp, vp, ctypes.c_int, vp, vp, vp,
+                                     ctypes.c_double, i64, ctypes.c_double, i64, ctypes.c_int, vp, vp, vp, vp, vp,
+                                     vp, vp)),
+}
+
+
 def cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tieremu"
     return Path(root) / "native"
@@ -55,30 +64,40 @@ def cache_dir() -> Path:
 @cache
 def kernels() -> ctypes.CDLL:
     """The compiled kernel library (built once per source and compiler, then reused)."""
+    return _library(SOURCE, _SIGNATURES)
+
+
+@cache
+def replay_core() -> ctypes.CDLL:
+    """The compiled replay core (replay.c): simulate mode's built-in demand caches."""
+    return _library(REPLAY_SOURCE, _REPLAY_SIGNATURES)
+
+
+def _library(path: Path, signatures: dict[str, tuple[type, tuple[type, ...]]]) -> ctypes.CDLL:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        raise ProbeError("no C compiler found (cc): install gcc (scripts/bootstrap.sh does) to build the probe kernels")
-    source = SOURCE.read_bytes()
+        raise ProbeError(f"no C compiler found (cc): install gcc (scripts/bootstrap.sh does) to build {path.name}")
+    source = path.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     # -march=native code is only valid on this CPU model, so the model is part of the key.
     key = hashlib.sha256(source + version.encode() + " ".join(CFLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]
-    lib = cache_dir() / f"kernels-{key}.so"
+    lib = cache_dir() / f"{path.stem}-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         # The compiler writes into a fresh private folder (no planted link can redirect it), then one rename.
         with tempfile.TemporaryDirectory(dir=lib.parent, prefix=".build-") as work:
             tmp = Path(work) / lib.name
-            result = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True,
+            result = subprocess.run([compiler, *CFLAGS, "-o", str(tmp), str(path), "-lm"], capture_output=True,
                                     text=True)
             if result.returncode != 0:
-                raise ProbeError(f"compiling {SOURCE} failed:\n{result.stderr.strip()}")
+                raise ProbeError(f"compiling {path} failed:\n{result.stderr.strip()}")
             try:
                 check_destination(lib)
             except TieremuError as exc:
                 raise ProbeError(str(exc)) from None
             os.replace(tmp, lib)  # atomic: concurrent builders never load half a library
     dll = ctypes.CDLL(str(lib))
-    for name, (restype, argtypes) in _SIGNATURES.items():
+    for name, (restype, argtypes) in signatures.items():
         fn = getattr(dll, name)
         fn.restype, fn.argtypes = restype, argtypes
     return dll

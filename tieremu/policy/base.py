@@ -16,6 +16,15 @@ from typing import ClassVar, NamedTuple, Protocol
 from tieremu.errors import PolicyError
 
 MOVE_REASONS = ("promote", "demote", "prefetch")
+# How a policy runs (the driver reads `Policy.family`):
+# - demand: a demand cache (vLLM, LMCache, SGLang HiCache). Every reference is a hit in the fastest tier, a hit in a
+#   slower tier (served there, then moved at once to the tier `admit` names, normally the fastest), or a miss
+#   (placed where `admit` says). A full tier pushes its victim one tier down. The policy learns of each access as
+#   it happens (`observe` with one event), and never plans.
+# - daemon: a tiering daemon. Accesses are served where the block lives; the policy moves blocks in its epoch
+#   `plan`, within the run's migration budget.
+# - static: placement chosen once, at allocation; never moved.
+FAMILIES = ("demand", "daemon", "static")
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +104,7 @@ class Policy(ABC):
     (the registry validates names and types against them) and the PolicyContext as the only positional one."""
 
     name: ClassVar[str]
+    family: ClassVar[str] = "daemon"  # one of FAMILIES
     # An idealised bound (the L100/L0 of the CXL papers): the simulator treats every tier as unlimited for it, so
     # it shows what placement alone gives when the tier it fills could hold everything. Results say so.
     lifts_capacity: ClassVar[bool] = False
@@ -115,8 +125,14 @@ class Policy(ABC):
         Only called when the tier holds at least one unpinned block."""
 
     def plan(self, view: BlockView, now: float) -> Plan:
-        """Once per epoch: moves and evictions to carry out now."""
+        """Once per epoch: moves and evictions to carry out now. A plan depends on what the policy has seen, not on
+        `now` alone: after an empty plan, a driver need not ask again until an access or a move happens."""
         return Plan()
+
+    def moved(self, block: int, source: str, target: str | None) -> None:  # noqa: B027 - optional hook
+        """The driver moved `block` from `source` to `target` (None: out of the last tier), after a plan, a victim
+        push or a promotion on access, or placed a new block in `target` when `source`, the tier the policy admitted
+        it to, was full of pinned blocks. Policies that keep per-tier rankings re-file the block here."""
 
     def upcoming(self, requests: Sequence[UpcomingRequest]) -> None:  # noqa: B027 - optional hook
         """Scheduler hint: the request about to be served first, then the next arrivals."""
@@ -191,6 +207,13 @@ class RankedBlocks:
     def forget(self, block: int) -> None:
         if self._score.pop(block, None) is not None:
             del self._tier[block], self._stamp[block]
+
+    def follow(self, block: int, target: str | None) -> None:
+        """File a block where the driver moved it (None: it left the last tier and is forgotten)."""
+        if target is None:
+            self.forget(block)
+        else:
+            self.move(block, target)
 
     def pushed_down(self, block: int, tier: str, order: Sequence[str]) -> None:
         """Follow a victim the driver pushes from `tier` one tier down `order`, or out of the last tier."""

@@ -1,5 +1,8 @@
 """Goal-driven hot/cold migration in the style of DAMOS auto-tuning (DAMON's migrate_hot / migrate_cold).
 
+A tiering daemon (family "daemon"): accesses are served where the block lives; blocks move only in the epoch plans,
+and each move costs its bytes over the tier pair's bandwidth within the run's migration budget.
+
 The goal is a target utilisation of each limited tier. Every epoch, within a quota of blocks: a tier above its
 target sheds its coldest blocks one tier down; a tier below its target pulls up the hottest of the tier beneath;
 a tier at its target exchanges its coldest for the hottest beneath while those are clearly hotter (a hysteresis
@@ -41,6 +44,8 @@ def log2_add(a: float, b: float) -> float:
 
 
 class HotCold(Policy):
+    """Tiering daemon: keeps each limited tier at a target utilisation with its hottest blocks."""
+
     name = "hotcold"
 
     def __init__(self, context: PolicyContext | None = None, *, target_util: float = 0.9, quota: int = 8,
@@ -94,6 +99,10 @@ class HotCold(Policy):
             block = first_unpinned(view, tier)
         self.ranked.pushed_down(block, tier, self._order or tuple(t.name for t in view.tiers))
         return block
+
+    def moved(self, block: int, source: str, target: str | None) -> None:
+        self._changed = True
+        self.ranked.follow(block, target)
 
     def plan(self, view: BlockView, now: float) -> Plan:
         if not self._changed:

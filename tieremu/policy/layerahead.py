@@ -1,4 +1,4 @@
-"""Layer-ahead prefetch for the per-layer KV layout, on top of LRU.
+"""Layer-ahead prefetch for the per-layer KV layout, on top of `lru-epoch` (a tiering daemon, family "daemon").
 
 Decode reads the layers in a cycle: 0, 1, ..., L-1, then 0 again at the next step. When the model starts layer l
 (the driver calls `layer_started(l)`: the migration daemon hooks the cache's `on_layer_start`), the blocks of
@@ -9,7 +9,7 @@ layer, layer 0 of the next step is next.
 Which blocks hold which layer of which sequence is learned from access events (per-layer blocks carry their
 layer); a sequence not seen for `idle_s` seconds is taken to have finished. A victim is the block whose next read
 is furthest away in the cycle: the layer just read (l-1) first, then l-2, and so on; layers l and l+1 only if
-nothing else is left. Blocks of no known layer go first of all. Hits in slower tiers are promoted as in LRU when
+nothing else is left. Blocks of no known layer go first of all. Hits in slower tiers are promoted as in lru-epoch when
 `promote_quota` > 0 (off by default: the layer cycle, not recency, says what is needed next).
 """
 
@@ -20,10 +20,12 @@ from collections.abc import Sequence
 
 from tieremu.errors import PolicyError
 from tieremu.policy.base import AccessEvent, BlockView, Move, Plan, PolicyContext
-from tieremu.policy.recency import LRU
+from tieremu.policy.recency import LRUEpoch
 
 
-class LayerAhead(LRU):
+class LayerAhead(LRUEpoch):
+    """Tiering daemon: prefetches the next layer's blocks as the model starts each layer."""
+
     name = "layerahead"
 
     def __init__(self, context: PolicyContext | None = None, *, quota: int = 64, idle_s: float = 1.0,

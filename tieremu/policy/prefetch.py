@@ -1,8 +1,10 @@
-"""Scheduler-aware look-ahead on top of LRU, as CachedAttention does with its job queue.
+"""Scheduler-aware look-ahead on top of `lru-epoch`, as CachedAttention does with its job queue.
 
-The scheduler says which requests run next. Each epoch their blocks that sit in slower tiers are prefetched into
+A tiering daemon (family "daemon"): accesses are served where the block lives, and moves happen at epochs. The
+scheduler says which requests run next. Each epoch their blocks that sit in slower tiers are prefetched into
 the fastest tier (within a quota, earliest request first), and while they wait their blocks are the last choice
-as victims. Hits in slower tiers are still promoted as in LRU.
+as victims. Hits in slower tiers are still promoted at epochs, as in
+`lru-epoch`. Every prefetch is a move that costs bandwidth and migration budget; it is not a bound.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from collections.abc import Sequence
 
 from tieremu.errors import PolicyError
 from tieremu.policy.base import AccessEvent, BlockView, Move, Plan, PolicyContext, UpcomingRequest, first_unpinned
-from tieremu.policy.recency import LRU
+from tieremu.policy.recency import LRUEpoch
 
 
-class Lookahead(LRU):
+class Lookahead(LRUEpoch):
+    """Tiering daemon: prefetches the blocks of the next requests at epochs, over lru-epoch."""
+
     name = "lookahead"
 
     def __init__(self, context: PolicyContext | None = None, *, window: int = 4, prefetch_quota: int = 16,

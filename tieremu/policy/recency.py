@@ -1,7 +1,14 @@
-"""Demotion chains down the tier order, ranked by recency (LRU) or by access count (LFU).
+"""Recency and frequency rankings: the demand caches `lru` and `lfu`, and the tiering daemon `lru-epoch`.
 
-A new block goes to the fastest tier with room (or the fastest, pushing its victim down one tier, and so on down
-the chain); a hit in a slower tier is promoted back to the fastest at the next epoch, within a per-epoch quota.
+`lru` and `lfu` are demand caches (family "demand", see base.FAMILIES), as vLLM, LMCache and SGLang HiCache run
+them: a miss is placed in the fastest tier, a hit in a slower tier is served there and promoted at once, and a full
+tier pushes its least recently (or least frequently) used block one tier down, out of the last. On a two-tier map
+with an unlimited slow tier, the fast tier of `lru` is textbook LRU of its capacity.
+
+`lru-epoch` is a tiering daemon (family "daemon"): a new block goes to the fastest tier with room (or the fastest,
+pushing its victim down the chain); a hit in a slower tier is served there and promoted back to the fastest only at
+the next epoch, within a per-epoch quota, the rest forgotten. It is what a kernel-style promotion daemon does, and it
+is not LRU.
 """
 
 from __future__ import annotations
@@ -13,42 +20,27 @@ from tieremu.errors import PolicyError
 from tieremu.policy.base import AccessEvent, BlockView, Move, Plan, Policy, PolicyContext, RankedBlocks, first_unpinned
 
 
-class DemotionChain(Policy):
-    """The chain mechanics; subclasses say how a block is scored (the lowest score is pushed out first)."""
+class Ranked(Policy):
+    """Blocks ranked per tier by a score the subclass defines; the lowest is pushed down first."""
 
-    def __init__(self, context: PolicyContext | None = None, *, promote_quota: int = 4) -> None:
+    def __init__(self, context: PolicyContext | None = None) -> None:
         super().__init__(context)
-        if promote_quota < 0:
-            raise PolicyError(f"policy {self.name}: promote_quota={promote_quota} must be 0 or more (blocks per "
-                              "epoch; 0 turns promotion off)")
-        self.promote_quota = promote_quota
         self.ranked = RankedBlocks()
         self._order: tuple[str, ...] = ()
-        self._slow_hits: dict[int, None] = {}  # insertion-ordered: the latest hit last
 
     def tier_names(self, view: BlockView) -> tuple[str, ...]:
         if not self._order:
             self._order = tuple(t.name for t in view.tiers)
         return self._order
 
-    def admit(self, block: int, view: BlockView) -> str:
-        tiers = view.tiers
-        tier = next((t.name for t in tiers if t.has_room), tiers[0].name)
-        self.tier_names(view)
-        self.ranked.set(block, tier, self.admitted_score(block))
-        return tier
-
     def observe(self, events: Sequence[AccessEvent]) -> None:
-        fastest = self._order[0] if self._order else None
         for event in events:
             block = event.block
-            tier = event.tier if event.tier is not None else self.ranked.tier(block)
+            # Where the driver left it (it may have promoted the block since it was served), else where it was hit.
+            tier = self.ranked.tier(block) or event.tier
             if tier is None:
                 continue  # created and already pushed out of the last tier
             self.ranked.set(block, tier, self.touched_score(block))
-            if event.tier is not None and event.tier != fastest:
-                self._slow_hits.pop(block, None)
-                self._slow_hits[block] = None
 
     def victim(self, tier: str, view: BlockView) -> int:
         block = self.choose_victim(tier, view)
@@ -59,11 +51,93 @@ class DemotionChain(Policy):
         block = self.ranked.lowest(tier, view)
         return first_unpinned(view, tier) if block is None else block
 
+    def moved(self, block: int, source: str, target: str | None) -> None:
+        self.ranked.follow(block, target)
+
+    @abstractmethod
+    def admitted_score(self, block: int) -> float:
+        """Score of a block just placed (a miss, or a promotion on access); its access is observed afterwards."""
+
+    @abstractmethod
+    def touched_score(self, block: int) -> float:
+        """Score of a block just accessed."""
+
+
+class DemandCache(Ranked):
+    """A demand cache: every referenced block is brought into the fastest tier at once."""
+
+    family = "demand"
+
+    def admit(self, block: int, view: BlockView) -> str:
+        tier = self.tier_names(view)[0]
+        self.ranked.set(block, tier, self.admitted_score(block))
+        return tier
+
+
+class Recency:
+    """Scores that order blocks by their last access (a mixin: the clock ticks on every placement and access)."""
+
+    _clock = 0
+
+    def admitted_score(self, block: int) -> float:
+        return self.touched_score(block)
+
+    def touched_score(self, block: int) -> float:
+        self._clock += 1
+        return self._clock
+
+
+class LRU(Recency, DemandCache):
+    """Demand cache, least recently used pushed down first (textbook LRU per tier)."""
+
+    name = "lru"
+
+
+class LFU(DemandCache):
+    """Demand cache, least frequently used pushed down first; among equals, the one counted longest ago. Counts
+    live as long as the block is in some tier."""
+
+    name = "lfu"
+
+    def admitted_score(self, block: int) -> float:
+        return self.ranked.score(block) or 0.0
+
+    def touched_score(self, block: int) -> float:
+        return (self.ranked.score(block) or 0.0) + 1.0
+
+
+class DemotionChain(Ranked):
+    """Tiering-daemon mechanics: new blocks fill the fastest tier with room, slow hits are promoted at epochs."""
+
+    def __init__(self, context: PolicyContext | None = None, *, promote_quota: int = 4) -> None:
+        super().__init__(context)
+        if promote_quota < 0:
+            raise PolicyError(f"policy {self.name}: promote_quota={promote_quota} must be 0 or more (blocks per "
+                              "epoch; 0 turns promotion off)")
+        self.promote_quota = promote_quota
+        self._slow_hits: dict[int, None] = {}  # insertion-ordered: the latest hit last
+
+    def admit(self, block: int, view: BlockView) -> str:
+        tiers = view.tiers
+        tier = next((t.name for t in tiers if t.has_room), tiers[0].name)
+        self.tier_names(view)
+        self.ranked.set(block, tier, self.admitted_score(block))
+        return tier
+
+    def observe(self, events: Sequence[AccessEvent]) -> None:
+        super().observe(events)
+        fastest = self._order[0] if self._order else None
+        for event in events:
+            if event.tier is not None and event.tier != fastest:
+                self._slow_hits.pop(event.block, None)
+                self._slow_hits[event.block] = None
+
     def plan(self, view: BlockView, now: float) -> Plan:
         return Plan(self.promotions(view, set()))
 
     def promotions(self, view: BlockView, planned: set[int]) -> list[Move]:
-        """Blocks hit in slower tiers since the last epoch, latest first, up to the quota, back to the fastest."""
+        """Blocks hit in slower tiers since the last epoch, latest first, up to the quota, back to the fastest.
+        The driver reports each move it carries out (`moved`), which re-files the block under its new tier."""
         if not self._slow_hits:
             return []
         fastest = self.tier_names(view)[0]
@@ -79,39 +153,9 @@ class DemotionChain(Policy):
         self._slow_hits.clear()
         return moves
 
-    @abstractmethod
-    def admitted_score(self, block: int) -> float:
-        """Score of a block just created (its miss is observed afterwards)."""
 
-    @abstractmethod
-    def touched_score(self, block: int) -> float:
-        """Score of a block just accessed."""
+class LRUEpoch(Recency, DemotionChain):
+    """Tiering daemon: least recently used pushed down first; slow hits promoted at epochs within
+    `promote_quota` (the LRU of kernel-style tiering, not textbook LRU)."""
 
-
-class LRU(DemotionChain):
-    """Least recently used goes down first."""
-
-    name = "lru"
-
-    def __init__(self, context: PolicyContext | None = None, *, promote_quota: int = 4) -> None:
-        super().__init__(context, promote_quota=promote_quota)
-        self._clock = 0
-
-    def admitted_score(self, block: int) -> float:
-        return self.touched_score(block)
-
-    def touched_score(self, block: int) -> float:
-        self._clock += 1
-        return self._clock
-
-
-class LFU(DemotionChain):
-    """Least frequently used goes down first; among equals, the one counted longest ago."""
-
-    name = "lfu"
-
-    def admitted_score(self, block: int) -> float:
-        return self.ranked.score(block) or 0.0
-
-    def touched_score(self, block: int) -> float:
-        return (self.ranked.score(block) or 0.0) + 1.0
+    name = "lru-epoch"

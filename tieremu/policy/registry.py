@@ -3,12 +3,17 @@
 Built-in names are listed by `names()`. A user policy needs no change here: name it `package.module:ClassName`
 and it is imported. Parameters are the constructor's keyword-only arguments; an unknown one, or a value of the
 wrong type, is an error naming the parameter and the valid ones.
+
+A policy with parameters has a label, its name followed by the parameters as a JSON object
+(`hotcold{"quota":8}`): experiment specs turn `{name: hotcold, quota: 8}` into it, so that a run, its id and its
+report rows carry one string, and `get_policy` takes a label wherever it takes a name.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -19,12 +24,13 @@ from tieremu.policy.belady import Belady
 from tieremu.policy.hotcold import HotCold
 from tieremu.policy.layerahead import LayerAhead
 from tieremu.policy.prefetch import Lookahead
-from tieremu.policy.recency import LFU, LRU
+from tieremu.policy.recency import LFU, LRU, LRUEpoch
 from tieremu.policy.static import AllFastest, AllSlowest, Interleave, Split
 
 BUILTIN: dict[str, type[Policy]] = {
     cls.name: cls
-    for cls in (AllFastest, AllSlowest, Interleave, Split, LRU, LFU, HotCold, Lookahead, LayerAhead, Belady)
+    for cls in (AllFastest, AllSlowest, Interleave, Split, LRU, LFU, LRUEpoch, HotCold, Lookahead, LayerAhead,
+                Belady)
 }
 
 
@@ -58,8 +64,40 @@ def parameters(cls: type[Policy]) -> dict[str, inspect.Parameter]:
     return {p.name: p for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def policy_label(name: str, params: Mapping[str, object]) -> str:
+    """`name` alone, or followed by its parameters as a JSON object (sorted keys, no spaces)."""
+    if not params:
+        return name
+    return name + json.dumps(dict(params), sort_keys=True, separators=(",", ":"))
+
+
+def split_label(label: str) -> tuple[str, dict[str, object]]:
+    """A label's policy name and parameters (see policy_label)."""
+    name, brace, rest = label.partition("{")
+    if not brace:
+        return label, {}
+    try:
+        params = json.loads(brace + rest)
+    except ValueError:
+        raise PolicyError(f"policy {label!r}: the parameters after {name!r} are not a JSON object") from None
+    if not isinstance(params, dict):
+        raise PolicyError(f"policy {label!r}: the parameters after {name!r} are not a JSON object")
+    return name, params
+
+
+def label_problem(label: str) -> str | None:
+    """Why a label cannot be run (its name or a parameter), or None: checked before any work."""
+    try:
+        get_policy(label, None, PolicyContext(future=()))
+    except PolicyError as exc:
+        return str(exc)
+    return None
+
+
 def get_policy(name: str, params: Mapping[str, object] | None = None,
                context: PolicyContext | None = None) -> Policy:
+    name, labelled = split_label(name)
+    params = {**labelled, **(params or {})}
     cls = policy_class(name)
     accepted = parameters(cls)
     hints = typing.get_type_hints(cls.__init__)

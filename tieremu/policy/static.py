@@ -16,6 +16,8 @@ from tieremu.policy.base import BlockView, Policy, PolicyContext, TierState, fir
 class StaticPolicy(Policy):
     """Never plans a move; when a tier is full anyway, the oldest unpinned block is the one pushed down."""
 
+    family = "static"
+
     def victim(self, tier: str, view: BlockView) -> int:
         return first_unpinned(view, tier)
 

@@ -93,11 +93,16 @@ class JobRegistry:
         if valid is None:
             return (f"policy {name!r} cannot be checked: job {job.kind!r} uses tieremu.policy.registry, which is "
                     "not installed")
-        if name in valid:
+        base = name.partition("{")[0]  # a label: the name, then its parameters (tieremu.policy.registry)
+        if base in valid or (job.policies is None and ":" in base):
+            if base not in valid and (problem := _user_policy_problem(base)) is not None:
+                return problem
+            if base != name:
+                from tieremu.policy.registry import label_problem
+
+                return label_problem(name)
             return None
-        if job.policies is None and ":" in name:
-            return _user_policy_problem(name)
-        return f"unknown policy {name!r}; valid: {', '.join(sorted(valid | set(BASELINES)))}"
+        return f"unknown policy {base!r}; valid: {', '.join(sorted(valid | set(BASELINES)))}"
 
     def valid_policies(self, job: type[Job]) -> frozenset[str] | None:
         if job.policies is not None:

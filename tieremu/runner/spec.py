@@ -11,7 +11,7 @@ policies are errors naming the key path and the valid choices, raised before any
     run_timeout_s: 600                     # a run still going after this is killed and recorded failed
     jobs:
       - kind: synthetic                    # a registered job kind, or `module:Class`
-        policies: [lru, hotcold]           # all-fastest and all-slowest are added beside them
+        policies: [lru, {name: hotcold, quota: 8}]   # all-fastest and all-slowest are added beside them
         fast_capacity_mib: 256             # the job's own params, validated by the job
         sweep: {working_set_mib: [512, 2048]}   # axes for this job only
     sweep:                                 # axes for every job that takes them (cartesian product)
@@ -144,7 +144,7 @@ def _job(index: int, s: Section, registry: JobRegistry, repetitions: int | None)
                               "(or a Job subclass as module:Class)")
     policies = None
     if job.takes_policies:
-        policies = tuple(s.get("policies", list))
+        policies = _policy_labels(s, "policies", tuple(s.get("policies", list)))
         _check_policies(s, "policies", policies, job, registry)
     elif s.has("policies"):
         raise s.error("policies", f"job {kind!r} takes no policies")
@@ -166,6 +166,22 @@ def _job(index: int, s: Section, registry: JobRegistry, repetitions: int | None)
     return JobSpec(index, kind, job, raw, params, keys, policies, sweep, reps)
 
 
+def _policy_labels(s: Section, key: str, entries: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Policy entries as labels: a name stays a name; `{name: hotcold, quota: 8}` becomes `hotcold{"quota":8}`."""
+    labels = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict):
+            params = dict(entry)
+            name = params.pop("name", None)
+            if not isinstance(name, str):
+                raise s.error(f"{key}[{i}]", f"a policy entry with parameters needs a name: {entry!r}")
+            from tieremu.policy.registry import policy_label
+
+            entry = policy_label(name, params)
+        labels.append(entry)
+    return tuple(labels)
+
+
 def _check_policies(s: Section, key: str, names: tuple[Any, ...], job: type[Job], registry: JobRegistry) -> None:
     for i, name in enumerate(names):
         if not isinstance(name, str):
@@ -180,13 +196,14 @@ def _axes(s: Section) -> dict[str, tuple[Any, ...]]:
         values = s.get(axis, list)
         if not values:
             raise s.error(axis, "an axis needs at least one value")
-        if any(isinstance(v, (dict, list)) for v in values):
-            raise s.error(axis, f"{values!r}: axis values must be scalars")
+        if any(isinstance(v, (dict, list)) for v in values) and not (axis == "policy" and all(
+                isinstance(v, (str, dict)) for v in values)):
+            raise s.error(axis, f"{values!r}: axis values must be scalars (policy entries may be {{name: ...}})")
         if len(set(map(repr, values))) != len(values):
             raise s.error(axis, f"{values!r}: a value is listed twice")
         if axis == "tiers" and not all(isinstance(v, str) for v in values):
             raise s.error(axis, f"{values!r}: expected tier map paths")
-        axes[axis] = tuple(values)
+        axes[axis] = _policy_labels(s, axis, tuple(values)) if axis == "policy" else tuple(values)
     s.done()
     return axes
 

@@ -94,6 +94,7 @@ def _job_runs(spec: ExperimentSpec, job: JobSpec) -> list[PlannedRun]:
     policies = _with_bounds(axes.pop("policy", job.policies), job.job.bounds)
     names, values = list(axes), list(axes.values())
     runs = []
+    bound_points: set[tuple[Any, ...]] = set()  # (bound, tiers, the point's values that bound depends on)
     for tiers in tiers_axis or (spec.tiers,):
         for combo in itertools.product(*values):
             point = dict(zip(names, combo, strict=True))
@@ -101,8 +102,17 @@ def _job_runs(spec: ExperimentSpec, job: JobSpec) -> list[PlannedRun]:
             params = _parse(spec, job, raw, point, tiers)
             defines = definition(spec, tiers, {k: raw.get(k) for k in job.job.input_files})
             labelled = ({"tiers": tiers} if tiers_axis else {}) | point
+            arms = []
+            for policy in policies:
+                ignores = job.job.bound_ignores.get(policy or "")
+                if ignores is not None:
+                    key = (policy, tiers, repr(sorted((a, v) for a, v in point.items() if a not in ignores)))
+                    if key in bound_points:
+                        continue  # the same bound at a point that differs only where it does not depend
+                    bound_points.add(key)
+                arms.append(policy)
             for rep in range(job.repetitions):
-                for policy in _arms_order(policies, rep):
+                for policy in _arms_order(tuple(arms), rep):
                     runs.append(PlannedRun(
                         run_id=run_id(job.kind, job.index, policy, tiers, rep, raw, defines), job_index=job.index,
                         kind=job.kind, job=job.job, policy=policy, tiers=tiers, repetition=rep, axes=labelled,

@@ -6,10 +6,11 @@ scaled down (`scaled_layout`, 64 KiB by default) so that a trace's working set f
 Per request, at its arrival (trace time times `time_scale`; a request that is late starts at once, one that is
 early waits: that wait is the workload's real idle time):
 
-1. the request's hash ids are pinned (the daemon neither moves nor victimises them while it is served);
-2. its resident blocks are read through the cache's read path: real bytes from each tier's memory, emulated
+1. its hash ids are served in order, each pinned from its reference until the request ends (the daemon neither
+   moves nor victimises it meanwhile), as in simulate;
+2. a resident block is read through the cache's read path: real bytes from its tier's memory, emulated
    tiers' delay paid through the injector;
-3. each missing block is admitted where the policy says, room being made the way simulate does (the newcomer is
+3. a missing block is admitted where the policy says, room being made the way simulate does (the newcomer is
    shown in the tier, pinned, the policy's victim is pushed one tier down, recursively, or out of the last
    tier), and written in full: real writes standing in for prefill;
 4. its measured TTFT is the time steps 2 and 3 took (room-making and emulated delay included);
@@ -35,6 +36,8 @@ How the placement can differ from simulate's:
 - with epochs between requests (`daemon_thread=False`) the decisions are simulate's own, except where a policy
   falls back to the first unpinned block of a full tier: the pool lists a tier's blocks in allocation order,
   simulate in order of arrival in the tier;
+- demand caches (`lru`, `lfu`, `belady`; see tieremu.policy.base.FAMILIES) run here without their promotion on
+  access, which only simulate carries out so far: a hit in a slower tier is read there and stays;
 - a tier given as unlimited is sized to hold every block of the trace, and policies see that size as its
   capacity.
 """
@@ -66,6 +69,7 @@ from tieremu.workloads.simulate import (
     ReplayResult,
     Tail,
     TierResult,
+    arrival_times,
 )
 from tieremu.workloads.trace import MOONCAKE_BLOCK_TOKENS, Request
 
@@ -262,6 +266,7 @@ class _Ledger(Policy):
         self.inner = inner
         self.name = inner.name  # type: ignore[misc]
         self.lifts_capacity = inner.lifts_capacity  # type: ignore[misc]
+        self.family = inner.family  # type: ignore[misc]
         self.planned: dict[int, list[tuple[float, str]]] = {}  # key -> (monotonic time, reason) per plan
 
     def admit(self, block: int, view: BlockView) -> str:
@@ -272,6 +277,9 @@ class _Ledger(Policy):
 
     def victim(self, tier: str, view: BlockView) -> int:
         return self.inner.victim(tier, view)
+
+    def moved(self, block: int, source: str, target: str | None) -> None:
+        self.inner.moved(block, source, target)
 
     def upcoming(self, requests: Sequence[UpcomingRequest]) -> None:
         self.inner.upcoming(requests)
@@ -376,10 +384,11 @@ class _Run:
         self.residency.sample()
         if self.daemon_thread:
             self.daemon.start()
+        arrivals = arrival_times(requests)  # equal timestamps spread over their millisecond, as in simulate
         for index, request in enumerate(requests):
             due = self.start_wall + (request.arrival_s - self.start_trace) * self.time_scale
             if not self.daemon_thread:
-                self._epochs_until(request.arrival_s)
+                self._epochs_until(arrivals[index])
             self._wait_until(due)
             self.lag_ms.append(max(0.0, time.monotonic() - due) * 1e3)
             with self.daemon.policy_lock:
@@ -407,33 +416,30 @@ class _Run:
             self.daemon_epochs += 1
 
     def _serve(self, index: int, request: Request) -> float:
-        """One request: pin, read the hits, admit and write the misses; returns the seconds that took."""
+        """One request, reference by reference as simulate serves it: a resident block is read where it is, a
+        missing one admitted and written; each is pinned from its reference until the request ends. Returns the
+        seconds that took."""
         cache, view, keys = self.cache, self.view, request.hash_ids
         with cache.lock:
-            view.pin(keys)
-            found = [view.tier_of(key) for key in keys]
-        data = {key: self.data.of(key) for key, tier in zip(keys, found, strict=True)
-                if tier is None}
+            data = {key: self.data.of(key) for key in keys if view.tier_of(key) is None}
         now = request.arrival_s  # the trace's clock, as in simulate: time-based parameters mean the same
         seqs: list[int] = []
         events: list[AccessEvent] = []
-        late: list[int] = []  # an id repeated in the request, resident since its first occurrence
         t0 = time.perf_counter()
-        self._read([key for key, tier in zip(keys, found, strict=True) if tier is not None], seqs)
-        for key, tier in zip(keys, found, strict=True):
-            if tier is None:
+        for key in keys:
+            with cache.lock:  # found and pinned together: nothing moves it in between
                 tier = view.tier_of(key)
-                if tier is not None:
-                    late.append(key)
+                view.pin((key,))
             if tier is not None:
+                self._read([key], seqs)
                 self.hits[self.rank[tier]] += 1
                 events.append(AccessEvent(key, tier, now, index))
                 continue
             self.misses += 1
-            if not self._admit_and_write(key, data[key], seqs):
+            block_data = data[key] if key in data else self.data.of(key)  # it left after the request began
+            if not self._admit_and_write(key, block_data, seqs):
                 self.uncached += 1
             events.append(AccessEvent(key, None, now, index))
-        self._read(late, seqs)
         cache.end_step()  # pays the emulated delay the reads and writes owe
         seconds = time.perf_counter() - t0
         with self.daemon.policy_lock:
@@ -503,7 +509,10 @@ class _Run:
             chain: list[tuple[int, str, str | None]] = []
             with view.staging():
                 if self._fit(key, name, chain):
+                    if name != tier:
+                        self.policy.moved(key, tier, name)  # the tiers above were full of pinned blocks
                     return name, chain
+        self.policy.moved(key, tier, None)
         return None, []
 
     def _fit(self, ident: int, tier: str, chain: list[tuple[int, str, str | None]]) -> bool:
@@ -529,14 +538,21 @@ class _Run:
         """Deepest first, so each move has room. A demotion the kernel refuses drops the block instead: the
         newcomer's room must be made, and the victim was going down anyway."""
         pool = self.cache.pool
-        for ident, _source, target in chain:
+        for ident, source, target in chain:
             block = self.view.block(ident)
             if block is None:
                 raise WorkloadError(f"victim block {ident} vanished while the replay held the cache's lock")
             if target is not None and self._demote(block, target):
                 self.admission_demotions += 1
+                self._tell(ident, source, target)
                 continue
             pool.evict(block)
+            self._tell(ident, source, None)
+
+    def _tell(self, ident: int, source: str, target: str | None) -> None:
+        """Report a victim's push to the policy, so that its rankings file the block where it now is."""
+        with self.daemon.policy_lock:
+            self.policy.moved(ident, source, target)
 
     def _demote(self, block: Block, target: str) -> bool:
         try:
@@ -593,7 +609,7 @@ class _Run:
             wall_s=self.wall_s, policy_cpu_s=self.policy_s, block_bytes=self.layout.block_bytes,
             # Not an assumption here: the rate at which the stand-in prefill's writes went.
             prefill_tokens_per_s=self.written * self.layout.block_tokens / self.write_s if self.write_s else 0.0,
-            capacity_lifted=self.lifted, origin="emulated" if emulated else "measured",
+            capacity_lifted=self.lifted, origin="emulated" if emulated else "measured", family=self.policy.family,
             ttft_samples_ms=tuple(self.ttft_ms),
             represented_block_bytes=represented_block_bytes, time_scale=self.time_scale, epoch_s=self.epoch_s,
             budget_gbps=self.budget_gbps,

@@ -6,6 +6,7 @@ a job emits is a tieremu.record MetricRow.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +58,9 @@ class Job(ABC):
     # Params that name input files (a trace): their contents are part of every run id, so --resume never
     # reuses a result computed from another version of the file.
     input_files: ClassVar[tuple[str, ...]] = ()
+    # Per bound (or baseline), the job params its result does not depend on: a sweep over only those runs it once,
+    # at the first point, not at every point.
+    bound_ignores: ClassVar[Mapping[str, frozenset[str]]] = {}
     # Repetitions when the spec names none: a timing job runs several, so that its figures carry a confidence
     # interval and drift falls on every arm alike (the sweep interleaves them); accounting-only jobs run once.
     repetitions: ClassVar[int] = 1

@@ -2,10 +2,14 @@
 under a placement policy with the fastest tier limited and the slower ones unlimited.
 
 `mode: simulate` (default) is accounting only: hit ratios, STRR/STAR, migrations and a TTFT estimate, labelled
-`simulated`. `mode: execute` stores every trace block as a real KV block in the tier arenas and runs the migration
-daemon beside arrivals replayed in scaled wall time (tieremu.workloads.execute): TTFT is measured, emulated tiers
-pay their delay and carry their audit, and every resident block is checked afterwards (a corrupted block fails the
-run). Both modes write the same metrics, so one report compares them.
+`simulated`; every move costs its bytes over the tier pair's bandwidth within `budget_gbps`, `pin: false` turns
+pinning off, and each result is checked against its bounds (a `bound_check` row per bound, 0 when outside it).
+The fast tier is `fast_capacity`: blocks, or a share of the trace's distinct blocks (`10%`).
+
+`mode: execute` stores every trace block as a real KV block in the tier arenas and runs the migration daemon beside
+arrivals replayed in scaled wall time (tieremu.workloads.execute): TTFT is measured, emulated tiers pay their delay
+and carry their audit, and every resident block is checked afterwards (a corrupted block fails the run). Both modes
+write the same metrics, so one report compares them.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tieremu.configfile import Section, positive
-from tieremu.errors import WorkloadError
+from tieremu.errors import ConfigError, WorkloadError
 from tieremu.record.row import MetricRow
+from tieremu.workloads.capacity import Capacity
 from tieremu.workloads.job import Job, RunContext, audit_rows
 
 MIB = 1 << 20
@@ -50,12 +55,13 @@ class ReplayParams:
     source: TraceSource
     max_requests: int | None
     mode: str
-    fast_capacity_blocks: int
+    fast_capacity: Capacity
     block_mib: float  # the KV a trace block stands for (simulate's byte figures; execute's label)
     epoch_s: float  # the policy's epoch, trace seconds
     time_scale: float  # execute: wall seconds per trace second
     block_kib: int  # execute: what a block really takes in memory here
-    budget_gbps: float | None  # execute: the daemon's migration budget
+    budget_gbps: float | None  # the migration budget (simulate: of every move; execute: of the daemon's)
+    pin: bool = True  # simulate: pin the blocks a request has read while it is served
 
 
 class ReplayJob(Job):
@@ -63,8 +69,12 @@ class ReplayJob(Job):
 
     kind = "replay"
     takes_policies = True
-    bounds = ("belady",)  # the trace is known ahead: the offline optimum runs beside every policy
+    bounds = ("belady",)  # the trace is known ahead: the bound of demand caches runs beside every policy
     input_files = ("trace",)
+    # The static bounds hold every block in one tier that is never limited and never move one: the fast tier's size,
+    # pinning and the migration budget change nothing of theirs, so sweeping those runs them once.
+    bound_ignores = dict.fromkeys(("all-fastest", "all-slowest"), frozenset(
+        {"fast_capacity", "fast_capacity_blocks", "pin", "budget_gbps"}))
 
     @classmethod
     def parse(cls, section: Section) -> ReplayParams:
@@ -72,20 +82,22 @@ class ReplayJob(Job):
             source=_source(section),
             max_requests=section.get("max_requests", int, None, check=positive),
             mode=section.get("mode", str, "simulate", choices=MODES),
-            fast_capacity_blocks=section.get("fast_capacity_blocks", int, 100, check=positive),
+            fast_capacity=_fast_capacity(section),
             block_mib=section.get("block_mib", float, 64.0, check=positive),
             epoch_s=section.get("epoch_s", float, 0.05, check=positive),
             time_scale=section.get("time_scale", float, 0.2, check=positive),
             block_kib=section.get("block_kib", int, 64, check=positive),
             budget_gbps=section.get("budget_gbps", float, None, check=positive),
+            pin=section.get("pin", bool, True),
         )
         section.done()
+        if not params.pin and params.mode == "execute":
+            raise section.error("pin", "pin: false is for simulate mode; execute always pins the request's blocks")
         if params.mode == "execute":
             if params.epoch_s * params.time_scale < MIN_EPOCH_WALL_S:
                 raise section.error("epoch_s", f"{params.epoch_s} s of trace at time_scale {params.time_scale} is an "
                                     f"epoch of {params.epoch_s * params.time_scale * 1e3:g} ms of wall time, below "
                                     f"{MIN_EPOCH_WALL_S * 1e3:g} ms; raise epoch_s or time_scale")
-            from tieremu.errors import ConfigError
             from tieremu.workloads.execute import scaled_layout  # torch: only for execute specs
 
             try:
@@ -108,6 +120,18 @@ class ReplayJob(Job):
         return _simulate(params, ctx, requests, policy)
 
 
+def _fast_capacity(section: Section) -> Capacity:
+    """`fast_capacity: BLOCKS | P%`, or the older `fast_capacity_blocks: N`; 100 blocks if neither is given."""
+    if section.has("fast_capacity") and section.has("fast_capacity_blocks"):
+        raise section.error("fast_capacity", "give fast_capacity or fast_capacity_blocks, not both")
+    key = "fast_capacity" if section.has("fast_capacity") else "fast_capacity_blocks"
+    raw = section.get(key, (int, str), 100)
+    try:
+        return Capacity.parse(raw, key)
+    except ConfigError as exc:
+        raise section.error(key, str(exc)) from None
+
+
 def _source(section: Section) -> TraceSource:
     """`trace: FILE` or `generate: {kind, requests, seed, rate}`, exactly one."""
     has_trace, has_generate = section.has("trace"), section.has("generate")
@@ -127,23 +151,32 @@ def _source(section: Section) -> TraceSource:
     return source
 
 
-def _capacities(params: ReplayParams, ctx: RunContext) -> dict[str, int | None]:
+def _capacities(params: ReplayParams, ctx: RunContext, requests: list[Any]) -> dict[str, int | None]:
+    from tieremu.workloads.capacity import distinct_blocks
+
     names = [t.name for t in ctx.resolved.tiers]
-    return {name: params.fast_capacity_blocks if i == 0 else None for i, name in enumerate(names)}
+    distinct = distinct_blocks(requests) if params.fast_capacity.share is not None else 0
+    fast = params.fast_capacity.resolve(distinct, "fast_capacity")
+    return {name: fast if i == 0 else None for i, name in enumerate(names)}
 
 
 def _simulate(params: ReplayParams, ctx: RunContext, requests: list[Any], policy: Any) -> list[MetricRow]:
+    from tieremu.workloads.bounds import check
     from tieremu.workloads.simulate import SimTier, simulate
 
-    tiers = [SimTier(name, blocks) for name, blocks in _capacities(params, ctx).items()]
+    tiers = [SimTier(name, blocks) for name, blocks in _capacities(params, ctx, requests).items()]
     read_gbps = tier_read_gbps(ctx)
-    r = simulate(requests, tiers, policy, epoch_s=params.epoch_s, block_bytes=int(params.block_mib * MIB),
-                 tier_read_gbps=read_gbps)
+    settings = {"epoch_s": params.epoch_s, "block_bytes": int(params.block_mib * MIB), "tier_read_gbps": read_gbps}
+    r = simulate(requests, tiers, policy, pin=params.pin, budget_gbps=params.budget_gbps,
+                 **settings)  # type: ignore[arg-type]
+    # 1 within the bound, 0 outside it: a result outside its bounds is a bug, and the report shows the row.
+    bounds = [ctx.row("bound_check", float(b.within), "fraction", r.origin, bound=b.bound, metric_checked=b.metric,
+                      checked_value=b.value, limit=b.limit) for b in check(requests, tiers, r, **settings)]
     # Inputs of the estimate, so simulated like it; `backing` says whether the rate is a tier's target.
     rows = [ctx.row("read_gb_per_s", gbps, "GB/s", r.origin, tier=name, backing=ctx.resolved.tier(name).label,
                     use="TTFT estimate: a hit's block is read at this rate")
             for name, gbps in read_gbps.items()]
-    return _result_rows(ctx, r) + rows
+    return _result_rows(ctx, r) + rows + bounds
 
 
 def _execute(params: ReplayParams, ctx: RunContext, requests: list[Any], policy: Any) -> list[MetricRow]:
@@ -151,7 +184,7 @@ def _execute(params: ReplayParams, ctx: RunContext, requests: list[Any], policy:
 
     injector = ctx.injector()
     r = execute(requests, ctx.resolved, policy, block_layout=scaled_layout(params.block_kib),
-                capacities=_capacities(params, ctx), time_scale=params.time_scale,
+                capacities=_capacities(params, ctx, requests), time_scale=params.time_scale,
                 epoch_s=params.epoch_s * params.time_scale, budget_gbps=params.budget_gbps, injector=injector,
                 represented_block_bytes=int(params.block_mib * MIB), seed=ctx.seed)
     if r.blocks_corrupted:

@@ -2,22 +2,41 @@
 
 No tensors and no memory: each prefix-block reference is a hit in some tier or a miss, blocks occupy slots of
 tiers with block capacities, and a full tier pushes the policy's victim one tier down (out, from the last tier).
-Per request in arrival order:
+Requests run in file order; requests sharing a timestamp are spread evenly over its millisecond, so that epochs can
+fall between them. Per request:
 
-1. the epochs that ended by its arrival run: the policy's plan is carried out within capacities and residency
-   is sampled (for STRR);
+1. the epochs that ended by its arrival run: a tiering daemon's plan is carried out within capacities and the
+   migration budget, and residency is sampled (for STRR). An epoch after an empty plan with nothing seen since
+   is not planned again (it costs O(1): its residency sample is the last one);
 2. the policy is told which requests come next (this one first);
-3. the request's blocks are pinned (never victims while it is served); each hash id is a reference: a hit
-   where the block lives, or a miss, and the new block is placed where the policy admits it;
-4. the policy observes the request's accesses; its TTFT estimate is its missed tokens at the prefill rate plus
-   the bytes of its hits over each tier's read bandwidth.
+3. each hash id is a reference: a hit where the block lives, or a miss, and the new block is placed where the
+   policy admits it. A block is pinned from its reference until the request ends (the GPU holds every block the
+   request has read so far: it is never a victim meanwhile); `pin=False` turns this off, to compare with textbook
+   caches on the flattened stream. (LRU's victim is never one of those most recent blocks anyway, so pinning
+   changes LRU only when a request needs more blocks than a tier holds.) A demand cache (policy family "demand")
+   also moves a block hit in a slower tier at once to the tier its `admit` names, and observes every access as it
+   happens; other policies observe the request's accesses after it;
+4. its TTFT estimate is its missed tokens at the prefill rate, plus the bytes of its hits over each tier's read
+   bandwidth, plus the longest wait for a block it reads that is still in flight.
+
+Migrations cost. Every move (a promotion on access, a victim pushed down, a plan's move) takes block_bytes over the
+tier pair's bandwidth (the lower of the two tiers' read bandwidths, else DEFAULT_MOVE_GBPS), capped by the run's
+migration budget, on one migration channel that carries one block at a time: a move starts when the channel is
+free and the block is not readable at its target until it lands. A demand cache's moves always queue; a plan's
+move that could not start within its epoch is deferred (counted, not carried out). Migration GB/s is the bytes
+moved over the span from the first arrival to the later of the last arrival and the last landing, so it never
+exceeds the budget.
 
 Moves of a plan are carried out in order. A move takes its block out of the source first, so a promotion and
 the demotion it causes can swap two blocks between full tiers. A move into a full tier makes room there as an
 admission does; a move whose block is not in its source any more, or is pinned, is skipped and counted.
 While the policy picks a victim, the block that overfilled the tier already sits there (one over capacity) and
-is pinned: the policy never sees a block in no tier, and never pushes out the one just placed.
-Every figure is labelled `simulated`.
+is pinned: the policy never sees a block in no tier, and never pushes out the one just placed. Every move the
+driver carries out is reported to the policy (`Policy.moved`).
+
+The built-in demand caches (lru, lfu, belady) run in a compiled core (tieremu/native/replay.c, `core="auto"`)
+with results identical to this module's Python path, which runs every other policy. Every figure is labelled
+`simulated`.
 """
 
 from __future__ import annotations
@@ -48,6 +67,9 @@ DEFAULT_EPOCH_S = 0.05
 DEFAULT_UPCOMING = 16
 # A block moved back where it came from within this many epochs of its last move is a ping-pong.
 DEFAULT_PING_PONG_EPOCHS = 20
+# Bandwidth of a move between two tiers when neither has a read bandwidth: a PCIe 4.0 x16 link, order of magnitude.
+DEFAULT_MOVE_GBPS = 16.0
+CORES = ("auto", "python", "native")
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,13 @@ class ReplayResult:
     prefill_tokens_per_s: float
     capacity_lifted: bool  # the policy is an idealised bound: every tier was treated as unlimited
     origin: str = "simulated"
+    family: str = "daemon"  # the policy's family: demand, daemon or static (tieremu.policy.base.FAMILIES)
+    pinned: bool = True  # the blocks the request being served has read were pinned
+    budget_gbps: float | None = None  # the migration budget (None: only the tier pairs' bandwidths limit moves)
+    moves_deferred: int = 0  # plan moves not carried out: the migration channel was busy past their epoch
+    waited_requests: int = 0  # requests that waited for a block in flight
+    core: str = "python"  # which replay core ran: python or native
+    prepare_s: float = 0.0  # native: flattening the trace into the core's arrays (outside wall_s, as parsing is)
     ttft_samples_ms: tuple[float, ...] = field(default=(), repr=False)
 
     def tier(self, name: str) -> TierResult:
@@ -124,6 +153,10 @@ class ReplayResult:
     @property
     def fast_hit_ratio(self) -> float:
         return self.tiers[0].hit_ratio
+
+    @property
+    def moves(self) -> int:
+        return self.promotions + self.demotions + self.prefetches
 
     def to_dict(self, *, samples: bool = False) -> dict[str, object]:
         data = asdict(self)
@@ -145,23 +178,97 @@ def policy_context(requests: Sequence[Request], epoch_s: float = DEFAULT_EPOCH_S
     return PolicyContext(future=[r.hash_ids for r in requests], epoch_s=epoch_s)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """A replay's settings, as both cores read them."""
+
+    names: tuple[str, ...]
+    capacity: tuple[int | None, ...]  # as simulated (None: unlimited, or lifted for a bound)
+    epoch_s: float
+    block_bytes: int
+    read_gbps: tuple[float | None, ...]
+    read_s: tuple[float, ...]  # a block's read time per tier (0 where no bandwidth was given)
+    move_s: tuple[tuple[float, ...], ...]  # a block's move time from tier i to tier j, budget included
+    prefill: float
+    block_tokens: int
+    ping_pong_epochs: int
+    pin: bool
+    budget_gbps: float | None
+
+
 def simulate(requests: Sequence[Request], tiers: Sequence[SimTier], policy: Policy, *,
              epoch_s: float = DEFAULT_EPOCH_S, block_bytes: int = DEFAULT_BLOCK_BYTES,
              tier_read_gbps: Mapping[str, float] | None = None,
              prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
              block_tokens: int = MOONCAKE_BLOCK_TOKENS, upcoming: int = DEFAULT_UPCOMING,
              ping_pong_epochs: int = DEFAULT_PING_PONG_EPOCHS, params: Mapping[str, object] | None = None,
-             ) -> ReplayResult:
-    """Replay `requests` against `tiers` (fastest first) under `policy`; see the module docstring."""
-    _check(tiers, epoch_s, block_bytes, tier_read_gbps, prefill_tokens_per_s, block_tokens, upcoming)
-    replay = _Replay(tiers, policy, epoch_s=epoch_s, block_bytes=block_bytes, tier_read_gbps=tier_read_gbps or {},
-                     prefill_tokens_per_s=prefill_tokens_per_s, block_tokens=block_tokens,
-                     ping_pong_epochs=ping_pong_epochs)
-    return replay.run(requests, upcoming, dict(params or {}))
+             pin: bool = True, budget_gbps: float | None = None, core: str = "auto") -> ReplayResult:
+    """Replay `requests` against `tiers` (fastest first) under `policy`; see the module docstring. `core` picks
+    the compiled core (native: built-in demand caches only), this module's loop (python), or the first that can."""
+    _check(tiers, epoch_s, block_bytes, tier_read_gbps, prefill_tokens_per_s, block_tokens, upcoming, budget_gbps,
+           core)
+    settings = _settings(tiers, policy, epoch_s, block_bytes, tier_read_gbps or {}, prefill_tokens_per_s,
+                         block_tokens, ping_pong_epochs, pin, budget_gbps)
+    if core != "python":
+        from tieremu.workloads import replay_core  # the compiled core's driver
+
+        if replay_core.supports(policy):
+            return replay_core.run(requests, settings, policy, dict(params or {}))
+        if core == "native":
+            raise ConfigError(f"core=native runs the built-in demand caches ({', '.join(replay_core.NATIVE)}), not "
+                              f"{policy.name}; use core=auto or python")
+    return _Replay(settings, policy).run(requests, upcoming, dict(params or {}))
+
+
+def arrival_times(requests: Sequence[Request]) -> list[float]:
+    """Seconds of each request's arrival, requests sharing a timestamp spread evenly over its millisecond in file
+    order (so that an epoch can end between them)."""
+    times: list[float] = []
+    i, n = 0, len(requests)
+    while i < n:
+        ms = requests[i].timestamp_ms
+        j = i + 1
+        while j < n and requests[j].timestamp_ms == ms:
+            j += 1
+        times.extend((ms + k / (j - i)) / 1000.0 for k in range(j - i))
+        i = j
+    return times
+
+
+def epochs_due(start: float, epoch_s: float, now: float) -> int:
+    """How many epochs ended by `now` (the k-th ends at start + k * epoch_s): O(1), whatever the gap."""
+    k = max(0, int((now - start) / epoch_s))
+    while start + (k + 1) * epoch_s <= now:
+        k += 1
+    while k > 0 and start + k * epoch_s > now:
+        k -= 1
+    return k
+
+
+def move_gbps(read_gbps: Sequence[float | None], source: int, target: int) -> float:
+    """A move's bandwidth between two tiers: the lower of their read bandwidths, else DEFAULT_MOVE_GBPS."""
+    known = [g for g in (read_gbps[source], read_gbps[target]) if g is not None]
+    return min(known) if known else DEFAULT_MOVE_GBPS
+
+
+def _settings(tiers: Sequence[SimTier], policy: Policy, epoch_s: float, block_bytes: int,
+              tier_read_gbps: Mapping[str, float], prefill: float, block_tokens: int, ping_pong_epochs: int,
+              pin: bool, budget_gbps: float | None) -> Settings:
+    names = tuple(t.name for t in tiers)
+    read = tuple(tier_read_gbps.get(name) for name in names)
+    n = len(names)
+    move_s = tuple(tuple(block_bytes / (min(move_gbps(read, i, j), budget_gbps or math.inf) * 1e9)
+                         for j in range(n)) for i in range(n))
+    return Settings(names=names,
+                    capacity=tuple(None if policy.lifts_capacity else t.capacity_blocks for t in tiers),
+                    epoch_s=epoch_s, block_bytes=block_bytes, read_gbps=read,
+                    read_s=tuple(0.0 if g is None else block_bytes / (g * 1e9) for g in read), move_s=move_s,
+                    prefill=prefill, block_tokens=block_tokens, ping_pong_epochs=ping_pong_epochs, pin=pin,
+                    budget_gbps=budget_gbps)
 
 
 def _check(tiers: Sequence[SimTier], epoch_s: float, block_bytes: int, read_gbps: Mapping[str, float] | None,
-           prefill: float, block_tokens: int, upcoming: int) -> None:
+           prefill: float, block_tokens: int, upcoming: int, budget_gbps: float | None, core: str) -> None:
     if not tiers:
         raise ConfigError("simulate needs at least one tier")
     names = [t.name for t in tiers]
@@ -182,40 +289,41 @@ def _check(tiers: Sequence[SimTier], epoch_s: float, block_bytes: int, read_gbps
             raise ConfigError(f"{key}={value} must be positive")
     if upcoming < 1:
         raise ConfigError(f"upcoming={upcoming} must be 1 or more (the request about to run is always told)")
+    if budget_gbps is not None and not budget_gbps > 0:
+        raise ConfigError(f"budget_gbps={budget_gbps} must be positive (GB/s), or None for no budget")
+    if core not in CORES:
+        raise ConfigError(f"core={core!r}; valid: {', '.join(CORES)}")
 
 
 class _Replay:
     """The replay's state; it is also the BlockView the policy reads."""
 
-    def __init__(self, tiers: Sequence[SimTier], policy: Policy, *, epoch_s: float, block_bytes: int,
-                 tier_read_gbps: Mapping[str, float], prefill_tokens_per_s: float, block_tokens: int,
-                 ping_pong_epochs: int) -> None:
+    def __init__(self, settings: Settings, policy: Policy) -> None:
+        self.s = settings
         self.policy = policy
-        self.names = tuple(t.name for t in tiers)
+        self.demand = policy.family == "demand"
+        self.names = settings.names
         self.rank = {name: i for i, name in enumerate(self.names)}
-        self.lifted = policy.lifts_capacity
-        self.capacity = [None if self.lifted else t.capacity_blocks for t in tiers]
-        self.members: list[dict[int, None]] = [{} for _ in tiers]  # insertion-ordered: oldest first
+        self.capacity = list(settings.capacity)
+        n = len(self.names)
+        self.members: list[dict[int, None]] = [{} for _ in range(n)]  # insertion-ordered: oldest first
         self.where: dict[int, int] = {}
         self.pins: set[int] = set()
-        self.pinned_in = [0] * len(tiers)
-        self.epoch_s = epoch_s
-        self.block_bytes = block_bytes
-        self.read_gbps = [tier_read_gbps.get(name) for name in self.names]
-        self.read_s = [0.0 if g is None else block_bytes / (g * 1e9) for g in self.read_gbps]
-        self.prefill = prefill_tokens_per_s
-        self.block_tokens = block_tokens
-        self.ping_pong_epochs = ping_pong_epochs
+        self.pinned_in = [0] * n
         self.epoch = 0
+        self.now = 0.0
         self.policy_s = 0.0
-        self.hits = [0] * len(tiers)
+        self.hits = [0] * n
         self.misses = 0
-        self.evictions = self.uncached = self.skipped = self.ping_pongs = 0
+        self.evictions = self.uncached = self.skipped = self.ping_pongs = self.deferred = self.waited = 0
         self.moved = dict.fromkeys(MOVE_REASONS, 0)
         self.last_move: dict[int, tuple[int, int, int]] = {}  # block -> (epoch, source, target)
-        self.residency = [0.0] * len(tiers)
+        self.lands: dict[int, float] = {}  # block -> when its latest move lands
+        self.channel_free = 0.0  # when the migration channel has carried every move so far
+        self.residency = [0.0] * n
         self.strr_sum = 0.0
         self.samples = 0
+        self.dirty = True  # something happened since the last empty plan
 
     # -- BlockView -------------------------------------------------------------------------------------------
     @property
@@ -236,68 +344,114 @@ class _Replay:
     def run(self, requests: Sequence[Request], upcoming: int, params: dict[str, object]) -> ReplayResult:
         started = time.perf_counter()
         queue = [UpcomingRequest(i, r.arrival_s, r.hash_ids) for i, r in enumerate(requests)]
+        arrivals = arrival_times(requests)
         ttft_ms: list[float] = []
-        start = requests[0].arrival_s if requests else 0.0
-        next_epoch_end = start + self.epoch_s
+        start = arrivals[0] if arrivals else 0.0
+        self.channel_free = start
         for index, request in enumerate(requests):
-            while next_epoch_end <= request.arrival_s:
-                self._run_epoch(next_epoch_end)
-                next_epoch_end = start + (self.epoch + 1) * self.epoch_s
+            self._epochs_until(start, epochs_due(start, self.s.epoch_s, arrivals[index]))
+            self.now = arrivals[index]
             t0 = time.perf_counter()
             self.policy.upcoming(queue[index:index + upcoming])
             self.policy_s += time.perf_counter() - t0
             ttft_ms.append(self._serve(index, request) * 1e3)
         if self.samples == 0:
-            self._sample()
-        return self._result(requests, ttft_ms, time.perf_counter() - started, params)
+            self._sample(1)
+        return self._result(requests, arrivals, ttft_ms, time.perf_counter() - started, params)
+
+    def _epochs_until(self, start: float, due: int) -> None:
+        """Run the epochs that ended: plans while the policy may have something to move, then O(1) for the rest
+        (nothing changes in an epoch whose plan is empty, so its residency sample is the last one)."""
+        while self.epoch < due:
+            if self.demand or not self.dirty:
+                self._sample(due - self.epoch)
+                self.epoch = due
+                return
+            self.epoch += 1
+            self.now = start + self.epoch * self.s.epoch_s
+            t0 = time.perf_counter()
+            plan = self.policy.plan(self, self.now)
+            self.policy_s += time.perf_counter() - t0
+            self.dirty = bool(plan.moves or plan.evictions)
+            if self.dirty:
+                self._execute(plan)
+            self._sample(1)
 
     def _serve(self, index: int, request: Request) -> float:
-        """One request's references, with its blocks pinned; returns its TTFT estimate in seconds."""
-        where, hits, names, now = self.where, self.hits, self.names, request.arrival_s
-        self._pin(request.hash_ids)
+        """One request's references, pinned unless pinning is off; returns its TTFT estimate in seconds."""
+        where, hits, names, now, lands = self.where, self.hits, self.names, self.now, self.lands
+        read_cost, demand = self.s.read_s, self.demand
+        pin, pins, pinned_in = self.s.pin, self.pins, self.pinned_in
         events = []
         missed_tokens = 0
         read_s = 0.0
-        for block, tokens in zip(request.hash_ids, request.block_tokens(self.block_tokens), strict=True):
+        wait = 0.0
+        for block, tokens in zip(request.hash_ids, request.block_tokens(self.s.block_tokens), strict=True):
             i = where.get(block)
             if i is None:
                 self.misses += 1
                 missed_tokens += tokens
                 self._admit(block)
-                events.append(AccessEvent(block, None, now, index))
+                event = AccessEvent(block, None, now, index)
             else:
                 hits[i] += 1
-                read_s += self.read_s[i]
-                events.append(AccessEvent(block, names[i], now, index))
-        t0 = time.perf_counter()
-        self.policy.observe(events)
-        self.policy_s += time.perf_counter() - t0
+                read_s += read_cost[i]
+                landing = lands.get(block)
+                if landing is not None and landing > now:
+                    wait = max(wait, landing - now)
+                if demand and i:
+                    self._promote_on_access(block, i)
+                event = AccessEvent(block, names[i], now, index)
+            if pin and block not in pins:
+                pins.add(block)
+                i = where.get(block)
+                if i is not None:
+                    pinned_in[i] += 1
+            if demand:
+                t0 = time.perf_counter()
+                self.policy.observe((event,))
+                self.policy_s += time.perf_counter() - t0
+            else:
+                events.append(event)
+        if events:
+            t0 = time.perf_counter()
+            self.policy.observe(events)
+            self.policy_s += time.perf_counter() - t0
         self._unpin()
-        return missed_tokens / self.prefill + read_s
+        self.dirty = True
+        if wait > 0:
+            self.waited += 1
+        return missed_tokens / self.s.prefill + read_s + wait
 
-    def _run_epoch(self, now: float) -> None:
-        self.epoch += 1
+    def _promote_on_access(self, block: int, i: int) -> None:
+        """A demand cache's hit in tier i: the block goes where the policy admits it, if that is faster."""
         t0 = time.perf_counter()
-        plan = self.policy.plan(self, now)
+        target = self._rank(self.policy.admit(block, self))
         self.policy_s += time.perf_counter() - t0
-        if plan.moves or plan.evictions:
-            self._execute(plan)
-        self._sample()
+        if target >= i:
+            return
+        self._remove(block)
+        if self._fit(block, target):
+            self._moved(block, i, target, "promote")
+        else:
+            self._place(block, i)  # the faster tier is full of pinned blocks: it stays (it just left: room)
+            self._tell(block, target, i)
 
-    def _sample(self) -> None:
+    def _sample(self, count: int) -> None:
         sizes = [len(m) for m in self.members]
         total = sum(sizes)
         if total:
-            self.samples += 1
-            self.strr_sum += (total - sizes[0]) / total
+            self.samples += count
+            self.strr_sum += count * ((total - sizes[0]) / total)
             for i, size in enumerate(sizes):
-                self.residency[i] += size / total
+                self.residency[i] += count * (size / total)
 
     def _execute(self, plan: Plan) -> None:
         for block in plan.evictions:
             if block in self.where and block not in self.pins:
-                self._remove(block)
+                source = self._remove(block)
                 self.evictions += 1
+                self._tell(block, source, None)
         for move in plan.moves:
             if move.reason not in MOVE_REASONS:
                 raise PolicyError(f"policy {self.policy.name} planned a move with reason {move.reason!r}; valid: "
@@ -310,9 +464,12 @@ class _Replay:
             if self.where.get(move.block) != source or move.block in self.pins:
                 self.skipped += 1
                 continue
+            if max(self.now, self.channel_free) >= self.now + self.s.epoch_s:
+                self.deferred += 1  # the budget is spent for this epoch: the channel is busy past its end
+                continue
             self._remove(move.block)
             if self._fit(move.block, target):
-                self._record_move(move.block, source, target, move.reason)
+                self._moved(move.block, source, target, move.reason)
             else:
                 self._place(move.block, source)  # it just left, so there is room
                 self.skipped += 1
@@ -321,10 +478,14 @@ class _Replay:
         t0 = time.perf_counter()
         tier = self.policy.admit(block, self)
         self.policy_s += time.perf_counter() - t0
-        for i in range(self._rank(tier), len(self.names)):
+        admitted = self._rank(tier)
+        for i in range(admitted, len(self.names)):
             if self._fit(block, i):
+                if i != admitted:
+                    self._tell(block, admitted, i)  # the tiers it was admitted to were full of pinned blocks
                 return
         self.uncached += 1
+        self._tell(block, admitted, None)
 
     def _fit(self, block: int, i: int) -> bool:
         """Put a block that is in no tier into tier i; if that overfills it, push the policy's victim one tier
@@ -354,9 +515,11 @@ class _Replay:
                               f" but it is {state}: a victim must be an unpinned block of that tier")
         self._remove(victim)
         if i + 1 < len(self.names) and self._fit(victim, i + 1):
-            self._record_move(victim, i, i + 1, "demote")
+            self._moved(victim, i, i + 1, "demote")
         else:
             self.evictions += 1
+            self.lands.pop(victim, None)
+            self._tell(victim, i, None)
         return True
 
     def _place(self, block: int, i: int) -> None:
@@ -372,24 +535,27 @@ class _Replay:
             self.pinned_in[i] -= 1
         return i
 
-    def _pin(self, blocks: Sequence[int]) -> None:
-        self.pins = set(blocks)
-        for block in self.pins:
-            i = self.where.get(block)
-            if i is not None:
-                self.pinned_in[i] += 1
-
     def _unpin(self) -> None:
-        self.pins = set()
-        self.pinned_in = [0] * len(self.names)
+        self.pins.clear()
+        for i in range(len(self.pinned_in)):
+            self.pinned_in[i] = 0
 
-    def _record_move(self, block: int, source: int, target: int, reason: str) -> None:
+    def _moved(self, block: int, source: int, target: int, reason: str) -> None:
+        """A move carried out: counted, checked for ping-pong, put on the migration channel, told to the policy."""
         self.moved[reason] += 1
         last = self.last_move.get(block)
         if last is not None and last[1] == target and last[2] == source and \
-                self.epoch - last[0] <= self.ping_pong_epochs:
+                self.epoch - last[0] <= self.s.ping_pong_epochs:
             self.ping_pongs += 1
         self.last_move[block] = (self.epoch, source, target)
+        self.channel_free = max(self.now, self.channel_free) + self.s.move_s[source][target]
+        self.lands[block] = self.channel_free
+        self._tell(block, source, target)
+
+    def _tell(self, block: int, source: int, target: int | None) -> None:
+        t0 = time.perf_counter()
+        self.policy.moved(block, self.names[source], None if target is None else self.names[target])
+        self.policy_s += time.perf_counter() - t0
 
     def _rank(self, tier: str) -> int:
         try:
@@ -398,29 +564,69 @@ class _Replay:
             raise PolicyError(f"policy {self.policy.name} named tier {tier!r}; tiers: {', '.join(self.names)}") \
                 from None
 
-    def _result(self, requests: Sequence[Request], ttft: list[float], wall_s: float,
+    def _result(self, requests: Sequence[Request], arrivals: Sequence[float], ttft: list[float], wall_s: float,
                 params: dict[str, object]) -> ReplayResult:
-        misses = self.misses
-        references = sum(self.hits) + misses
-        hits = sum(self.hits)
-        trace_s = requests[-1].arrival_s - requests[0].arrival_s if requests else 0.0
-        moves = sum(self.moved.values())
-        tiers = tuple(
-            TierResult(name=name, rank=i, capacity_blocks=self.capacity[i], hits=self.hits[i],
-                       hit_ratio=self.hits[i] / references if references else 0.0,
-                       residency=self.residency[i] / self.samples if self.samples else 0.0,
-                       resident_blocks=len(self.members[i]), read_gbps=self.read_gbps[i])
-            for i, name in enumerate(self.names))
-        return ReplayResult(
-            policy=self.policy.name, params=params, requests=len(requests), references=references, hits=hits,
-            misses=misses, hit_ratio=hits / references if references else 0.0, tiers=tiers,
-            evictions=self.evictions, uncached=self.uncached,
-            strr=self.strr_sum / self.samples if self.samples else 0.0,
-            star=(hits - self.hits[0]) / hits if hits else 0.0,
-            ttft_ms=Tail.of(ttft), migration_bytes=moves * self.block_bytes,
-            migration_gbps=moves * self.block_bytes / trace_s / 1e9 if trace_s > 0 else 0.0,
-            promotions=self.moved["promote"], demotions=self.moved["demote"], prefetches=self.moved["prefetch"],
-            ping_pongs=self.ping_pongs, moves_skipped=self.skipped, epochs=self.epoch, trace_s=trace_s,
-            wall_s=wall_s, policy_cpu_s=self.policy_s, block_bytes=self.block_bytes,
-            prefill_tokens_per_s=self.prefill, capacity_lifted=self.lifted,
-            ttft_samples_ms=tuple(ttft))
+        return build_result(Counts(
+            hits=tuple(self.hits), misses=self.misses, resident=tuple(len(m) for m in self.members),
+            residency=tuple(self.residency), samples=self.samples, strr_sum=self.strr_sum,
+            evictions=self.evictions, uncached=self.uncached, promotions=self.moved["promote"],
+            demotions=self.moved["demote"], prefetches=self.moved["prefetch"], ping_pongs=self.ping_pongs,
+            skipped=self.skipped, deferred=self.deferred, waited=self.waited, epochs=self.epoch,
+            channel_free=self.channel_free, ttft_ms=tuple(ttft)),
+            self.s, self.policy, requests, arrivals, wall_s, self.policy_s, params, core="python")
+
+
+@dataclass(frozen=True)
+class Counts:
+    """What a replay core counted; build_result turns it into a ReplayResult the same way for both cores."""
+
+    hits: tuple[int, ...]
+    misses: int
+    resident: tuple[int, ...]
+    residency: tuple[float, ...]  # summed over samples
+    samples: int
+    strr_sum: float
+    evictions: int
+    uncached: int
+    promotions: int
+    demotions: int
+    prefetches: int
+    ping_pongs: int
+    skipped: int
+    deferred: int
+    waited: int
+    epochs: int
+    channel_free: float  # when the last move landed
+    ttft_ms: tuple[float, ...]
+
+
+def build_result(c: Counts, s: Settings, policy: Policy, requests: Sequence[Request], arrivals: Sequence[float],
+                 wall_s: float, policy_s: float, params: dict[str, object], *, core: str,
+                 prepare_s: float = 0.0, ttft_sorted: Sequence[float] | None = None) -> ReplayResult:
+    """The result from a core's counts (`ttft_sorted`: the TTFT samples already sorted, if the core sorted them)."""
+    hits = sum(c.hits)
+    references = hits + c.misses
+    trace_s = arrivals[-1] - arrivals[0] if arrivals else 0.0
+    moves = c.promotions + c.demotions + c.prefetches
+    # Moves still in flight after the last arrival stretch the span: the rate never exceeds the channel's.
+    span = max(trace_s, c.channel_free - arrivals[0]) if arrivals else 0.0
+    tiers = tuple(
+        TierResult(name=name, rank=i, capacity_blocks=s.capacity[i], hits=c.hits[i],
+                   hit_ratio=c.hits[i] / references if references else 0.0,
+                   residency=c.residency[i] / c.samples if c.samples else 0.0,
+                   resident_blocks=c.resident[i], read_gbps=s.read_gbps[i])
+        for i, name in enumerate(s.names))
+    return ReplayResult(
+        policy=policy.name, params=params, requests=len(requests), references=references, hits=hits,
+        misses=c.misses, hit_ratio=hits / references if references else 0.0, tiers=tiers,
+        evictions=c.evictions, uncached=c.uncached,
+        strr=c.strr_sum / c.samples if c.samples else 0.0,
+        star=(hits - c.hits[0]) / hits if hits else 0.0,
+        ttft_ms=Tail.of(c.ttft_ms if ttft_sorted is None else ttft_sorted), migration_bytes=moves * s.block_bytes,
+        migration_gbps=moves * s.block_bytes / span / 1e9 if span > 0 else 0.0,
+        promotions=c.promotions, demotions=c.demotions, prefetches=c.prefetches,
+        ping_pongs=c.ping_pongs, moves_skipped=c.skipped, epochs=c.epochs, trace_s=trace_s,
+        wall_s=wall_s, policy_cpu_s=policy_s, block_bytes=s.block_bytes,
+        prefill_tokens_per_s=s.prefill, capacity_lifted=policy.lifts_capacity,
+        family=policy.family, pinned=s.pin, budget_gbps=s.budget_gbps, moves_deferred=c.deferred,
+        waited_requests=c.waited, core=core, prepare_s=prepare_s, ttft_samples_ms=c.ttft_ms)

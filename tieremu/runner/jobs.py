@@ -195,9 +195,11 @@ class ProbeJob(Job):
         for m in measured:
             tier = resolved.tier(m.tier)
             unit = "ns" if m.metric == "latency_ns" else "GB/s"
+            # latency rows say how much descheduled time their chase left out (DESCHEDULED_NS): none is hidden
+            excluded = m.excluded.to_dict() if m.metric == "latency_ns" else {}
             rows.append(ctx.row(m.metric, m.achieved.median, unit, tier_origin(tier), tier=m.tier,
                                 backing=m.backing, requested=m.requested, min=m.achieved.min, max=m.achieved.max,
-                                spread=m.achieved.spread))
+                                spread=m.achieved.spread, **excluded))
         rows += cls._ratios(measured, ctx, resolved, cal)
         if params.loaded:
             rows += cls._loaded(params, ctx, topology)

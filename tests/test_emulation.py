@@ -15,6 +15,7 @@ from tieremu.numa.syscalls import Policy
 from tieremu.numa.topology import discover
 from tieremu.probe.calibrate import measure_calibration
 from tieremu.probe.emulated import probe_tiers, tier_bandwidth, tier_latency
+from tieremu.probe.latency import DESCHEDULED_NS, ChaseBuffer, measure
 from tieremu.runner.experiment import run_experiment
 from tieremu.runner.spec import load_experiment
 from tieremu.tiers.config import TierSpec, TimingTarget, load_tier_map
@@ -139,11 +140,17 @@ def test_paced_chase_lands_on_target_beside_a_hog_on_its_cpu(calibration_here: C
         assert hog.stdout is not None and hog.stdout.readline() == "\n"  # pinned and about to spin
         model = timing_model(spec(latency_ratio=2.5), "emulated", calibration_here.node, calibration_here)
         lat = tier_latency(model, calibration_here, 0, size=32 * MIB, repeats=3, seconds=0.1)
+        buf = ChaseBuffer(32 * MIB, calibration_here.node, hugepages=True)
+        try:
+            local = measure(buf, 0, 3, 0.1)  # the local figure the ratio is taken against: the same rule
+        finally:
+            buf.close()
     finally:
         hog.kill()
         hog.wait()
     assert abs(lat.error) < 0.03, lat.to_dict()
     assert lat.excluded.gaps > 0 and lat.excluded.ns > 0.1 * lat.elapsed_ns, lat.to_dict()
+    assert local.excluded.gaps > 0 and local.excluded.longest_ns > DESCHEDULED_NS, local.excluded
 
 
 def test_probe_tiers_labels_each_row(calibration_here: Calibration) -> None:

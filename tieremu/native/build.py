@@ -37,7 +37,7 @@ _SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "chase_paced": (u64, (vp, u64, u64, u64, u64, ctypes.POINTER(vp), ctypes.POINTER(u64))),
     "chase_gapped": (u64, (vp, u64, u64, ctypes.POINTER(vp), ctypes.POINTER(u64))),
     "wait_ticks": (u64, (u64,)),
-    "chase_spun": (u64, (vp, u64, u64, ctypes.POINTER(vp))),
+    "chase_spun": (u64, (vp, u64, u64, u64, ctypes.POINTER(vp), ctypes.POINTER(u64))),
     "paged_decode_attention": (None, (vp, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # type: ignore[dict-item]
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, vp, ctypes.c_float, vp, vp)),
     "tsc_per_ns": (ctypes.c_double, (u64,)),

@@ -171,20 +171,40 @@ double tsc_per_ns(uint64_t ns) {
 }
 
 /* A pointer chase whose every load is followed by `adds` dependent adds on the loaded address before the next
- * load can issue (the address is their result). No fence and no clock read, so it can add a few nanoseconds where
- * chase_paced's fixed cost per load is already too much; the cost per add moves with the core clock, so callers
- * tune the count on the chain itself, just before they measure. Returns elapsed ns. */
-uint64_t chase_spun(void *start, uint64_t steps, uint64_t adds, void **end) {
+ * load can issue (the address is their result). No fence and one clock read per 16 loads, so it can add a few
+ * nanoseconds where chase_paced's fixed cost per load is already too much; the cost per add moves with the core
+ * clock, so callers tune the count on the chain itself, just before they measure. Descheduled blocks (over `gap`
+ * ticks) are left out and counted in stats, laid out as chase_paced's. Returns elapsed ns. */
+uint64_t chase_spun(void *start, uint64_t steps, uint64_t adds, uint64_t gap, void **end, uint64_t *stats) {
     void **p = (void **)start;
+    uint64_t excluded = 0, gaps = 0, loads = 0, longest = 0, block = 0;
     uint64_t t0 = now_ns();
+    uint64_t mark = tsc();
     for (uint64_t i = 0; i < steps; i++) {
         uintptr_t v = (uintptr_t)*p;
         for (uint64_t k = 0; k < adds; k++)
             __asm__ volatile("add $0, %0" : "+r"(v));
         p = (void **)v;
+        /* every 16 loads (and at the end) a clock read leaves descheduled blocks out, as chase_gapped does */
+        if (++block == 16 || i + 1 == steps) {
+            const uint64_t now = tsc(), took = now - mark;
+            if (took > longest)
+                longest = took;
+            if (gap && took > gap) {
+                excluded += took;
+                gaps++;
+                loads += block;
+            }
+            mark = now;
+            block = 0;
+        }
     }
     uint64_t t1 = now_ns();
     *end = p;
+    stats[0] = excluded;
+    stats[1] = gaps;
+    stats[2] = loads;
+    stats[3] = longest;
     return t1 - t0;
 }
 

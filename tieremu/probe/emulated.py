@@ -66,8 +66,8 @@ def tier_latency(model: TimingModel, cal: Calibration, cpu: int, *, size: int = 
     PACE_SLACK_LOADS of target), so host noise does not shift the mean; intervals where the thread was descheduled
     (over DESCHEDULED_NS) are left out of schedule and measure alike, and reported (`excluded`), as the local
     chase leaves them out of its figure. Targets below the paced chase's own floor (its fence and clock read per
-    load: about 1.1-1.2x local) use dependent adds instead, their count tuned on the chain (that kernel reads no
-    clock: its figure is wall time). The reported repeats are timed by the probe's own clock (CLOCK_MONOTONIC), less
+    load: about 1.1-1.2x local) use dependent adds instead, their count tuned on the chain (descheduled blocks of 16
+    loads left out likewise). The reported repeats are timed by the probe's own clock (CLOCK_MONOTONIC), less
     the descheduled intervals.
     """
     buf = ChaseBuffer(size, model.host_node, hugepages=True)
@@ -82,7 +82,7 @@ def tier_latency(model: TimingModel, cal: Calibration, cpu: int, *, size: int = 
         return excluded.add(k.chase_paced(buf.start, n, t, slack, gap, ctypes.byref(end), stats), n, stats, tpn)
 
     def spun(n: int, adds: int) -> float:
-        return k.chase_spun(buf.start, n, adds, ctypes.byref(end)) / n
+        return excluded.add(k.chase_spun(buf.start, n, adds, gap, ctypes.byref(end), stats), n, stats, tpn)
 
     def per_load(kernel: Callable[[int, int], float], amount: int) -> float:
         return statistics.median(kernel(steps // 4, amount) for _ in range(5))

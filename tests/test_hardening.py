@@ -560,10 +560,13 @@ def test_no_sweep_worker_outlives_the_runner(tmp_path: Path, how: signal.Signals
         runner.send_signal(how)
         runner.wait(30)
         assert _wait(lambda: not any(_alive(w) for w in workers), 10), "a worker outlived the runner"
-        if how == signal.SIGTERM:  # handled: the folder says failed, no traceback
-            assert runner.returncode != 0
-            assert [p.name.endswith(".failed") for p in (out / "hard").iterdir()] == [True]
-            assert "Traceback" not in runner.stderr.read()  # type: ignore[union-attr]
+        if how == signal.SIGTERM:  # handled: the folder says failed, the message names signal and folder
+            assert runner.returncode == 128 + signal.SIGTERM  # as a shell reports a death by SIGTERM
+            folders = list((out / "hard").iterdir())
+            assert [p.name.endswith(".failed") for p in folders] == [True]
+            stderr = runner.stderr.read()  # type: ignore[union-attr]
+            assert "Traceback" not in stderr and "Aborted" not in stderr
+            assert "tieremu: run stopped by SIGTERM" in stderr and str(folders[0]) in stderr and "--resume" in stderr
     finally:
         if runner.poll() is None:
             runner.kill()

@@ -168,3 +168,28 @@ def test_a_bad_replay_job_fails_before_any_work(tmp_path: Path, job: str, messag
     spec.write_text(f"name: bad\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\njobs:\n  - {job}\n")
     with pytest.raises(ConfigError, match=message):
         load_experiment(spec)
+
+
+@pytest.mark.parametrize(("job", "message"), [
+    ("{kind: decode, policies: [lru], batch: 100000}",
+     r"jobs\[0\]\.batch: 100000: must be an integer >= 1 and <= 4096"),
+    ("{kind: decode, policies: [lru], prompt_tokens: 1e12}", r"jobs\[0\]\.prompt_tokens: expected int"),
+    ("{kind: decode, policies: [lru], prompt_tokens: 1000000000000}",
+     r"jobs\[0\]\.prompt_tokens: 1000000000000: must be an integer >= 1 and <= 1048576"),
+    ("{kind: decode, policies: [lru], decode_steps: 0}", r"jobs\[0\]\.decode_steps: 0: must be an integer >= 1"),
+    ("{kind: decode, policies: [lru], block_tokens: 65536}", r"jobs\[0\]\.block_tokens: 65536: .* <= 4096"),
+    ("{kind: decode, policies: [lru], fast_capacity_mib: 1.0e+21}", r"jobs\[0\]\.fast_capacity_mib: 1e\+21: .*<= 1"),
+    ("{kind: decode, policies: [lru], epoch_ms: .inf}", r"jobs\[0\]\.epoch_ms: inf is not a finite number"),
+    ("{kind: decode, policies: [lru], threads: 100000}", r"jobs\[0\]\.threads: 100000: .* <= 1024"),
+    ("{kind: decode, policies: [lru], seed: -1}", r"jobs\[0\]\.seed: -1: must be an integer >= 0 and <= 4294967295"),
+    ("{kind: decode, policies: [lru], budget_gbps: 1.0e+300}", r"jobs\[0\]\.budget_gbps: 1e\+300: .* <= 100000"),
+    ("{kind: roundtrip, size_mib: 10000000000}", r"jobs\[0\]\.size_mib: 10000000000: .* <= 1073741824"),
+    ("{kind: roundtrip, check_mib: 0}", r"jobs\[0\]\.check_mib: 0: must be an integer >= 1"),
+    ("{kind: probe, size_mib: 2000000}", r"jobs\[0\]\.size_mib: 2000000: must be an integer >= 1 and <= 1048576"),
+    ("{kind: probe, repeats: 1000000}", r"jobs\[0\]\.repeats: 1000000: .* <= 1000"),
+])
+def test_job_numbers_are_capped_with_the_key_and_the_range(tmp_path: Path, job: str, message: str) -> None:
+    spec = tmp_path / "e.yaml"
+    spec.write_text(f"name: caps\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\njobs:\n  - {job}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(spec)

@@ -17,6 +17,9 @@ MAX_RATIO = 1000.0  # slowdown or speed ratios to the local node
 MAX_NS = 1e9  # a latency or per-access cost of one second
 MAX_GBPS = 1e5  # 100 TB/s
 MAX_COUNT = 10**6  # repetitions, rounds, steps: anything that multiplies the runs or the loop length
+MAX_TOKENS = 1 << 20  # a prompt or a KV block of a million tokens: past any model's context
+MAX_SEED = 2**32 - 1  # numpy and torch both take it, with room for the run's own offset
+MAX_THREADS = 1024
 
 
 @dataclass(frozen=True)
@@ -30,17 +33,23 @@ class Range:
 
     def describe(self) -> str:
         kind = "an integer" if self.integer else "a finite number"
+        # integer bounds exactly (`:g` would print 4294967295 as 4.29497e+09)
+        def show(bound: float) -> str:
+            return str(int(bound)) if self.integer else f"{bound:g}"
+
         parts = []
         if self.lo is not None:
-            parts.append(f"{'>=' if self.lo_closed else '>'} {self.lo:g}")
+            parts.append(f"{'>=' if self.lo_closed else '>'} {show(self.lo)}")
         if self.hi is not None:
-            parts.append(f"<= {self.hi:g}")
+            parts.append(f"<= {show(self.hi)}")
         return f"{kind} {' and '.join(parts)}".strip()
 
 
 POSITIVE = Range(0, None, lo_closed=False)
 NON_NEGATIVE = Range(0, None)
 POSITIVE_INT = Range(1, None, integer=True)
+SEED = Range(0, MAX_SEED, integer=True)
+MIB = Range(1, MAX_MIB, integer=True)  # a size in whole MiB
 
 
 def number_problem(value: object, valid: Range) -> str | None:

@@ -21,6 +21,7 @@ class EmulationPoint:
     ratio: float
     target: float
     achieved: Summary
+    descheduled_ns: float = 0.0  # latency: time the chase left out as descheduled (see probe.latency.DESCHEDULED_NS)
 
     @property
     def error(self) -> float:
@@ -54,7 +55,7 @@ def bench_emulation(cal: Calibration, cpu: int, *, repeats: int = 5, kernels_: t
     for r in latency_ratios:
         model = timing_model(_spec(latency_ratio=r), "emulated", cal.node, cal)
         a = tier_latency(model, cal, cpu, repeats=repeats)
-        points.append(EmulationPoint("latency_ns", r, a.requested, a.achieved))
+        points.append(EmulationPoint("latency_ns", r, a.requested, a.achieved, a.excluded.ns))
     for kernel in kernels_:
         for r in bandwidth_ratios:
             model = timing_model(_spec(bandwidth_ratio=r), "emulated", cal.node, cal)

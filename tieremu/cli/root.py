@@ -59,12 +59,6 @@ def _console() -> Console:
     return Console(width=max(120, Console().width))
 
 
-def _topology_summary(topology: object) -> dict:
-    from tieremu.runner.manifest import topology_summary  # numpy: only for --json
-
-    return topology_summary(topology)  # type: ignore[arg-type]
-
-
 def _print_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -77,12 +71,12 @@ def topo(as_json: bool, sysfs_root: str | None) -> None:
     """Show the machine as tiers see it: one row per NUMA node with CPUs, memory, SLIT distances, HMAT
     latency/bandwidth, memory tier and whether it is CPU-less."""
     from tieremu.cli.views import topology_table
-    from tieremu.numa.topology import discover
+    from tieremu.numa.topology import discover, topology_summary
 
     topology = discover(sysfs_root)
     if as_json:
         _print_json({"root": topology.root, "online": list(topology.online),
-                     "cpuless_nodes": list(topology.cpuless_nodes), **_topology_summary(topology),
+                     "cpuless_nodes": list(topology.cpuless_nodes), **topology_summary(topology),
                      "knobs": asdict(topology.knobs)})
     else:
         _console().print(topology_table(topology))

@@ -4,8 +4,10 @@ a progress bar and ETA on a terminal, the result folder and its report's path pr
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from rich.console import Console
@@ -110,9 +112,12 @@ def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool, st
         console.print(f"[bold]{experiment.name}[/]" + (f": {experiment.description}" if experiment.description else ""))
     reporter = _Reporter(console, bar=console.is_terminal, quiet=as_json)
     try:
-        result = run_experiment(experiment, out_root, resume=resume_dir, listener=reporter)
-    finally:
-        reporter.close()
+        try:
+            result = run_experiment(experiment, out_root, resume=resume_dir, listener=reporter)
+        finally:
+            reporter.close()
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (runner.worker.Terminated)
+        _interrupted(exc, spec)
     if as_json:
         click.echo(json.dumps(_as_json(result), indent=2))
     else:
@@ -123,6 +128,17 @@ def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool, st
         click.echo(f"tieremu: --strict: {len(result.noisy)} of {len(result.records)} runs were noisy (see "
                    f"{result.path / 'runs.jsonl'}); run again on a quieter machine", err=True)
         sys.exit(3)
+
+
+def _interrupted(exc: KeyboardInterrupt, spec: Path | None) -> NoReturn:
+    """A signal stopped the sweep: say which and where the results are, and exit as a shell reports a death by
+    that signal (128 + its number), not with click's bare "Aborted!" and 1."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    folder = getattr(exc, "result_folder", None)
+    resume = " ".join(["tieremu run", *([str(spec)] if spec else []), "--resume", str(folder)])
+    where = f"; the result folder {folder} is marked failed (`{resume}` runs what is missing)" if folder else ""
+    click.echo(f"tieremu: run stopped by {signal.Signals(signum).name}{where}", err=True)
+    sys.exit(128 + signum)
 
 
 def _print_outcome(console: Console, result: ExperimentResult) -> None:

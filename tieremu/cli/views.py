@@ -88,18 +88,22 @@ def placement_bench_table(b: PlacementBench) -> Table:
 
 def emulation_bench_table(b: EmulationBench) -> Table:
     from tieremu.bench.emulation import TOLERANCE
+    from tieremu.probe.latency import DESCHEDULED_NS
 
     table = Table(title=f"Emulated tiers vs targets (local: {b.calibration.latency_ns:.0f} ns, "
                         f"read {b.calibration.bandwidth_gbps['read']:.1f} GB/s; median of repeats)")
-    for col in ("metric", "ratio to local", "target", "achieved", "error", "spread", "verdict"):
+    for col in ("metric", "ratio to local", "target", "achieved", "error", "spread", "descheduled", "verdict"):
         table.add_column(col)
     for p in b.points:
         verdict = "[green]ok[/]" if p.ok else f"[red]off by more than {TOLERANCE:.0%}[/]"
+        left_out = f"{p.descheduled_ns / 1e6:.0f} ms" if p.metric == "latency_ns" else ""
         table.add_row(p.metric, f"{p.ratio:g}x", f"{p.target:.2f}", f"{p.achieved.median:.2f}", f"{p.error:+.1%}",
-                      f"{p.achieved.spread:.1%}", verdict)
+                      f"{p.achieved.spread:.1%}", left_out, verdict)
     overhead = ", ".join(f"{k} {v:+.2%}" for k, v in b.overhead.items())
     noisy = " — NOISY run" if b.load.noisy else ""
-    table.caption = (f"pacer bookkeeping overhead (clock read and account per chunk, never waiting): {overhead}; "
+    table.caption = (f"descheduled: time the latency chase left out (gaps over {DESCHEDULED_NS / 1e3:g} µs: "
+                     "preempted or stolen); "
+                     f"pacer bookkeeping overhead (clock read and account per chunk, never waiting): {overhead}; "
                      f"load {b.load.loadavg_1m:.2f} on {b.load.cpus} CPUs, steal {b.load.steal_fraction:.1%}{noisy}")
     return table
 

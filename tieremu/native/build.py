@@ -35,9 +35,10 @@ _SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "bw_copy": (u64, (vp, vp, u64, u64)),
     "bw_triad": (u64, (vp, vp, vp, ctypes.c_double, u64, u64)),
     "spin": (u64, (u64,)),
-    "chase_paced": (u64, (vp, u64, u64, u64, ctypes.POINTER(vp))),
+    "chase_paced": (u64, (vp, u64, u64, u64, u64, ctypes.POINTER(vp), ctypes.POINTER(u64))),
+    "chase_gapped": (u64, (vp, u64, u64, ctypes.POINTER(vp), ctypes.POINTER(u64))),
     "wait_ticks": (u64, (u64,)),
-    "chase_spun": (u64, (vp, u64, u64, ctypes.POINTER(vp))),
+    "chase_spun": (u64, (vp, u64, u64, u64, ctypes.POINTER(vp), ctypes.POINTER(u64))),
     "paged_decode_attention": (None, (vp, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # type: ignore[dict-item]
                                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, vp, ctypes.c_float, vp, vp)),
     "tsc_per_ns": (ctypes.c_double, (u64,)),

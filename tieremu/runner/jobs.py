@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from tieremu.configfile import Section, positive
 from tieremu.errors import ConfigError
+from tieremu.numbers import MIB, SEED, Range
 from tieremu.probe.calibrate import Anchor, anchored
 from tieremu.record.row import MetricRow
 from tieremu.tiers.config import TierMap
@@ -149,6 +150,10 @@ def _user_policy_problem(path: str) -> str | None:
 
 # ---- probe: per-tier latency and bandwidth through each tier's own path, plus loaded-latency curves ----
 
+MAX_PROBE_MIB = 1 << 20  # a chase buffer of 1 TiB: past any node's memory
+MAX_PROBE_REPEATS = 1000  # each repeat is a fraction of a second per tier and kernel
+
+
 @dataclass(frozen=True)
 class ProbeParams:
     size_mib: int = 256  # pointer-chase working set per tier
@@ -166,8 +171,8 @@ class ProbeJob(Job):
         for i, k in enumerate(kernels):
             if k not in ("read", "write", "copy"):
                 raise section.error(f"kernels[{i}]", f"{k!r} is not valid; valid: read, write, copy")
-        params = ProbeParams(size_mib=section.get("size_mib", int, 256, check=positive),
-                             repeats=section.get("repeats", int, 3, check=positive),
+        params = ProbeParams(size_mib=section.get("size_mib", int, 256, valid=Range(1, MAX_PROBE_MIB, integer=True)),
+                             repeats=section.get("repeats", int, 3, valid=Range(1, MAX_PROBE_REPEATS, integer=True)),
                              kernels=tuple(kernels), loaded=section.get("loaded", bool, True))
         section.done()
         return params
@@ -200,9 +205,11 @@ class ProbeJob(Job):
         for m in measured:
             tier = resolved.tier(m.tier)
             unit = "ns" if m.metric == "latency_ns" else "GB/s"
+            # latency rows say how much descheduled time their chase left out (DESCHEDULED_NS): none is hidden
+            excluded = m.excluded.to_dict() if m.metric == "latency_ns" else {}
             rows.append(ctx.row(m.metric, m.achieved.median, unit, tier_origin(tier), tier=m.tier,
                                 backing=m.backing, requested=m.requested, min=m.achieved.min, max=m.achieved.max,
-                                spread=m.achieved.spread))
+                                spread=m.achieved.spread, **excluded))
         rows += cls._ratios(measured, ctx, resolved, cal)
         if params.loaded:
             rows += cls._loaded(params, ctx, topology)
@@ -308,9 +315,9 @@ class RoundTripJob(Job):
         if route is not None and not all(isinstance(t, str) for t in route):
             raise section.error("route", f"{route!r}: expected a list of tier names")
         params = RoundTripParams(route=None if route is None else tuple(route),
-                                 size_mib=section.get("size_mib", int, 256, check=positive),
-                                 seed=section.get("seed", int, 0),
-                                 check_mib=section.get("check_mib", int, 4, check=positive))
+                                 size_mib=section.get("size_mib", int, 256, valid=MIB),
+                                 seed=section.get("seed", int, 0, valid=SEED),
+                                 check_mib=section.get("check_mib", int, 4, valid=MIB))
         section.done()
         return params
 

@@ -19,7 +19,7 @@ from typing import Any
 from tieremu import __version__
 from tieremu.lab import active_profiles
 from tieremu.numa import syscalls
-from tieremu.numa.topology import Topology
+from tieremu.numa.topology import Topology, topology_summary
 from tieremu.tiers.resolve import in_vm
 
 PACKAGES = ("numpy", "torch", "psutil", "pyyaml", "click", "rich")
@@ -71,21 +71,6 @@ def collect(topology: Topology, **extra: Any) -> Manifest:
         lab_profiles=active_profiles(),
         extra=extra,
     )
-
-
-def topology_summary(topo: Topology) -> dict[str, Any]:
-    return {
-        "nodes": {
-            n.id: {
-                "cpus": list(n.cpus), "cpuless": n.cpuless, "has_memory": n.has_memory,
-                "mem_total_bytes": n.mem_total_bytes, "distances": n.distances, "memory_tier": n.memory_tier,
-                "hmat": {f"access{a}": asdict(acc) for a, acc in n.access.items()},
-            }
-            for n in topo.nodes.values()
-        },
-        "memory_tiers": {t: list(nodes) for t, nodes in topo.memory_tiers.items()},
-        "system_mem_total_bytes": topo.system_mem_total_bytes,
-    }
 
 
 def _cpu_model() -> str | None:

@@ -123,6 +123,14 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP reached the runner: handled like Ctrl-C (the running worker is killed, the result folder
     is marked failed and can be resumed)."""
 
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} received")
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
 
 @contextmanager
 def terminate_raises() -> Iterator[None]:
@@ -132,7 +140,7 @@ def terminate_raises() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(f"{signal.Signals(signum).name} received")
+        raise Terminated(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tieremu.configfile import Section, positive
+from tieremu.configfile import Section
+from tieremu.numbers import MAX_COUNT, MAX_GBPS, MAX_MIB, MAX_SECONDS, MAX_THREADS, MAX_TOKENS, SEED, Range
 from tieremu.record.row import MetricRow
 from tieremu.tiers.config import TierMap
 from tieremu.tiers.resolve import ResolvedTierMap
@@ -20,6 +21,8 @@ from tieremu.workloads.job import Job, RunContext, audit_rows, tier_origin
 MIB = 1 << 20
 TIMELINE_EPOCHS = 5  # daemon epochs per window of the migrations-over-time series
 DEVICES = ("auto", "cpu", "cuda")
+MAX_BATCH = 4096  # sequences decoded together: past any serving batch
+MAX_BLOCK_TOKENS = 4096  # tokens per KV block: paged caches use 16-256
 
 
 @dataclass(frozen=True)
@@ -60,20 +63,21 @@ class DecodeJob(Job):
     def parse(cls, section: Section) -> DecodeParams:
         from tieremu.kv.layout import LAYOUTS
 
-        budget = section.get("budget_gbps", float, None, check=positive)
+        budget = section.get("budget_gbps", float, None, valid=Range(0, MAX_GBPS, lo_closed=False))
         params = DecodeParams(
             preset=section.get("preset", str, "tiny", choices=("tiny", "small", "1b")),
-            batch=section.get("batch", int, 4, check=positive),
-            prompt_tokens=section.get("prompt_tokens", int, 512, check=positive),
-            shared_prefix_tokens=section.get("shared_prefix_tokens", int, 128),
-            decode_steps=section.get("decode_steps", int, 32, check=positive),
-            block_tokens=section.get("block_tokens", int, 16, check=positive),
+            batch=section.get("batch", int, 4, valid=Range(1, MAX_BATCH, integer=True)),
+            prompt_tokens=section.get("prompt_tokens", int, 512, valid=Range(1, MAX_TOKENS, integer=True)),
+            shared_prefix_tokens=section.get("shared_prefix_tokens", int, 128,
+                                             valid=Range(0, MAX_TOKENS, integer=True)),
+            decode_steps=section.get("decode_steps", int, 32, valid=Range(1, MAX_COUNT, integer=True)),
+            block_tokens=section.get("block_tokens", int, 16, valid=Range(1, MAX_BLOCK_TOKENS, integer=True)),
             layout=section.get("layout", str, "all-layers", choices=LAYOUTS),
-            fast_capacity_mib=section.get("fast_capacity_mib", float, 2.0, check=positive),
-            epoch_ms=section.get("epoch_ms", float, 10.0, check=positive),
+            fast_capacity_mib=section.get("fast_capacity_mib", float, 2.0, valid=Range(0, MAX_MIB, lo_closed=False)),
+            epoch_ms=section.get("epoch_ms", float, 10.0, valid=Range(0, MAX_SECONDS * 1000, lo_closed=False)),
             budget_gbps=budget,
-            seed=section.get("seed", int, 0),
-            threads=section.get("threads", int, 1, check=positive),
+            seed=section.get("seed", int, 0, valid=SEED),
+            threads=section.get("threads", int, 1, valid=Range(1, MAX_THREADS, integer=True)),
             device=section.get("device", str, "auto", choices=DEVICES),
         )
         section.done()

@@ -42,7 +42,7 @@ def test_default_spec_validates_and_plans_probe_round_trip_decode_and_replay_wit
     assert [r.kind for r in runs] == ["probe"] + ["roundtrip"] * 3 + ["decode"] * 12 + ["replay"] * 6
     assert runs[1].params.route == ("dram", "cxl", "far")
     # the arms of the decode comparison interleave, ABBA across repetitions, so drift weighs on all alike
-    arms = ["lru", "hotcold", "all-fastest", "all-slowest"]
+    arms = ["lru-epoch", "hotcold", "all-fastest", "all-slowest"]
     assert [(r.repetition, r.policy) for r in runs if r.kind == "decode"] == \
         [(0, a) for a in arms] + [(1, a) for a in reversed(arms)] + [(2, a) for a in arms]
     # the all-fastest / all-slowest bounds run beside every policy of a job

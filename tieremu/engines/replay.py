@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tieremu.engines.arm import ArmResult, ArmSpec
-from tieremu.engines.models import ModelInfo, model_info, tiny_model
+from tieremu.engines.models import DTYPE_BYTES, ModelInfo, model_info, tiny_model
 from tieremu.engines.prompts import build_prompts
+from tieremu.engines.store import check_capacities
 from tieremu.errors import ConfigError, TieremuError
 from tieremu.tiers.config import load_tier_map
 from tieremu.workloads.simulate import Tail
@@ -103,8 +104,10 @@ def engine_replay(config: EngineReplayConfig) -> EngineReplayResult:
         raise ConfigError(f"--dtype {config.dtype!r}: valid: {', '.join(DTYPES)}")
     if not config.trace_requests:
         raise ConfigError("the trace selection holds no requests (check --max-requests)")
-    load_tier_map(config.tiers)  # a bad map is reported before any engine starts
+    tier_map = load_tier_map(config.tiers)  # a bad map is reported before any engine starts
     model = model_info(config.model) if config.model is not None else model_info(tiny_model())
+    block_bytes = model.kv_bytes_per_token(DTYPE_BYTES[config.dtype]) * config.block_tokens
+    check_capacities(tier_map, block_bytes, config.block_tokens)
     prompts = build_prompts(config.trace_requests, config.block_tokens, model.vocab_size,
                             max_tokens=model.max_positions)
     longest = max(len(p.token_ids) + p.output_tokens for p in prompts)

@@ -25,6 +25,7 @@ from tieremu.kv.cache import MIB, TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Occupancy
 from tieremu.policy.base import AccessEvent, Policy, checked_victim
+from tieremu.tiers.config import TierMap
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 
@@ -78,6 +79,19 @@ def capacities_for(resolved: ResolvedTierMap, layout: KVLayout,
                               f"{-(-layout.block_bytes // MIB)}")
         out[tier.name] = blocks
     return out
+
+
+def check_capacities(tier_map: TierMap, block_bytes: int, block_tokens: int) -> None:
+    """Before any engine starts: every tier of the map has a capacity_mib that holds one block (ConfigError naming
+    the tier, its capacity and the block size otherwise)."""
+    for tier in tier_map.tiers:
+        if tier.capacity_mib is None:
+            raise ConfigError(f"tier {tier.name!r} has no capacity_mib: the connector's store needs one per tier "
+                              f"(a block is {block_bytes / MIB:.3f} MiB)")
+        if tier.capacity_mib * MIB < block_bytes:
+            raise ConfigError(f"tier {tier.name!r} cannot hold one KV block: capacity {tier.capacity_mib} MiB, a "
+                              f"block of {block_tokens} tokens of this model is {block_bytes / MIB:.3f} MiB; give "
+                              f"capacity_mib >= {-(-block_bytes // MIB)} or a smaller --block-tokens")
 
 
 class TierStore:

@@ -171,3 +171,22 @@ def test_the_tiny_model_is_a_model_with_its_kv_size() -> None:
     info = model_info(tiny_model())
     assert (info.layers, info.kv_heads, info.head_dim, info.vocab_size) == (4, 2, 64, 1024)
     assert info.kv_bytes_per_token(2) == 2 * 4 * 2 * 64 * 2
+
+
+# -- the runner's engine job ---------------------------------------------------------------------------------------
+
+
+def test_an_engine_job_runs_each_policy_with_the_bounds(tmp_path: Path) -> None:
+    _need_vllm()
+    from experiment_runs import run_jobs
+
+    rows = run_jobs(tmp_path, TIERS, f"  - kind: engine\n    trace: {TRACE}\n    max_requests: 3\n"
+                    f"    block_tokens: {BLOCK_TOKENS}\n    kv_tier: dram\n    policies: [lru]\n")
+    by_run: dict[str, set[str]] = {}
+    for r in rows:
+        by_run.setdefault(r["run"], set()).add(r["metric"])
+    assert len(by_run) == 3, sorted(by_run)  # lru, all-fastest, all-slowest
+    for metrics in by_run.values():
+        assert {"ttft_ms", "tpot_ms", "tokens_per_s", "stored_blocks", "kv_tensor_on_node"} <= metrics
+    assert all(r["value"] == 1.0 for r in rows if r["metric"] == "kv_tensor_on_node")
+    assert _arm_processes() == []

@@ -92,6 +92,8 @@ class EngineReplayResult:
     outputs_match: bool | None = None
     mismatched_requests: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ttft_samples_ms: list[float] = field(default_factory=list)  # per request, in trace order
+    tpot_samples_ms: list[float] = field(default_factory=list)  # per request with 2+ output tokens
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -169,14 +171,21 @@ def _tail(log: Path, lines: int = 15) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def ttft_samples(arm: ArmResult) -> list[float]:
+    return [t * 1e3 for t in arm.ttft_s]
+
+
+def tpot_samples(arm: ArmResult) -> list[float]:
+    """Per request with two or more output tokens: the time from its first token to its last over the tokens
+    after the first (ms)."""
+    return [(finish - ttft) / (len(out) - 1) * 1e3
+            for ttft, finish, out in zip(arm.ttft_s, arm.finish_s, arm.output_token_ids, strict=True) if len(out) > 1]
+
+
 def _summary(arm: ArmResult) -> ArmSummary:
-    tpot = []
-    for ttft, finish, out in zip(arm.ttft_s, arm.finish_s, arm.output_token_ids, strict=True):
-        if len(out) > 1:
-            tpot.append((finish - ttft) / (len(out) - 1) * 1e3)
     generated = sum(len(o) for o in arm.output_token_ids)
     computed = sum(p - c for p, c in zip(arm.prompt_tokens, arm.cached_tokens, strict=True))
-    return ArmSummary(Tail.of([t * 1e3 for t in arm.ttft_s]), Tail.of(tpot),
+    return ArmSummary(Tail.of(ttft_samples(arm)), Tail.of(tpot_samples(arm)),
                       generated / arm.wall_s if arm.wall_s > 0 else math.nan, arm.wall_s, arm.construct_s,
                       sum(arm.prompt_tokens), computed)
 
@@ -210,4 +219,5 @@ def _result(config: EngineReplayConfig, model: ModelInfo, arm: ArmResult,
         tpot_ms=summary.tpot_ms, tokens_per_s=summary.tokens_per_s,
         computed_prompt_tokens=summary.computed_prompt_tokens, loaded_tokens=loaded_tokens,
         connector=stats, kv_placement=arm.kv_placement, without_connector=base, computed_drop_equals_loaded=drop_ok,
-        outputs_match=match, mismatched_requests=mismatched, notes=notes)
+        outputs_match=match, mismatched_requests=mismatched, notes=notes, ttft_samples_ms=ttft_samples(arm),
+        tpot_samples_ms=tpot_samples(arm))

@@ -37,7 +37,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from tieremu.engines.kvplace import KVPlacement, bind_tensors, bound_to, require_placed, verify
-from tieremu.engines.store import TierStore
+from tieremu.engines.store import TierStore, capacities_for
 from tieremu.engines.tiering import ResolvedStoreConfig, StoreConfig, open_tiers
 from tieremu.errors import ConfigError, KVError
 from tieremu.kv.layout import KVLayout
@@ -74,6 +74,7 @@ class Shared:
 
 
 _shared: Shared | None = None
+_roles_here: set[KVConnectorRole] = set()  # the connector roles created in this process
 _shared_lock = threading.Lock()
 
 
@@ -82,7 +83,13 @@ def shared_store(config: StoreConfig, layout: KVLayout) -> Shared:
     with _shared_lock:
         if _shared is None:
             resolved = open_tiers(config)
-            store = TierStore(resolved.tiers, layout, resolved.policy, injector=resolved.injector)
+            capacities = None
+            if resolved.policy.lifts_capacity:
+                # A bound (all-fastest, all-slowest): the tier it fills could hold every block of the map.
+                total = sum(capacities_for(resolved.tiers, layout).values())
+                capacities = {t.name: total for t in resolved.tiers.tiers}
+            store = TierStore(resolved.tiers, layout, resolved.policy, injector=resolved.injector,
+                              capacities=capacities)
             _shared = Shared(store, resolved)
         elif _shared.store.layout != layout:
             raise KVError(f"one process, two engines with different KV layouts: {_shared.store.layout.describe()} "
@@ -165,6 +172,13 @@ class TieredKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        if role == KVConnectorRole.SCHEDULER and KVConnectorRole.WORKER not in _roles_here:
+            # vLLM builds the workers (and their connector) before the scheduler: a scheduler with no worker in its
+            # process would look blocks up in a store that no save ever reaches.
+            raise ConfigError("TieredKVConnector: vLLM's scheduler and its worker run in different processes, so "
+                              "they cannot share tieremu's store; run the worker in the engine-core process "
+                              "(--distributed-executor-backend uni, or VLLM_ENABLE_V1_MULTIPROCESSING=0 offline)")
+        _roles_here.add(role)
         self.config = config_of(self._kv_transfer_config.kv_connector_extra_config or {})
         self.layout = layout_of(vllm_config)
         self.block_size = self.layout.block_tokens

@@ -177,7 +177,7 @@ class TieredKVConnector(KVConnectorBase_V1):
             # process would look blocks up in a store that no save ever reaches.
             raise ConfigError("TieredKVConnector: vLLM's scheduler and its worker run in different processes, so "
                               "they cannot share tieremu's store; run the worker in the engine-core process "
-                              "(--distributed-executor-backend uni, or VLLM_ENABLE_V1_MULTIPROCESSING=0 offline)")
+                              "(on the CPU platform: VLLM_ENABLE_V1_MULTIPROCESSING=0, for the OpenAI server too)")
         _roles_here.add(role)
         self.config = config_of(self._kv_transfer_config.kv_connector_extra_config or {})
         self.layout = layout_of(vllm_config)

@@ -5,7 +5,8 @@ These need the `vllm` extra (scripts/setup-vllm.sh, which scripts/test.sh runs).
 reason, except under CI (CI=true), where a missing vLLM is a failure: the engine stage must not silently stop running.
 
 The shared trace's first 40 requests share no hash id (its first reuse is request 49), so the run that must show
-loads replays the first 50: 89k prompt tokens at 64 tokens per hash id, with and without the connector.
+loads replays the first 50: 89k prompt tokens at 64 tokens per hash id, outputs capped at 32 tokens, with and without
+the connector.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TRACE = ROOT / "traces" / "mooncake_synthetic_trace.jsonl"
 TIERS = ROOT / "tests" / "fixtures" / "engines" / "tiers-small.yaml"
 REQUESTS = 50
 BLOCK_TOKENS = 64
+MAX_OUTPUT = 32  # the trace's outputs (9,995 tokens over 50 requests) would double the stage's time
 
 
 def _need_vllm() -> None:
@@ -62,7 +64,8 @@ def _replay(*args: str) -> tuple[int, str]:
 def replay_json() -> dict:
     _need_vllm()
     code, out = _replay("--policy", "lru", "--kv-tier", "dram", "--max-requests", str(REQUESTS),
-                        "--block-tokens", str(BLOCK_TOKENS), "--check-outputs", "--json")
+                        "--block-tokens", str(BLOCK_TOKENS), "--max-output-tokens", str(MAX_OUTPUT), "--check-outputs",
+                        "--json")
     assert code == 0, out
     return json.loads(out)
 
@@ -181,7 +184,8 @@ def test_an_engine_job_runs_each_policy_with_the_bounds(tmp_path: Path) -> None:
     from experiment_runs import run_jobs
 
     rows = run_jobs(tmp_path, TIERS, f"  - kind: engine\n    trace: {TRACE}\n    max_requests: 3\n"
-                    f"    block_tokens: {BLOCK_TOKENS}\n    kv_tier: dram\n    policies: [lru]\n")
+                    f"    block_tokens: {BLOCK_TOKENS}\n    max_output_tokens: 8\n    kv_tier: dram\n"
+                    "    policies: [lru]\n")
     by_run: dict[str, set[str]] = {}
     for r in rows:
         by_run.setdefault(r["run"], set()).add(r["metric"])

@@ -220,6 +220,8 @@ def engine() -> None:
 @click.option("--max-requests", type=click.IntRange(min=1), default=None, help="Only the first N requests.")
 @click.option("--block-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Tokens per trace hash id; also the engine's KV block size.")
+@click.option("--max-output-tokens", type=click.IntRange(min=1), default=None,
+              help="Cap each request's output tokens (default: the trace's output_length).")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
               help="Model and KV dtype (bf16 linear layers are ~3x slower on CPUs without AMX).")
 @click.option("--time-scale", type=float, default=0.2, show_default=True, help="Wall seconds per trace second.")
@@ -229,7 +231,8 @@ def engine() -> None:
               help="Run again without the connector and compare generated token ids (vLLM's prefix cache off).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def engine_replay_cmd(trace: str, engine_name: str, tier_file: str, policy: str, params: tuple[str, ...],
-                      model: str | None, kv_tier: str | None, max_requests: int | None, block_tokens: int, dtype: str,
+                      model: str | None, kv_tier: str | None, max_requests: int | None, block_tokens: int,
+                      max_output_tokens: int | None, dtype: str,
                       time_scale: float, timeout_s: float, check_outputs: bool, as_json: bool) -> None:
     """Replay a Mooncake-format TRACE against a real engine whose KV connector stores blocks in tieremu's tiers."""
     from tieremu.engines.replay import EngineReplayConfig, engine_replay
@@ -239,7 +242,8 @@ def engine_replay_cmd(trace: str, engine_name: str, tier_file: str, policy: str,
     result = engine_replay(EngineReplayConfig(
         trace_requests=requests, tiers=Path(tier_file), policy=policy, policy_params=parse_params(params),
         engine=engine_name, model=None if model is None else Path(model), kv_tier=kv_tier, block_tokens=block_tokens,
-        check_outputs=check_outputs, dtype=dtype, time_scale=time_scale, timeout_s=timeout_s))
+        check_outputs=check_outputs, dtype=dtype, time_scale=time_scale, timeout_s=timeout_s,
+        max_output_tokens=max_output_tokens))
     if as_json:
         _print_json(result.to_dict())
     else:

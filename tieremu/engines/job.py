@@ -34,6 +34,7 @@ class EngineParams:
     dtype: str
     time_scale: float
     timeout_s: float
+    max_output_tokens: int | None = None
 
 
 class EngineJob(Job):
@@ -53,7 +54,8 @@ class EngineJob(Job):
             block_tokens=section.get("block_tokens", int, 512, check=positive), model=model,
             kv_tier=section.get("kv_tier", str, None), dtype=section.get("dtype", str, "float32", choices=DTYPES),
             time_scale=section.get("time_scale", float, 0.2, check=positive),
-            timeout_s=section.get("timeout_s", float, 900.0, check=positive))
+            timeout_s=section.get("timeout_s", float, 900.0, check=positive),
+            max_output_tokens=section.get("max_output_tokens", int, None, check=positive))
         section.done()
         return params
 
@@ -77,7 +79,7 @@ class EngineJob(Job):
             trace_requests=requests, tiers=Path(source), policy=ctx.policy or "all-fastest",
             model=None if params.model is None else Path(params.model), kv_tier=params.kv_tier,
             block_tokens=params.block_tokens, dtype=params.dtype, time_scale=params.time_scale,
-            timeout_s=params.timeout_s))
+            timeout_s=params.timeout_s, max_output_tokens=params.max_output_tokens))
         rows = [ctx.row("ttft_ms", v, "ms", r.origin, sample=i) for i, v in enumerate(r.ttft_samples_ms)]
         rows += [ctx.row("tpot_ms", v, "ms", r.origin, sample=i) for i, v in enumerate(r.tpot_samples_ms)]
         rows.append(ctx.row("tokens_per_s", r.tokens_per_s, "tokens/s", r.origin))

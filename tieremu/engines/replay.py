@@ -57,6 +57,7 @@ class EngineReplayConfig:
     time_scale: float = DEFAULT_TIME_SCALE
     kv_cache_gib: float = 1.0
     timeout_s: float = DEFAULT_TIMEOUT_S
+    max_output_tokens: int | None = None  # cap on each request's trace output_length (None: the trace's own)
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ def engine_replay(config: EngineReplayConfig) -> EngineReplayResult:
         raise ConfigError(f"--engine {config.engine!r}: valid engines: {', '.join(ENGINES)}")
     if config.dtype not in DTYPES:
         raise ConfigError(f"--dtype {config.dtype!r}: valid: {', '.join(DTYPES)}")
+    if config.max_output_tokens is not None and config.max_output_tokens < 1:
+        raise ConfigError(f"--max-output-tokens {config.max_output_tokens}: give 1 or more")
     if not config.trace_requests:
         raise ConfigError("the trace selection holds no requests (check --max-requests)")
     tier_map = load_tier_map(config.tiers)  # a bad map is reported before any engine starts
@@ -115,7 +118,8 @@ def engine_replay(config: EngineReplayConfig) -> EngineReplayResult:
     longest = max(len(p.token_ids) + p.output_tokens for p in prompts)
     start = prompts[0].arrival_s
     base = dict(model=str(model.path), prompts=[list(p.token_ids) for p in prompts],
-                output_tokens=[p.output_tokens for p in prompts],
+                output_tokens=[p.output_tokens if config.max_output_tokens is None
+                               else min(p.output_tokens, config.max_output_tokens) for p in prompts],
                 arrivals_s=[(p.arrival_s - start) * config.time_scale for p in prompts],
                 block_size=config.block_tokens, max_model_len=-(-longest // config.block_tokens) * config.block_tokens,
                 kv_cache_gib=config.kv_cache_gib, dtype=config.dtype)

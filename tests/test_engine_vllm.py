@@ -132,6 +132,7 @@ def test_a_directory_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_tiers_that_cannot_hold_one_block_are_refused(tmp_path: Path) -> None:
+    _need_vllm()  # the tiny model is built with transformers, which comes with the vllm extra
     tiers = tmp_path / "tiny.yaml"
     tiers.write_text("name: tiny\ntiers:\n  - name: dram\n    nodes: [0]\n    capacity_mib: 1\n")
     # 512 tokens of the tiny model in float32: 4 layers x 2 x 2 heads x 64 x 4 bytes x 512 = 2 MiB > 1 MiB
@@ -171,6 +172,7 @@ def test_equal_hash_ids_give_equal_token_blocks() -> None:
 
 
 def test_the_tiny_model_is_a_model_with_its_kv_size() -> None:
+    _need_vllm()  # the tiny model is built with transformers, which comes with the vllm extra
     info = model_info(tiny_model())
     assert (info.layers, info.kv_heads, info.head_dim, info.vocab_size) == (4, 2, 64, 1024)
     assert info.kv_bytes_per_token(2) == 2 * 4 * 2 * 64 * 2

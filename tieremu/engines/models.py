@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tieremu.errors import ConfigError
+from tieremu.errors import ConfigError, WorkloadError
 
 # The tiny model's shape: small enough to serve at >1,000 tokens/s on two busy cores, Llama-shaped so that vLLM
 # runs its real Llama code path (GQA: 4 query heads over 2 KV heads).
@@ -76,7 +76,12 @@ def tiny_model(cache: Path | None = None) -> Path:
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as exc:
+        raise WorkloadError(f"the tiny model is built with transformers, which is not importable ({exc}); it comes "
+                            "with the vllm extra: run scripts/setup-vllm.sh") from None
 
     torch.manual_seed(TINY_SEED)
     config = LlamaConfig(**TINY_CONFIG, torch_dtype="bfloat16")

@@ -9,6 +9,7 @@ EngineError, never a partial result.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -103,6 +104,9 @@ class EngineReplayResult:
 def engine_replay(config: EngineReplayConfig) -> EngineReplayResult:
     if config.engine not in ENGINES:
         raise ConfigError(f"--engine {config.engine!r}: valid engines: {', '.join(ENGINES)}")
+    if importlib.util.find_spec(config.engine) is None:
+        raise EngineError(f"--engine {config.engine}: it is not installed in this environment ({sys.executable}); "
+                          "run scripts/setup-vllm.sh")
     if config.dtype not in DTYPES:
         raise ConfigError(f"--dtype {config.dtype!r}: valid: {', '.join(DTYPES)}")
     if config.max_output_tokens is not None and config.max_output_tokens < 1:

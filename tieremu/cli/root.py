@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 SUBCOMMANDS = {
     "daemon": LazyCommand("tieremu.cli.daemon:daemon", "Attach to process PID and migrate its memory between NUMA "
                           "nodes under a placement policy."),
+    "engine": LazyCommand("tieremu.cli.engine:engine", "Real serving engines (vLLM's CPU build) on tieremu's tiers."),
     "generate-trace": LazyCommand("tieremu.cli.replay:generate_trace",
                                   "Write a seeded synthetic trace in the Mooncake JSONL format to OUT."),
     "lab": LazyCommand("tieremu.cli.lab:lab", "Root-only lab profiles that turn a server into a CXL or remote-memory "

@@ -39,7 +39,8 @@ BASELINES = ("all-fastest", "all-slowest")  # the L100 / L0 bounds run beside ev
 BUILTIN_JOBS = ("tieremu.runner.jobs:ProbeJob", "tieremu.runner.jobs:RoundTripJob",
                 "tieremu.runner.jobs:SyntheticJob")
 # Jobs living with their own layers (decode, trace replay): listed here once they land; absent modules are skipped.
-OPTIONAL_JOBS: tuple[str, ...] = ("tieremu.workloads.jobs:DecodeJob", "tieremu.workloads.replay_job:ReplayJob")
+OPTIONAL_JOBS: tuple[str, ...] = ("tieremu.workloads.jobs:DecodeJob", "tieremu.workloads.replay_job:ReplayJob",
+                                  "tieremu.engines.job:EngineJob")
 
 
 def job_path(job: type[Job]) -> str:

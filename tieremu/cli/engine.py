@@ -1,0 +1,82 @@
+"""`tieremu engine replay`: a Mooncake trace against a real serving engine (vLLM's CPU build) whose KV connector
+stores blocks in tieremu's tiers. The engine package is imported only when the command runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from tieremu.cli.replay import Number, parse_params
+from tieremu.numbers import MAX_SECONDS
+
+
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+@click.group()
+def engine() -> None:
+    """Real serving engines (vLLM's CPU build) on tieremu's tiers."""
+
+
+@engine.command("replay")
+@click.argument("trace", type=click.Path(dir_okay=False))
+@click.option("--engine", "engine_name", default="vllm", show_default=True, help="The serving engine (vllm).")
+@click.option("--tiers", "tier_file", required=True, type=click.Path(dir_okay=False),
+              help="Tier map of the connector's store (each tier needs capacity_mib).")
+@click.option("--policy", default="lru", show_default=True, help="Placement policy of the store.")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A policy parameter (repeatable).")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="A local Hugging Face model directory; default: a tiny Llama built here from a fixed seed.")
+@click.option("--kv-tier", default=None, help="Place the engine's own KV tensor on this tier's node.")
+@click.option("--max-requests", type=click.IntRange(min=1), default=None, help="Only the first N requests.")
+@click.option("--block-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Tokens per trace hash id; also the engine's KV block size.")
+@click.option("--max-output-tokens", type=click.IntRange(min=1), default=None,
+              help="Cap each request's output tokens (default: the trace's output_length).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16"]),
+              help="Model and KV dtype (bf16 linear layers are ~3x slower on CPUs without AMX).")
+@click.option("--time-scale", type=Number(0, 1e6), default=0.2, show_default=True,
+              help="Wall seconds per trace second.")
+@click.option("--timeout", "timeout_s", type=Number(0, MAX_SECONDS), default=900.0, show_default=True,
+              help="Seconds an engine run may take before it is stopped.")
+@click.option("--check-outputs", is_flag=True,
+              help="Run again without the connector and compare generated token ids (vLLM's prefix cache off).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def engine_replay_cmd(trace: str, engine_name: str, tier_file: str, policy: str, params: tuple[str, ...],
+                      model: str | None, kv_tier: str | None, max_requests: int | None, block_tokens: int,
+                      max_output_tokens: int | None, dtype: str,
+                      time_scale: float, timeout_s: float, check_outputs: bool, as_json: bool) -> None:
+    """Replay a Mooncake-format TRACE against a real engine whose KV connector stores blocks in tieremu's tiers."""
+    from tieremu.engines.replay import EngineReplayConfig, engine_replay
+    from tieremu.workloads.trace import read_trace
+
+    requests = read_trace(trace)[:max_requests]
+    result = engine_replay(EngineReplayConfig(
+        trace_requests=requests, tiers=Path(tier_file), policy=policy, policy_params=parse_params(params),
+        engine=engine_name, model=None if model is None else Path(model), kv_tier=kv_tier, block_tokens=block_tokens,
+        check_outputs=check_outputs, dtype=dtype, time_scale=time_scale, timeout_s=timeout_s,
+        max_output_tokens=max_output_tokens))
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        hits = result.connector.get("hits_by_tier", {})
+        click.echo(f"{result.engine} on {result.model}: {result.requests} requests, policy {result.policy} "
+                   f"({result.origin})")
+        click.echo(f"TTFT p50 {result.ttft_ms.p50:.1f} ms p99 {result.ttft_ms.p99:.1f} ms; TPOT p50 "
+                   f"{result.tpot_ms.p50:.2f} ms p99 {result.tpot_ms.p99:.2f} ms; {result.tokens_per_s:.0f} tokens/s")
+        click.echo(f"connector: stored {result.connector.get('stored_blocks')} blocks, loaded "
+                   f"{result.connector.get('loaded_blocks')}; hits by tier {hits}")
+        if result.kv_placement is not None:
+            p = result.kv_placement
+            click.echo(f"KV tensor: tier {p['tier']} node {p['requested_node']}: "
+                       f"{p['achieved_fraction']:.1%} of {p['pages']} pages there")
+        if result.outputs_match is not None:
+            click.echo(f"outputs match without the connector: {result.outputs_match}")
+        for note in result.notes:
+            click.echo(f"note: {note}")
+    if result.outputs_match is False:
+        raise click.ClickException(f"generated tokens differ with and without the connector for requests "
+                                   f"{result.mismatched_requests[:10]}")
+

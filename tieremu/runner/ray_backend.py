@@ -8,6 +8,7 @@ leaves mid-sweep fails the runs it held, and the runs only it could take, with t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import tempfile
@@ -111,14 +112,14 @@ class RayBackend:
                     if any(sub.needs.met_by(h.resources) for h in hosts):
                         continue
                     # Ray would keep it waiting for a host that may never come back: the run fails here, with why.
-                    ray.cancel(ref, force=True)
+                    _cancel(ref)
                     del pending[ref]
                     left = ", ".join(h.describe() for h in gone) or "none seen"
                     yield sub.run, _failed(f"lost: no live host can run it any more (hosts that left the cluster: "
                                            f"{left}); {unschedulable(sub.needs, hosts)}")
         finally:  # Ctrl-C, or the driver failing: no run goes on without it
             for ref in pending:
-                ray.cancel(ref, force=True)
+                _cancel(ref)
 
     def close(self) -> None:
         import ray
@@ -167,6 +168,16 @@ def _alive_hosts() -> list[Host]:
     return [Host(n["NodeID"], n.get("NodeManagerHostname", "?"), n.get("NodeManagerAddress", "?"),
                  dict(n.get("Resources", {})))
             for n in ray.nodes() if n.get("Alive")]
+
+
+def _cancel(ref: Any) -> None:
+    """Stop a task (force: its worker process is killed, and with it the run's own process); a task whose host is
+    already gone cannot be reached, and needs no stopping."""
+    import ray
+    from ray.exceptions import RayError
+
+    with contextlib.suppress(RayError, ValueError):
+        ray.cancel(ref, force=True)
 
 
 def _failed(reason: str) -> RunResult:

@@ -18,12 +18,15 @@ from tieremu.runner.backend import ADDRESS_ENV
 @click.option("--head", is_flag=True, help="Start the cluster's head here (else join ADDR).")
 @click.option("--address", default=None, metavar="ADDR", envvar=ADDRESS_ENV,
               help=f"The head to join, HOST:PORT (default: ${ADDRESS_ENV}).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="--head: the port the head listens on (Ray's default: 6379).")
 @click.option("--num-cpus", type=click.IntRange(min=1), default=None,
               help="CPUs Ray may use here (default: all): at most this many runs at once on this host.")
 @click.option("--resource", "extra", multiple=True, metavar="NAME",
               help="Declare NAME as well (a spec's job `requires: [NAME]` then runs only on such hosts); repeatable.")
 @click.option("--start", is_flag=True, help="Run the command instead of printing it.")
-def ray_node(head: bool, address: str | None, num_cpus: int | None, extra: tuple[str, ...], start: bool) -> None:
+def ray_node(head: bool, address: str | None, port: int | None, num_cpus: int | None, extra: tuple[str, ...],
+             start: bool) -> None:
     """Print (or with --start run) `ray start` for this host with the resources tieremu's runs ask for: each NUMA
     node with memory, QEMU if installed, each active lab profile, the whole-host token timed runs take, and any
     --resource NAME."""
@@ -37,6 +40,12 @@ def ray_node(head: bool, address: str | None, num_cpus: int | None, extra: tuple
     profiles = [str(p["name"]) for p in active_profiles() if p.get("applied_utc") and p.get("name")]
     offer = host_offer(discover(), lab_profiles=profiles, extra=extra)
     cmd = offer.ray_start(head=head, address=address, num_cpus=num_cpus)
+    if head and port is not None:
+        cmd[3:3] = ["--port", str(port)]
+    # Ray 2.60 clusters started by `ray start` use token authentication: every host and driver needs the head's token.
+    click.echo("# token authentication: the head writes its token to ~/.ray/auth_token; copy it to every other host "
+               "(or set RAY_AUTH_TOKEN), and run drivers with RAY_AUTH_MODE=token (tieremu run --backend ray "
+               "--address HEAD:PORT)", err=True)
     if not start:
         click.echo(shlex.join(cmd))
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,7 @@ CONNECT_TIMEOUT_S = 5.0  # an address that does not answer in this long is repor
 POLL_S = 1.0  # between checks that the hosts the waiting runs need are still alive
 DEFAULT_PORT = 6379  # `ray start --head`'s GCS port
 CLIENT_PORT = 10001  # ray:// (Ray Client) addresses
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 MISSING_RAY = ("--backend ray needs Ray, an optional extra: pip install 'tieremu[ray]' (scripts/bootstrap.sh "
                "installs it)")
 
@@ -73,7 +75,15 @@ class RayBackend:
         try:
             ray.init(address=address, **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise BackendError(f"cannot join the Ray cluster at {address or 'a new local instance'}: {exc}") from None
+            hint = ""
+            if address is not None and AUTH_MODE_ENV not in os.environ:
+                # Ray 2.60's `ray start` turns token authentication on, and a driver joining by address sends its
+                # token only when asked to (so that it never hands it to a wrong address): say how.
+                hint = (f"; if the cluster was started with `ray start` (tieremu ray-node --start) it uses token "
+                        f"authentication: set {AUTH_MODE_ENV}=token, with the head's token in ~/.ray/auth_token "
+                        "or $RAY_AUTH_TOKEN")
+            raise BackendError(f"cannot join the Ray cluster at {address or 'a new local instance'}: {exc}"
+                               f"{hint}") from None
         return cls(address)
 
     def execute(self, batch: list[Submission]) -> Iterator[tuple[PlannedRun, RunResult]]:

@@ -27,9 +27,11 @@ from tieremu.runner.backend import ADDRESS_ENV
 @click.option("--start", is_flag=True, help="Run the command instead of printing it.")
 def ray_node(head: bool, address: str | None, port: int | None, num_cpus: int | None, extra: tuple[str, ...],
              start: bool) -> None:
-    """Print (or with --start run) `ray start` for this host with the resources tieremu's runs ask for: each NUMA
-    node with memory, QEMU if installed, each active lab profile, the whole-host token timed runs take, and any
-    --resource NAME."""
+    """Print or start `ray start` for this host, declaring the resources tieremu's runs need (NUMA nodes, QEMU, lab
+    profiles, your own names).
+
+    Declared: each NUMA node with memory, QEMU if installed, each active lab profile, the whole-host token that timed
+    runs take, and every --resource NAME (a spec's job `requires: [NAME]` runs only where it is declared)."""
     from tieremu.lab import active_profiles
     from tieremu.numa.topology import discover
     from tieremu.runner.needs import host_offer

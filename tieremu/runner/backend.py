@@ -6,7 +6,7 @@ one result folder, with the same run ids and files."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,8 +47,9 @@ class Submission:
 class Backend(Protocol):
     name: str
 
-    def execute(self, batch: list[Submission]) -> Iterator[tuple[PlannedRun, RunResult]]:
-        """Run every submission; yield each as it ends (failures too: never raise for one run's failure)."""
+    def execute(self, batch: list[Submission]) -> Generator[tuple[PlannedRun, RunResult], None, None]:
+        """Run every submission; yield each as it ends (failures too: never raise for one run's failure). Closing
+        the generator early stops the runs still going."""
         ...
 
     def close(self) -> None: ...

@@ -14,6 +14,7 @@ Folder layout (results/<experiment>/<timestamp>/, `.partial` until finished; tie
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from dataclasses import dataclass, replace
@@ -249,12 +250,14 @@ def _execute_on(backend: Backend, out: ResultDir, plan: Plan, todo: list[Planned
         for run in batch:
             if listener:
                 listener.started(run)
-        for run, result in backend.execute(submissions):
-            records[run.run_id] = _write_run(out, run, result)
-            if listener:
-                listener.finished(run, records[run.run_id])
-            if run.kind == "probe" and records[run.run_id].status == DONE:
-                plan = _anchored_by_probe(out, plan, run)
+        # closed on the way out of an error or Ctrl-C too: the backend stops the runs still going at once
+        with contextlib.closing(backend.execute(submissions)) as results:
+            for run, result in results:
+                records[run.run_id] = _write_run(out, run, result)
+                if listener:
+                    listener.finished(run, records[run.run_id])
+                if run.kind == "probe" and records[run.run_id].status == DONE:
+                    plan = _anchored_by_probe(out, plan, run)
     return plan
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ class RayBackend:
                                f"{hint}") from None
         return cls(address)
 
-    def execute(self, batch: list[Submission]) -> Iterator[tuple[PlannedRun, RunResult]]:
+    def execute(self, batch: list[Submission]) -> Generator[tuple[PlannedRun, RunResult], None, None]:
         import ray
         from ray.exceptions import RayError
 

@@ -65,7 +65,7 @@ class RayBackend:
         if address is not None and address != "auto":
             _check_reachable(address)
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                   "logging_level": logging.WARNING, "ignore_reinit_error": True}
+                                   "logging_level": logging.WARNING}
         if address is None:  # a private instance: it has to declare what tieremu's runs ask for, as ray-node would
             from tieremu.lab import active_profiles
             from tieremu.numa.topology import discover

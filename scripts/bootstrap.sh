@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent set-up: system packages when missing, .venv, torch==2.13.0 (CPU), then tieremu with its
-# test extras. A second run checks and changes nothing.
+# test and ray extras (Ray: the sweep backend for several hosts, tested with a real local cluster). A second run
+# checks and changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,8 +34,8 @@ fi
 
 stamp=.venv/.tieremu-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import tieremu" 2>/dev/null; then
-    echo "bootstrap: installing tieremu and its test extras"
-    "$PY" -m pip install -q -e '.[test]'
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import tieremu, importlib.util as u, sys; sys.exit(u.find_spec('ray') is None)" 2>/dev/null; then
+    echo "bootstrap: installing tieremu and its test and ray extras"
+    "$PY" -m pip install -q -e '.[test,ray]'
     echo "$want" > "$stamp"
 fi

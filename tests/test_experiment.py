@@ -130,8 +130,8 @@ def test_result_dir_is_partial_until_finished(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_key_is_an_error_listing_the_valid_ones(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="colour: unknown key; valid keys here: description, jobs, lab_profile, "
-                                          "name, probe, repetitions, run_timeout_s, seed, sweep, tiers"):
+    with pytest.raises(ConfigError, match="colour: unknown key; valid keys here: backend, description, jobs, "
+                                          "lab_profile, name, probe, repetitions, run_timeout_s, seed, sweep, tiers"):
         load_experiment(_spec(tmp_path, ROUNDTRIP, "colour: blue\n"))
 
 

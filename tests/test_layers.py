@@ -1,5 +1,6 @@
 """DESIGN.md's layers, enforced: every import of a tieremu module points to the same layer or below, and click and
-rich are imported only by the CLI layer. Imports inside functions count too (they run, later)."""
+rich are imported only by the CLI layer, and Ray (an optional extra) only by the ray backend. Imports inside functions
+count too (they run, later)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 )
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 CLI_ONLY = ("click", "rich")
+RAY_ONLY = "runner/ray_backend.py"  # the one module that imports Ray: nothing else fails when it is not installed
 
 
 def _part(module: str) -> str:
@@ -58,6 +60,8 @@ def violations(package: Path = PACKAGE) -> list[str]:
             top = module.split(".")[0]
             if top in CLI_ONLY and owner != "cli":
                 found.append(f"{where}: imports {module} below the CLI layer")
+            if top == "ray" and path.relative_to(package).as_posix() != RAY_ONLY:
+                found.append(f"{where}: imports {module} outside tieremu/{RAY_ONLY}")
             if top != "tieremu":
                 continue
             target = _part(module)
@@ -75,8 +79,10 @@ def test_the_check_catches_an_upward_import_and_click_below_the_cli(tmp_path: Pa
     (fake / "numa").mkdir(parents=True)
     (fake / "runner").mkdir()
     (fake / "numa" / "bad.py").write_text("def f():\n    from tieremu.runner.experiment import run_experiment\n")
-    (fake / "runner" / "table.py").write_text("import rich.table\nfrom tieremu.numa import bad\n")
+    (fake / "runner" / "table.py").write_text("import rich.table\nfrom tieremu.numa import bad\nimport ray\n")
+    (fake / "runner" / "ray_backend.py").write_text("import ray\n")
     assert violations(fake) == [
         "tieremu/numa/bad.py:2: numa (layer 1) imports tieremu.runner.experiment (layer 9)",
         "tieremu/runner/table.py:1: imports rich.table below the CLI layer",
+        "tieremu/runner/table.py:3: imports ray outside tieremu/runner/ray_backend.py",
     ]

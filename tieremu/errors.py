@@ -96,3 +96,7 @@ class WorkloadError(TieremuError):
 
 class ReportError(TieremuError):
     """A result folder cannot be reported on: missing files, a partial or failed run, unreadable metrics."""
+
+
+class BackendError(TieremuError):
+    """A sweep backend cannot be used: Ray missing, or its cluster unreachable; the message names the address."""

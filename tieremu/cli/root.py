@@ -28,6 +28,8 @@ SUBCOMMANDS = {
                        "testbed, reversibly."),
     "probe": LazyCommand("tieremu.cli.probe:probe", "Characterize every NUMA node: latency, bandwidth, loaded latency, "
                          "migration, storage, GPU copies."),
+    "ray-node": LazyCommand("tieremu.cli.ray_node:ray_node", "Print or start `ray start` for this host, declaring "
+                            "the resources tieremu's runs need (NUMA nodes, QEMU, lab profiles, your own names)."),
     "replay": LazyCommand("tieremu.cli.replay:replay",
                           "Replay a Mooncake-format TRACE against a tier map under a placement policy."),
     "report": LazyCommand("tieremu.cli.report:report", "Summary tables per job and policy (TPOT and TTFT p50/p99, "

@@ -1,5 +1,6 @@
-"""`tieremu run [SPEC] [--out DIR] [--resume [DIR]] [--json]`: a sweep, each run in its own worker process, with
-a progress bar and ETA on a terminal, the result folder and its report's path printed at the end."""
+"""`tieremu run [SPEC] [--out DIR] [--resume [DIR]] [--json] [--backend local|ray [--address ADDR]]`: a sweep, each
+run in its own worker process (here, or as Ray tasks across hosts), with a progress bar and ETA on a terminal, the
+result folder and its report's path printed at the end."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from rich.progress import (
 )
 
 from tieremu.record.runs import RunRecord
+from tieremu.runner.backend import BACKENDS, choose, open_backend
 from tieremu.runner.experiment import ExperimentResult, Plan, latest_folder, run_experiment
 from tieremu.runner.spec import load_experiment
 from tieremu.runner.sweep import PlannedRun
@@ -96,11 +98,20 @@ class _Reporter:
 @click.option("--strict", is_flag=True,
               help="Exit 3 when any run was noisy (steal, other processes' load): figures from a busy machine are "
                    "kept and flagged, but not passed as clean.")
-def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool, strict: bool) -> None:
+@click.option("--backend", type=click.Choice(BACKENDS), default=None,
+              help="Where the runs execute: local (default; also the spec's `backend:`), one after another here; or "
+                   "ray, each run a Ray task on a host that declares what it needs (tieremu ray-node), results "
+                   "brought home into the one folder.")
+@click.option("--address", default=None, metavar="ADDR",
+              help="--backend ray: the cluster's head, HOST:PORT or ray://HOST:PORT (default: $RAY_ADDRESS, else a "
+                   "Ray instance started here for this sweep).")
+def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool, strict: bool, backend: str | None,
+        address: str | None) -> None:
     """Run an experiment spec (default: configs/experiments/default.yaml): every run of its sweep in a fresh
     worker process, the all-fastest and all-slowest bounds beside every policy; writes manifest.json,
     runs.jsonl, metrics.jsonl, summary.csv, runs/, plots/ and report.html. Exits 1 if any run failed, 3 with
-    --strict if any was noisy."""
+    --strict if any was noisy. With --backend ray each run also gets runs/<id>/host.json (the host it ran on);
+    run ids are the same on both backends, so --resume continues a folder either way."""
     if spec is None and resume not in (None, LATEST) and Path(resume).is_file():
         spec, resume = Path(resume), LATEST  # `run --resume SPEC`: the spec was taken as the folder
     experiment = load_experiment(spec or default_spec())
@@ -110,12 +121,15 @@ def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool, st
     console = Console(width=max(120, Console().width))
     if not as_json:
         console.print(f"[bold]{experiment.name}[/]" + (f": {experiment.description}" if experiment.description else ""))
+    where = open_backend(choose(backend, experiment.backend), address)
     reporter = _Reporter(console, bar=console.is_terminal, quiet=as_json)
     try:
         try:
-            result = run_experiment(experiment, out_root, resume=resume_dir, listener=reporter)
+            result = run_experiment(experiment, out_root, resume=resume_dir, listener=reporter, backend=where)
         finally:
             reporter.close()
+            if where is not None:
+                where.close()
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (runner.worker.Terminated)
         _interrupted(exc, spec)
     if as_json:

@@ -7,12 +7,14 @@ Folder layout (results/<experiment>/<timestamp>/, `.partial` until finished; tie
     metrics.jsonl            one MetricRow per line, every run (rebuilt from runs/ at the end, in plan order)
     summary.csv              long format: one line per run group x metric x tier x phase (n, median, mean, CI...)
     summary.parquet          the same, when pyarrow is installed
-    runs/<run_id>/           status.json (its RunRecord), metrics.jsonl, worker.log
+    runs/<run_id>/           status.json (its RunRecord), metrics.jsonl, worker.log; host.json for a run on
+                             another backend (ray): the manifest of the host it ran on
     plots/, report.html      written by tieremu.report from the files above
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from dataclasses import dataclass, replace
@@ -27,7 +29,9 @@ from tieremu.record.row import MetricRow
 from tieremu.record.runs import DONE, FAILED, LoadSample, RunRecord
 from tieremu.record.summary import summarise, to_table
 from tieremu.runner import manifest
+from tieremu.runner.backend import Backend, RunResult, Submission
 from tieremu.runner.jobs import ProbeParams, RunContext, anchor_from_rows, job_path
+from tieremu.runner.needs import run_needs
 from tieremu.runner.results import ReopenedResultDir, ResultDir, ResultError
 from tieremu.runner.spec import ExperimentSpec
 from tieremu.runner.sweep import PlannedRun, expand
@@ -35,6 +39,8 @@ from tieremu.runner.worker import RunOutcome, RunTask, run_isolated, terminate_r
 from tieremu.safefile import UnsafeFileError, atomic_write, open_append
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
 from tieremu.tiers.timing import Calibration
+
+HOST_MANIFEST = "host.json"
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,10 @@ def plan_experiment(spec: ExperimentSpec) -> Plan:
 
 
 def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None = None,
-                   listener: Listener | None = None, report: bool = True) -> ExperimentResult:
+                   listener: Listener | None = None, report: bool = True,
+                   backend: Backend | None = None) -> ExperimentResult:
+    """Plan, run every run not done yet (here one after another, or on `backend`: tieremu.runner.backend), write the
+    folder's files and report."""
     plan = plan_experiment(spec)
     out = ReopenedResultDir(resume, spec.name) if resume is not None else ResultDir(out_root, spec.name)
     with out, terminate_raises():
@@ -103,14 +112,17 @@ def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None 
         for run in plan.runs:  # --resume: a probe done before anchors the runs still to do, as it did then
             if run.kind == "probe" and run.run_id in records:
                 plan = _anchored_by_probe(out, plan, run)
-        for run in todo:
-            if listener:
-                listener.started(run)
-            records[run.run_id] = _execute(out, plan, run)
-            if listener:
-                listener.finished(run, records[run.run_id])
-            if run.kind == "probe" and records[run.run_id].status == DONE:
-                plan = _anchored_by_probe(out, plan, run)
+        if backend is None:
+            for run in todo:
+                if listener:
+                    listener.started(run)
+                records[run.run_id] = _execute(out, plan, run)
+                if listener:
+                    listener.finished(run, records[run.run_id])
+                if run.kind == "probe" and records[run.run_id].status == DONE:
+                    plan = _anchored_by_probe(out, plan, run)
+        else:
+            plan = _execute_on(backend, out, plan, todo, records, listener)
         ordered = [records[r.run_id] for r in plan.runs]
         rows = _collect_rows(out.path, plan.runs)
         out.write_text("metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
@@ -209,23 +221,75 @@ def _previous_records(folder: Path) -> dict[str, RunRecord | None]:
     return out
 
 
-def _execute(out: ResultDir, plan: Plan, run: PlannedRun) -> RunRecord:
+def _context(out: ResultDir, plan: Plan, run: PlannedRun) -> RunContext:
     workdir = out.path / "runs" / run.run_id
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ResultError(f"cannot create {workdir}: {exc.strerror}") from None
-    context = RunContext(run.run_id, run.kind, run.policy, run.repetition, plan.spec.seed + run.repetition,
-                         plan.resolved[run.tiers], plan.calibration, workdir)
+    return RunContext(run.run_id, run.kind, run.policy, run.repetition, plan.spec.seed + run.repetition,
+                      plan.resolved[run.tiers], plan.calibration, workdir)
+
+
+def _execute(out: ResultDir, plan: Plan, run: PlannedRun) -> RunRecord:
+    context = _context(out, plan, run)
     before = LoadSample.now()
     outcome: RunOutcome = run_isolated(RunTask(job_path(run.job), run.params, context), plan.spec.run_timeout_s)
     after = LoadSample.now()
+    return _write_run(out, run, RunResult(outcome, before, after))
+
+
+def _execute_on(backend: Backend, out: ResultDir, plan: Plan, todo: list[PlannedRun],
+                records: dict[str, RunRecord], listener: Listener | None) -> Plan:
+    """The runs to do on a backend that runs many at once: the probe stage first (it anchors the timing models
+    of the runs after it), then all the others; each run's files written as it comes home."""
+    for batch in ([r for r in todo if r.kind == "probe"], [r for r in todo if r.kind != "probe"]):
+        if not batch:
+            continue
+        submissions = [_submission(out, plan, run) for run in batch]
+        for run in batch:
+            if listener:
+                listener.started(run)
+        # closed on the way out of an error or Ctrl-C too: the backend stops the runs still going at once
+        with contextlib.closing(backend.execute(submissions)) as results:
+            for run, result in results:
+                records[run.run_id] = _write_run(out, run, result)
+                if listener:
+                    listener.finished(run, records[run.run_id])
+                if run.kind == "probe" and records[run.run_id].status == DONE:
+                    plan = _anchored_by_probe(out, plan, run)
+    return plan
+
+
+def _submission(out: ResultDir, plan: Plan, run: PlannedRun) -> Submission:
+    requires = plan.spec.jobs[run.job_index].requires if run.job_index is not None else ()
+    needs = run_needs(plan.resolved[run.tiers], timed=run.job.uses_timing, lab_profile=plan.spec.lab_profile,
+                      requires=requires)
+    task = RunTask(job_path(run.job), run.params, _context(out, plan, run))
+    return Submission(run, task, needs, plan.spec.run_timeout_s)
+
+
+def _write_run(out: ResultDir, run: PlannedRun, result: RunResult) -> RunRecord:
+    """A run's files in runs/<run_id>/: what it left on its host, the host's manifest (remote runs), its rows,
+    then its status."""
+    outcome = result.outcome
+    workdir = out.path / "runs" / run.run_id
+    for name, data in result.files.items():
+        target = (workdir / name).resolve()
+        if workdir.resolve() not in target.parents:  # a name from another machine never writes outside the run's folder
+            raise ResultError(f"run {run.run_id} returned a file outside its folder: {name!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_text(target, data)
+    if result.host is not None:
+        _atomic_text(workdir / HOST_MANIFEST, json.dumps(result.host, indent=2, default=str) + "\n")
     rows = [r.stamped(run.run_id, run.kind, run.labels) for r in outcome.rows]
     _atomic_text(workdir / "metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
     record = RunRecord(run.run_id, run.kind, run.labels, DONE if outcome.ok else FAILED, outcome.seconds,
-                       outcome.error, len(rows)).with_load(before, after)
+                       outcome.error, len(rows)).with_load(result.before, result.after)
     status = record.to_dict() | {"exitcode": outcome.exitcode,
                                  "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    if result.host is not None:
+        status["host"] = result.host.get("hostname")
     # status.json last: a run counts as done only once its rows are safely on disk
     _atomic_text(workdir / "status.json", json.dumps(status, indent=2) + "\n")
     try:  # readable while the sweep goes on; rebuilt at the end
@@ -236,7 +300,7 @@ def _execute(out: ResultDir, plan: Plan, run: PlannedRun) -> RunRecord:
     return record
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def _atomic_text(path: Path, text: str | bytes) -> None:
     try:
         atomic_write(path, text)
     except UnsafeFileError as exc:

@@ -9,11 +9,14 @@ policies are errors naming the key path and the valid choices, raised before any
                                            # several for timing jobs, one for accounting-only ones)
     seed: 0
     run_timeout_s: 600                     # a run still going after this is killed and recorded failed
+    backend: local                         # optional: local (default) or ray (`tieremu run --backend` wins)
     jobs:
       - kind: synthetic                    # a registered job kind, or `module:Class`
         policies: [lru, {name: hotcold, quota: 8}]   # all-fastest and all-slowest are added beside them
         fast_capacity_mib: 256             # the job's own params, validated by the job
         sweep: {working_set_mib: [512, 2048]}   # axes for this job only
+        requires: [cxl]                    # optional, ray backend: hosts that declare these (tieremu ray-node
+                                           # --resource cxl) run it; not part of the run id (placement only)
     sweep:                                 # axes for every job that takes them (cartesian product)
       fast_capacity_mib: [256, 1024]
       tiers: [../tiers/single-node.yaml, ../tiers/cxl-expander.yaml]
@@ -31,10 +34,12 @@ from tieremu.configfile import Section, load_yaml
 from tieremu.errors import ConfigError
 from tieremu.numbers import MAX_SECONDS, Range
 from tieremu.runner.jobs import Job, JobRegistry, default_registry
+from tieremu.runner.needs import extra_resource
 from tieremu.tiers.config import TierMap, load_tier_map
 
-JOB_KEYS = ("kind", "policies", "sweep", "repetitions")  # read by the runner; every other key is the job's
+JOB_KEYS = ("kind", "policies", "sweep", "repetitions", "requires")  # read by the runner; every other key is the job's
 SPECIAL_AXES = ("policy", "tiers")
+BACKENDS = ("local", "ray")  # where runs execute: tieremu.runner.backend
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 REPETITIONS = Range(1, 1000, integer=True)  # more is a typo; the sweep's total is bounded too (sweep.MAX_RUNS)
 SEEDS = Range(0, 2**63 - 1, integer=True)
@@ -67,6 +72,7 @@ class JobSpec:
     policies: tuple[str, ...] | None  # None: the job takes no policies
     sweep: dict[str, tuple[Any, ...]]
     repetitions: int
+    requires: tuple[str, ...] = ()  # resource names a host must declare to run it (ray backend)
 
     @property
     def where(self) -> str:
@@ -87,6 +93,7 @@ class ExperimentSpec:
     run_timeout_s: float
     sweep: dict[str, tuple[Any, ...]]
     source: Path
+    backend: str = "local"  # where the runs execute when the command line does not say (tieremu.runner.backend)
 
     @property
     def tier_map(self) -> TierMap:
@@ -106,6 +113,7 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
     repetitions = doc.get("repetitions", int, None, valid=REPETITIONS)
     seed = doc.get("seed", int, 0, valid=SEEDS)
     run_timeout_s = doc.get("run_timeout_s", float, 600.0, valid=Range(0, MAX_SECONDS, lo_closed=False))
+    backend = doc.get("backend", str, "local", choices=BACKENDS)
     sweep = _axes(doc.section("sweep", default_empty=True))
     for written in sweep.get("tiers", ()):
         if written not in tier_maps:
@@ -120,7 +128,7 @@ def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> Ex
                                 f"{', '.join(registry.kinds)}) or set probe: true")
     doc.done()
     spec = ExperimentSpec(name, description, tiers, tier_maps, lab_profile, probe, jobs, repetitions or 1, seed,
-                          run_timeout_s, sweep, doc.source)
+                          run_timeout_s, sweep, doc.source, backend)
     _check_global_axes(spec, doc, registry)
     return spec
 
@@ -150,6 +158,14 @@ def _job(index: int, s: Section, registry: JobRegistry, repetitions: int | None)
         raise s.error("policies", f"job {kind!r} takes no policies")
     sweep = _axes(s.section("sweep", default_empty=True))
     reps = s.get("repetitions", int, repetitions or job.repetitions, valid=REPETITIONS)
+    requires = tuple(s.get("requires", list, []))
+    for i, name in enumerate(requires):
+        if not isinstance(name, str):
+            raise s.error(f"requires[{i}]", f"expected a resource name, got {name!r}")
+        try:
+            extra_resource(name)
+        except ConfigError as exc:
+            raise s.error(f"requires[{i}]", str(exc)) from None
     raw = {k: v for k, v in s.data.items() if k not in JOB_KEYS}
     own = _KeyRecorder(raw, s.path, s.source)
     params = job.parse(own)
@@ -163,7 +179,7 @@ def _job(index: int, s: Section, registry: JobRegistry, repetitions: int | None)
         elif axis != "tiers" and axis not in keys:
             raise s.error(f"sweep.{axis}", f"job {kind!r} has no param {axis!r}; it can sweep: "
                                            f"{', '.join(sorted(keys | _special(job)))}")
-    return JobSpec(index, kind, job, raw, params, keys, policies, sweep, reps)
+    return JobSpec(index, kind, job, raw, params, keys, policies, sweep, reps, requires)
 
 
 def _policy_labels(s: Section, key: str, entries: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ def _need_vllm() -> None:
 
 
 def _arm_processes() -> list[str]:
-    """Engine processes of tieremu still alive (an orphan would be one after a command returned)."""
+    """Engine processes of this checkout's tieremu still alive (an orphan would be one after a command returned).
+    Only those started by this interpreter's path: another checkout's test run on the same machine is not ours."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -50,7 +52,7 @@ def _arm_processes() -> list[str]:
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if "tieremu.engines.arm" in cmdline:
+            if "tieremu.engines.arm" in cmdline and cmdline.startswith(sys.executable):
                 found.append(f"{entry.name}: {cmdline}")
     return found
 

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 import torch
 
 from tieremu.daemon.daemon import MigrationDaemon
+from tieremu.daemon.room import stage_fit
 from tieremu.daemon.view import PoolView
 from tieremu.errors import ConfigError, KVError, PolicyError, TieremuError
 from tieremu.kv.cache import MIB, TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Occupancy
-from tieremu.policy.base import AccessEvent, Policy, checked_victim
+from tieremu.policy.base import AccessEvent, Policy
 from tieremu.tiers.config import TierMap
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
@@ -222,26 +223,9 @@ class TierStore:
         for name in self.names[self.rank[tier]:]:
             chain: list[tuple[int, str, str | None]] = []
             with view.staging():
-                if self._fit(key, name, chain):
+                if stage_fit(self.view, self.policy, self.capacity, self.names, key, name, chain):
                     return name, chain
         return None, []
-
-    def _fit(self, ident: int, tier: str, chain: list[tuple[int, str, str | None]]) -> bool:
-        view, capacity = self.view, self.capacity[tier]
-        used = view.used(tier)
-        if used >= capacity and used <= view.pinned_in(tier):
-            return False
-        view.stage(ident, tier, pinned=True)
-        if used < capacity:
-            return True
-        victim = checked_victim(self.policy, tier, view)
-        view.stage(victim, None)
-        rank = self.rank[tier]
-        if rank + 1 < len(self.names) and self._fit(victim, self.names[rank + 1], chain):
-            chain.append((victim, tier, self.names[rank + 1]))
-        else:
-            chain.append((victim, tier, None))
-        return True
 
     def _carry_out(self, chain: list[tuple[int, str, str | None]]) -> None:
         """Deepest first, so each move has room; a demotion the kernel refuses drops the victim instead."""

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tieremu.daemon.daemon import DaemonReport, MigrationDaemon
+from tieremu.daemon.room import stage_fit
 from tieremu.daemon.view import PoolView
 from tieremu.errors import ConfigError, PolicyError, TieremuError, WorkloadError
 from tieremu.kv.arena import NumaArena
@@ -60,7 +61,7 @@ from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Occupancy
 from tieremu.kv.pool import Block, MoveRecord
-from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy, UpcomingRequest, checked_victim
+from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy, UpcomingRequest
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 from tieremu.workloads.simulate import (
@@ -508,31 +509,12 @@ class _Run:
         for name in self.names[self.rank[tier]:]:
             chain: list[tuple[int, str, str | None]] = []
             with view.staging():
-                if self._fit(key, name, chain):
+                if stage_fit(self.view, self.policy, self.cache.pool.capacity, self.names, key, name, chain):
                     if name != tier:
                         self.policy.moved(key, tier, name)  # the tiers above were full of pinned blocks
                     return name, chain
         self.policy.moved(key, tier, None)
         return None, []
-
-    def _fit(self, ident: int, tier: str, chain: list[tuple[int, str, str | None]]) -> bool:
-        """Show block ident (in no tier) in `tier`; if that overfills it, push the policy's victim one tier down
-        (recursively) or out of the last tier. False, with nothing staged, if the tier is full of pinned blocks."""
-        view, capacity = self.view, self.cache.pool.capacity[tier]
-        used = view.used(tier)
-        if used >= capacity and used <= view.pinned_in(tier):
-            return False
-        view.stage(ident, tier, pinned=True)
-        if used < capacity:
-            return True
-        victim = checked_victim(self.policy, tier, view)
-        view.stage(victim, None)
-        rank = self.rank[tier]
-        if rank + 1 < len(self.names) and self._fit(victim, self.names[rank + 1], chain):
-            chain.append((victim, tier, self.names[rank + 1]))
-        else:
-            chain.append((victim, tier, None))
-        return True
 
     def _carry_out(self, chain: list[tuple[int, str, str | None]]) -> None:
         """Deepest first, so each move has room. A demotion the kernel refuses drops the block instead: the

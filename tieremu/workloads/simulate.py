@@ -56,6 +56,7 @@ from tieremu.policy.base import (
     TierState,
     UpcomingRequest,
 )
+from tieremu.record.stats import percentile
 from tieremu.workloads.trace import MOONCAKE_BLOCK_TOKENS, Request
 
 # 512 tokens of Llama-3-8B KV in fp16: 32 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes = 128 KiB a token.
@@ -102,7 +103,7 @@ class Tail:
         if not values:
             return cls(0.0, 0.0, 0.0, 0.0)
         ordered = sorted(values)
-        return cls(_percentile(ordered, 50), _percentile(ordered, 99), ordered[-1], math.fsum(ordered) / len(ordered))
+        return cls(percentile(ordered, 50), percentile(ordered, 99), ordered[-1], math.fsum(ordered) / len(ordered))
 
 
 @dataclass(frozen=True)
@@ -163,14 +164,6 @@ class ReplayResult:
         if not samples:
             del data["ttft_samples_ms"]
         return data
-
-
-def _percentile(ordered: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    pos = (len(ordered) - 1) * q / 100.0
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def policy_context(requests: Sequence[Request], epoch_s: float = DEFAULT_EPOCH_S) -> PolicyContext:

@@ -55,7 +55,7 @@ def test_a_sweep_on_a_head_started_by_ray_node(head: str, tmp_path: Path) -> Non
                            "--out", str(tmp_path), "--json"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode in (0, 3), done.stderr[-2000:]
     out = json.loads(done.stdout)
-    # lru and hotcold at both capacities, the bounds once (they do not depend on the fast tier's size)
+    # lru, hotcold and belady at both capacities; all-fastest and all-slowest once (the fast tier's size is not theirs)
     assert out["failed"] == 0 and len(out["runs"]) == len(expand(load_experiment(SMALL))) == 8
     folder = Path(out["path"])
     assert all((folder / "runs" / r["run_id"] / "host.json").exists() for r in out["runs"])

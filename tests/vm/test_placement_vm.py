@@ -169,7 +169,8 @@ def test_default_round_trip_really_moves_pages(tmp_path: Path) -> None:
 
     spec = tmp_path / "rt.yaml"
     spec.write_text(f"name: rt\ntiers: {REPO / 'configs/tiers/cxl-expander.yaml'}\n"
-                    "jobs:\n  - {kind: roundtrip, route: [dram, cxl, far], size_mib: 16, check_mib: 1}\n")
+                    "jobs:\n  - {kind: roundtrip, route: [dram, cxl, far], size_mib: 16, check_mib: 1,\n"
+                    "     repetitions: 1}\n")  # one pass of the route (timing jobs repeat 3x by default)
     result = run_experiment(load_experiment(spec), tmp_path / "out", report=False)
     rows = [json.loads(line) for line in (result.path / "metrics.jsonl").read_text().splitlines()]
     hops = sorted((r for r in rows if r["metric"] == "migration_gbps"), key=lambda r: r["seq"])

@@ -1,4 +1,4 @@
-"""Where the sysfs/procfs fixture trees live.
+"""Where the test inputs live: the sysfs/procfs fixture trees, and the Mooncake trace the repository ships.
 
 Tests import it as `from fixture_paths import fixture_root`: tests/ has no __init__.py, so pytest puts
 tests/ on sys.path when it imports a test module from there.
@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sysfs"
+# The real request trace (Mooncake FAST'25 release, Apache-2.0), shipped in traces/ so a plain clone has it.
+MOONCAKE_TRACE = Path(__file__).resolve().parents[1] / "traces" / "mooncake_synthetic_trace.jsonl"
 
 
 def fixture_root(name: str) -> Path:

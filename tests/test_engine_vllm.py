@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli import main
 from tieremu.engines.models import model_info, tiny_model
@@ -26,7 +27,7 @@ from tieremu.engines.prompts import build_prompts
 from tieremu.workloads.trace import read_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-TRACE = ROOT / "traces" / "mooncake_synthetic_trace.jsonl"
+TRACE = MOONCAKE_TRACE
 TIERS = ROOT / "tests" / "fixtures" / "engines" / "tiers-small.yaml"
 REQUESTS = 50
 BLOCK_TOKENS = 64

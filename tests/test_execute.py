@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli import replay as replay_cli
 from tieremu.cli.replay import replay
@@ -36,7 +37,6 @@ from tieremu.workloads.trace import Request, ceiling_hit_ratio, read_trace
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"
-SHARED_TRACE = REPO / "traces" / "mooncake_synthetic_trace.jsonl"
 CXL_MAP = REPO / "configs" / "tiers" / "cxl-expander.yaml"
 CAPS = {"dram": 40, "cxl": 100, "far": 400}  # every tier limited: blocks are pushed down and out of the last
 EPOCH_S = 0.01  # the daemon's period, wall seconds, in its thread
@@ -177,9 +177,7 @@ def test_the_daemons_thread_moves_blocks_and_stays_close_to_simulate(resolved: R
 
 
 def test_a_truncated_shared_trace_gets_simulates_decisions(resolved: ResolvedTierMap) -> None:
-    if not SHARED_TRACE.exists():
-        pytest.skip(f"the shared Mooncake trace is not at {SHARED_TRACE} (it lives beside the repository)")
-    requests = read_trace(SHARED_TRACE)[:400]
+    requests = read_trace(MOONCAKE_TRACE)[:400]
     caps = {"dram": 100, "cxl": 400, "far": 1500}
     result = run_execute(requests, resolved, "lru-epoch", caps, block_layout=scaled_layout(16), **INLINE)  # type: ignore
     sim = run_simulate(requests, "lru-epoch", caps, **INLINE)  # type: ignore[arg-type]

@@ -3,9 +3,8 @@ on the shared trace, with two and three tiers, pinned or not, with a migration b
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.errors import ConfigError
 from tieremu.policy import Policy, get_policy
@@ -14,15 +13,12 @@ from tieremu.workloads.replay_core import NATIVE, supports
 from tieremu.workloads.simulate import ReplayResult, SimTier, policy_context, simulate
 from tieremu.workloads.trace import Request, read_trace
 
-SHARED_TRACE = Path(__file__).resolve().parents[1] / "traces" / "mooncake_synthetic_trace.jsonl"
 TIMES = ("wall_s", "prepare_s", "policy_cpu_s", "core")  # how long and where it ran: the only fields that differ
 
 
 @pytest.fixture(scope="module")
 def requests() -> list[Request]:
-    if not SHARED_TRACE.exists():
-        pytest.skip(f"the shared Mooncake trace is not at {SHARED_TRACE}")
-    return read_trace(SHARED_TRACE)
+    return read_trace(MOONCAKE_TRACE)
 
 
 def figures(result: ReplayResult) -> dict[str, object]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli.replay import replay
 from tieremu.errors import ConfigError, PolicyError
@@ -21,7 +22,6 @@ from tieremu.workloads.simulate import ReplayResult, SimTier, policy_context, si
 from tieremu.workloads.trace import Request, ceiling_hit_ratio, read_trace, reference_count
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TRACE = REPO / "traces" / "mooncake_synthetic_trace.jsonl"
 SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"
 CXL_MAP = REPO / "configs" / "tiers" / "cxl-expander.yaml"
 DEMAND = ("lru", "lfu")  # the demand caches Belady (MIN with bypass) bounds
@@ -31,9 +31,7 @@ MIB = 2**20
 
 @pytest.fixture(scope="module")
 def shared_trace() -> list[Request]:
-    if not SHARED_TRACE.exists():
-        pytest.skip(f"the shared Mooncake trace is not at {SHARED_TRACE}")
-    return read_trace(SHARED_TRACE)
+    return read_trace(MOONCAKE_TRACE)
 
 
 @pytest.fixture(scope="module")
@@ -466,7 +464,7 @@ def test_empty_epochs_cost_nothing_and_are_counted() -> None:
 # -- the replay command: capacities, checks, bounds ---------------------------------------------------------------
 
 def shared(*args: str) -> list[str]:
-    return [str(SHARED_TRACE), "--tiers", str(CXL_MAP), *args]
+    return [str(MOONCAKE_TRACE), "--tiers", str(CXL_MAP), *args]
 
 
 def test_replay_json_keeps_its_shape_and_flags_nothing(shared_trace: list[Request]) -> None:

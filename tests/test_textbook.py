@@ -11,15 +11,14 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from pathlib import Path
 
 import pytest
+from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.policy import get_policy
 from tieremu.workloads.simulate import ReplayResult, SimTier, policy_context, simulate
 from tieremu.workloads.trace import Request, read_trace
 
-SHARED_TRACE = Path(__file__).resolve().parents[1] / "traces" / "mooncake_synthetic_trace.jsonl"
 SHARES = (0.01, 0.02, 0.05, 0.10, 0.20, 0.50)
 # Fast-tier hit ratios (%) of textbook LRU and MIN at those shares, as measured by independent simulators.
 LRU_PERCENT = (3.43, 7.58, 15.48, 25.98, 39.05, 58.88)
@@ -28,9 +27,7 @@ MIN_PERCENT = (18.54, 26.13, 39.56, 50.63, 60.80, 63.96)
 
 @pytest.fixture(scope="module")
 def requests() -> list[Request]:
-    if not SHARED_TRACE.exists():
-        pytest.skip(f"the shared Mooncake trace is not at {SHARED_TRACE}")
-    return read_trace(SHARED_TRACE)
+    return read_trace(MOONCAKE_TRACE)
 
 
 @pytest.fixture(scope="module")

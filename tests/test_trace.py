@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli.replay import generate_trace
 from tieremu.errors import TraceError, WorkloadError
@@ -17,7 +18,6 @@ from tieremu.workloads.generators import KINDS, BlockHasher, generate, mix
 from tieremu.workloads.trace import Request, ceiling_hit_ratio, parse_lines, read_trace, reference_count, write_trace
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TRACE = REPO.parent / "shared" / "traces" / "mooncake_synthetic_trace.jsonl"
 SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"
 # How configs/traces/small.jsonl was made (python -m tieremu.cli.replay generate-trace ... --requests 300
 # --seed 7): the shipped file must stay reproducible from it.
@@ -26,13 +26,11 @@ SMALL_REQUESTS, SMALL_SEED = 300, 7
 
 @pytest.fixture(scope="module")
 def shared_trace() -> list[Request]:
-    if not SHARED_TRACE.exists():
-        pytest.skip(f"the shared Mooncake trace is not at {SHARED_TRACE} (it lives beside the repository)")
-    return read_trace(SHARED_TRACE)
+    return read_trace(MOONCAKE_TRACE)
 
 
 def test_shared_trace_reads_with_its_documented_counts(shared_trace: list[Request]) -> None:
-    raw = [json.loads(line) for line in SHARED_TRACE.read_text().splitlines()]
+    raw = [json.loads(line) for line in MOONCAKE_TRACE.read_text().splitlines()]
     assert len(shared_trace) == len(raw) == 3993
     assert reference_count(shared_trace) == sum(len(r["hash_ids"]) for r in raw) == 121_877
     distinct = len({h for r in raw for h in r["hash_ids"]})

@@ -24,9 +24,9 @@ from tieremu.daemon.view import PoolView
 from tieremu.errors import ConfigError, KVError, PolicyError, TieremuError
 from tieremu.kv.cache import MIB, TieredKVCache
 from tieremu.kv.layout import KVLayout
-from tieremu.kv.placement import Occupancy
+from tieremu.kv.placement import Directed
 from tieremu.policy.base import AccessEvent, Policy
-from tieremu.tiers.config import TierMap
+from tieremu.tiers.config import TierMap, TierSpec
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 
@@ -47,19 +47,6 @@ class StoreStats:
     load_s: float = 0.0
 
 
-class _Directed:
-    """The cache's placement: the tier the admission just made room in."""
-
-    def __init__(self, first: str) -> None:
-        self.target = first
-
-    def choose(self, pool: Occupancy, layer: int | None) -> str:
-        return self.target
-
-    def describe(self) -> str:
-        return "where the connector's policy admits each block"
-
-
 def capacities_for(resolved: ResolvedTierMap, layout: KVLayout,
                    given: Mapping[str, int] | None = None) -> dict[str, int]:
     """Blocks per tier (from capacity_mib unless given); ConfigError naming a tier that cannot hold one block."""
@@ -67,18 +54,12 @@ def capacities_for(resolved: ResolvedTierMap, layout: KVLayout,
     out = {}
     for tier in resolved.tiers:
         if tier.name in given:
-            blocks = given[tier.name]
-        elif tier.spec.capacity_mib is not None:
-            blocks = tier.spec.capacity_mib * MIB // layout.block_bytes
+            if given[tier.name] < 1:
+                raise ConfigError(f"tier {tier.name!r}: capacity {given[tier.name]} blocks; give 1 or more")
+            out[tier.name] = given[tier.name]
         else:
-            raise ConfigError(f"tier {tier.name!r} has no capacity_mib: the connector's store needs one per tier "
-                              f"(a block is {layout.block_bytes / MIB:.3f} MiB)")
-        if blocks < 1:
-            raise ConfigError(f"tier {tier.name!r} cannot hold one KV block: capacity "
-                              f"{tier.spec.capacity_mib} MiB, a block of {layout.block_tokens} tokens of this model is "
-                              f"{layout.block_bytes / MIB:.3f} MiB; give capacity_mib >= "
-                              f"{-(-layout.block_bytes // MIB)}")
-        out[tier.name] = blocks
+            _check_tier(tier.spec, layout.block_bytes, layout.block_tokens)
+            out[tier.name] = tier.spec.capacity_mib * MIB // layout.block_bytes
     return out
 
 
@@ -86,13 +67,17 @@ def check_capacities(tier_map: TierMap, block_bytes: int, block_tokens: int) -> 
     """Before any engine starts: every tier of the map has a capacity_mib that holds one block (ConfigError naming
     the tier, its capacity and the block size otherwise)."""
     for tier in tier_map.tiers:
-        if tier.capacity_mib is None:
-            raise ConfigError(f"tier {tier.name!r} has no capacity_mib: the connector's store needs one per tier "
-                              f"(a block is {block_bytes / MIB:.3f} MiB)")
-        if tier.capacity_mib * MIB < block_bytes:
-            raise ConfigError(f"tier {tier.name!r} cannot hold one KV block: capacity {tier.capacity_mib} MiB, a "
-                              f"block of {block_tokens} tokens of this model is {block_bytes / MIB:.3f} MiB; give "
-                              f"capacity_mib >= {-(-block_bytes // MIB)} or a smaller --block-tokens")
+        _check_tier(tier, block_bytes, block_tokens)
+
+
+def _check_tier(tier: TierSpec, block_bytes: int, block_tokens: int) -> None:
+    if tier.capacity_mib is None:
+        raise ConfigError(f"tier {tier.name!r} has no capacity_mib: the connector's store needs one per tier "
+                          f"(a block is {block_bytes / MIB:.3f} MiB)")
+    if tier.capacity_mib * MIB < block_bytes:
+        raise ConfigError(f"tier {tier.name!r} cannot hold one KV block: capacity {tier.capacity_mib} MiB, a "
+                          f"block of {block_tokens} tokens of this model is {block_bytes / MIB:.3f} MiB; give "
+                          f"capacity_mib >= {-(-block_bytes // MIB)} or a smaller --block-tokens")
 
 
 class TierStore:
@@ -106,7 +91,7 @@ class TierStore:
         self.capacity = capacities_for(resolved, layout, capacities)
         self.names = [t.name for t in resolved.tiers]
         self.rank = {name: i for i, name in enumerate(self.names)}
-        self.placement = _Directed(self.names[0])
+        self.placement = Directed(self.names[0], "connector's policy")
         self.cache = TieredKVCache(resolved, layout, capacities=self.capacity, placement=self.placement,
                                    injector=injector, log_accesses=False)
         try:

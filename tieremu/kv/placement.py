@@ -74,6 +74,21 @@ class PinnedLayers:
         return "layers pinned: " + "; ".join(f"{t} {v}" for t, v in groups.items())
 
 
+class Directed:
+    """Whatever tier the driver set last: for a cache whose blocks a placement policy admits (execute-mode replay,
+    the engine connector's store), where the driver makes room in a tier and then allocates the block there."""
+
+    def __init__(self, first: str, who: str) -> None:
+        self.target = first
+        self.who = who
+
+    def choose(self, pool: Occupancy, layer: int | None) -> str:
+        return self.target
+
+    def describe(self) -> str:
+        return f"where the {self.who} admits each block"
+
+
 def placement_from(value: str | Mapping[str, object], tiers: Sequence[str], layers: int) -> Placement:
     """From config: `spill`, `{vector: {dram: 0.5, cxl: 0.5}}` or `{pinned_layers: {dram: [0, 1], cxl: [2, 3]}}`."""
     if value == "spill":

@@ -59,7 +59,7 @@ from tieremu.errors import ConfigError, PolicyError, TieremuError, WorkloadError
 from tieremu.kv.arena import NumaArena
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.layout import KVLayout
-from tieremu.kv.placement import Occupancy
+from tieremu.kv.placement import Directed
 from tieremu.kv.pool import Block, MoveRecord
 from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy, UpcomingRequest
 from tieremu.tiers.emulation import DelayInjector
@@ -245,19 +245,6 @@ def _limits(resolved: ResolvedTierMap, capacities: Mapping[str, int | None]) -> 
     return {name: capacities.get(name) for name in names}
 
 
-class _Directed:
-    """The placement of the run's cache: the tier the admission just made room in."""
-
-    def __init__(self, first: str) -> None:
-        self.target = first
-
-    def choose(self, pool: Occupancy, layer: int | None) -> str:
-        return self.target
-
-    def describe(self) -> str:
-        return "where the replay's policy admits each block"
-
-
 class _Ledger(Policy):
     """The run's policy, passed through, with the reason of every planned move noted so that the moves carried out
     can be told apart (promotion or prefetch)."""
@@ -350,7 +337,7 @@ class _Run:
         self.daemon_thread = daemon_thread
         self.daemon_epochs = 0  # run by the replay's thread (daemon_thread=False)
         self.injector = injector
-        self.placement = _Directed(self.names[0])
+        self.placement = Directed(self.names[0], "replay's policy")
         self.cache = TieredKVCache(resolved, layout, capacities={lim.name: lim.blocks for lim in self.limits},
                                    placement=self.placement, injector=injector, log_accesses=False)
         try:

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 
 # Subcommands that live in their own module, imported only when run (`tieremu --help` imports none of them).
 SUBCOMMANDS = {
+    "cluster-simulate": LazyCommand("tieremu.cli.cluster_simulate:simulate", "Simulate a request trace over a "
+                                    "cluster of serving instances under a router (to become cluster replay --mode "
+                                    "simulate)."),
+    "cluster-fit-servtime": LazyCommand("tieremu.cli.cluster_simulate:fit_servtime", "Fit the cluster simulator's "
+                                        "serving-time model from timed iterations of tieremu's decode."),
     "daemon": LazyCommand("tieremu.cli.daemon:daemon", "Attach to process PID and migrate its memory between NUMA "
                           "nodes under a placement policy."),
     "engine": LazyCommand("tieremu.cli.engine:engine", "Real serving engines (vLLM's CPU build) on tieremu's tiers."),

@@ -95,7 +95,7 @@ class ServingTimeModel:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: not a serving-time model JSON ({exc})") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object with keys {', '.join(FEATURES)}")
+            raise ConfigError(f"{path}: a serving-time model is a JSON object with keys {', '.join(FEATURES)}")
         fit = data.pop("fit", None)
         try:
             return cls(**data, fit=FitError(**fit) if isinstance(fit, dict) else None)

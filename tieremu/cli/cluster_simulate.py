@@ -1,0 +1,125 @@
+"""`tieremu cluster-simulate` (to become `tieremu cluster replay --mode simulate`): a request trace over a simulated
+cluster of serving instances under a router; and `tieremu cluster-fit-servtime`: fit the serving-time model from
+timed iterations of tieremu's decode model.
+
+Every setting is checked (router and its parameters, --pd against --instances, the SLO, the cluster spec and the
+serving-time model) before the trace is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+SHIPPED = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _shipped(*parts: str) -> str:
+    path = SHIPPED.joinpath(*parts)
+    return str(path if path.exists() else Path("configs", *parts))
+
+
+@click.command("simulate")
+@click.argument("trace", type=click.Path(dir_okay=False))
+@click.option("--router", "router_spec", default="round-robin", show_default=True,
+              help="round-robin | least-loaded | prefix | cost | weighted, with parameters as NAME:key=value,... "
+                   "(prefix: load_threshold, min_match; weighted: overlap_weight).")
+@click.option("--instances", default=8, show_default=True, type=int, help="Serving instances (8-256 typical).")
+@click.option("--pd", "pd_text", default=None, help="P:D prefill/decode disaggregation: P prefill and D decode "
+              "instances, P + D = --instances.")
+@click.option("--slo-ms", type=float, default=None, help="TTFT SLO: a request predicted to miss it is rejected "
+              "(counted); slo_attainment is reported.")
+@click.option("--sharing", type=click.Choice(["none", "p2p"]), default="none", show_default=True,
+              help="p2p: an instance pulls blocks it lacks from the peers holding them when cheaper than prefill.")
+@click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
+              help="Cluster spec YAML: each instance's tiers (capacity_blocks, read_gbps, price_per_gb_hour), the "
+                   "link, instance_price_per_hour (default: configs/cluster/sim-hbm-dram.yaml).")
+@click.option("--servtime", default="reference", show_default=True,
+              help="Serving-time model: a JSON file from cluster-fit-servtime, or `reference` (assumed A100-class).")
+@click.option("--max-requests", type=click.IntRange(min=1), default=None, help="Only the first N requests.")
+@click.option("--token-budget", type=click.IntRange(min=1), default=8192, show_default=True,
+              help="Tokens per continuous-batching iteration.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Requests per iteration.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def simulate(trace: str, router_spec: str, instances: int, pd_text: str | None, slo_ms: float | None, sharing: str,
+             tiers_file: str | None, servtime: str, max_requests: int | None, token_budget: int, max_batch: int,
+             as_json: bool) -> None:
+    """Simulate TRACE (Mooncake JSONL) over a cluster of serving instances: routing, per-instance tiered KV caches,
+    peer pulls, P/D handoffs and continuous batching, all simulated. Reports TTFT/TPOT tails, SLO attainment,
+    rejected requests, load imbalance (max/mean requests per instance), hit ratios (local by tier, peer, miss), link
+    bytes and, with prices in the spec, cost per million tokens."""
+    from tieremu.cluster.routers import parse_router
+    from tieremu.cluster.servtime import ServingTimeModel, reference
+    from tieremu.cluster.simulate import SimSettings, check_settings, load_cluster_spec, parse_pd, simulate_cluster
+    from tieremu.workloads.trace import read_trace
+
+    router = parse_router(router_spec)
+    pd = parse_pd(pd_text) if pd_text is not None else None
+    check_settings(instances, sharing, pd, slo_ms, token_budget, max_batch)
+    spec = load_cluster_spec(tiers_file or _shipped("cluster", "sim-hbm-dram.yaml"))
+    model = reference() if servtime == "reference" else ServingTimeModel.load(servtime)
+    settings = SimSettings(instances=instances, router=router, sharing=sharing, pd=pd, slo_ms=slo_ms,
+                           token_budget=token_budget, max_batch=max_batch)
+    requests = read_trace(trace)
+    if max_requests is not None:
+        requests = requests[:max_requests]
+    result = simulate_cluster(requests, spec, settings, model)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=_jsonable))
+        return
+    Console(width=120).print(_table(result.to_dict()))
+
+
+def _jsonable(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def _table(d: dict) -> Table:
+    table = Table(title=f"cluster simulation ({d['origin']}): {d['router']['router']}, {d['n_instances']} instances"
+                        f"{', P/D ' + ':'.join(map(str, d['pd'])) if d['pd'] else ''}, sharing {d['sharing']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    hr = d["hit_ratio"]
+    rows = [
+        ("requests (completed / rejected)", f"{d['requests']} ({d['completed']} / {d['rejected']})"),
+        ("TTFT p50 / p99 ms", f"{d['ttft_ms']['p50']:.1f} / {d['ttft_ms']['p99']:.1f}"),
+        ("TPOT p50 / p99 ms", f"{d['tpot_ms']['p50']:.2f} / {d['tpot_ms']['p99']:.2f}"),
+        ("SLO attainment", "-" if d["slo_attainment"] is None else f"{d['slo_attainment']:.3f}"),
+        ("load imbalance (max/mean)", f"{d['load_imbalance']:.2f}"),
+        ("hit ratio local / peer / miss", f"{hr['local']:.3f} / {hr['peer']:.3f} / {hr['miss']:.3f}"),
+        ("local hits by tier", ", ".join(f"{k} {v:.3f}" for k, v in hr["by_tier"].items())),
+        ("peer / P-D link GB", f"{d['peer_bytes'] / 1e9:.2f} / {d['pd_bytes'] / 1e9:.2f}"),
+        ("throughput tokens/s", f"{d['throughput_tokens_per_s']:.0f}"),
+        ("cost per Mtok / tokens per $", "-" if d["cost_per_mtok"] is None else
+         f"${d['cost_per_mtok']:.4f} / {d['tokens_per_dollar']:.0f}"),
+        ("serving-time model", f"{d['servtime']['name']} ({d['servtime']['origin']})"),
+        ("wall s / events", f"{d['wall_s']:.2f} / {d['events']}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@click.command("fit-servtime")
+@click.option("--preset", default="tiny", show_default=True, help="tieremu model preset to time (tiny, small, 1b).")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed repeats per iteration shape (the median is fitted).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the model's JSON.")
+def fit_servtime(preset: str, repeats: int, out: str) -> None:
+    """Time prefill and decode iterations of tieremu's decode model on this machine, fit the serving-time model
+    (least squares) and write it with the fit's error."""
+    from tieremu.cluster.servtime import measure_and_fit
+    from tieremu.workloads.llama import preset as model_preset
+
+    model_preset(preset)  # an unknown preset is refused before any timing
+    model = measure_and_fit(preset, repeats=repeats)
+    model.save(out)
+    fit = model.fit
+    click.echo(f"{out}: {model.name}, fit over {fit.samples if fit else 0} shapes, mean relative error "
+               f"{fit.mean_rel if fit else float('nan'):.1%}, max {fit.max_rel if fit else float('nan'):.1%}")

@@ -19,11 +19,12 @@ if TYPE_CHECKING:
 
 # Subcommands that live in their own module, imported only when run (`tieremu --help` imports none of them).
 SUBCOMMANDS = {
-    "cluster-simulate": LazyCommand("tieremu.cli.cluster_simulate:simulate", "Simulate a request trace over a "
-                                    "cluster of serving instances under a router (to become cluster replay --mode "
-                                    "simulate)."),
-    "cluster-fit-servtime": LazyCommand("tieremu.cli.cluster_simulate:fit_servtime", "Fit the cluster simulator's "
-                                        "serving-time model from timed iterations of tieremu's decode."),
+    "cluster-fit-servtime": LazyCommand("tieremu.cli.cluster_simulate:fit_servtime", "Time prefill and decode "
+                                        "iterations of tieremu's decode model on this machine, fit the serving-time "
+                                        "model (least squares) and write it with the fit's error."),
+    "cluster-simulate": LazyCommand("tieremu.cli.cluster_simulate:simulate", "Simulate TRACE (Mooncake JSONL) over a "
+                                    "cluster of serving instances: routing, per-instance tiered KV caches, peer pulls, "
+                                    "P/D handoffs and continuous batching, all simulated."),
     "daemon": LazyCommand("tieremu.cli.daemon:daemon", "Attach to process PID and migrate its memory between NUMA "
                           "nodes under a placement policy."),
     "engine": LazyCommand("tieremu.cli.engine:engine", "Real serving engines (vLLM's CPU build) on tieremu's tiers."),

@@ -107,18 +107,26 @@ def _table(d: dict) -> Table:
 
 
 @click.command("fit-servtime")
-@click.option("--preset", default="tiny", show_default=True, help="tieremu model preset to time (tiny, small, 1b).")
+@click.option("--engine", type=click.Choice(["tieremu", "vllm"]), default="tieremu", show_default=True,
+              help="Time tieremu's own decode model, or vLLM's CPU build serving the tiny Llama (its own process).")
+@click.option("--preset", default="tiny", show_default=True,
+              help="tieremu engine: the model preset to time (tiny, small, 1b).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed repeats per iteration shape (the median is fitted).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the model's JSON.")
-def fit_servtime(preset: str, repeats: int, out: str) -> None:
-    """Time prefill and decode iterations of tieremu's decode model on this machine, fit the serving-time model
-    (least squares) and write it with the fit's error."""
-    from tieremu.cluster.servtime import measure_and_fit
-    from tieremu.workloads.llama import preset as model_preset
+def fit_servtime(engine: str, preset: str, repeats: int, out: str) -> None:
+    """Time prefill and decode iterations of tieremu's decode model (or vLLM's) on this machine, fit the
+    serving-time model (least squares) and write it with the fit's error."""
+    if engine == "vllm":
+        from tieremu.cluster.servtime_vllm import measure_and_fit_vllm
 
-    model_preset(preset)  # an unknown preset is refused before any timing
-    model = measure_and_fit(preset, repeats=repeats)
+        model = measure_and_fit_vllm(repeats=repeats)
+    else:
+        from tieremu.cluster.servtime import measure_and_fit
+        from tieremu.workloads.llama import preset as model_preset
+
+        model_preset(preset)  # an unknown preset is refused before any timing
+        model = measure_and_fit(preset, repeats=repeats)
     model.save(out)
     fit = model.fit
     click.echo(f"{out}: {model.name}, fit over {fit.samples if fit else 0} shapes, mean relative error "

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 # Subcommands that live in their own module, imported only when run (`tieremu --help` imports none of them).
 SUBCOMMANDS = {
     "cluster-fit-servtime": LazyCommand("tieremu.cli.cluster_simulate:fit_servtime", "Time prefill and decode "
-                                        "iterations of tieremu's decode model on this machine, fit the serving-time "
-                                        "model (least squares) and write it with the fit's error."),
+                                        "iterations of tieremu's decode model (or vLLM's) on this machine, fit the "
+                                        "serving-time model (least squares) and write it with the fit's error."),
     "cluster-simulate": LazyCommand("tieremu.cli.cluster_simulate:simulate", "Simulate TRACE (Mooncake JSONL) over a "
                                     "cluster of serving instances: routing, per-instance tiered KV caches, peer pulls, "
                                     "P/D handoffs and continuous batching, all simulated."),

@@ -177,6 +177,7 @@ def test_pd_hands_every_prompts_kv_to_a_decode_instance(trace: list[Request]) ->
     assert [row["kind"] for row in rows] == ["prefill"] * 3 + ["decode"] * 5
     assert sum(row["requests"] for row in rows[:3]) == len(requests) and all(row["requests"] == 0 for row in rows[3:])
     assert sum(row["pd_bytes_in"] for row in rows[3:]) == r.pd_bytes
+    assert r.pd_bytes_per_request == pytest.approx(r.pd_bytes / sum(1 for q in requests if q.output_length > 1))
 
 
 def test_slo_admission_rejects_and_attainment_counts_them(trace: list[Request]) -> None:

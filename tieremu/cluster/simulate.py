@@ -246,6 +246,8 @@ class _Instance:
     pd_in: int = 0
     busy_s: float = 0.0
     iterations: int = 0
+    pending: list[tuple[_Req, int]] = field(default_factory=list)  # the iteration's prefill chunks
+    iter_start: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,8 @@ class ClusterResult:
     peer_bytes: int
     pd_bytes: int
     link_bytes: int
+    peer_bytes_per_request: float  # mean over requests served
+    pd_bytes_per_request: float  # mean over requests handed to a decode instance
     throughput_tokens_per_s: float
     cost_per_mtok: float | None
     tokens_per_dollar: float | None
@@ -459,10 +463,10 @@ class ClusterSim:
         for req, take in chunks:
             req.remaining_prefill -= take
             inst.queued_tokens -= take
-        inst.pending = chunks  # type: ignore[attr-defined]
+        inst.pending = chunks
         seconds = m.iteration_s(tokens, len(inst.running), bpt * contexts, slow_s)
         inst.version += 1
-        inst.iter_start = now  # type: ignore[attr-defined]
+        inst.iter_start = now
         self._push(now + seconds, 0, inst.index, inst.version)
 
     def _lookup(self, inst: _Instance, req: _Req) -> float:
@@ -502,7 +506,7 @@ class ClusterSim:
             self._finish(inst, finished, now)
             self._start(inst, now)
             return
-        inst.busy_s += now - inst.iter_start  # type: ignore[attr-defined]
+        inst.busy_s += now - inst.iter_start
         finished = []
         for q in inst.running:  # each running request got one token
             q.remaining_out -= 1
@@ -510,7 +514,7 @@ class ClusterSim:
             if q.remaining_out <= 0:
                 finished.append(q)
         self._finish(inst, finished, now)
-        for req, _ in inst.pending:  # type: ignore[attr-defined]
+        for req, _ in inst.pending:
             if req.remaining_prefill > 0:
                 continue
             inst.waiting.remove(req)
@@ -525,7 +529,7 @@ class ClusterSim:
             else:
                 inst.running.append(req)
                 inst.decode_blocks += len(req.request.hash_ids) + 1
-        inst.pending = []  # type: ignore[attr-defined]
+        inst.pending = []
         self._start(inst, now)
 
     def _finish(self, inst: _Instance, finished: list[_Req], now: float) -> None:
@@ -591,6 +595,8 @@ class ClusterSim:
             hit_ratio={"local": _share(refs, sum(local)), "peer": _share(refs, peer), "miss": _share(refs, miss),
                        "by_tier": {t.name: _share(refs, h) for t, h in zip(self.spec.tiers, local, strict=True)}},
             peer_bytes=peer_bytes, pd_bytes=pd_bytes, link_bytes=peer_bytes + pd_bytes,
+            peer_bytes_per_request=peer_bytes / len(served) if served else 0.0,
+            pd_bytes_per_request=pd_bytes / handed if (handed := sum(1 for q in served if q.decoder >= 0)) else 0.0,
             throughput_tokens_per_s=tokens / span, cost_per_mtok=cost_per_mtok, tokens_per_dollar=per_dollar,
             instances=rows,
             servtime={"name": self.model.name, "origin": self.model.origin,

@@ -280,3 +280,15 @@ def test_cli_prints_json(tmp_path) -> None:
     assert data["router"] == {"router": "cost"} and data["pd"] == [1, 3] and data["requests"] == 100
     shipped = load_cluster_spec(MOONCAKE_TRACE.parents[1] / "configs" / "cluster" / "sim-hbm-dram.yaml")
     assert shipped.prices is not None and len(shipped.tiers) == 2
+
+
+def test_cli_compares_several_routers_on_one_trace() -> None:
+    result = CliRunner().invoke(main, ["cluster-simulate", str(MOONCAKE_TRACE), "--router", "round-robin",
+                                       "--router", "prefix:load_threshold=4", "--instances", "4", "--max-requests",
+                                       "100", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [d["router"]["router"] for d in data] == ["round-robin", "prefix"]
+    assert data[1]["router"]["load_threshold"] == 4
+    table = CliRunner().invoke(main, ["cluster-simulate", str(MOONCAKE_TRACE), "--max-requests", "50"])
+    assert table.exit_code == 0 and "load imbalance" in table.output and "simulated" in table.output

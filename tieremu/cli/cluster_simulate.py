@@ -26,9 +26,10 @@ def _shipped(*parts: str) -> str:
 
 @click.command("simulate")
 @click.argument("trace", type=click.Path(dir_okay=False))
-@click.option("--router", "router_spec", default="round-robin", show_default=True,
+@click.option("--router", "router_specs", multiple=True, default=("round-robin",), show_default=True,
               help="round-robin | least-loaded | prefix | cost | weighted, with parameters as NAME:key=value,... "
-                   "(prefix: load_threshold, min_match; weighted: overlap_weight).")
+                   "(prefix: load_threshold, min_match; weighted: overlap_weight). Repeat to compare routers on the "
+                   "same trace side by side (JSON: a list).")
 @click.option("--instances", default=8, show_default=True, type=int, help="Serving instances (8-256 typical).")
 @click.option("--pd", "pd_text", default=None, help="P:D prefill/decode disaggregation: P prefill and D decode "
               "instances, P + D = --instances.")
@@ -47,9 +48,9 @@ def _shipped(*parts: str) -> str:
 @click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True,
               help="Requests per iteration.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def simulate(trace: str, router_spec: str, instances: int, pd_text: str | None, slo_ms: float | None, sharing: str,
-             tiers_file: str | None, servtime: str, max_requests: int | None, token_budget: int, max_batch: int,
-             as_json: bool) -> None:
+def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text: str | None, slo_ms: float | None,
+             sharing: str, tiers_file: str | None, servtime: str, max_requests: int | None, token_budget: int,
+             max_batch: int, as_json: bool) -> None:
     """Simulate TRACE (Mooncake JSONL) over a cluster of serving instances: routing, per-instance tiered KV caches,
     peer pulls, P/D handoffs and continuous batching, all simulated. Reports TTFT/TPOT tails, SLO attainment,
     rejected requests, load imbalance (max/mean requests per instance), hit ratios (local by tier, peer, miss), link
@@ -59,21 +60,25 @@ def simulate(trace: str, router_spec: str, instances: int, pd_text: str | None, 
     from tieremu.cluster.simulate import SimSettings, check_settings, load_cluster_spec, parse_pd, simulate_cluster
     from tieremu.workloads.trace import read_trace
 
-    router = parse_router(router_spec)
+    routers = [parse_router(spec) for spec in router_specs]
     pd = parse_pd(pd_text) if pd_text is not None else None
     check_settings(instances, sharing, pd, slo_ms, token_budget, max_batch)
     spec = load_cluster_spec(tiers_file or _shipped("cluster", "sim-hbm-dram.yaml"))
     model = reference() if servtime == "reference" else ServingTimeModel.load(servtime)
-    settings = SimSettings(instances=instances, router=router, sharing=sharing, pd=pd, slo_ms=slo_ms,
-                           token_budget=token_budget, max_batch=max_batch)
     requests = read_trace(trace)
     if max_requests is not None:
         requests = requests[:max_requests]
-    result = simulate_cluster(requests, spec, settings, model)
+    results = []
+    for router in routers:
+        settings = SimSettings(instances=instances, router=router, sharing=sharing, pd=pd, slo_ms=slo_ms,
+                               token_budget=token_budget, max_batch=max_batch)
+        results.append(simulate_cluster(requests, spec, settings, model).to_dict())
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2, default=_jsonable))
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=_jsonable))
         return
-    Console(width=120).print(_table(result.to_dict()))
+    console = Console(width=120)
+    for result in results:
+        console.print(_table(result))
 
 
 def _jsonable(value: object) -> object:

@@ -37,6 +37,9 @@ def _shipped(*parts: str) -> str:
               "(counted); slo_attainment is reported.")
 @click.option("--sharing", type=click.Choice(["none", "p2p"]), default="none", show_default=True,
               help="p2p: an instance pulls blocks it lacks from the peers holding them when cheaper than prefill.")
+@click.option("--policy", default="lru", show_default=True,
+              help="Each instance's KV placement policy (tieremu's policy names or labels, e.g. lfu, lru-epoch, "
+                   "hotcold; belady needs the future and is refused). lru runs in the fast built-in cache.")
 @click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
               help="Cluster spec YAML: each instance's tiers (capacity_blocks, read_gbps, price_per_gb_hour), the "
                    "link, instance_price_per_hour (default: configs/cluster/sim-hbm-dram.yaml).")
@@ -49,8 +52,8 @@ def _shipped(*parts: str) -> str:
               help="Requests per iteration.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text: str | None, slo_ms: float | None,
-             sharing: str, tiers_file: str | None, servtime: str, max_requests: int | None, token_budget: int,
-             max_batch: int, as_json: bool) -> None:
+             sharing: str, policy: str, tiers_file: str | None, servtime: str, max_requests: int | None,
+             token_budget: int, max_batch: int, as_json: bool) -> None:
     """Simulate TRACE (Mooncake JSONL) over a cluster of serving instances: routing, per-instance tiered KV caches,
     peer pulls, P/D handoffs and continuous batching, all simulated. Reports TTFT/TPOT tails, SLO attainment,
     rejected requests, load imbalance (max/mean requests per instance), hit ratios (local by tier, peer, miss), link
@@ -58,11 +61,13 @@ def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text:
     from tieremu.cluster.routers import parse_router
     from tieremu.cluster.servtime import ServingTimeModel, reference
     from tieremu.cluster.simulate import SimSettings, check_settings, load_cluster_spec, parse_pd, simulate_cluster
+    from tieremu.policy.registry import get_policy
     from tieremu.workloads.trace import read_trace
 
     routers = [parse_router(spec) for spec in router_specs]
     pd = parse_pd(pd_text) if pd_text is not None else None
     check_settings(instances, sharing, pd, slo_ms, token_budget, max_batch)
+    get_policy(policy)  # an unknown or offline policy is refused before the trace is read
     spec = load_cluster_spec(tiers_file or _shipped("cluster", "sim-hbm-dram.yaml"))
     model = reference() if servtime == "reference" else ServingTimeModel.load(servtime)
     requests = read_trace(trace)
@@ -71,7 +76,7 @@ def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text:
     results = []
     for router in routers:
         settings = SimSettings(instances=instances, router=router, sharing=sharing, pd=pd, slo_ms=slo_ms,
-                               token_budget=token_budget, max_batch=max_batch)
+                               token_budget=token_budget, max_batch=max_batch, policy=policy)
         results.append(simulate_cluster(requests, spec, settings, model).to_dict())
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=_jsonable))
@@ -86,7 +91,8 @@ def _jsonable(value: object) -> object:
 
 
 def _table(d: dict) -> Table:
-    table = Table(title=f"cluster simulation ({d['origin']}): {d['router']['router']}, {d['n_instances']} instances"
+    table = Table(title=f"cluster simulation ({d['origin']}): {d['router']['router']}, {d['n_instances']} instances, "
+                        f"policy {d['policy']}"
                         f"{', P/D ' + ':'.join(map(str, d['pd'])) if d['pd'] else ''}, sharing {d['sharing']}")
     table.add_column("figure")
     table.add_column("value", justify="right")

@@ -36,9 +36,11 @@ from pathlib import Path
 from tieremu.cluster.economics import Prices, economics
 from tieremu.cluster.routers import Admission, InstanceLoad, Router, RouteRequest, block_tokens_of, estimate
 from tieremu.cluster.servtime import ServingTimeModel
+from tieremu.cluster.simulate_policy import PolicyCache, replay_settings
 from tieremu.configfile import load_yaml
 from tieremu.errors import ConfigError
 from tieremu.numbers import Range
+from tieremu.policy.registry import get_policy
 from tieremu.record.origin import Origin
 from tieremu.workloads.simulate import Tail, arrival_times
 from tieremu.workloads.trace import MOONCAKE_BLOCK_TOKENS, Request
@@ -47,6 +49,7 @@ SHARING = ("none", "p2p")
 DEFAULT_TOKEN_BUDGET = 8192  # tokens per iteration (vLLM's max_num_batched_tokens with chunked prefill)
 DEFAULT_MAX_BATCH = 256  # requests in one iteration
 MAX_INSTANCES = 4096
+CACHES = ("auto", "replay")
 
 
 @dataclass(frozen=True)
@@ -123,9 +126,14 @@ class SimSettings:
     token_budget: int = DEFAULT_TOKEN_BUDGET
     max_batch: int = DEFAULT_MAX_BATCH
     block_tokens: int = MOONCAKE_BLOCK_TOKENS
+    policy: str = "lru"  # each instance's cache policy (a name or label of tieremu.policy.registry)
+    cache: str = "auto"  # auto: lru runs in TieredLRU, others in simulate's replay state; replay: always the latter
 
     def __post_init__(self) -> None:
         check_settings(self.instances, self.sharing, self.pd, self.slo_ms, self.token_budget, self.max_batch)
+        if self.cache not in CACHES:
+            raise ConfigError(f"cache={self.cache!r}; valid: {', '.join(CACHES)}")
+        get_policy(self.policy)  # an unknown or offline policy is refused here, before any work
 
 
 def check_settings(instances: int, sharing: str, pd: tuple[int, int] | None, slo_ms: float | None,
@@ -186,6 +194,18 @@ class TieredLRU:
             del self.tiers[found][block]
         self._put(block, 0)
         return found
+
+    def serve(self, index: int, request: Request, now: float) -> tuple[list[int], list[int]]:
+        """The request's references at its prefill start: the positions of its misses, and its hits per tier."""
+        missing: list[int] = []
+        hits = [0] * len(self.tiers)
+        for position, block in enumerate(request.hash_ids):
+            tier = self.access(block)
+            if tier is None:
+                missing.append(position)
+            else:
+                hits[tier] += 1
+        return missing, hits
 
     def _put(self, block: int, tier: int) -> None:
         while True:
@@ -253,6 +273,7 @@ class _Instance:
 @dataclass(frozen=True)
 class ClusterResult:
     router: dict[str, object]
+    policy: str
     n_instances: int
     pd: tuple[int, int] | None
     sharing: str
@@ -339,14 +360,22 @@ class ClusterSim:
         n = settings.instances
         kinds = ["both"] * n if settings.pd is None else \
             ["prefill"] * settings.pd[0] + ["decode"] * settings.pd[1]
-        self.inst = [_Instance(i, kinds[i], TieredLRU(capacity, i, self.holders), hits=[0] * len(capacity))
-                     for i in range(n)]
+        self.inst = [_Instance(i, kinds[i], self._cache(capacity, i), hits=[0] * len(capacity)) for i in range(n)]
         self.eligible = [i for i in range(n) if kinds[i] != "decode"]
         self.decoders = [i for i in range(n) if kinds[i] == "decode"]
         self.view = _View(self)
         self.events: list[tuple[float, int, int, int, int]] = []  # time, seq, kind, instance, version
         self.seq = 0
         self.count = 0
+
+    def _cache(self, capacity: list[int | None], owner: int) -> TieredLRU | PolicyCache:
+        if self.s.policy == "lru" and self.s.cache == "auto":
+            return TieredLRU(capacity, owner, self.holders)
+        policy = get_policy(self.s.policy)
+        settings = replay_settings([t.name for t in self.spec.tiers], capacity,
+                                   [t.read_gbps for t in self.spec.tiers], self.block_bytes, self.s.block_tokens,
+                                   1.0 / self.model.prefill_token_s if self.model.prefill_token_s else 1e12, policy)
+        return PolicyCache(settings, policy, owner, self.holders)
 
     # -- events -------------------------------------------------------------------------------------------------
     def _push(self, at: float, kind: int, instance: int, version: int = 0) -> None:
@@ -438,7 +467,7 @@ class ClusterSim:
                 if req.ready_at > now:
                     continue
                 if req.remaining_prefill < 0:
-                    slow_s += self._lookup(inst, req)
+                    slow_s += self._lookup(inst, req, now)
                 take = min(budget, req.remaining_prefill)
                 chunks.append((req, take))
                 budget -= take
@@ -469,23 +498,24 @@ class ClusterSim:
         inst.iter_start = now
         self._push(now + seconds, 0, inst.index, inst.version)
 
-    def _lookup(self, inst: _Instance, req: _Req) -> float:
-        """The request's blocks at its prefill start: hits, peer hits, misses; returns the slower tiers' read time."""
+    def _lookup(self, inst: _Instance, req: _Req, now: float) -> float:
+        """The request's blocks at its prefill start: hits by tier, peer hits, misses; returns the slower tiers' read
+        time. A block missing locally that was pulled for the request is a peer hit, its tokens not computed."""
         r = req.request
         computed = max(0, r.input_length - len(r.hash_ids) * self.s.block_tokens)
+        missing, hits = inst.cache.serve(req.index, r, now)
         slow = 0.0
-        cache, pulled = inst.cache, req.pulled
-        for block, tokens in zip(r.hash_ids, block_tokens_of(RouteRequest(r.hash_ids, r.input_length, 0),
-                                                             self.s.block_tokens), strict=True):
-            tier = cache.access(block)
-            if tier is not None:
-                inst.hits[tier] += 1
-                slow += self.read_s[tier]
-            elif block in pulled:
+        for tier, count in enumerate(hits):
+            inst.hits[tier] += count
+            slow += self.read_s[tier] * count
+        tokens_of = block_tokens_of(RouteRequest(r.hash_ids, r.input_length, 0), self.s.block_tokens)
+        pulled = req.pulled
+        for position in missing:
+            if r.hash_ids[position] in pulled:
                 inst.peer_hits += 1
             else:
                 inst.misses += 1
-                computed += tokens
+                computed += tokens_of[position]
         # At least one token is computed: it gives the first output token.
         req.remaining_prefill = max(1, computed)
         inst.queued_tokens += req.remaining_prefill - r.input_length
@@ -588,7 +618,8 @@ class ClusterSim:
                       "peer_hits": i.peer_hits, "misses": i.misses, "peer_bytes_in": i.peer_in,
                       "peer_bytes_out": i.peer_out, "pd_bytes_in": i.pd_in} for i in self.inst)
         return ClusterResult(
-            router=self.s.router.describe(), n_instances=len(self.inst), pd=self.s.pd, sharing=self.s.sharing,
+            router=self.s.router.describe(), policy=self.s.policy, n_instances=len(self.inst), pd=self.s.pd,
+            sharing=self.s.sharing,
             requests=len(reqs), completed=completed, rejected=rejected, slo_ms=self.s.slo_ms,
             slo_attainment=attainment, load_imbalance=max(routed) / mean if mean else 0.0,
             ttft_ms=Tail.of(ttft), tpot_ms=Tail.of(tpot),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -292,3 +293,23 @@ def test_cli_compares_several_routers_on_one_trace() -> None:
     assert data[1]["router"]["load_threshold"] == 4
     table = CliRunner().invoke(main, ["cluster-simulate", str(MOONCAKE_TRACE), "--max-requests", "50"])
     assert table.exit_code == 0 and "load imbalance" in table.output and "simulated" in table.output
+
+
+def test_a_fitted_slower_tier_cost_is_recovered_and_charged_by_the_simulator(trace: list[Request]) -> None:
+    truth = {"base": 0.003, "seq": 2e-4, "fast": 1e-10, "cxl": 7e-10}
+    samples = [Sample(n, 0, 0, 0.003 + 5e-5 * n) for n in (64, 512, 2048)]
+    for b, context in ((2, 10**6), (8, 10**6), (4, 3 * 10**6)):
+        for fast_bytes, cxl_bytes in ((b * context, 0), (b * context // 2, b * context // 2), (0, b * context)):
+            seconds = truth["base"] + truth["seq"] * b + truth["fast"] * fast_bytes + truth["cxl"] * cxl_bytes
+            samples.append(Sample(0, b, fast_bytes, seconds, tier_bytes=(("cxl", cxl_bytes),) if cxl_bytes else ()))
+    model = fit(samples, name="tiered", kv_bytes_per_token=2048)
+    assert model.tier_byte_s["cxl"] == pytest.approx(truth["cxl"], rel=1e-6)
+    assert model.kv_byte_s == pytest.approx(truth["fast"], rel=1e-6)
+    # The simulator reads a hit in a spec tier named cxl at that cost per byte, not at the spec's bandwidth.
+    spec = ClusterSpec("t", (SimTierSpec("hbm", 64, 1000.0), SimTierSpec("cxl", 4096, 1e-3)))
+    requests = trace[:300]
+    charged = simulate_cluster(requests, spec, SimSettings(2, make_router("round-robin")), model)
+    slow = simulate_cluster(requests, spec, SimSettings(2, make_router("round-robin")),
+                            replace(model, tier_byte_s={}))  # 1 MB/s from the spec instead
+    assert charged.hit_ratio == slow.hit_ratio and charged.hit_ratio["by_tier"]["cxl"] > 0
+    assert charged.ttft_ms.p50 < slow.ttft_ms.p50

@@ -124,8 +124,12 @@ def _table(d: dict) -> Table:
               help="tieremu engine: the model preset to time (tiny, small, 1b).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
               help="Timed repeats per iteration shape (the median is fitted).")
+@click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
+              help="tieremu engine: decode over the tiered KV cache of this tier map (all in its first memory tier, "
+                   "split, all in its second) to fit a cost per byte for the slower tier (emulated tiers: the fit "
+                   "is labelled emulated).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the model's JSON.")
-def fit_servtime(engine: str, preset: str, repeats: int, out: str) -> None:
+def fit_servtime(engine: str, preset: str, repeats: int, tiers_file: str | None, out: str) -> None:
     """Time prefill and decode iterations of tieremu's decode model (or vLLM's) on this machine, fit the
     serving-time model (least squares) and write it with the fit's error."""
     if engine == "vllm":
@@ -137,7 +141,11 @@ def fit_servtime(engine: str, preset: str, repeats: int, out: str) -> None:
         from tieremu.workloads.llama import preset as model_preset
 
         model_preset(preset)  # an unknown preset is refused before any timing
-        model = measure_and_fit(preset, repeats=repeats)
+        if tiers_file is not None:
+            from tieremu.tiers.config import load_tier_map
+
+            load_tier_map(tiers_file)  # a bad tier map is refused before any timing
+        model = measure_and_fit(preset, repeats=repeats, tiers_file=tiers_file)
     model.save(out)
     fit = model.fit
     click.echo(f"{out}: {model.name}, fit over {fit.samples if fit else 0} shapes, mean relative error "

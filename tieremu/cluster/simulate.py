@@ -351,7 +351,10 @@ class ClusterSim:
     def __init__(self, spec: ClusterSpec, settings: SimSettings, model: ServingTimeModel) -> None:
         self.spec, self.s, self.model = spec, settings, model
         self.block_bytes = model.kv_bytes_per_token * settings.block_tokens
-        self.read_s = [0.0] + [self.block_bytes / (t.read_gbps * 1e9) for t in spec.tiers[1:]]
+        # A slower tier's block read: at the serving-time model's fitted cost for a tier of that name, else at the
+        # read bandwidth the spec gives (the fastest tier's reads are part of the model's own terms).
+        self.read_s = [0.0] + [self.block_bytes * model.tier_byte_s[t.name] if t.name in model.tier_byte_s
+                               else self.block_bytes / (t.read_gbps * 1e9) for t in spec.tiers[1:]]
         self.pull_block_s = [self.block_bytes / (min(spec.link.gbps, t.read_gbps) * 1e9) for t in spec.tiers]
         self.link_latency_s = spec.link.latency_us * 1e-6
         self.link_byte_s = 1.0 / (spec.link.gbps * 1e9)

@@ -313,3 +313,12 @@ def test_a_fitted_slower_tier_cost_is_recovered_and_charged_by_the_simulator(tra
                             replace(model, tier_byte_s={}))  # 1 MB/s from the spec instead
     assert charged.hit_ratio == slow.hit_ratio and charged.hit_ratio["by_tier"]["cxl"] > 0
     assert charged.ttft_ms.p50 < slow.ttft_ms.p50
+
+
+def test_fit_servtime_refuses_bad_input_before_timing(tmp_path) -> None:
+    runner = CliRunner()
+    for args, message in ((["--out", str(tmp_path / "no" / "m.json")], "its folder does not exist"),
+                          (["--out", str(tmp_path / "m.json"), "--preset", "huge"], "unknown model preset 'huge'")):
+        result = runner.invoke(main, ["cluster-fit-servtime", *args])
+        assert result.exit_code == 2 and message in result.output
+    assert not any(tmp_path.iterdir())

@@ -132,6 +132,10 @@ def _table(d: dict) -> Table:
 def fit_servtime(engine: str, preset: str, repeats: int, tiers_file: str | None, out: str) -> None:
     """Time prefill and decode iterations of tieremu's decode model (or vLLM's) on this machine, fit the
     serving-time model (least squares) and write it with the fit's error."""
+    from tieremu.errors import ConfigError
+
+    if not Path(out).resolve().parent.is_dir():
+        raise ConfigError(f"--out {out}: its folder does not exist; give a path in an existing folder")
     if engine == "vllm":
         from tieremu.cluster.servtime_vllm import measure_and_fit_vllm
 

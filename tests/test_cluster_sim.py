@@ -318,7 +318,7 @@ def test_a_fitted_slower_tier_cost_is_recovered_and_charged_by_the_simulator(tra
 def test_fit_servtime_refuses_bad_input_before_timing(tmp_path) -> None:
     runner = CliRunner()
     for args, message in ((["--out", str(tmp_path / "no" / "m.json")], "its folder does not exist"),
-                          (["--out", str(tmp_path / "m.json"), "--preset", "huge"], "unknown model preset 'huge'")):
+                          (["--out", str(tmp_path / "m.json"), "--engine", "sglang"], "Invalid value for '--engine'")):
         result = runner.invoke(main, ["cluster-fit-servtime", *args])
         assert result.exit_code == 2 and message in result.output
     assert not any(tmp_path.iterdir())

@@ -16,6 +16,7 @@ from typing import Any
 from tieremu.record.row import MetricRow
 from tieremu.record.stats import Stats, describe, percentile
 from tieremu.report.load import ResultSet
+from tieremu.report.units import Scale, scale_for
 from tieremu.runner.worker import headline
 
 COUNTERS = ("promotions", "demotions", "ping_pongs", "evictions")
@@ -23,6 +24,8 @@ COUNTERS = ("promotions", "demotions", "ping_pongs", "evictions")
 SUMMARISED = ("tpot_ms", "ttft_ms", "tokens_per_s", "hit_ratio", "strr", "star", "migration_gbps", *COUNTERS)
 PROBE = ("latency_ns", "read_gb_per_s", "write_gb_per_s", "copy_gb_per_s", "loaded_latency_ns")
 POLICY_RANK = {"all-fastest": 0, "all-slowest": 2}
+# The unit each summary figure is recorded in; the table shows it in the unit that suits the column's figures.
+COLUMN_UNITS = {"tpot_p50": "ms", "tpot_p99": "ms", "ttft_p50": "ms", "ttft_p99": "ms", "migration_gbps": "GB/s"}
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,14 @@ def bounds_check(group: Group, all_groups: list[Group]) -> str:
     return "within"
 
 
+def scaled(stats: Stats, scale: Scale | None) -> Stats:
+    """The figures in the unit the column shows."""
+    if scale is None:
+        return stats
+    return Stats(stats.n, scale(stats.median), scale(stats.mean), scale(stats.ci_low), scale(stats.ci_high),
+                 scale(stats.min), scale(stats.max))
+
+
 def fmt_ci(stats: Stats) -> str:
     """The median, and the 95% CI of the runs' mean when there are two runs or more: `4.81 [4.62-5.03]`."""
     if not stats.n:
@@ -211,9 +222,9 @@ def provenance(result: ResultSet) -> list[str]:
     return lines
 
 
-SUMMARY_COLUMNS = (("tpot_p50", "TPOT p50 ms"), ("tpot_p99", "TPOT p99 ms"), ("ttft_p50", "TTFT p50 ms"),
-                   ("ttft_p99", "TTFT p99 ms"), ("tokens_per_s", "tokens/s"), ("hit", "hit ratio"))
-TAIL_COLUMNS = (("strr", "STRR"), ("star", "STAR"), ("migration_gbps", "migration GB/s"),
+SUMMARY_COLUMNS = (("tpot_p50", "TPOT p50"), ("tpot_p99", "TPOT p99"), ("ttft_p50", "TTFT p50"),
+                   ("ttft_p99", "TTFT p99"), ("tokens_per_s", "tokens/s"), ("hit", "hit ratio"))
+TAIL_COLUMNS = (("strr", "STRR"), ("star", "STAR"), ("migration_gbps", "migration"),
                 ("promotions", "promotions"), ("demotions", "demotions"), ("ping_pongs", "ping-pongs"),
                 ("evictions", "evictions"))
 
@@ -245,7 +256,8 @@ def _summary_table(job: str, mine: list[Group], all_groups: list[Group]) -> Tabl
     bases = sorted({b for _, b in slow if b})
     axes = point_axes(mine)
     checks = [bounds_check(g, all_groups) for g in mine]
-    headers = [*axes, "runs", "origin"] + [h for _, h in shown]
+    scales = {k: scale_for([f.get(k, math.nan) for f in figs], COLUMN_UNITS[k]) for k, _ in shown if k in COLUMN_UNITS}
+    headers = [*axes, "runs", "origin"] + [f"{h} {scales[k].unit}" if k in scales else h for k, h in shown]
     if bases:
         headers.append("slowdown vs all-fastest")
     if any(checks):
@@ -253,7 +265,7 @@ def _summary_table(job: str, mine: list[Group], all_groups: list[Group]) -> Tabl
     rows = []
     for g, st, (ratio, _), check in zip(mine, stats, slow, checks, strict=True):
         row = [*point_cells(g, axes), f"{g.done}/{len(g.runs)}", ", ".join(sorted({r.origin for r in g.rows})) or "-"]
-        row += [fmt_ci(st[k]) if k in st else "-" for k, _ in shown]
+        row += [fmt_ci(scaled(st[k], scales.get(k))) if k in st else "-" for k, _ in shown]
         if bases:
             row.append("-" if not math.isfinite(ratio) else f"{ratio:.2f}x")
         if any(checks):
@@ -296,8 +308,9 @@ def _other_table(job: str, mine: list[Group]) -> Table | None:
             if not values:
                 continue
             origins = ", ".join(sorted({r.origin for r in g.rows if r.metric == metric and r.tier == tier}))
-            rows.append([*point_cells(g, axes), column, fmt(len(values)), fmt(percentile(values, 50)),
-                         fmt(min(values)), fmt(max(values)), unit, origins])
+            sc = scale_for(values, unit)
+            rows.append([*point_cells(g, axes), column, fmt(len(values)), fmt(sc(percentile(values, 50))),
+                         fmt(sc(min(values))), fmt(sc(max(values))), sc.unit, origins])
     return Table(f"{job}: other figures", [*axes, "metric", "n", "median", "min", "max", "unit", "origin"], rows)
 
 

@@ -59,7 +59,7 @@ def test_identical_curves_are_drawn_once_under_all_their_names() -> None:
 def test_a_cdf_is_on_a_log_axis_with_a_panel_per_sweep_point_and_the_run_once_bounds_in_each() -> None:
     gs = [("", _group(p, c, _samples(40, 1 + i / 10))) for c in (25, 400) for i, p in enumerate(("lru", "belady"))]
     gs += [("", _group("all-fastest", 25, _samples(40, 0.9))), ("", _group("all-slowest", 25, _samples(40, 3)))]
-    panels = facets(gs, "ttft_ms")
+    panels = facets(gs)
     assert list(panels) == ["fast_capacity_blocks=25", "fast_capacity_blocks=400"]
     assert [name for name, _ in panels["fast_capacity_blocks=400"]] == ["lru", "belady", "all-fastest (run once)",
                                                                         "all-slowest (run once)"]

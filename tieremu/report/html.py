@@ -25,6 +25,7 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
 .provenance { background: #f4f6fa; border-left: 4px solid #4a6fa5; padding: 0.6em 1em; }
 .provenance li.warning { color: #a33; }
+.table-wrap { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 0.5em 0 0.2em; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #eef; } td.text, th:first-child { text-align: left; }
@@ -95,8 +96,8 @@ def _table(table: Table, index: int) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in table.columns)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in table.rows)
     note = f"<p class=\"note\">{_e(table.note)}</p>" if table.note else ""
-    return (f"<table id=\"table-{index}\" class=\"report-table\"><caption>{_e(table.title)}</caption>"
-            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}")
+    return (f"<div class=\"table-wrap\"><table id=\"table-{index}\" class=\"report-table\"><caption>"
+            f"{_e(table.title)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}")
 
 
 def _cell(value: str) -> str:

@@ -73,7 +73,8 @@ def latency_cdf(job: str, labelled: list[tuple[str, Group]], metric: str, title:
     if min(len(vs) for _, vs in raw) < MIN_CDF_SAMPLES:
         series = [(label, [scale(v) for v in vs]) for label, vs in merge_identical(raw)]
         return _sample_points(job, metric, title, series, scale.unit, len(raw))
-    panels = facets([(prefix, g) for prefix, g in labelled if g.values(metric)], metric)
+    panels = facets([(prefix, g) for prefix, g in labelled if g.values(metric)]) or \
+        {"": [(prefix + g.label, g) for prefix, g in labelled if g.values(metric)]}
     positive = all(v > 0 for _, vs in raw for v in vs)
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
@@ -83,9 +84,10 @@ def latency_cdf(job: str, labelled: list[tuple[str, Group]], metric: str, title:
     curves = 0
     for ax, (point, members) in zip(axes.flat, panels.items(), strict=False):
         series = merge_identical([(name, g.values(metric)) for name, g in members])
+        by_name = dict(members)
         for label, values in series[:MAX_LINES]:
             n = len(values)
-            first = next(g for name, g in members if label.startswith(name))
+            first = by_name[label.removesuffix(" (identical)").split(" = ")[0]]
             ax.step([scale(v) for v in values], [(i + 1) / n for i in range(n)], where="post", label=label,
                     color=colours[first.policy or first.label], **_bound_style(first.policy))
         curves += min(len(series), MAX_LINES)
@@ -110,7 +112,7 @@ def latency_cdf(job: str, labelled: list[tuple[str, Group]], metric: str, title:
                                      "panels": len(panels)})
 
 
-def facets(labelled: list[tuple[str, Group]], metric: str) -> dict[str, list[tuple[str, Group]]]:
+def facets(labelled: list[tuple[str, Group]]) -> dict[str, list[tuple[str, Group]]]:
     """Groups by sweep point (their labels but the policy), each named by its policy; a policy that ran at one point
     only while the others ran at several (a bound that does not depend on the sweep) joins every panel."""
     panels: dict[str, list[tuple[str, Group]]] = {}
@@ -195,9 +197,12 @@ def headline_bars(job: str, labelled: list[tuple[str, Group]]) -> Plot | None:
     ax.bar(range(len(shown)), medians, yerr=[[max(0.0, v) for v in low], [max(0.0, v) for v in high]], capsize=4,
            color="tab:blue", alpha=0.8)
     ax.set_xticks(range(len(shown)), [label for label, _ in shown], rotation=20, ha="right", fontsize=7)
+    if wide_range(medians):
+        ax.set_yscale("log")  # one policy 40x the others: on a linear axis the rest are slivers
+        ylabel += ", log scale"
     ax.set_ylabel(ylabel)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.set_title(f"{job}: {ylabel} per policy, 95% CI over runs")
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.set_title(f"{job}: {name} per policy, 95% CI over runs")
     runs = sorted({st.n for _, st in shown})
     return finish(fig, f"{job}-{key}-per-policy", f"{job}: {name} per policy with 95% CI",
                   f"bars: median of the runs' figures; error bars: 95% CI of their mean; runs per bar: "
@@ -252,6 +257,11 @@ def migrations_over_time(job: str, labelled: list[tuple[str, Group]]) -> Plot | 
     ax.set_title(f"{job}: {what} over time")
     return finish(fig, f"{job}-{metric}-over-time", f"{job}: {what} over time, window by window",
                   "mean over repetitions", kind="lines")
+
+
+def wide_range(values: list[float], ratio: float = 30.0) -> bool:
+    """Positive figures spanning more than `ratio`: drawn on a log axis."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) > ratio
 
 
 def _cut(n: int) -> str:

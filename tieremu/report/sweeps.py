@@ -123,6 +123,10 @@ def versus(job: str, labelled: list[tuple[str, Group]], axis: str, key: str, wha
         ax.minorticks_off()
     ax.set_xlabel(axis_label(axis) + (", log scale" if ax.get_xscale() == "log" else ""))
     shown_unit = "" if scale.unit in ("fraction", "") else f" ({scale.unit})"
+    medians = [st.median for line in lines.values() for _, st in line.points]
+    if unit != "fraction" and min(medians) > 0 and max(medians) / min(medians) > 30:
+        ax.set_yscale("log")  # one policy 40x the others: on a linear axis the rest are one line
+        shown_unit += ", log scale"
     ax.set_ylabel(what + shown_unit)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")

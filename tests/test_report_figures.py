@@ -17,7 +17,7 @@ from tieremu.report.figure import finish, new
 from tieremu.report.html import machine_line
 from tieremu.report.load import ResultSet
 from tieremu.report.plots import facets, latency_cdf, merge_identical
-from tieremu.report.tables import Group
+from tieremu.report.tables import Group, noise_reasons
 from tieremu.report.units import scale_for
 
 
@@ -138,3 +138,11 @@ def test_the_machine_line_says_what_the_manifest_and_the_runs_know(tmp_path: Pat
     assert line.startswith("machine: host name vm, CPU AMD EPYC, 2 CPUs, kernel Linux 6.18; ")
     assert "inside tieremu's QEMU guest: no" in line and "hypervisor steal time seen in 1 of 1 runs" in line
     assert "in VM: False" not in line
+
+
+def test_noisy_runs_reasons_are_summarised_once_per_kind() -> None:
+    whys = [["other processes used 88% of the CPUs > 25%", "load average 16.79 on 2 CPUs before"],
+            ["other processes used 75% of the CPUs > 25%", "load average 11.5 on 2 CPUs before"], ["steal 7% > 5%"],
+            ["odd {reason}"]]
+    assert noise_reasons(whys) == ("other processes used 75%-88% of the CPUs > 25% (2 runs); load average 11.5-16.79 "
+                                   "on 2 CPUs before (2 runs); steal 7% > 5% (1 run); odd {reason} (1 run)")

@@ -9,6 +9,7 @@ figures, with the 95% confidence interval across runs (tieremu.record.stats.desc
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -213,13 +214,35 @@ def provenance(result: ResultSet) -> list[str]:
     noisy = result.noisy
     if noisy:
         lines.append(f"NOISY: {len(noisy)} of {len(result.runs)} runs ran on a busy machine (figures kept, flagged): "
-                     + "; ".join(f"{r.run_id} ({', '.join(r.noisy_why)})" for r in noisy))
+                     + noise_reasons([r.noisy_why for r in noisy]) + "; runs: " + ", ".join(r.run_id for r in noisy))
     elif result.schema_version >= 2:
         lines.append("noise: no run was flagged (steal, other processes' load and load average within limits)")
     else:
         lines.append("noise: not recorded (a schema 1 folder)")
     lines += [f"warning: {w}" for w in result.warnings]
     return lines
+
+
+def noise_reasons(whys: list[list[str]]) -> str:
+    """The runs' reasons, each kind once with the range of its first figure and how many runs it flagged:
+    `other processes used 75%-91% of the CPUs > 25% (30 runs)` rather than thirty sentences that differ in a number."""
+    number = r"\d+(?:\.\d+)?"
+    kinds: dict[str, tuple[list[str], list[float]]] = {}
+    for why in whys:
+        for reason in why:
+            numbers = re.findall(number, reason)
+            template = re.sub(number, "{}", reason.replace("{", "{{").replace("}", "}}"))
+            kinds.setdefault(template, (numbers, []))[1].append(float(numbers[0]) if numbers else math.nan)
+    parts = []
+    for template, (numbers, values) in kinds.items():
+        text = template.format()
+        if numbers:
+            low, high = min(values), max(values)
+            percent = template.find("{}%") == template.find("{}")
+            span = f"{low:g}" if low == high else f"{low:g}{'%' if percent else ''}-{high:g}"
+            text = template.replace("{}", span, 1).format(*numbers[1:])
+        parts.append(f"{text} ({len(values)} run{'s' if len(values) != 1 else ''})")
+    return "; ".join(parts)
 
 
 SUMMARY_COLUMNS = (("tpot_p50", "TPOT p50"), ("tpot_p99", "TPOT p99"), ("ttft_p50", "TTFT p50"),

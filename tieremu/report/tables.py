@@ -235,12 +235,13 @@ def noise_reasons(whys: list[list[str]]) -> str:
             kinds.setdefault(template, (numbers, []))[1].append(float(numbers[0]) if numbers else math.nan)
     parts = []
     for template, (numbers, values) in kinds.items():
-        text = template.format()
         if numbers:
             low, high = min(values), max(values)
             percent = template.find("{}%") == template.find("{}")
             span = f"{low:g}" if low == high else f"{low:g}{'%' if percent else ''}-{high:g}"
             text = template.replace("{}", span, 1).format(*numbers[1:])
+        else:
+            text = template.format()
         parts.append(f"{text} ({len(values)} run{'s' if len(values) != 1 else ''})")
     return "; ".join(parts)
 

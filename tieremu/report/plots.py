@@ -92,7 +92,7 @@ def latency_cdf(job: str, labelled: list[tuple[str, Group]], metric: str, title:
                     color=colours[first.policy or first.label], **_bound_style(first.policy))
         curves += min(len(series), MAX_LINES)
         ax.set_title(point or f"{job}: {title} CDF", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6 if len(panels) > 1 else 7)
         if positive:
             ax.set_xscale("log")  # latencies span decades (a cache hit against a cold prefill): a log axis shows both
@@ -167,7 +167,7 @@ def _sample_points(job: str, metric: str, title: str, series: list[tuple[str, li
     if min(values) > 0 and max(values) / min(values) > 10:
         ax.set_xscale("log")
     ax.set_xlabel(f"{title} ({unit})")
-    ax.grid(True, axis="x", which="both", alpha=0.3)
+    ax.grid(True, axis="x", alpha=0.3)
     ax.set_title(f"{job}: {title}, every sample")
     counts = sorted({len(vs) for _, vs in series})
     n = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
@@ -201,7 +201,7 @@ def headline_bars(job: str, labelled: list[tuple[str, Group]]) -> Plot | None:
         ax.set_yscale("log")  # one policy 40x the others: on a linear axis the rest are slivers
         ylabel += ", log scale"
     ax.set_ylabel(ylabel)
-    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(f"{job}: {name} per policy, 95% CI over runs")
     runs = sorted({st.n for _, st in shown})
     return finish(fig, f"{job}-{key}-per-policy", f"{job}: {name} per policy with 95% CI",

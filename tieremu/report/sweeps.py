@@ -128,7 +128,7 @@ def versus(job: str, labelled: list[tuple[str, Group]], axis: str, key: str, wha
         ax.set_yscale("log")  # one policy 40x the others: on a linear axis the rest are one line
         shown_unit += ", log scale"
     ax.set_ylabel(what + shown_unit)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     ax.set_title(f"{job}: {what} vs {axis_label(axis)}")
     bounds = sorted({line.policy for line in lines.values() if line.policy in BOUNDS})

@@ -38,8 +38,9 @@ def test_default_spec_validates_and_plans_probe_round_trip_decode_and_replay_wit
     spec = load_experiment(DEFAULT)
     assert spec.name == "default" and spec.tier_map.name == "cxl-expander" and spec.probe
     runs = expand(spec)
-    # timing jobs repeat (3 by default), accounting-only replay runs once
-    assert [r.kind for r in runs] == ["probe"] + ["roundtrip"] * 3 + ["decode"] * 12 + ["replay"] * 6
+    # timing jobs repeat (3 by default), accounting-only replay runs once per fast-tier capacity (three), its static
+    # bounds once across capacities
+    assert [r.kind for r in runs] == ["probe"] + ["roundtrip"] * 3 + ["decode"] * 12 + ["replay"] * 14
     assert runs[1].params.route == ("dram", "cxl", "far")
     # the arms of the decode comparison interleave, ABBA across repetitions, so drift weighs on all alike
     arms = ["lru-epoch", "hotcold", "all-fastest", "all-slowest"]
@@ -48,8 +49,9 @@ def test_default_spec_validates_and_plans_probe_round_trip_decode_and_replay_wit
     # the all-fastest / all-slowest bounds run beside every policy of a job
     assert sorted({r.policy for r in runs if r.kind == "decode"}) == ["all-fastest", "all-slowest", "hotcold",
                                                                       "lru-epoch"]
-    assert sorted(r.policy for r in runs if r.kind == "replay") == ["all-fastest", "all-slowest", "belady",
-                                                                     "hotcold", "lookahead", "lru"]
+    assert sorted(r.policy for r in runs if r.kind == "replay") == [
+        "all-fastest", "all-slowest", *sorted(["belady", "hotcold", "lookahead", "lru"] * 3)]
+    assert sorted({r.axes["fast_capacity_blocks"] for r in runs if r.kind == "replay"}) == [25, 100, 400]
 
 
 def test_round_trip_writes_a_complete_labelled_result_folder(tmp_path: Path, memory_nodes: tuple[int, ...]) -> None:
@@ -168,7 +170,7 @@ def test_the_readmes_first_command_runs_the_default_experiment_to_a_report(tmp_p
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[-3] == "runs: 22 done (0 from before), 0 failed, 22 planned"
+    assert lines[-3] == "runs: 30 done (0 from before), 0 failed, 30 planned"
     report = Path(lines[-2].removeprefix("report: "))
     folder = Path(lines[-1].removeprefix("results: "))
     assert report == folder / "report.html" and report.is_file() and folder.parent == tmp_path / "default"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,19 +88,19 @@ def test_non_finite_values_are_refused_naming_the_element(kind: str, bad: float)
     x = torch.randn(codec.shape)
     x[1, 4, 1, 9] = bad
     out = torch.zeros(codec.compressed_bytes, dtype=torch.uint8)
-    with pytest.raises(NonFiniteError, match=r"V\[token 4, head 1, dim 9\].*refuses NaN and Inf"):
+    with pytest.raises(NonFiniteError, match=r"holds (nan|-?inf) at V\[token 4, head 1, dim 9\].*refuses NaN"):
         codec.compress(x, out)
     assert not out.any(), "nothing is written for a refused block"
-    # The kernel refuses on its own too (its check does not rely on the Python one).
-    flat = x[1].contiguous().reshape(-1)
-    codes = torch.empty(flat.numel(), dtype=torch.uint8)
-    scales = torch.empty(flat.numel() // 64, dtype=torch.int16)
-    k = compress_kernels()
-    if kind == "fp8":
-        at = k.quant_fp8(flat.data_ptr(), flat.numel() // 64, 64, codes.data_ptr(), scales.data_ptr())
-    else:
-        at = k.quant_int(flat.data_ptr(), flat.numel() // 64, 64, 8, codes.data_ptr(), scales.data_ptr())
-    assert at - 1 == (4 * 2 + 1) * 64 + 9
+    # The kernel refuses on its own (its scan does not rely on any Python check) and says where: the flat index of
+    # V[4, 1, 9] after K's values.
+    x2 = torch.stack([x, torch.randn(codec.shape)]).flip(0)  # the bad value in the second block
+    addrs = np.array([out.data_ptr(), out.data_ptr()], dtype=np.int64)
+    at = compress_kernels().compress_blocks(x2.data_ptr(), 0, 2, 16 * 2 * 64, {"fp8": 0, "int8": 8, "int4": 4}[kind],
+                                            codec._geom.ctypes.data, addrs.ctypes.data)
+    assert at - 1 == x2[0].numel() + x2[0, 0].numel() + (4 * 2 + 1) * 64 + 9
+    assert not out.any()
+    with pytest.raises(NonFiniteError, match=r"block 1 holds .* at V\[token 4, head 1, dim 9\]"):
+        codec.compress_many(x2, addrs)
 
 
 def test_fp8_codes_match_torch_float8_e4m3fn() -> None:

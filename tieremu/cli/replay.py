@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tieremu.errors import ConfigError, WorkloadError
+from tieremu.kv.compress_tiers import capacity_blocks, effective_read_gbps
 from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_RATIO, MAX_SECONDS, Range, number_problem
 from tieremu.policy.base import PolicyContext
 from tieremu.policy.registry import BUILTIN, get_policy, names
@@ -127,7 +128,7 @@ def sim_tiers(tier_map: TierMap, block_bytes: int, overrides: Mapping[str, int])
     for spec in tier_map.tiers:
         blocks = overrides.get(spec.name)
         if blocks is None and spec.capacity_mib is not None:
-            blocks = (spec.capacity_mib << 20) // block_bytes
+            blocks = capacity_blocks(spec, block_bytes)  # a compressed tier holds ratio-times more blocks
             if blocks < 1:
                 raise ConfigError(f"tier {spec.name}: capacity_mib={spec.capacity_mib} holds no block of "
                                   f"{block_bytes / 2**20:g} MiB; raise capacity_mib or lower --block-mib")
@@ -145,6 +146,7 @@ def read_bandwidth(tier_map: TierMap, overrides: Mapping[str, float], local_gbps
             raise ConfigError(f"--read-gbps names tier {name!r}; tiers of {tier_map.name}: "
                               f"{', '.join(tier_map.names)}")
     by_tier = {spec.name: overrides.get(spec.name, _target_read(spec, local_gbps)) for spec in tier_map.tiers}
+    by_tier = effective_read_gbps({spec.name: spec for spec in tier_map.tiers}, by_tier)  # type: ignore[assignment]
     return ReadBandwidth(by_tier, local_gbps, source)
 
 

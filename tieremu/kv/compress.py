@@ -33,10 +33,13 @@ import torch
 
 from tieremu.errors import KVError
 from tieremu.native.build import compress_kernels
+from tieremu.tiers.config import COMPRESSION_LAYOUTS, COMPRESSIONS
 
-KINDS = ("none", "fp8", "int8", "int4")
-LAYOUTS = ("block", "kivi")
+KINDS = COMPRESSIONS
+LAYOUTS = COMPRESSION_LAYOUTS
 QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # compress.c's `dtype`
+MAX_GROUP = 4096  # compress.c's MAX_GROUP
 BF16_ROUND = 1 + 2.0 ** -7  # a scale rounded up to bfloat16 grows by at most one bf16 ulp
 BF16_SUBNORMAL_STEP = 2.0 ** -133  # ... or, for a subnormal scale (a group below ~1e-36), by one subnormal step
 SCALE_BYTES = 2
@@ -100,8 +103,11 @@ class Codec:
             raise KVError(f"compression {self.kind!r} is not a format; valid: {', '.join(KINDS[1:])}")
         if self.layout not in LAYOUTS:
             raise KVError(f"compression layout {self.layout!r} is unknown; valid: {', '.join(LAYOUTS)}")
-        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if self.dtype not in DTYPE_CODES:
             raise KVError(f"KV dtype {self.dtype} cannot be compressed; valid: float32, bfloat16, float16")
+        if any(p.group > MAX_GROUP for p in self.parts):
+            raise KVError(f"compression groups of {max(p.group for p in self.parts)} values exceed {MAX_GROUP}; use "
+                          "fewer block_tokens or a smaller head_dim")
         if self.kind == "int4" and any(p.group % 2 for p in self.parts):
             raise KVError(f"int4 packs two codes per byte, so its groups need an even size; {self.layout} layout "
                           f"groups here are {[p.group for p in self.parts]} values (head_dim {self.head_dim}, "
@@ -145,23 +151,23 @@ class Codec:
         data = torch.empty(self.compressed_bytes, dtype=torch.uint8) if out is None else out
         if data.dtype != torch.uint8 or data.numel() < self.compressed_bytes or not data.is_contiguous():
             raise KVError(f"compress: out must be {self.compressed_bytes} contiguous uint8 bytes")
-        x = kv.detach().to("cpu", torch.float32)
-        parts = [self._grouped(x, 0), self._grouped(x, 1)]
-        for i, values in enumerate(parts):
-            bad = torch.isfinite(values).logical_not().nonzero()
-            if len(bad):
-                raise NonFiniteError(self._where(i, bad[0], values))
-        kern = compress_kernels()
-        base = data.data_ptr()
-        for values, part in zip(parts, self.parts, strict=True):
-            codes, scales = base + part.code_offset, base + part.scale_offset
-            if self.kind == "fp8":
-                bad_at = kern.quant_fp8(values.data_ptr(), part.n_groups, part.group, codes, scales)
-            else:
-                bad_at = kern.quant_int(values.data_ptr(), part.n_groups, part.group, _bits(self.kind), codes, scales)
-            if bad_at:  # checked above; the kernel checks again so no caller can feed it NaN unseen
-                raise NonFiniteError(f"KV block holds a non-finite value at flat index {bad_at - 1}")
+        self.compress_many(kv.unsqueeze(0), np.array([data.data_ptr()], dtype=np.int64))
         return CompressedBlock(self, data[:self.compressed_bytes])
+
+    def compress_many(self, kv: torch.Tensor, addrs: np.ndarray) -> None:
+        """n blocks [n, 2, block_tokens, kv_heads, head_dim] compressed in one kernel call, block i written at
+        address addrs[i] (compressed_bytes of writable memory each: arena slots, say). Nothing is written when any
+        value is NaN or Inf (NonFiniteError naming it)."""
+        n = kv.shape[0]
+        if tuple(kv.shape[1:]) != self.shape or len(addrs) != n:
+            raise KVError(f"compress_many: {tuple(kv.shape)} blocks and {len(addrs)} addresses; want "
+                          f"[n, {', '.join(map(str, self.shape))}] and n addresses")
+        x = kv.detach().to("cpu", self.dtype).contiguous()
+        addrs = np.ascontiguousarray(addrs, dtype=np.int64)
+        bad = compress_kernels().compress_blocks(x.data_ptr(), DTYPE_CODES[self.dtype], n, self._part_elements,
+                                                 _kind_code(self.kind), self._geom.ctypes.data, addrs.ctypes.data)
+        if bad:
+            raise NonFiniteError(self._where(bad - 1, x))
 
     def decompress(self, block: CompressedBlock | torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """K and V [2, block_tokens, kv_heads, head_dim] in the codec's dtype, into `out` when given."""
@@ -169,31 +175,30 @@ class Codec:
         if data.dtype != torch.uint8 or data.numel() < self.compressed_bytes or not data.is_contiguous():
             raise KVError(f"decompress: want {self.compressed_bytes} contiguous uint8 bytes, got "
                           f"{data.numel()} {data.dtype}")
-        kern = compress_kernels()
-        flat = torch.empty(2, self.block_tokens * self.kv_heads * self.head_dim, dtype=torch.float32)
-        base = data.data_ptr()
-        for i, part in enumerate(self.parts):
-            codes, scales, dest = base + part.code_offset, base + part.scale_offset, flat[i].data_ptr()
-            if self.kind == "fp8":
-                kern.dequant_fp8(codes, scales, part.n_groups, part.group, dest)
-            else:
-                kern.dequant_int(codes, scales, part.n_groups, part.group, _bits(self.kind), dest)
-        bt, h, d = self.block_tokens, self.kv_heads, self.head_dim
-        k = flat[0].view(h, d, bt).permute(2, 0, 1) if self.layout == "kivi" else flat[0].view(bt, h, d)
-        v = flat[1].view(bt, h, d)
         result = torch.empty(self.shape, dtype=self.dtype) if out is None else out
-        if self.dtype == torch.float16:  # a scale rounded up may carry the largest value just past fp16's range
-            k, v = k.clamp(-65504, 65504), v.clamp(-65504, 65504)
-        result[0].copy_(k)
-        result[1].copy_(v)
+        self.decompress_many(np.array([data.data_ptr()], dtype=np.int64), result.unsqueeze(0))
         return result
+
+    def decompress_many(self, addrs: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+        """The blocks compressed at addrs, decompressed in one kernel call into out [n, 2, block_tokens, kv_heads,
+        head_dim] (any float dtype, e.g. a staging buffer's host side)."""
+        n = len(addrs)
+        if tuple(out.shape) != (n, *self.shape):
+            raise KVError(f"decompress_many: out has shape {tuple(out.shape)}; want [{n}, "
+                          f"{', '.join(map(str, self.shape))}]")
+        if out.dtype not in DTYPE_CODES or not out.is_contiguous():
+            raise KVError(f"decompress_many: out must be contiguous float32, bfloat16 or float16; got {out.dtype}")
+        addrs = np.ascontiguousarray(addrs, dtype=np.int64)
+        compress_kernels().decompress_blocks(addrs.ctypes.data, n, _kind_code(self.kind), self._geom.ctypes.data,
+                                             out.data_ptr(), DTYPE_CODES[out.dtype], self._part_elements)
+        return out
 
     def error_bound(self, kv: torch.Tensor) -> torch.Tensor:
         """The documented bound on |decompress(compress(kv)) - kv|, per element, as float32 of kv's shape."""
         x = kv.detach().to("cpu", torch.float32)
         bounds = []
-        for i, part in enumerate(self.parts):
-            grouped = self._grouped(x, i).view(part.n_groups, part.group)
+        for i in range(2):
+            grouped = self._part_groups(x[i], i)
             scale = grouped.abs().amax(dim=1, keepdim=True) / QMAX[self.kind] * BF16_ROUND + BF16_SUBNORMAL_STEP
             mag = grouped.abs()
             # fp8: 3 mantissa bits (half an ulp is 2^-4 relative), subnormal steps of 2^-9 s; ints: half a step.
@@ -201,31 +206,36 @@ class Codec:
             bound = bound + 2.0 ** -22 * (mag + scale) + 2.0 ** -148
             if self.dtype != torch.float32:
                 bound = bound + torch.finfo(self.dtype).eps * (mag + bound)
-            bounds.append(self._ungrouped(bound.reshape(-1), i))
+            bounds.append(self._ungrouped(bound, i))
         return torch.stack(bounds)
 
     # -- internals --------------------------------------------------------------------------------------------------
 
-    def _grouped(self, x: torch.Tensor, part: int) -> torch.Tensor:
-        """Part `part` of x [2, bt, h, d] as contiguous groups (flat float32)."""
-        if part == 0 and self.layout == "kivi":
-            return x[0].permute(1, 2, 0).contiguous().reshape(-1)  # [h, d, bt]: a channel's tokens together
-        return x[part].contiguous().reshape(-1)
+    @property
+    def _part_elements(self) -> int:
+        return self.block_tokens * self.kv_heads * self.head_dim
 
-    def _ungrouped(self, flat: torch.Tensor, part: int) -> torch.Tensor:
-        bt, h, d = self.block_tokens, self.kv_heads, self.head_dim
-        if part == 0 and self.layout == "kivi":
-            return flat.view(h, d, bt).permute(2, 0, 1)
-        return flat.view(bt, h, d)
+    @property
+    def _geom(self) -> np.ndarray:
+        return _geometry(self.kind, self.layout, self.block_tokens, self.kv_heads, self.head_dim)
 
-    def _where(self, part: int, flat_index: torch.Tensor, values: torch.Tensor) -> str:
-        index = int(flat_index[0])
+    def _part_groups(self, part: torch.Tensor, index: int) -> torch.Tensor:
+        """One part of one block [bt, h, d] as its groups [n_groups, group]."""
+        if index == 0 and self.layout == "kivi":
+            return part.permute(1, 2, 0).reshape(self.parts[0].n_groups, -1)
+        return part.reshape(self.parts[index].n_groups, -1)
+
+    def _ungrouped(self, groups: torch.Tensor, index: int) -> torch.Tensor:
         bt, h, d = self.block_tokens, self.kv_heads, self.head_dim
-        if part == 0 and self.layout == "kivi":
-            head, dim, token = np.unravel_index(index, (h, d, bt))
-        else:
-            token, head, dim = np.unravel_index(index, (bt, h, d))
-        return (f"KV block holds {float(values[index])} at {'KV'[part]}[token {token}, head {head}, dim {dim}]; "
+        if index == 0 and self.layout == "kivi":
+            return groups.reshape(h, d, bt).permute(2, 0, 1)
+        return groups.reshape(bt, h, d)
+
+    def _where(self, flat: int, x: torch.Tensor) -> str:
+        """Where a flat index into blocks [n, 2, bt, h, d] falls: which block, K or V, token, head, dim."""
+        block, part, token, head, dim = np.unravel_index(flat, (x.shape[0], *self.shape))
+        which = f"block {block} " if x.shape[0] > 1 else ""
+        return (f"KV {which}holds {float(x.view(-1)[flat])} at {'KV'[part]}[token {token}, head {head}, dim {dim}]; "
                 f"{self.kind} compression refuses NaN and Inf (a non-finite K or V is a bug upstream)")
 
 
@@ -265,10 +275,14 @@ def ratio_of(kind: str, layout: str = "block") -> float:
     return 1.0 if codec is None else codec.ratio
 
 
-@cache
 def decompress_gbps(kind: str, layout: str = "block") -> float:
     """Measured rate of the decompression kernel on the reference block, in GB/s of uncompressed output (the
-    median of 5 runs of ~2 ms each; cached per process). Infinite for `none`."""
+    median of 5 runs of ~2 ms each; measured once per process and format). Infinite for `none`."""
+    return _decompress_gbps(kind, layout)
+
+
+@cache
+def _decompress_gbps(kind: str, layout: str) -> float:
     codec = reference_codec(kind, layout)
     if codec is None:
         return float("inf")
@@ -284,8 +298,19 @@ def decompress_gbps(kind: str, layout: str = "block") -> float:
     return sorted(rates)[2]
 
 
-def _bits(kind: str) -> int:
-    return 8 if kind == "int8" else 4
+def _kind_code(kind: str) -> int:
+    """The kernels' name for a format: bits of an integer code, 0 for fp8."""
+    return {"int8": 8, "int4": 4, "fp8": 0}[kind]
+
+
+@cache
+def _geometry(kind: str, layout: str, bt: int, h: int, d: int) -> np.ndarray:
+    """Per part (compress.c's `geom`): codes offset, scales offset, groups, group size, and where value i of group g
+    lies in the part [bt, h, d]: g * group stride + i * element stride (a KIVI key group is a channel across tokens)."""
+    parts = _parts(kind, layout, bt, h, d)
+    strides = [(1, h * d) if layout == "kivi" else (d, 1), (d, 1)]
+    return np.array([v for p, (gs, es) in zip(parts, strides, strict=True)
+                     for v in (p.code_offset, p.scale_offset, p.n_groups, p.group, gs, es)], dtype=np.int64)
 
 
 def _align(n: int) -> int:

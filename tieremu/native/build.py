@@ -59,10 +59,8 @@ _REPLAY_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
 
 
 _COMPRESS_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
-    "quant_int": (i64, (vp, i64, i64, ctypes.c_int, vp, vp)),
-    "dequant_int": (None, (vp, vp, i64, i64, ctypes.c_int, vp)),  # type: ignore[dict-item]
-    "quant_fp8": (i64, (vp, i64, i64, vp, vp)),
-    "dequant_fp8": (None, (vp, vp, i64, i64, vp)),  # type: ignore[dict-item]
+    "compress_blocks": (i64, (vp, ctypes.c_int, i64, i64, ctypes.c_int, vp, vp)),
+    "decompress_blocks": (i64, (vp, i64, ctypes.c_int, vp, vp, ctypes.c_int, i64)),
     "e4m3_encode": (None, (vp, i64, vp)),  # type: ignore[dict-item]
 }
 

@@ -1,0 +1,150 @@
+"""Compressed tiers in the paged KV cache: blocks held compressed in their tier's memory, read through a staging
+buffer within the codec's bound, counted at compressed size, restored when moved out; decode error reported."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from tieremu.kv.cache import TieredKVCache
+from tieremu.kv.compress import Codec
+from tieremu.kv.compress_store import TierCompression
+from tieremu.kv.layout import KVLayout
+from tieremu.kv.placement import Vector
+from tieremu.numa.topology import discover
+from tieremu.tiers.config import Compression, load_tier_map
+from tieremu.tiers.resolve import ResolvedTierMap, resolve
+from tieremu.workloads.compress_decode import compression_accuracy
+from tieremu.workloads.contiguous_kv import ContiguousKV
+from tieremu.workloads.decode import DecodeSpec, run_decode
+from tieremu.workloads.llama import LlamaModel, preset, with_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+CAPS = {"dram": 64, "cxl": 64, "far": 64}
+
+
+def tiers(cxl: str = "int8", layout: str = "block") -> ResolvedTierMap:
+    """cxl-expander with the cxl tier compressed (every tier emulated on node 0 where nodes are missing)."""
+    m = load_tier_map(REPO / "configs/tiers/cxl-expander.yaml")
+    changed = tuple(dataclasses.replace(t, compression=Compression(cxl, layout)) if t.name == "cxl" else t
+                    for t in m.tiers)
+    return resolve(dataclasses.replace(m, tiers=changed), discover("/"))
+
+
+def kv_layout(kind: str = "all-layers") -> KVLayout:
+    return KVLayout(layers=2, kv_heads=2, head_dim=64, block_tokens=16, layout=kind)
+
+
+def fill(cache: TieredKVCache, ref: ContiguousKV, n: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    for layer in range(cache.layout.layers):
+        k, v = torch.randn(n, 2, 64, generator=g), torch.randn(n, 2, 64, generator=g)
+        cache.write(0, layer, 0, k, v)
+        ref.write(0, layer, 0, k, v)
+
+
+def slot_bytes(cache: TieredKVCache, block: object, li: int, n: int) -> torch.Tensor:
+    """A copy of the first n bytes of a block's layer slice in its arena (no view of the arena outlives the call)."""
+    view = cache.pool.arenas[block.arena].blocks[block.slot, li]  # type: ignore[attr-defined]
+    return view.reshape(-1).view(torch.uint8)[:n].clone()
+
+
+@pytest.mark.parametrize("kind", ["all-layers", "per-layer"])
+@pytest.mark.parametrize(("fmt", "scales"), [("int8", "block"), ("int4", "kivi"), ("fp8", "block")])
+def test_blocks_in_a_compressed_tier_are_held_compressed_and_read_within_the_bound(kind: str, fmt: str,
+                                                                                   scales: str) -> None:
+    lay = kv_layout(kind)
+    codec = Codec(fmt, scales, 16, 2, 64)
+    ref = ContiguousKV(2, 2, 64, max_len=256)
+    with TieredKVCache(tiers(fmt, scales), lay, capacities=CAPS, placement=Vector({"dram": 0.5, "cxl": 0.5})) as cache:
+        hook = TierCompression.attach(cache)
+        assert hook is not None and cache.compression is hook and hook.state == "staging"
+        cache.add_sequence(0)
+        fill(cache, ref, 70)  # 4 full blocks and a partial one
+        for layer in range(2):
+            k, v = cache.read(0, layer)
+            rk, rv = ref.read(0, layer)
+            for i, block in enumerate(cache.seqs[0].tables[layer]):
+                rows = slice(16 * i, min(16 * (i + 1), 70))
+                li = 0 if lay.per_layer else layer
+                held = (block.id, li) in hook.slices
+                # Full blocks on the compressed tier are held compressed; dram's and the partial one exactly as written.
+                assert held == (block.tier == "cxl" and i < 4), (i, block.tier)
+                if not held:
+                    assert torch.equal(k[rows], rk[rows]) and torch.equal(v[rows], rv[rows])
+                    continue
+                original = torch.stack([rk[rows], rv[rows]])
+                bound = codec.error_bound(original)
+                assert ((torch.stack([k[rows], v[rows]]) - original).abs() <= bound).all()
+                assert not torch.equal(k[rows], rk[rows])  # really compressed: lossy
+                # The tier's memory holds the compressed bytes: decompressing the slot gives what the read returned.
+                again = codec.decompress(slot_bytes(cache, block, li, codec.compressed_bytes))
+                assert torch.equal(again[0], k[rows])
+        # The read from cxl was counted at compressed size, dram's at full size.
+        traffic = cache.stats.traffic
+        per_block = lay.layer_slice_bytes
+        cxl_blocks = traffic["cxl"].blocks_read
+        assert cxl_blocks > 0 and traffic["cxl"].bytes_read < cxl_blocks * per_block
+        assert traffic["dram"].bytes_read == traffic["dram"].blocks_read * per_block
+        assert hook.stats.slices_compressed > 0 and hook.stats.compress_ns > 0 and hook.stats.decompress_ns > 0
+
+
+def test_attention_on_compressed_blocks_goes_through_staging_not_the_in_place_kernel() -> None:
+    with TieredKVCache(tiers(), kv_layout(), capacities=CAPS, placement=Vector({"cxl": 1.0})) as cache:
+        TierCompression.attach(cache)
+        cache.add_sequence(0)
+        fill(cache, ContiguousKV(2, 2, 64, max_len=64), 40)
+        q = torch.randn(4, 64)
+        assert cache.attend(0, 0, q, 0.125) is None  # read() dequantizes; the model then attends itself
+
+
+def test_blocks_moved_out_are_restored_and_moved_in_are_compressed() -> None:
+    ref = ContiguousKV(2, 2, 64, max_len=64)
+    with TieredKVCache(tiers(), kv_layout(), capacities=CAPS, placement=Vector({"dram": 1.0})) as cache:
+        hook = TierCompression.attach(cache)
+        assert hook is not None
+        cache.add_sequence(0)
+        fill(cache, ref, 32)
+        assert all(torch.equal(a, b) for a, b in zip(cache.read(0, 0), ref.read(0, 0), strict=True))
+        assert not hook.slices
+        block = cache.seqs[0].tables[0][0]
+        cache.pool.move(block, "cxl")  # as the daemon moves blocks: through the pool, not the cache
+        k, _ = cache.read(0, 0)
+        assert (block.id, 0) in hook.slices and not torch.equal(k[:16], ref.read(0, 0)[0][:16])
+        compressed = k[:16].clone()
+        cache.move(block, "far")  # out of the compressed tier: restored in place to its dequantized values
+        k2, _ = cache.read(0, 0)
+        assert (block.id, 0) not in hook.slices and hook.stats.slices_restored == 1
+        assert torch.equal(k2[:16], compressed)
+
+
+def test_a_map_without_compression_attaches_nothing() -> None:
+    with TieredKVCache(tiers("none"), kv_layout(), capacities=CAPS) as cache:
+        assert TierCompression.attach(cache) is None and cache.compression is None
+
+
+def test_decode_over_a_compressed_tier_reports_small_errors_against_uncompressed() -> None:
+    config = with_overrides(preset("tiny"), layers=2)
+    model = LlamaModel(config, seed=0)
+    lay = KVLayout(config.layers, config.kv_heads, config.head_dim, 16)
+    spec = DecodeSpec(batch=2, prompt_tokens=48, shared_prefix_tokens=16, decode_steps=4)
+    errors = {}
+    for fmt in ("int8", "int4"):
+        with TieredKVCache(tiers(fmt), lay, capacities=CAPS, placement=Vector({"cxl": 1.0}), stage=True) as cache:
+            errors[fmt] = compression_accuracy(model, cache, spec)
+    int8, int4 = errors["int8"], errors["int4"]
+    assert int8.state == "staging" and int8.steps == 4 and int8.slices_compressed > 0
+    assert 0 < int8.attention_mean_abs <= int8.attention_max_abs < 0.1
+    assert 0 < int8.logits_mean_abs <= int8.logits_max_abs
+    # Fewer bits, more error.
+    assert int4.attention_mean_abs > int8.attention_mean_abs and int4.logits_mean_abs > int8.logits_mean_abs
+    assert int8.token_agreement >= 0.75
+    # And the ordinary decode runs over the compressed tier too (the same model, the in-place kernel off for it).
+    with TieredKVCache(tiers("int8"), lay, capacities=CAPS, placement=Vector({"cxl": 1.0})) as cache:
+        TierCompression.attach(cache)
+        result = run_decode(model, cache, spec)
+        assert result.kv_bytes_read["cxl"] > 0
+        assert result.kv_bytes_read["cxl"] < cache.stats.traffic["cxl"].blocks_read * lay.layer_slice_bytes

@@ -148,3 +148,27 @@ def test_decode_over_a_compressed_tier_reports_small_errors_against_uncompressed
         result = run_decode(model, cache, spec)
         assert result.kv_bytes_read["cxl"] > 0
         assert result.kv_bytes_read["cxl"] < cache.stats.traffic["cxl"].blocks_read * lay.layer_slice_bytes
+
+
+def test_the_decode_job_reports_compression_rows_per_run(tmp_path: Path) -> None:
+    from experiment_runs import run_jobs
+
+    rows = run_jobs(tmp_path, REPO / "configs/tiers/cxl-compressed.yaml",
+                    "  - {kind: decode, policies: [lru], prompt_tokens: 64, shared_prefix_tokens: 16,\n"
+                    "     decode_steps: 3, fast_capacity_mib: 0.25}\n")
+    by_run: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_run.setdefault(r["run"].split("-r0")[0], {})[r["metric"]] = r
+    # all-fastest keeps every block in uncompressed dram: nothing compressed, but the hook reports its state.
+    slowest = by_run["decode-all-slowest"]  # everything on `far`: int4 with KIVI scales
+    assert slowest["attention_error_max"]["value"] > 0 and slowest["attention_error_max"]["params"]["state"] == \
+        "staging"
+    # The tiny model's fp32 layer slice: 16 tokens x 2 KV heads x 64, K and V.
+    assert slowest["attention_error_max"]["params"]["formats"] == {
+        "cxl": "int8 (block scales): 4224 of 16384 bytes, 3.88x",
+        "far": "int4 (kivi scales): 2368 of 16384 bytes, 6.92x"}
+    assert slowest["logits_error_max"]["value"] > 0 and 0 <= slowest["token_agreement"]["value"] <= 1
+    assert slowest["compress_us_per_slice"]["params"]["slices"] > 0
+    assert slowest["kv_bytes_saved_on_read"]["value"] > 0
+    # all-fastest keeps every block in uncompressed dram: nothing read compressed.
+    assert by_run["decode-all-fastest"]["kv_bytes_saved_on_read"]["value"] == 0

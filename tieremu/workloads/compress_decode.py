@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,10 @@ from tieremu.kv.compress_store import TierCompression
 from tieremu.workloads.contiguous_kv import ContiguousKV
 from tieremu.workloads.decode import DecodeSpec, build_prompts
 from tieremu.workloads.llama import LlamaModel
+
+if TYPE_CHECKING:
+    from tieremu.record.row import MetricRow
+    from tieremu.workloads.job import RunContext
 
 
 @dataclass(frozen=True)
@@ -103,3 +108,27 @@ def compression_accuracy(model: LlamaModel, cache: TieredKVCache, spec: DecodeSp
     return CompressionAccuracy(att_max, att_sum / max(1, att_n), logit_max, logit_sum / max(1, logit_n),
                                agree / (spec.decode_steps * len(seqs)), spec.decode_steps, hook.state,
                                stats.slices_compressed, stats.compress_us_per_slice, stats.decompress_us_per_slice)
+
+
+def compression_rows(ctx: RunContext, cache: TieredKVCache, model: LlamaModel, spec: DecodeSpec) -> list[MetricRow]:
+    """A decode run's rows about compression, when its cache compressed a tier (none otherwise): how attention read
+    compressed blocks (`state`), the kernels' time per layer slice, and the errors against uncompressed KV from one
+    lockstep run over a fresh cache with the same tiers, capacities and placement (no emulated delay: it is not
+    timed), whose reads are all staged so that every step's attention output can be compared."""
+    hook = cache.compression
+    if hook is None:
+        return []
+    with TieredKVCache(cache.resolved, cache.layout, capacities=dict(cache.pool.capacity),
+                       placement=cache.pool.placement, device=cache.device, stage=True) as fresh:
+        acc = compression_accuracy(model, fresh, spec)
+    s = hook.stats
+    facets = {"state": hook.state, "formats": s.by_tier}
+    return [ctx.row("compress_us_per_slice", s.compress_us_per_slice, "us", "measured", slices=s.slices_compressed,
+                    **facets),
+            ctx.row("decompress_us_per_slice", s.decompress_us_per_slice, "us", "measured",
+                    slices=s.slices_dequantized, restored=s.slices_restored, **facets),
+            ctx.row("kv_bytes_saved_on_read", float(s.bytes_saved_on_read), "B", "measured", **facets),
+            ctx.row("attention_error_max", acc.attention_max_abs, "abs", "measured", mean=acc.attention_mean_abs,
+                    **facets),
+            ctx.row("logits_error_max", acc.logits_max_abs, "abs", "measured", mean=acc.logits_mean_abs, **facets),
+            ctx.row("token_agreement", acc.token_agreement, "fraction", "measured", steps=acc.steps, **facets)]

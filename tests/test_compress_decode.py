@@ -172,3 +172,34 @@ def test_the_decode_job_reports_compression_rows_per_run(tmp_path: Path) -> None
     assert slowest["kv_bytes_saved_on_read"]["value"] > 0
     # all-fastest keeps every block in uncompressed dram: nothing read compressed.
     assert by_run["decode-all-fastest"]["kv_bytes_saved_on_read"]["value"] == 0
+
+
+def test_shared_prefixes_and_reused_sequence_ids_read_what_was_written() -> None:
+    # Sequence 1 shares sequence 0's compressed prefix block; then sequence 0 is freed and its id reused for KV
+    # placed on uncompressed dram: no plan of an earlier table may leak into a later read.
+    lay = KVLayout(layers=1, kv_heads=2, head_dim=64, block_tokens=16)
+    codec = Codec("int8", "block", 16, 2, 64)
+    g = torch.Generator().manual_seed(9)
+    tokens = list(range(40))
+    with TieredKVCache(tiers(), lay, capacities=CAPS, placement=Vector({"cxl": 1.0})) as cache:
+        TierCompression.attach(cache)
+        k, v = torch.randn(40, 2, 64, generator=g), torch.randn(40, 2, 64, generator=g)
+        cache.add_sequence(0, tokens)
+        cache.write(0, 0, 0, k, v)
+        first, _ = cache.read(0, 0)
+        hit = cache.add_sequence(1, tokens[:32] + [99] * 8)
+        assert hit.tokens == 32  # two full blocks reused, held compressed
+        cache.write(1, 0, 32, k[32:], v[32:])
+        shared, _ = cache.read(1, 0)
+        assert torch.equal(shared[:32], first[:32])
+        for b in (0, 16):
+            bound = codec.error_bound(torch.stack([k[b:b + 16], v[b:b + 16]]))[0]
+            assert ((first[b:b + 16] - k[b:b + 16]).abs() <= bound).all()
+        cache.free_sequence(0)
+        cache.free_sequence(1)
+        cache.pool.placement = Vector({"dram": 1.0})
+        k2, v2 = torch.randn(40, 2, 64, generator=g), torch.randn(40, 2, 64, generator=g)
+        cache.add_sequence(0)
+        cache.write(0, 0, 0, k2, v2)
+        again, vagain = cache.read(0, 0)
+        assert torch.equal(again, k2) and torch.equal(vagain, v2)

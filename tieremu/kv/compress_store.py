@@ -54,6 +54,17 @@ class CompressionStats:
         return self.decompress_ns / 1e3 / self.slices_dequantized if self.slices_dequantized else 0.0
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """One table's read at one layer: which blocks are held compressed, by codec, and the bytes read per tier."""
+
+    index: TableIndex  # held, so its identity is not reused while the plan lives
+    key: tuple[int, int]  # (full blocks, format version)
+    by_codec: dict[Codec, list[int]]
+    held: list[int]
+    read_bytes: dict[str, int]
+
+
 class TierCompression:
     """The cache's compression hook: which slices are compressed, with which codec, and the staged reads."""
 
@@ -79,6 +90,9 @@ class TierCompression:
         self.stats = CompressionStats(by_tier={t: c.describe() for t, c in self.codecs.items()})
         self._staging = torch.empty(0)
         self._read_bytes: dict[str, int] = {}
+        self._version = 0  # bumped whenever any slice changes format
+        self._memo: dict[tuple[int, int], _Plan] = {}  # (sequence, layer) -> its last read's plan
+        self._plan: _Plan | None = None  # the plan of the read prepare() was last called for
 
     @classmethod
     def attach(cls, cache: TieredKVCache) -> TierCompression | None:
@@ -97,11 +111,18 @@ class TierCompression:
         li = 0 if self.cache.layout.per_layer else layer
         table = state.tables[layer]
         if not self.slices and not np.isin(index.tiers, self._compressed_tiers).any():
-            self._read_bytes = {}
+            self._read_bytes, self._plan = {}, None
             return False
         full = state.lengths[layer] // self.cache.layout.block_tokens
-        any_held = False
-        for i, block in enumerate(table):  # a Python loop per read: tables are tens of blocks
+        # The plan holds while the table is unchanged (the cache rebuilds its index after any move or growth), no
+        # block filled, and no slice changed format anywhere (a shared prefix block may have been compressed through
+        # another sequence's table).
+        key = (full, self._version)
+        memo = self._memo.get((state.id, layer))
+        if memo is not None and memo.index is index and memo.key == key:  # the same table index object: no move
+            self._read_bytes, self._plan = memo.read_bytes, memo
+            return bool(memo.held)
+        for i, block in enumerate(table):  # a Python loop when the table changed: tables are tens of blocks
             want = self._by_index[index.tiers[i]] if i < full else None
             have = self.slices.get((block.id, li))
             if want is not have:
@@ -109,9 +130,16 @@ class TierCompression:
                     self._restore(block, li, have)
                 if want is not None:
                     self._compress(block, li, want)
-            any_held = any_held or want is not None
-        self._read_bytes = self._bytes_by_tier(table, li, index)
-        return any_held
+        by_codec: dict[Codec, list[int]] = {}
+        for i, block in enumerate(table):
+            codec = self.slices.get((block.id, li))
+            if codec is not None:
+                by_codec.setdefault(codec, []).append(i)
+        plan = _Plan(index, (full, self._version), by_codec, [i for w in by_codec.values() for i in w],
+                     self._bytes_by_tier(table, li, index))
+        self._memo[(state.id, layer)] = plan
+        self._read_bytes, self._plan = plan.read_bytes, plan
+        return bool(plan.held)
 
     def read_bytes(self, tier: str, count: int) -> int:
         """Bytes the last prepared read moves out of `tier` for its `count` blocks (compressed ones at their size)."""
@@ -128,11 +156,11 @@ class TierCompression:
         table = state.tables[layer]
         n = len(table)
         staged = self._staging_buffer(n)
-        held = [i for i, b in enumerate(table) if (b.id, li) in self.slices]
-        by_codec: dict[Codec, list[int]] = {}
-        for i in held:
-            by_codec.setdefault(self.slices[(table[i].id, li)], []).append(i)
-        for codec, where in by_codec.items():
+        plan = self._plan
+        if plan is None:
+            raise KVError("compressed read without prepare(): the cache calls prepare() first")
+        held = plan.held
+        for codec, where in plan.by_codec.items():
             t0 = time.perf_counter_ns()
             if where == list(range(where[0], where[0] + len(where))):  # a run: dequantized straight into the buffer
                 codec.decompress_many(index.k_addrs[where], staged[where[0]:where[0] + len(where)])
@@ -172,6 +200,10 @@ class TierCompression:
         self.stats.compress_ns += time.perf_counter_ns() - t0
         self.stats.slices_compressed += 1
         self.slices[(block.id, li)] = codec  # type: ignore[attr-defined]
+        self._version += 1
+        if len(self.slices) > 2 * len(self.cache.pool.blocks) + 64:  # drop freed blocks' entries now and then
+            live = self.cache.pool.blocks
+            self.slices = {k: c for k, c in self.slices.items() if k[0] in live}
 
     def _restore(self, block: object, li: int, codec: Codec) -> None:
         view = self._slice(block.arena, block.slot, li)  # type: ignore[attr-defined]
@@ -181,6 +213,7 @@ class TierCompression:
         self.stats.decompress_ns += time.perf_counter_ns() - t0
         self.stats.slices_restored += 1
         del self.slices[(block.id, li)]  # type: ignore[attr-defined]
+        self._version += 1
 
     def _bytes_by_tier(self, table: list, li: int, index: TableIndex) -> dict[str, int]:
         full = self.cache.layout.layer_slice_bytes

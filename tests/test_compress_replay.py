@@ -75,3 +75,11 @@ def test_shipped_compressed_map_replays(tmp_path: Path) -> None:
     data = run(REPO / "configs" / "tiers" / "cxl-compressed.yaml")
     assert [t["capacity_blocks"] for t in data["tiers"]] == [capacity_blocks(t, 16 * MIB) for t in spec.tiers]
     assert data["tiers"][0]["capacity_blocks"] == 256 // 16
+
+
+def test_execute_mode_refuses_compressed_tiers_before_any_work(tmp_path: Path) -> None:
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(tier_map(tmp_path, "int4")), "--policy", "lru",
+                                      "--mode", "execute"])
+    assert out.exit_code != 0
+    message = str(out.exception or out.output)
+    assert "tier(s) cxl of t are compressed: execute mode stores blocks uncompressed" in message

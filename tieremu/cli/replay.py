@@ -3,7 +3,9 @@
 The tier map's order is the tier order; a tier's capacity in blocks is its `capacity_mib` over the block size
 (`--block-mib`, the KV a trace block stands for), or `--capacity TIER=BLOCKS` or `TIER=P%` (a share of the trace's
 distinct blocks): the same block counts in both modes. Simulate only reads the map (it needs no memory); execute
-resolves it against this machine and stores each block in `--block-kib` of real memory.
+resolves it against this machine and stores each block in `--block-kib` of real memory. A tier with `compression:`
+holds its capacity_mib's worth of compressed blocks (ratio-times more) and its hits are charged the compressed
+bytes plus the dequantization (tieremu.kv.compress_tiers); simulate mode only.
 
 Policies come in families (tieremu.policy.base.FAMILIES): demand caches (lru, lfu, belady) promote on access;
 tiering daemons (lru-epoch, hotcold, lookahead, layerahead) move blocks at epochs; static placements never move.
@@ -225,6 +227,11 @@ def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mod
     shares = parse_capacities(tier_map, capacity)
     policy_params = parse_params(params)
     get_policy(policy, policy_params, PolicyContext(future=()))  # names and values checked before any work
+    compressed = [t.name for t in tier_map.tiers if t.compression.enabled]
+    if compressed and mode == "execute":
+        raise ConfigError(f"tier(s) {', '.join(compressed)} of {tier_map.name} are compressed: execute mode stores "
+                          "blocks uncompressed, so replay them with --mode simulate (decode runs store them "
+                          "compressed)")
     if no_pin and mode == "execute":
         raise ConfigError("--no-pin is for simulate mode: execute always pins the blocks of the request it serves")
     requests = read_trace(trace)[:max_requests]

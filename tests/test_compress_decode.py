@@ -203,3 +203,50 @@ def test_shared_prefixes_and_reused_sequence_ids_read_what_was_written() -> None
         cache.write(0, 0, 0, k2, v2)
         again, vagain = cache.read(0, 0)
         assert torch.equal(again, k2) and torch.equal(vagain, v2)
+
+
+def test_blocks_going_back_and_forth_are_restored_exactly_and_recompressed_within_the_bound() -> None:
+    # Moving out restores exactly what the compressed tier held; each move back compresses those values again and so
+    # adds at most one more bound (no more: the error does not compound faster than one bound per compression).
+    ref = ContiguousKV(2, 2, 64, max_len=128)
+    codec = Codec("int8", "block", 16, 2, 64)
+    with TieredKVCache(tiers("int8"), kv_layout(), capacities=CAPS, placement=Vector({"cxl": 1.0})) as cache:
+        hook = TierCompression.attach(cache)
+        assert hook is not None
+        cache.add_sequence(0)
+        fill(cache, ref, 64)
+        previous = [cache.read(0, layer) for layer in range(2)]
+        originals = [torch.stack(ref.read(0, layer)) for layer in range(2)]  # [2, 64, heads, dim]
+        bounds = [torch.cat([codec.error_bound(o[:, i:i + 16]) for i in range(0, 64, 16)], dim=1) for o in originals]
+        compressions = 1
+        for round_ in range(4):
+            to_plain = round_ % 2 == 0
+            for block in list(cache.pool.blocks.values()):
+                cache.pool.move(block, "dram" if to_plain else "cxl")
+            compressions += 0 if to_plain else 1
+            for layer in range(2):
+                got = torch.stack(cache.read(0, layer))
+                if to_plain:
+                    assert torch.equal(got, torch.stack(previous[layer])), (round_, layer)
+                assert ((got - originals[layer]).abs() <= compressions * bounds[layer]).all(), (round_, layer)
+                previous[layer] = tuple(got)
+        assert hook.stats.slices_restored == 2 * 4 * 2 and hook.stats.slices_compressed == 2 * 4 * 3
+
+
+def test_decode_with_blocks_migrating_between_compressed_and_plain_tiers_mid_run() -> None:
+    config = with_overrides(preset("tiny"), layers=2)
+    model = LlamaModel(config, seed=0)
+    lay = KVLayout(config.layers, config.kv_heads, config.head_dim, 16)
+    spec = DecodeSpec(batch=2, prompt_tokens=48, shared_prefix_tokens=16, decode_steps=6)
+    with TieredKVCache(tiers("int8"), lay, capacities=CAPS, placement=Vector({"dram": 1.0})) as cache:
+        hook = TierCompression.attach(cache)
+        assert hook is not None
+
+        def shuffle(step: int) -> None:  # every other step, every block to the other tier (as a daemon would)
+            if step % 2:
+                for block in list(cache.pool.blocks.values()):
+                    cache.pool.move(block, "cxl" if block.tier == "dram" else "dram")
+
+        result = run_decode(model, cache, spec, on_step=shuffle)
+    assert hook.stats.slices_compressed > 0 and hook.stats.slices_restored > 0
+    assert result.generated.shape == (2, 7) and result.moves > 0

@@ -107,7 +107,11 @@ class TierCompression:
 
     def prepare(self, state: SequenceState, layer: int, index: TableIndex) -> bool:
         """Bring the table's slices for this layer to their tier's format; whether any is held compressed (then
-        attention reads through the staging buffer)."""
+        attention reads through the staging buffer). Under the cache's lock: it rewrites blocks a daemon may move."""
+        with self.cache.lock:
+            return self._prepare(state, layer, index)
+
+    def _prepare(self, state: SequenceState, layer: int, index: TableIndex) -> bool:
         li = 0 if self.cache.layout.per_layer else layer
         table = state.tables[layer]
         if not self.slices and not np.isin(index.tiers, self._compressed_tiers).any():
@@ -182,6 +186,9 @@ class TierCompression:
                 staged.index_copy_(0, where, torch.index_select(blocks[:, li], 0, slots))
         k = staged[:, 0].to(cache.device, copy=True)
         v = staged[:, 1].to(cache.device, copy=True)
+        if cache.device.type != "cpu":  # the dequantized blocks crossed to the model's device at full size
+            for tier, count in index.per_tier:
+                cache.stats.traffic[tier].bytes_staged += count * lay.layer_slice_bytes
         return k, v
 
     # -- internals ----------------------------------------------------------------------------------------------

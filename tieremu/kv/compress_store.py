@@ -183,7 +183,9 @@ class TierCompression:
                     continue
                 blocks = cache._memory_arena(group.arena).blocks
                 where, slots = group.where[torch.from_numpy(mine)], group.slots[torch.from_numpy(mine)]
-                staged.index_copy_(0, where, torch.index_select(blocks[:, li], 0, slots))
+                # A GPU tier's blocks come through the host too: the staged table is assembled in one place.
+                picked = torch.index_select(blocks[:, li], 0, slots.to(blocks.device))
+                staged.index_copy_(0, where, picked.cpu())
         k = staged[:, 0].to(cache.device, copy=True)
         v = staged[:, 1].to(cache.device, copy=True)
         if cache.device.type != "cpu":  # the dequantized blocks crossed to the model's device at full size

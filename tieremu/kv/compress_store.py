@@ -29,6 +29,7 @@ from tieremu.kv.compress import Codec, codec_for
 
 if TYPE_CHECKING:
     from tieremu.kv.cache import SequenceState, TableIndex, TieredKVCache
+    from tieremu.kv.pool import Block
 
 STAGING = "staging"  # how attention reads compressed blocks: dequantized into a buffer first (not in place)
 
@@ -126,6 +127,7 @@ class TierCompression:
         if memo is not None and memo.index is index and memo.key == key:  # the same table index object: no move
             self._read_bytes, self._plan = memo.read_bytes, memo
             return bool(memo.held)
+        pending: dict[Codec, list[Block]] = {}
         for i, block in enumerate(table):  # a Python loop when the table changed: tables are tens of blocks
             want = self._by_index[index.tiers[i]] if i < full else None
             have = self.slices.get((block.id, li))
@@ -133,7 +135,9 @@ class TierCompression:
                 if have is not None:
                     self._restore(block, li, have)
                 if want is not None:
-                    self._compress(block, li, want)
+                    pending.setdefault(want, []).append(block)
+        for codec, blocks in pending.items():  # one kernel call per format (a prefill fills many blocks at once)
+            self._compress(blocks, li, codec)
         by_codec: dict[Codec, list[int]] = {}
         for i, block in enumerate(table):
             codec = self.slices.get((block.id, li))
@@ -201,27 +205,28 @@ class TierCompression:
             raise KVError(f"arena {block_arena!r} is a file tier's; its blocks are read back into memory first")
         return arena.blocks[slot, li]
 
-    def _compress(self, block: object, li: int, codec: Codec) -> None:
-        view = self._slice(block.arena, block.slot, li)  # type: ignore[attr-defined]
+    def _compress(self, blocks: list[Block], li: int, codec: Codec) -> None:
+        views = [self._slice(b.arena, b.slot, li) for b in blocks]
         t0 = time.perf_counter_ns()
-        kv = view.clone()  # the kernel writes where it reads: compress a copy into the slice's own bytes
-        codec.compress(kv, view.reshape(-1).view(torch.uint8)[:codec.compressed_bytes])
+        kv = torch.stack(views)  # a copy: the kernel writes each block's codes where its values are read
+        codec.compress_many(kv, np.fromiter((v.data_ptr() for v in views), np.int64, len(views)))
         self.stats.compress_ns += time.perf_counter_ns() - t0
-        self.stats.slices_compressed += 1
-        self.slices[(block.id, li)] = codec  # type: ignore[attr-defined]
+        self.stats.slices_compressed += len(blocks)
+        for b in blocks:
+            self.slices[(b.id, li)] = codec
         self._version += 1
         if len(self.slices) > 2 * len(self.cache.pool.blocks) + 64:  # drop freed blocks' entries now and then
             live = self.cache.pool.blocks
             self.slices = {k: c for k, c in self.slices.items() if k[0] in live}
 
-    def _restore(self, block: object, li: int, codec: Codec) -> None:
-        view = self._slice(block.arena, block.slot, li)  # type: ignore[attr-defined]
+    def _restore(self, block: Block, li: int, codec: Codec) -> None:
+        view = self._slice(block.arena, block.slot, li)
         t0 = time.perf_counter_ns()
         data = view.reshape(-1).view(torch.uint8)[:codec.compressed_bytes].clone()
         codec.decompress(data, view)
         self.stats.decompress_ns += time.perf_counter_ns() - t0
         self.stats.slices_restored += 1
-        del self.slices[(block.id, li)]  # type: ignore[attr-defined]
+        del self.slices[(block.id, li)]
         self._version += 1
 
     def _bytes_by_tier(self, table: list, li: int, index: TableIndex) -> dict[str, int]:

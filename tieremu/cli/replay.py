@@ -3,7 +3,9 @@
 The tier map's order is the tier order; a tier's capacity in blocks is its `capacity_mib` over the block size
 (`--block-mib`, the KV a trace block stands for), or `--capacity TIER=BLOCKS` or `TIER=P%` (a share of the trace's
 distinct blocks): the same block counts in both modes. Simulate only reads the map (it needs no memory); execute
-resolves it against this machine and stores each block in `--block-kib` of real memory.
+resolves it against this machine and stores each block in `--block-kib` of real memory. A tier with `compression:`
+holds its capacity_mib's worth of compressed blocks (ratio-times more) and its hits are charged the compressed
+bytes plus the dequantization (tieremu.kv.compress_tiers); simulate mode only.
 
 Policies come in families (tieremu.policy.base.FAMILIES): demand caches (lru, lfu, belady) promote on access;
 tiering daemons (lru-epoch, hotcold, lookahead, layerahead) move blocks at epochs; static placements never move.
@@ -24,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tieremu.errors import ConfigError, WorkloadError
+from tieremu.kv.compress_tiers import capacity_blocks, effective_read_gbps
 from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_RATIO, MAX_SECONDS, Range, number_problem
 from tieremu.policy.base import PolicyContext
 from tieremu.policy.registry import BUILTIN, get_policy, names
@@ -127,7 +130,7 @@ def sim_tiers(tier_map: TierMap, block_bytes: int, overrides: Mapping[str, int])
     for spec in tier_map.tiers:
         blocks = overrides.get(spec.name)
         if blocks is None and spec.capacity_mib is not None:
-            blocks = (spec.capacity_mib << 20) // block_bytes
+            blocks = capacity_blocks(spec, block_bytes)  # a compressed tier holds ratio-times more blocks
             if blocks < 1:
                 raise ConfigError(f"tier {spec.name}: capacity_mib={spec.capacity_mib} holds no block of "
                                   f"{block_bytes / 2**20:g} MiB; raise capacity_mib or lower --block-mib")
@@ -145,6 +148,7 @@ def read_bandwidth(tier_map: TierMap, overrides: Mapping[str, float], local_gbps
             raise ConfigError(f"--read-gbps names tier {name!r}; tiers of {tier_map.name}: "
                               f"{', '.join(tier_map.names)}")
     by_tier = {spec.name: overrides.get(spec.name, _target_read(spec, local_gbps)) for spec in tier_map.tiers}
+    by_tier = effective_read_gbps({spec.name: spec for spec in tier_map.tiers}, by_tier)  # type: ignore[assignment]
     return ReadBandwidth(by_tier, local_gbps, source)
 
 
@@ -223,6 +227,11 @@ def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mod
     shares = parse_capacities(tier_map, capacity)
     policy_params = parse_params(params)
     get_policy(policy, policy_params, PolicyContext(future=()))  # names and values checked before any work
+    compressed = [t.name for t in tier_map.tiers if t.compression.enabled]
+    if compressed and mode == "execute":
+        raise ConfigError(f"tier(s) {', '.join(compressed)} of {tier_map.name} are compressed: execute mode stores "
+                          "blocks uncompressed, so replay them with --mode simulate (decode runs store them "
+                          "compressed)")
     if no_pin and mode == "execute":
         raise ConfigError("--no-pin is for simulate mode: execute always pins the blocks of the request it serves")
     requests = read_trace(trace)[:max_requests]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from tieremu.kv.staging import StagingBuffer
 from tieremu.native.build import kernels
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
+
+if TYPE_CHECKING:
+    from tieremu.kv.compress_store import TierCompression
 
 MIB = 1 << 20
 CPU = torch.device("cpu")
@@ -152,6 +156,8 @@ class TieredKVCache:
                         if not isinstance(arena, FileArena)}
         # Called with the layer number at every layer_start, after the lock is released (layer-ahead prefetch).
         self.on_layer_start: Callable[[int], None] | None = None
+        # Set by TierCompression.attach (kv/compress_store.py) when a tier stores blocks compressed.
+        self.compression: TierCompression | None = None
 
     # -- sequences ---------------------------------------------------------------------------------------------
 
@@ -259,8 +265,11 @@ class TieredKVCache:
         arenas, slots = index.arenas, index.slots
         li = 0 if self.layout.per_layer else layer
         bt, heads, dim = self.layout.block_tokens, self.layout.kv_heads, self.layout.head_dim
+        compressed = self.compression is not None and self.compression.prepare(state, layer, index)
         if not table:
             k = v = torch.empty(0, bt, heads, dim, dtype=self.layout.dtype, device=self.device)
+        elif compressed:
+            k, v = self.compression.read(state, layer, index)  # type: ignore[union-attr]
         elif not (self._in_place and index.direct):
             k, v = self._read_to_device(index, li)
         elif len(index.groups) == 1:
@@ -341,6 +350,8 @@ class TieredKVCache:
         index = self._index(state, layer)
         if not index.direct:
             return None  # a block is in device memory the CPU cannot address
+        if self.compression is not None and self.compression.prepare(state, layer, index):
+            return None  # compressed blocks are dequantized through a staging buffer by read()
         length = state.lengths[layer]
         lay = self.layout
         q = q.contiguous()
@@ -499,11 +510,13 @@ class TieredKVCache:
         slice_bytes = self.layout.layer_slice_bytes
         for tier, count in index.per_tier:
             traffic = self.stats.traffic[tier]
+            # A compressed tier's blocks are read at their compressed size.
+            read = count * slice_bytes if self.compression is None else self.compression.read_bytes(tier, count)
             traffic.blocks_read += count
-            traffic.bytes_read += count * slice_bytes
+            traffic.bytes_read += read
             if self.injector is not None and self.injector.emulates(tier):
                 # Each block is one access at the tier's latency, then a stream at its bandwidth.
-                self.injector.read(tier, count, count * slice_bytes)
+                self.injector.read(tier, count, read)
         if self.log is not None:
             self.log.record(self.step, layer, seq, index.ids, index.tiers)
 

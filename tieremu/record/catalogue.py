@@ -63,6 +63,14 @@ _METRICS = (
     Metric("moves_failed", "blocks", "moves the kernel refused", False, TOTAL),
     Metric("daemon_cpu_s", "s", "CPU time of the migration daemon", False),
     Metric("prefix_tokens", "tokens", "prompt tokens served from shared prefixes", None),
+    # KV compression (tieremu/kv/compress*.py): a decode run over a map with a compressed tier.
+    Metric("attention_error_max", "abs", "max |attention output - uncompressed| over the run (mean in params)",
+           False),
+    Metric("logits_error_max", "abs", "max |next-token logits - uncompressed| over the run (mean in params)", False),
+    Metric("token_agreement", "fraction", "share of greedy tokens equal to the uncompressed run's", True),
+    Metric("compress_us_per_slice", "us", "time to compress one block's layer slice", False),
+    Metric("decompress_us_per_slice", "us", "time to dequantize one block's layer slice for a read", False),
+    Metric("kv_bytes_saved_on_read", "B", "KV bytes not read thanks to compression", None),
 )
 CATALOGUE: dict[str, Metric] = {m.name: m for m in _METRICS}
 

@@ -5,7 +5,7 @@ A tier map is a list ordered fastest first, which is also the demotion order lat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tieremu.configfile import Section, load_yaml, show
@@ -13,6 +13,10 @@ from tieremu.numa.syscalls import Policy
 from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_NS, MAX_RATIO, Range, number_problem
 
 KINDS = ("numa", "file", "cuda")
+# How a tier stores KV blocks (tieremu/kv/compress.py): as written, or quantized with per-group scales, grouped per
+# token row (`block`) or with keys per channel and values per token (`kivi`).
+COMPRESSIONS = ("none", "fp8", "int8", "int4")
+COMPRESSION_LAYOUTS = ("block", "kivi")
 POLICIES = tuple(p.name.lower() for p in Policy if p.takes_nodes)
 # The documented ranges of a tier map's numbers (the kernel's MAX_NUMNODES is at most 1024).
 NODE_IDS = Range(0, 1023, integer=True)
@@ -57,6 +61,21 @@ class TimingTarget:
 
 
 @dataclass(frozen=True)
+class Compression:
+    """A tier's `compression`: `none`, or a format (fp8, int8, int4) and how its scales are grouped."""
+
+    format: str = "none"
+    layout: str = "block"
+
+    @property
+    def enabled(self) -> bool:
+        return self.format != "none"
+
+    def describe(self) -> str:
+        return "none" if not self.enabled else f"{self.format} ({self.layout} scales)"
+
+
+@dataclass(frozen=True)
 class TierSpec:
     name: str
     kind: str
@@ -70,6 +89,7 @@ class TierSpec:
     capacity_mib: int | None = None  # how much KV this tier may hold (None: as much as the node has)
     path: Path | None = None  # kind file: the directory blocks are stored in
     device: int | None = None  # kind cuda: the CUDA device index whose memory (HBM) holds the tier
+    compression: Compression = Compression()  # how the tier stores KV blocks (tieremu/kv/compress.py)
 
     @property
     def is_file(self) -> bool:
@@ -146,8 +166,10 @@ def _tier(s: Section) -> TierSpec:
         raise s.error("shape", "shaping a real node needs emulate targets (latency_ratio, bandwidth_ratio, ...)")
     description = s.get("description", str, "")
     capacity_mib = s.get("capacity_mib", int, None, valid=CAPACITY_MIB)
+    compression = _compression(s)
     s.done()
-    return TierSpec(name, kind, nodes, policy, weights, allow, emulate, description, shape, capacity_mib)
+    return replace(TierSpec(name, kind, nodes, policy, weights, allow, emulate, description, shape, capacity_mib),
+                   compression=compression)
 
 
 def _file_tier(s: Section, name: str) -> TierSpec:
@@ -155,8 +177,10 @@ def _file_tier(s: Section, name: str) -> TierSpec:
     path = s.relative_path(s.get("path", str))
     capacity_mib = s.get("capacity_mib", int, None, valid=CAPACITY_MIB)
     description = s.get("description", str, "")
+    compression = _compression(s)
     s.done()
-    return TierSpec(name, "file", (), Policy.DEFAULT, None, False, None, description, False, capacity_mib, path)
+    return TierSpec(name, "file", (), Policy.DEFAULT, None, False, None, description, False, capacity_mib, path,
+                    compression=compression)
 
 
 def _cuda_tier(s: Section, name: str) -> TierSpec:
@@ -168,9 +192,27 @@ def _cuda_tier(s: Section, name: str) -> TierSpec:
     emulate = _timing(s.section("emulate")) if s.has("emulate") else None
     capacity_mib = s.get("capacity_mib", int, None, valid=CAPACITY_MIB)
     description = s.get("description", str, "")
+    compression = _compression(s)
     s.done()
     return TierSpec(name, "cuda", (), Policy.BIND, None, allow, emulate, description, False, capacity_mib,
-                    device=device)
+                    device=device, compression=compression)
+
+
+def _compression(s: Section) -> Compression:
+    """`compression: int8`, or `compression: {format: int4, layout: kivi}`; `none` when absent."""
+    if not s.has("compression"):
+        return Compression()
+    value = s.data["compression"]
+    if isinstance(value, dict):
+        c = s.section("compression")
+        out = Compression(c.get("format", str, choices=COMPRESSIONS),
+                          c.get("layout", str, "block", choices=COMPRESSION_LAYOUTS))
+        c.done()
+        return out
+    if not isinstance(value, str):
+        raise s.error("compression", f"{show(value)} is not valid; valid: {', '.join(COMPRESSIONS)}, or a mapping "
+                                     f"{{format: ..., layout: {' | '.join(COMPRESSION_LAYOUTS)}}}")
+    return Compression(s.get("compression", str, "none", choices=COMPRESSIONS))
 
 
 def _timing(s: Section) -> TimingTarget:

@@ -104,8 +104,10 @@ class DecodeJob(Job):
         import torch
 
         from tieremu.kv.cache import TieredKVCache
+        from tieremu.kv.compress_store import TierCompression
         from tieremu.kv.layout import KVLayout
         from tieremu.kv.placement import Spill, Vector
+        from tieremu.workloads.compress_decode import compression_rows
         from tieremu.workloads.decode import DecodeSpec, run_decode
         from tieremu.workloads.llama import LlamaModel, preset
 
@@ -137,6 +139,7 @@ class DecodeJob(Job):
         injector = ctx.injector()
         with TieredKVCache(ctx.resolved, layout, capacities=capacities, placement=placement,
                            injector=injector, device=device) as cache:
+            TierCompression.attach(cache)  # tiers with `compression:` hold their blocks compressed
             if policy_name not in ("all-fastest", "all-slowest"):
                 from tieremu.daemon.daemon import MigrationDaemon
                 from tieremu.policy.registry import get_policy
@@ -152,6 +155,7 @@ class DecodeJob(Job):
             span = (began, time.monotonic())
             resident = {t: cache.pool.used(t) for t in cache.pool.order}
         rows = _decode_rows(ctx, result, report, resident, fast, layout.block_bytes) + audit_rows(ctx, injector)
+        rows += compression_rows(ctx, cache, model, spec)  # none unless a tier is compressed
         if report is not None:
             rows += _migration_windows(ctx, report.records, span, TIMELINE_EPOCHS * params.epoch_ms / 1e3)
         return rows

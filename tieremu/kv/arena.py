@@ -4,7 +4,9 @@ A NUMA arena is one region from the tier allocator with the tier's memory policy
 blocks. A block that moves to another NUMA node by page migration keeps its slot (and so its address) in the
 arena it was born in; the pool tracks the tier it is on now. So that any arena can hold every block the pool
 may own, a NUMA arena reserves address space for the pool's total capacity but only faults pages in for slots
-in use: the reservation costs no memory.
+in use: the reservation costs no memory. A kernel-managed arena (the kernel's own tiering as a baseline) places a
+new block's pages under the tier's policy, then hands them to the default policy, so that the kernel may promote
+them on NUMA hint faults and demote them on reclaim (a bound page is never promoted).
 
 A file arena is a sparse file of slots in the tier's directory (O_DIRECT where possible). Its blocks stay in the
 file: a read of one layer of a block preads that layer's K and V (the page-aligned span holding them) into a
@@ -36,10 +38,11 @@ from tieremu.tiers.resolve import ResolvedTier
 
 
 class NumaArena:
-    def __init__(self, tier: ResolvedTier, layout: KVLayout, slots: int) -> None:
+    def __init__(self, tier: ResolvedTier, layout: KVLayout, slots: int, *, kernel_managed: bool = False) -> None:
         self.tier = tier
         self.layout = layout
         self.slots = slots
+        self.kernel_managed = kernel_managed
         self.region = allocate(slots * layout.block_bytes, tier.nodes, tier.spec.policy,
                                populate=False, check_free=False)
         self.blocks: torch.Tensor = self.region.tensor(layout.dtype, (slots, *layout.block_shape))
@@ -60,12 +63,14 @@ class NumaArena:
         except BaseException:
             self._free.append(slot)  # the node is full: the slot stays free for later
             raise
+        if self.kernel_managed:
+            self.region.rebind(Policy.DEFAULT, (), *self._span(slot))  # the pages stay; the kernel may move them
         return slot
 
     def give_back(self, slot: int) -> None:
         """Free a slot. Its pages are dropped if they had been migrated away, so the next block born here
         faults fresh pages on this tier's nodes instead of reusing pages on another node."""
-        if slot in self._strays:
+        if slot in self._strays or self.kernel_managed:  # the kernel may have moved a managed slot's pages
             start, length = self._span(slot)
             self.region.discard(start, length)
             self.region.rebind(self.tier.spec.policy, self.tier.nodes, start, length)

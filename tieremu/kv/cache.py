@@ -134,12 +134,14 @@ def prefix_keys(tokens: Sequence[int], block_tokens: int) -> list[int]:
 class TieredKVCache:
     """`device` is where read() returns K and V (the model's device). `stage` forces host blocks through the
     staging buffer even when that device is the CPU (tests, and measuring the copy's cost without a GPU); by
-    default they are staged only for a device other than the CPU."""
+    default they are staged only for a device other than the CPU. `kernel_managed`: NUMA tiers' blocks are placed
+    where the placement says, then left to the kernel's own tiering (promotion and demotion move their pages; the
+    pool's tier of a block is then where it was placed, and verify() says where its pages are now)."""
 
     def __init__(self, resolved: ResolvedTierMap, layout: KVLayout, *,
                  capacities: Mapping[str, int] | None = None, placement: Placement | None = None,
                  injector: DelayInjector | None = None, log_accesses: bool = True,
-                 device: torch.device | str = CPU, stage: bool | None = None) -> None:
+                 device: torch.device | str = CPU, stage: bool | None = None, kernel_managed: bool = False) -> None:
         self.layout = layout
         self.device = _concrete(torch.device(device))
         self.stage = self.device.type != "cpu" if stage is None else stage
@@ -148,7 +150,8 @@ class TieredKVCache:
         self._staging: StagingBuffer | None = None
         self.resolved = resolved
         self.injector = injector
-        self.pool = BlockPool(resolved, layout, _capacities(resolved, layout, capacities), placement, injector)
+        self.pool = BlockPool(resolved, layout, _capacities(resolved, layout, capacities), placement, injector,
+                              kernel_managed=kernel_managed)
         self.tier_index = {name: i for i, name in enumerate(self.pool.order)}
         self.log = AccessLog() if log_accesses else None
         self.stats = KVStats({t: TierTraffic() for t in self.pool.order})

@@ -67,8 +67,10 @@ class MoveRecord:
 
 class BlockPool:
     def __init__(self, resolved: ResolvedTierMap, layout: KVLayout, capacities: Mapping[str, int],
-                 placement: Placement | None = None, injector: DelayInjector | None = None) -> None:
+                 placement: Placement | None = None, injector: DelayInjector | None = None, *,
+                 kernel_managed: bool = False) -> None:
         self.layout = layout
+        self.kernel_managed = kernel_managed  # NUMA arenas hand their blocks' pages to the kernel's tiering
         self.tiers: dict[str, ResolvedTier] = {t.name: t for t in resolved.tiers}
         self.order = [t.name for t in resolved.tiers]
         self.capacity = dict(capacities)
@@ -102,7 +104,7 @@ class BlockPool:
             return FileArena(tier, layout, self.capacity[tier.name])
         if tier.device is not None:  # a real cuda tier (an emulated one has no device: a NUMA arena on its host)
             return DeviceArena(tier, layout, self.capacity[tier.name], torch.device(tier.device))
-        return NumaArena(tier, layout, numa_total)
+        return NumaArena(tier, layout, numa_total, kernel_managed=self.kernel_managed)
 
     # -- occupancy (what placements and policies see) --------------------------------------------------------
 

@@ -6,6 +6,11 @@ when the map ends with one (L0). Any other policy fills the tiers in the map's o
 (the fastest up to `fast_capacity_mib` when the spec gives it), spilling down through a file tier, with a migration
 daemon running the policy in epochs. A tier without `capacity_mib` holds whatever reaches it.
 
+Policy `kernel` (accepted by the runner where the kernel has memory tiers; tieremu/runner/kernel_baseline.py holds
+its knobs for the run) places blocks the same way, then leaves their pages to Linux's own tiering (promotion on
+NUMA hint faults, demotion on reclaim) with no tieremu daemon, and records the kernel's promotions and demotions
+from /proc/vmstat; its rows carry `tiering: kernel-tiering`.
+
 With an emulated GPU tier that has a host link model, the model is taken to run on that GPU: KV read from or
 written to any other tier crosses the emulated link, charged by the delay injector and reported (`link_delay_s`).
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from tieremu.configfile import Section
 from tieremu.numbers import MAX_COUNT, MAX_GBPS, MAX_MIB, MAX_SECONDS, MAX_THREADS, MAX_TOKENS, SEED, Range
@@ -28,6 +33,8 @@ TIMELINE_EPOCHS = 5  # daemon epochs per window of the migrations-over-time seri
 DEVICES = ("auto", "cpu", "cuda")
 MAX_BATCH = 4096  # sequences decoded together: past any serving batch
 MAX_BLOCK_TOKENS = 4096  # tokens per KV block: paged caches use 16-256
+KERNEL_POLICY = "kernel"  # Linux's own tiering as a baseline (the runner's kernel_baseline.py holds its knobs)
+KERNEL_LABEL = "kernel-tiering"
 DEFAULT_FAST_MIB = 2.0  # the fastest tier's KV capacity for online policies when neither spec nor tier map gives one
 
 
@@ -64,6 +71,7 @@ class DecodeJob(Job):
     kind = "decode"
     repetitions = 3  # a timing job: enough runs for a confidence interval
     takes_policies = True
+    kernel_baseline: ClassVar[bool] = True  # takes policy `kernel`: Linux's own tiering on its own
 
     @classmethod
     def parse(cls, section: Section) -> DecodeParams:
@@ -146,6 +154,7 @@ class DecodeJob(Job):
         whole = _blocks_needed(params, layout)
         policy_name = ctx.policy or "all-fastest"
         daemon = None
+        kernel = _KernelRun.start() if policy_name == KERNEL_POLICY else None
         if policy_name in ("all-fastest", "all-slowest"):
             # A bound holds the whole run in its one tier, whatever the map's capacities (L100 / L0).
             bound = fast if policy_name == "all-fastest" else slowest
@@ -158,8 +167,8 @@ class DecodeJob(Job):
         model = LlamaModel(config, seed=params.seed, device=device)
         injector = ctx.injector()
         with TieredKVCache(ctx.resolved, layout, capacities=capacities, placement=placement,
-                           injector=injector, device=device) as cache:
-            if policy_name not in ("all-fastest", "all-slowest"):
+                           injector=injector, device=device, kernel_managed=kernel is not None) as cache:
+            if policy_name not in ("all-fastest", "all-slowest", KERNEL_POLICY):
                 from tieremu.daemon.daemon import MigrationDaemon
                 from tieremu.policy.registry import get_policy
 
@@ -177,6 +186,41 @@ class DecodeJob(Job):
                 + _link_rows(ctx, injector) + _file_rows(ctx, result))
         if report is not None:
             rows += _migration_windows(ctx, report.records, span, TIMELINE_EPOCHS * params.epoch_ms / 1e3)
+        if kernel is not None:
+            rows = kernel.finish(ctx, rows, tier_origin(ctx.resolved.tier(fast)))
+        return rows
+
+
+class _KernelRun:
+    """Policy `kernel`: checks that the kernel can tier and is set to, snapshots its counters, and reports what it
+    did. The knobs themselves are held by the runner around the run (lab profile kernel-tiering, restored after)."""
+
+    def __init__(self, tiering: Any, before: Any) -> None:
+        self.tiering = tiering
+        self.before = before
+
+    @classmethod
+    def start(cls) -> _KernelRun:
+        from tieremu.daemon.kernel import KernelTiering
+        from tieremu.errors import WorkloadError
+
+        tiering = KernelTiering()
+        where = tiering.applicability()
+        if not where.applicable:
+            raise WorkloadError(f"policy {KERNEL_POLICY!r} (kernel-tiering) cannot act here: {where.reason}")
+        knobs = tiering.knobs()
+        if not knobs.ready:  # run outside the runner, which holds the lab profile for the run
+            raise WorkloadError(f"policy {KERNEL_POLICY!r} (kernel-tiering) needs the kernel's tiering on: "
+                                f"{knobs.describe()}")
+        return cls(tiering, tiering.snapshot())
+
+    def finish(self, ctx: RunContext, rows: list[MetricRow], origin: str) -> list[MetricRow]:
+        delta = self.tiering.delta(self.before, self.tiering.snapshot())
+        facts = delta.to_dict()
+        rows = [*rows, ctx.row("kernel_promoted_pages", delta.promoted, "pages", origin, **facts),
+                ctx.row("kernel_demoted_pages", delta.demoted, "pages", origin, **facts)]
+        for row in rows:
+            row.params["tiering"] = KERNEL_LABEL
         return rows
 
 

@@ -18,6 +18,8 @@ from tieremu.kv.placement import Vector
 from tieremu.numa import syscalls
 from tieremu.numa.pages import PAGE_SIZE, page_addresses
 from tieremu.numa.topology import discover
+from tieremu.runner.spec import load_experiment
+from tieremu.runner.sweep import expand
 from tieremu.tiers.config import load_tier_map
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import Backing, ResolvedTierMap, resolve
@@ -136,3 +138,34 @@ def test_the_four_tier_decode_job_labels_every_tier(tmp_path: Path) -> None:
     assert slow == {"star": 1.0}
     slow_read = {r["tier"]: r["value"] for r in rows if "all-slowest" in r["run"] and r["metric"] == "kv_bytes_read"}
     assert slow_read["nvme"] > 0 and not any(slow_read[t] for t in ("hbm", "dram", "cxl"))
+
+
+def test_a_block_moved_into_or_out_of_the_emulated_hbm_crosses_the_link(tmp_path: Path) -> None:
+    resolved = resolved_here(tmp_path)
+    layout = KVLayout(2, 2, 64, 128, torch.float32)
+    injector = DelayInjector([t.timing for t in resolved.tiers if t.timing is not None], CAL)
+    with TieredKVCache(resolved, layout, injector=injector, placement=Vector({"dram": 1.0})) as cache:
+        cache.add_sequence(0)
+        cache.write(0, 0, 0, torch.ones(8, 2, 64), torch.ones(8, 2, 64))
+        [block] = cache.seqs[0].tables[0]
+        link = injector.link_audits["hbm"]
+        before = (link.transfers, link.charged_bytes)
+        up = cache.move(block, "hbm")
+        assert (link.transfers - before[0], link.charged_bytes - before[1]) == (1, layout.block_bytes)
+        want_s = (2000 + layout.block_bytes / 25.0) / 1e9  # 2 us + 256 KiB at 25 GB/s
+        assert up.injected_seconds == pytest.approx(want_s, rel=0.05)
+        cache.move(block, "cxl")  # out of HBM: across again
+        assert link.transfers - before[0] == 2
+        cache.move(block, "nvme")  # host tier to file: no GPU end, no link
+        assert link.transfers - before[0] == 2
+        assert torch.equal(cache.read(0, 0)[0], torch.ones(8, 2, 64))
+
+
+def test_a_decode_that_cannot_fit_the_capacities_of_every_tier_is_refused_before_any_work(tmp_path: Path) -> None:
+    tiers = four_tier_map(tmp_path)
+    tiers.write_text(tiers.read_text().replace("capacity_mib: 64", "capacity_mib: 1"))
+    spec = tmp_path / "e.yaml"
+    spec.write_text(f"name: e\ntiers: {tiers}\njobs:\n  - {{kind: decode, policies: [lru], batch: 64}}\n")
+    with pytest.raises(ConfigError, match=r"holds 128 KV blocks .*capacity_mib hbm 1, dram 1, cxl 1, nvme 1"):
+        expand(load_experiment(spec))
+    assert not (tmp_path / "nvme").exists()

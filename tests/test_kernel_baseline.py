@@ -37,7 +37,7 @@ def test_policy_kernel_is_refused_at_planning_where_the_kernel_has_no_tiers(tmp_
                                           r"here: (one memory node|memory nodes .* are all in one memory tier)"):
         load_experiment(spec)
     assert kernel_policy_problem() is not None
-    with pytest.raises(WorkloadError, match="kernel-tiering.*cannot act here"):
+    with pytest.raises(WorkloadError, match=r"kernel-tiering.*cannot act here"):
         _KernelRun.start()  # the job refuses too, when run without the runner's check
 
 

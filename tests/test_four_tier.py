@@ -169,3 +169,8 @@ def test_a_decode_that_cannot_fit_the_capacities_of_every_tier_is_refused_before
     with pytest.raises(ConfigError, match=r"holds 128 KV blocks .*capacity_mib hbm 1, dram 1, cxl 1, nvme 1"):
         expand(load_experiment(spec))
     assert not (tmp_path / "nvme").exists()
+
+
+def test_the_shipped_four_tier_experiment_plans_its_arms() -> None:
+    runs = expand(load_experiment(REPO / "configs" / "experiments" / "four-tier.yaml"))
+    assert {r.policy for r in runs} == {"lru-epoch", "all-fastest", "all-slowest"} and len(runs) == 9

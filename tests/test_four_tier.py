@@ -90,7 +90,8 @@ def test_a_four_tier_decode_reads_every_tier_and_charges_the_emulated_link(tmp_p
     assert link.gbps == 25 and link.latency_ns == 2000
     assert link.owed_ns == pytest.approx(link.transfers * 2000 + link.charged_bytes / 25.0)
     off_gpu = sum(result.kv_bytes_read[t] for t in ("dram", "cxl", "nvme"))
-    assert link.charged_bytes >= off_gpu and link.injected_ns == pytest.approx(link.owed_ns, rel=0.05)
+    # Paid by the busy-wait: never less than owed (a preempted spin can only overshoot on a loaded machine).
+    assert link.charged_bytes >= off_gpu and link.owed_ns > 0 and link.injected_ns >= 0.99 * link.owed_ns
     assert result.kv_bytes_staged["hbm"] == 0 and result.kv_bytes_staged["nvme"] == result.kv_bytes_read["nvme"]
     # The NVMe blocks were really read through the file during decode: one pread per block and layer.
     assert result.file_io["nvme"].reads > 0 and result.file_io["nvme"].bytes_read >= result.kv_bytes_read["nvme"]
@@ -150,10 +151,12 @@ def test_a_block_moved_into_or_out_of_the_emulated_hbm_crosses_the_link(tmp_path
         [block] = cache.seqs[0].tables[0]
         link = injector.link_audits["hbm"]
         before = (link.transfers, link.charged_bytes)
+        owed_before = link.owed_ns  # the write itself crossed already (new KV leaves the GPU for dram)
         up = cache.move(block, "hbm")
         assert (link.transfers - before[0], link.charged_bytes - before[1]) == (1, layout.block_bytes)
-        want_s = (2000 + layout.block_bytes / 25.0) / 1e9  # 2 us + 256 KiB at 25 GB/s
-        assert up.injected_seconds == pytest.approx(want_s, rel=0.05)
+        want_ns = 2000 + layout.block_bytes / 25.0  # 2 us + 256 KiB at 25 GB/s
+        assert link.owed_ns - owed_before == pytest.approx(want_ns)
+        assert up.injected_seconds >= 0.99 * want_ns / 1e9  # the busy-wait paid it (overshoot only if preempted)
         cache.move(block, "cxl")  # out of HBM: across again
         assert link.transfers - before[0] == 2
         cache.move(block, "nvme")  # host tier to file: no GPU end, no link

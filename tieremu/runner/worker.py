@@ -25,6 +25,7 @@ from typing import Any
 
 from tieremu.record.row import MetricRow
 from tieremu.runner.jobs import RunContext, load_job
+from tieremu.runner.kernel_baseline import run_environment
 from tieremu.safefile import open_append
 
 LOG_NAME = "worker.log"  # the child's stdout and stderr (and faulthandler's dump on a crash)
@@ -172,7 +173,8 @@ def _child(sender: Connection, task: RunTask, parent: int) -> None:
     faulthandler.enable(file=log)
     try:
         job = load_job(task.job_path)
-        rows = job.run(task.params, task.context)
+        with run_environment(task.context.policy):  # e.g. the kernel's tiering knobs for policy `kernel`
+            rows = job.run(task.params, task.context)
         bad = [r for r in rows if not isinstance(r, MetricRow)]
         if bad:
             raise TypeError(f"job {task.job_path} returned {type(bad[0]).__name__} rows; expected MetricRow")

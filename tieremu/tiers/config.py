@@ -28,6 +28,18 @@ RATIO = Range(0, MAX_RATIO, lo_closed=False)
 
 
 @dataclass(frozen=True)
+class LinkTarget:
+    """The host link of an emulated GPU tier (PCIe): what a KV block crossing between host memory and the tier
+    costs, per transfer (latency) and per byte (bandwidth). A real GPU's link is real and takes no model."""
+
+    gbps: float
+    latency_us: float = 0.0
+
+    def describe(self) -> str:
+        return f"link {self.gbps:g} GB/s + {self.latency_us:g} us per transfer"
+
+
+@dataclass(frozen=True)
 class TimingTarget:
     """How fast a tier should be when it is emulated: absolute figures or ratios to the local node."""
 
@@ -40,6 +52,7 @@ class TimingTarget:
     write_bandwidth_ratio: float | None = None
     # A fixed cost per access on top of latency (e.g. a protocol or software layer per block fetched).
     access_overhead_ns: float = 0.0
+    link: LinkTarget | None = None  # kind cuda only: the emulated host link (PCIe) blocks cross to reach the tier
 
     def describe(self) -> str:
         parts = []
@@ -57,6 +70,8 @@ class TimingTarget:
             parts.append(f"write bandwidth {self.write_bandwidth_ratio:g}x local")
         if self.access_overhead_ns:
             parts.append(f"+{self.access_overhead_ns:g} ns per access")
+        if self.link is not None:
+            parts.append(self.link.describe())
         return ", ".join(parts) or "no targets"
 
 
@@ -189,7 +204,7 @@ def _cuda_tier(s: Section, name: str) -> TierSpec:
     may only slow it down from there, so no node list or policy is taken here."""
     device = s.get("device", int, 0, valid=DEVICE_IDS)
     allow = s.get("allow_emulation", bool, False)
-    emulate = _timing(s.section("emulate")) if s.has("emulate") else None
+    emulate = _timing(s.section("emulate"), link=True) if s.has("emulate") else None
     capacity_mib = s.get("capacity_mib", int, None, valid=CAPACITY_MIB)
     description = s.get("description", str, "")
     compression = _compression(s)
@@ -215,7 +230,11 @@ def _compression(s: Section) -> Compression:
     return Compression(s.get("compression", str, "none", choices=COMPRESSIONS))
 
 
-def _timing(s: Section) -> TimingTarget:
+def _timing(s: Section, *, link: bool = False) -> TimingTarget:
+    """`link` is taken only from a cuda tier's block (a NUMA tier's memory is reached without a PCIe hop)."""
+    if s.has("link") and not link:
+        raise s.error("link", "a host link model is only for kind: cuda tiers (an emulated GPU's PCIe link); "
+                              "a NUMA tier's speed is its latency and bandwidth targets")
     target = TimingTarget(
         latency_ns=s.get("latency_ns", float, None, valid=LATENCY_NS),
         latency_ratio=s.get("latency_ratio", float, None, valid=RATIO),
@@ -224,6 +243,7 @@ def _timing(s: Section) -> TimingTarget:
         write_bandwidth_gbps=s.get("write_bandwidth_gbps", float, None, valid=GBPS),
         write_bandwidth_ratio=s.get("write_bandwidth_ratio", float, None, valid=RATIO),
         access_overhead_ns=s.get("access_overhead_ns", float, 0.0, valid=Range(0, MAX_NS)),
+        link=_link(s.section("link")) if s.has("link") else None,
     )
     s.done()
     if target.latency_ns is not None and target.latency_ratio is not None:
@@ -232,4 +252,11 @@ def _timing(s: Section) -> TimingTarget:
         raise s.error("bandwidth_gbps", "give bandwidth_gbps or bandwidth_ratio, not both")
     if target.write_bandwidth_gbps is not None and target.write_bandwidth_ratio is not None:
         raise s.error("write_bandwidth_gbps", "give write_bandwidth_gbps or write_bandwidth_ratio, not both")
+    return target
+
+
+def _link(s: Section) -> LinkTarget:
+    target = LinkTarget(gbps=s.get("gbps", float, valid=GBPS),
+                        latency_us=s.get("latency_us", float, 0.0, valid=Range(0, MAX_NS / 1e3)))
+    s.done()
     return target

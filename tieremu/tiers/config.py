@@ -12,7 +12,7 @@ from tieremu.configfile import Section, load_yaml, show
 from tieremu.numa.syscalls import Policy
 from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_NS, MAX_RATIO, Range, number_problem
 
-KINDS = ("numa", "file", "cuda")
+KINDS = ("numa", "file", "cuda", "peer")
 POLICIES = tuple(p.name.lower() for p in Policy if p.takes_nodes)
 # The documented ranges of a tier map's numbers (the kernel's MAX_NUMNODES is at most 1024).
 NODE_IDS = Range(0, 1023, integer=True)
@@ -21,6 +21,10 @@ CAPACITY_MIB = Range(1, MAX_MIB, integer=True)
 LATENCY_NS = Range(0, MAX_NS, lo_closed=False)
 GBPS = Range(0, MAX_GBPS, lo_closed=False)
 RATIO = Range(0, MAX_RATIO, lo_closed=False)
+# A peer tier's link (tieremu.cluster checks the same bounds for --link).
+LINK_LATENCY_US = Range(0, 1e6)
+LINK_GBPS = Range(0.001, 400)
+LINK_LOSS = Range(0, 1)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,16 @@ class TimingTarget:
 
 
 @dataclass(frozen=True)
+class PeerLink:
+    """A peer tier's link to the other instances: one-way latency, bandwidth (Gb/s), jitter, loss probability."""
+
+    latency_us: float
+    gbps: float
+    jitter_us: float = 0.0
+    loss: float = 0.0
+
+
+@dataclass(frozen=True)
 class TierSpec:
     name: str
     kind: str
@@ -70,6 +84,7 @@ class TierSpec:
     capacity_mib: int | None = None  # how much KV this tier may hold (None: as much as the node has)
     path: Path | None = None  # kind file: the directory blocks are stored in
     device: int | None = None  # kind cuda: the CUDA device index whose memory (HBM) holds the tier
+    link: PeerLink | None = None  # kind peer: the link to the other instances (None: given on the command line)
 
     @property
     def is_file(self) -> bool:
@@ -78,6 +93,10 @@ class TierSpec:
     @property
     def is_cuda(self) -> bool:
         return self.kind == "cuda"
+
+    @property
+    def is_peer(self) -> bool:
+        return self.kind == "peer"
 
 
 @dataclass(frozen=True)
@@ -124,6 +143,8 @@ def _tier(s: Section) -> TierSpec:
         return _file_tier(s, name)
     if kind == "cuda":
         return _cuda_tier(s, name)
+    if kind == "peer":
+        return _peer_tier(s, name)
     nodes = s.ints("nodes")
     if not nodes or any(number_problem(n, NODE_IDS) for n in nodes):
         raise s.error("nodes", f"{show(list(nodes))}: give one or more node ids ({NODE_IDS.describe()})")
@@ -171,6 +192,21 @@ def _cuda_tier(s: Section, name: str) -> TierSpec:
     s.done()
     return TierSpec(name, "cuda", (), Policy.BIND, None, allow, emulate, description, False, capacity_mib,
                     device=device)
+
+
+def _peer_tier(s: Section, name: str) -> TierSpec:
+    """Other instances' tiers, reached over a link (tieremu.cluster): no nodes or memory of its own here."""
+    link = None
+    if s.has("link"):
+        ls = s.section("link")
+        link = PeerLink(latency_us=ls.get("latency_us", float, valid=LINK_LATENCY_US),
+                        gbps=ls.get("gbps", float, valid=LINK_GBPS),
+                        jitter_us=ls.get("jitter_us", float, 0.0, valid=LINK_LATENCY_US),
+                        loss=ls.get("loss", float, 0.0, valid=LINK_LOSS))
+        ls.done()
+    description = s.get("description", str, "")
+    s.done()
+    return TierSpec(name, "peer", (), Policy.DEFAULT, None, False, None, description, link=link)
 
 
 def _timing(s: Section) -> TimingTarget:

@@ -1,0 +1,1 @@
+"""Several serving instances sharing KV blocks peer to peer: peer tier, index designs, transports, faults."""

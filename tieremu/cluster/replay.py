@@ -186,10 +186,9 @@ class Cluster:
             [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
         popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True,
                                  env=env, start_new_session=True)
-        proc = Proc(i, popen, incarnation)
+        proc = self.procs[i] = Proc(i, popen, incarnation)  # recorded at once: stop() kills what it knows
         self._write(proc, self.settings(i, incarnation))
         threading.Thread(target=self._read, args=(proc,), daemon=True).start()
-        self.procs[i] = proc
         return proc
 
     def _read(self, proc: Proc) -> None:
@@ -337,14 +336,17 @@ class Cluster:
         return all(p.drained if what == "drained" else p.result is not None for p in procs)
 
     def stop(self) -> None:
+        """Every instance process ends: those that reported get a moment to exit, the rest are killed (their whole
+        process group). Never raises for a process that is already gone."""
         for proc in self.procs.values():
+            if proc.popen.poll() is None and proc.result is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.popen.wait(timeout=5)
             if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.popen.wait(timeout=5 if proc.result is not None else 0.1)
-            if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait(timeout=10)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.popen.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -399,11 +401,12 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
             ttft_ms=Percentiles.of(ttft_by_instance.get(me, [])), peer_bytes=r["peer_bytes"],
             served_bytes=r["served_bytes"], pulls=r["pulls"], pulls_failed=r["pulls_failed"], stale_misses=r["stale"],
             corrupted_blocks=r["corrupted"], resyncs=r["resyncs"], events_sent=r["events_sent"],
-            blocks_checked=r["blocks_checked"], incarnation=r["incarnation"]))
+            events_dropped=r["events_dropped"], blocks_checked=r["blocks_checked"], incarnation=r["incarnation"]))
     for dead in cluster.rows_dead:
         rows.append(InstanceRow(instance=dead["me"], requests=dead["requests"], local=0, peer=0, miss=0,
                                 ttft_ms=Percentiles.of([]), peer_bytes=0, served_bytes=0, pulls=0, pulls_failed=0,
-                                stale_misses=0, corrupted_blocks=0, resyncs=0, events_sent=0, blocks_checked=0,
+                                stale_misses=0, corrupted_blocks=0, resyncs=0, events_sent=0, events_dropped=0,
+                                blocks_checked=0,
                                 incarnation=dead["incarnation"], killed=True))
     local, peer, miss = (sum(r[k] for r in results) for k in ("local", "peer", "miss"))
     pulls = [ms for r in results for ms in r["pull_ms"]]

@@ -56,6 +56,7 @@ class InstanceRow:
     corrupted_blocks: int  # received blocks whose checksum failed (never stored) + resident blocks failing check
     resyncs: int  # sequence gaps (or restarts) that made this instance re-read a peer's holdings
     events_sent: int
+    events_dropped: int  # fault injection: numbered but never sent
     blocks_checked: int
     incarnation: int  # 0 for the first process; a restarted instance counts up
     killed: bool = False

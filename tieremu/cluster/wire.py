@@ -136,7 +136,8 @@ class BlockServer:
 
 
 class PullError(Exception):
-    """A pull that failed: `kind` is refused (peer gone), timeout (lost or partitioned), or corrupt."""
+    """A pull that failed: `kind` is refused (peer gone), timeout (reply lost), unreachable (no route: a link down),
+    or corrupt (checksum)."""
 
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
@@ -182,9 +183,12 @@ class BlockClient:
         except PullError:
             self.close()
             raise
-        except OSError as exc:
-            self.close()
+        except (ConnectionRefusedError, ConnectionResetError, BrokenPipeError) as exc:
+            self.close()  # nobody listens there any more: the peer is gone (or restarting)
             raise PullError("refused", f"{self.host}:{self.port}: {exc}") from exc
+        except OSError as exc:
+            self.close()  # no route (a link down): like a lost reply, the peer may still be alive
+            raise PullError("unreachable", f"{self.host}:{self.port}: {exc}") from exc
         seconds = time.perf_counter() - start
         if digest(payload) != check:
             raise PullError("corrupt", f"block {key} from {self.host}:{self.port} failed its checksum")

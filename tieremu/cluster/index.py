@@ -107,7 +107,9 @@ class PeerIndex:
         self.stats = IndexStats()
         self.known: dict[int, Holdings] = {}  # sender -> what it holds (broadcast: all; hash: keys homed here)
         self.queues: dict[int, float] = {}  # sender -> its backlog at its last heartbeat, seconds
+        self.lags: dict[int, float] = {}  # sender -> its wake-up lateness at its last heartbeat, seconds
         self.drop_next = 0
+        self.lag_s = 0.0  # how late this process's receiving thread wakes: its share of a busy CPU, per wake-up
         self._seq: dict[int, int] = {}  # stream (destination, -1: broadcast) -> last number sent
         self._lock = threading.Lock()  # guards known/queues
         self._send_lock = threading.Lock()  # guards the sending sockets and _seq
@@ -169,7 +171,7 @@ class PeerIndex:
                 self.stats.events_dropped += 1
                 return
         msg = json.dumps({"o": self.me, "inc": self.inc, "seq": self._seq.get(stream, 0), "k": kind, "keys": keys,
-                          "q": self.queue_s()}).encode()
+                          "q": self.queue_s(), "lag": self.lag_s}).encode()
         try:
             if stream == -1:
                 self.pub.send(msg, zmq.NOBLOCK)
@@ -205,10 +207,14 @@ class PeerIndex:
             if now >= next_beat:
                 self._heartbeat()
                 next_beat = now + HEARTBEAT_S
+            asked = time.monotonic()
             try:
                 ready = dict(poller.poll(timeout=50))
             except zmq.ZMQError:
                 return
+            if not ready:  # a timed-out wait: how late it returned is how long a request here waits for a CPU
+                late = max(0.0, time.monotonic() - asked - 0.05)
+                self.lag_s += 0.2 * (late - self.lag_s)
             if inbox in ready:
                 while True:
                     try:
@@ -229,6 +235,7 @@ class PeerIndex:
         with self._lock:
             h = self.known.setdefault(origin, Holdings())
             self.queues[origin] = float(msg.get("q", 0.0))
+            self.lags[origin] = float(msg.get("lag", 0.0))
             if inc != h.inc:  # a new process (or the first word from this sender): start from a snapshot
                 h.inc, h.seq, h.keys = inc, 0, set()
                 gap = True
@@ -338,6 +345,10 @@ class PeerIndex:
     def queue_of(self, peer: int) -> float:
         with self._lock:
             return self.queues.get(peer, 0.0)
+
+    def lag_of(self, peer: int) -> float:
+        with self._lock:
+            return self.lags.get(peer, 0.0)
 
     def close(self) -> None:
         self._closed.set()

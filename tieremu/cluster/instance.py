@@ -28,7 +28,7 @@ import torch
 
 from tieremu.cluster.index import Endpoints, PeerIndex
 from tieremu.cluster.link import LinkSpec
-from tieremu.cluster.prefill import PrefillData, digest
+from tieremu.cluster.prefill import PrefillData, tensor_digest
 from tieremu.cluster.wire import BlockClient, BlockServer, LinkState, PullError
 from tieremu.daemon.daemon import DaemonReport
 from tieremu.kv.arena import NumaArena
@@ -44,6 +44,9 @@ from tieremu.workloads.trace import Request
 SUSPECT_S = 1.0  # a peer whose pull failed is not asked again for this long
 SELF_CHECKS = 3  # pulled blocks per instance also recomputed here and compared byte for byte
 EMA = 0.2
+DEFAULT_OVERHEAD_S = 300e-6  # a pull's software cost before the first probe
+PROBE_KEY = 2**64 - 1  # a hash id no trace has: the reply is "not held", a round trip with no payload
+PROBES = 3
 
 
 def local_tiers(tier_map: TierMap) -> TierMap:
@@ -99,7 +102,7 @@ class PeerRun(_Run):
         self.server: BlockServer | None = None
         self.clients: dict[int, BlockClient] = {}
         self.prefill_s = self._warm_prefill()
-        self.overhead_s = 300e-6  # per pull beyond the link model; learned from measured pulls
+        self.overhead: dict[int, float] = {}  # peer -> a pull's time beyond the link model (probed, then learned)
         if self.p2p:
             peers = {int(j): Endpoints(p["host"], p["events"], p["queries"]) for j, p in settings["peers"].items()}
             mine = settings["mine"]
@@ -107,8 +110,20 @@ class PeerRun(_Run):
                                       seed=self.me)
             self.index = PeerIndex(settings["index"], self.me, settings["incarnation"], peers, settings["bind"],
                                    Endpoints(settings["bind"], mine["events"], mine["queries"]), self._held,
-                                   lambda: 0.0, lease_s=settings["lease_s"])
+                                   self.server.queue_s, lease_s=settings["lease_s"])
             self.clients = {int(j): BlockClient(p["host"], p["blocks"]) for j, p in settings["peers"].items()}
+
+    def probe(self) -> None:
+        """Time a few empty pulls from each peer: the estimator's first figure for a pull's cost beyond the link."""
+        for peer, client in self.clients.items():
+            times = []
+            for _ in range(PROBES):
+                try:
+                    times.append(client.pull(PROBE_KEY, 1.0).seconds)
+                except PullError:
+                    break
+            if times:
+                self.overhead[peer] = max(0.0, sorted(times)[len(times) // 2] - self.link.latency_us * 1e-6)
 
     def _warm_prefill(self) -> float:
         self.prefill.of(-1)
@@ -165,7 +180,7 @@ class PeerRun(_Run):
                 self.prefill_s += EMA * (time.perf_counter() - t0 - self.prefill_s)
                 self.c.miss += 1
             if self._admit_and_write(key, data, seqs):
-                self.digests[key] = digest(data)
+                self.digests[key] = tensor_digest(data)
                 self.stored.append(key)
             else:
                 self.uncached += 1
@@ -197,15 +212,17 @@ class PeerRun(_Run):
             return {}
         source = {k: min(hs, key=self.index.queue_of) for k, hs in holders.items()}
         nbytes = self.layout.block_bytes
-        predicted = sum(self.link.seconds(nbytes) + self.overhead_s for _ in source) + \
-            max(self.index.queue_of(p) for p in set(source.values()))
+        # Per block: the link, this pair's software cost, and the source's lateness in answering (its CPU share);
+        # once: the pulls queued at the source.
+        predicted = sum(self.link.seconds(nbytes) + self.overhead.get(p, DEFAULT_OVERHEAD_S) + self.index.lag_of(p)
+                        for p in source.values()) + max(self.index.queue_of(p) for p in set(source.values()))
         if predicted >= len(source) * self.prefill_s:
             self.c.recompute += 1
             return {}
         self.c.pull += 1
-        timeout = max(0.05, 5 * (self.link.seconds(nbytes) + self.overhead_s))
+        timeout = max(0.05, 5 * (self.link.seconds(nbytes) + max(self.overhead.values(), default=0.0)))
         got: dict[int, torch.Tensor] = {}
-        t0 = time.perf_counter()
+        measured = 0.0
         clean = True
         for key, peer in source.items():
             if self.suspect.get(peer, 0) > time.monotonic():
@@ -229,9 +246,12 @@ class PeerRun(_Run):
                 clean = False
                 continue
             self.c.pulls += 1
+            measured += reply.seconds
             self.c.peer_bytes += len(reply.payload)
             self.pull_ms.append(reply.seconds * 1e3)
-            self.overhead_s += EMA * (reply.seconds - self.link.seconds(nbytes) - self.overhead_s)
+            known = self.overhead.get(peer, DEFAULT_OVERHEAD_S)
+            beyond = reply.seconds - self.link.seconds(nbytes) - self.index.lag_of(peer)
+            self.overhead[peer] = max(0.0, known + EMA * (beyond - known))
             data = torch.frombuffer(bytearray(reply.payload), dtype=self.layout.dtype).view(self.layout.block_shape)
             if self.self_checked < SELF_CHECKS:  # the bytes a peer computed are the bytes we would compute
                 self.self_checked += 1
@@ -240,7 +260,7 @@ class PeerRun(_Run):
                     continue
             got[key] = data
         if clean and got:
-            self.estimates.append((predicted, time.perf_counter() - t0))
+            self.estimates.append((predicted, measured))
         return got
 
     # -- the end -------------------------------------------------------------------------------------------------
@@ -272,7 +292,7 @@ class PeerRun(_Run):
                     continue
                 checked += 1
                 arena = self.cache.pool.arenas[block.arena]
-                if digest(arena.blocks[block.slot]) != self.digests.get(block.key):
+                if tensor_digest(arena.blocks[block.slot]) != self.digests.get(block.key):
                     corrupted.append(block.key)
         return BlockCheck(checked, tuple(corrupted))
 
@@ -357,6 +377,7 @@ def main() -> None:
     out.send(ev="ready", me=run.me, prefill_ms=run.prefill_s * 1e3)
     start = json.loads(sys.stdin.readline())  # the common start line: every instance's clock starts together
     inbox = Inbox([run])
+    run.probe()
 
     def due_of(arrival: float) -> float:
         return start["t0_wall"] + (arrival - start["trace0_s"]) * settings["time_scale"]
@@ -385,7 +406,7 @@ def main() -> None:
              resyncs=stats.resyncs if stats else 0, events_sent=stats.events_sent if stats else 0,
              events_dropped=stats.events_dropped if stats else 0, pull_ms=run.pull_ms, estimates=run.estimates,
              decisions={"pull": c.pull, "recompute": c.recompute}, entries={str(k): v for k, v in entries.items()},
-             held=held, prefill_ms=run.prefill_s * 1e3, overhead_ms=run.overhead_s * 1e3,
+             held=held, prefill_ms=run.prefill_s * 1e3, overhead_ms={str(p): s * 1e3 for p, s in run.overhead.items()},
              backings={t.name: t.backing.value for t in run.resolved.tiers}, uncached=run.uncached,
              incarnation=settings["incarnation"])
 

@@ -13,10 +13,9 @@ in its request; the cost per block is then the same wherever it sits in a prompt
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
+from tieremu.cluster.wire import digest
 from tieremu.errors import ConfigError
 from tieremu.kv.layout import KVLayout
 from tieremu.workloads.contiguous_kv import ContiguousKV
@@ -56,8 +55,6 @@ class PrefillData:
         return torch.stack(layers).to(layout.dtype).view(layout.block_shape)
 
 
-def digest(data: bytes | memoryview | torch.Tensor) -> bytes:
-    """The end-to-end checksum of a block's bytes (16-byte BLAKE2b)."""
-    if isinstance(data, torch.Tensor):
-        data = data.contiguous().view(torch.uint8).numpy().tobytes()
-    return hashlib.blake2b(data, digest_size=16).digest()
+def tensor_digest(data: torch.Tensor) -> bytes:
+    """The end-to-end checksum (tieremu.cluster.wire.digest) of a block held as a tensor."""
+    return digest(data.contiguous().view(torch.uint8).numpy().tobytes())

@@ -401,7 +401,8 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
             ttft_ms=Percentiles.of(ttft_by_instance.get(me, [])), peer_bytes=r["peer_bytes"],
             served_bytes=r["served_bytes"], pulls=r["pulls"], pulls_failed=r["pulls_failed"], stale_misses=r["stale"],
             corrupted_blocks=r["corrupted"], resyncs=r["resyncs"], events_sent=r["events_sent"],
-            events_dropped=r["events_dropped"], blocks_checked=r["blocks_checked"], incarnation=r["incarnation"]))
+            events_dropped=r["events_dropped"], blocks_checked=r["blocks_checked"], incarnation=r["incarnation"],
+            estimates_ms=tuple((p * 1e3, m * 1e3) for p, m in r["estimates"])))
     for dead in cluster.rows_dead:
         rows.append(InstanceRow(instance=dead["me"], requests=dead["requests"], local=0, peer=0, miss=0,
                                 ttft_ms=Percentiles.of([]), peer_bytes=0, served_bytes=0, pulls=0, pulls_failed=0,

@@ -60,6 +60,8 @@ class InstanceRow:
     blocks_checked: int
     incarnation: int  # 0 for the first process; a restarted instance counts up
     killed: bool = False
+    # The pull-or-recompute log: (predicted ms, measured ms) of every request whose peer-held blocks were pulled.
+    estimates_ms: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ waiting for it: that is the emulated link's behaviour, not work stood in for.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import socket
 import struct
@@ -22,7 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tieremu.cluster.link import LinkSpec
-from tieremu.cluster.prefill import digest
 
 OP_GET = 1
 OK, NOT_HELD = 0, 1
@@ -30,6 +30,11 @@ _REQ = struct.Struct("!BQ")
 _REPLY = struct.Struct("!BQQ16s")
 SLICE = 16 * 1024
 SPIN_S = 200e-6
+
+
+def digest(data: bytes | memoryview) -> bytes:
+    """The end-to-end checksum of a block's bytes (16-byte BLAKE2b)."""
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def wait_until(due: float) -> None:
@@ -64,6 +69,8 @@ class BlockServer:
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.served_bytes = 0
         self.served = 0
+        self.inflight = 0  # pulls being served now
+        self.serve_s = 0.0  # moving average of one pull's time here (read, checksum, wait, send)
         self.dropped = 0
         self._lock = threading.Lock()
         self._random = random.Random(seed)
@@ -90,30 +97,48 @@ class BlockServer:
                 if head is None:
                     return
                 start = time.perf_counter()
-                _op, key = _REQ.unpack(head)
-                payload = self.read(key)
-                link = self.links(peer)
                 with self._lock:
-                    jitter = self._random.uniform(0, link.spec.jitter_us) if link.spec.jitter_us else 0.0
-                    lost = link.partitioned or (link.spec.loss > 0 and self._random.random() < link.spec.loss)
-                if lost:
-                    with self._lock:
-                        self.dropped += 1
-                    continue  # the reply never arrives: the client times out and recomputes
-                due = start + (link.spec.latency_us + jitter) * 1e-6
+                    self.inflight += 1
                 try:
-                    if payload is None:
-                        wait_until(due)
-                        conn.sendall(_REPLY.pack(NOT_HELD, key, 0, bytes(16)))
-                        continue
-                    header = _REPLY.pack(OK, key, len(payload), digest(payload))
-                    wait_until(due)
-                    self._send(conn, header, payload, link, due)
-                except OSError:
-                    return
-                with self._lock:
-                    self.served += 1
-                    self.served_bytes += len(payload)
+                    if not self._reply(conn, peer, head, start):
+                        return
+                finally:
+                    with self._lock:
+                        self.inflight -= 1
+                        self.serve_s += 0.2 * (time.perf_counter() - start - self.serve_s)
+
+    def queue_s(self) -> float:
+        """What a new pull would wait behind here: pulls in flight times the usual pull's time."""
+        with self._lock:
+            return self.inflight * self.serve_s
+
+    def _reply(self, conn: socket.socket, peer: str, head: bytes, start: float) -> bool:
+        """Answer one pull; False when the connection is gone."""
+        _op, key = _REQ.unpack(head)
+        payload = self.read(key)
+        link = self.links(peer)
+        with self._lock:
+            jitter = self._random.uniform(0, link.spec.jitter_us) if link.spec.jitter_us else 0.0
+            lost = link.partitioned or (link.spec.loss > 0 and self._random.random() < link.spec.loss)
+        if lost:
+            with self._lock:
+                self.dropped += 1
+            return True  # the reply never arrives: the client times out and recomputes
+        due = start + (link.spec.latency_us + jitter) * 1e-6
+        try:
+            if payload is None:
+                wait_until(due)
+                conn.sendall(_REPLY.pack(NOT_HELD, key, 0, bytes(16)))
+                return True
+            header = _REPLY.pack(OK, key, len(payload), digest(payload))
+            wait_until(due)
+            self._send(conn, header, payload, link, due)
+        except OSError:
+            return False
+        with self._lock:
+            self.served += 1
+            self.served_bytes += len(payload)
+        return True
 
     @staticmethod
     def _send(conn: socket.socket, header: bytes, payload: bytes, link: LinkState, start: float) -> None:

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from tieremu.cluster.index import Endpoints, PeerIndex, ring_homes
+from tieremu.cluster.index import Endpoints, PeerIndex
 from tieremu.cluster.link import LinkSpec, parse_link
+from tieremu.cluster.ring import ring_homes
 from tieremu.cluster.wire import BlockClient, BlockServer, LinkState, PullError
 from tieremu.errors import ConfigError
 

@@ -16,10 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from tieremu.cluster.faults import FAULT_KINDS
-from tieremu.cluster.index import INDEXES
 from tieremu.cluster.link import parse_link
 from tieremu.cluster.replay import SHARING, TRANSPORTS, ClusterSpec, cluster_replay
 from tieremu.cluster.result import ClusterResult
+from tieremu.cluster.ring import INDEXES
 from tieremu.errors import WorkloadError
 
 

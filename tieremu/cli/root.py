@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 
 # Subcommands that live in their own module, imported only when run (`tieremu --help` imports none of them).
 SUBCOMMANDS = {
-    "cluster": LazyCommand("tieremu.cli.cluster:cluster", "Several serving instances sharing KV blocks peer to peer."),
+    "cluster": LazyCommand("tieremu.cli.cluster:cluster", "Several serving instances sharing KV blocks peer to peer, "
+                           "with no central cache server."),
     "daemon": LazyCommand("tieremu.cli.daemon:daemon", "Attach to process PID and migrate its memory between NUMA "
                           "nodes under a placement policy."),
     "engine": LazyCommand("tieremu.cli.engine:engine", "Real serving engines (vLLM's CPU build) on tieremu's tiers."),

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from tieremu.cluster.faults import DROPPED_EVENTS, Fault, parse_fault
-from tieremu.cluster.index import INDEXES, LEASE_S, ring_homes
 from tieremu.cluster.link import LinkSpec, Shaping
 from tieremu.cluster.netns import MAX_INSTANCES, Mesh, cleanup_stale, have_root, require_root
 from tieremu.cluster.result import ClusterResult, HitRatio, InstanceRow, Percentiles
+from tieremu.cluster.ring import INDEXES, LEASE_S, ring_homes
 from tieremu.errors import ConfigError, TraceError, WorkloadError
 from tieremu.tiers.config import load_tier_map
 from tieremu.workloads.trace import Request, read_trace

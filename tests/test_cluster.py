@@ -87,8 +87,9 @@ def _arm(sharing: str, out: dict[str, ClusterResult], errors: list[BaseException
         errors.append(exc)
 
 
-def test_three_instances_on_300_requests_p2p_beats_no_sharing() -> None:
-    # Both arms run at once, so that the machine's other load falls on both alike (arms interleaved in time).
+def test_three_instances_on_300_requests_p2p_recomputes_less() -> None:
+    # Both arms run at once, so that the machine's other load falls on both alike. TTFT is a speed figure: it is
+    # compared by benchmarks/cluster_ttft.py, not asserted here.
     out: dict[str, ClusterResult] = {}
     errors: list[BaseException] = []
     threads = [threading.Thread(target=_arm, args=(s, out, errors)) for s in ("none", "p2p")]
@@ -105,7 +106,8 @@ def test_three_instances_on_300_requests_p2p_beats_no_sharing() -> None:
         assert sum(row.blocks_checked for row in r.instances) > 0
     assert none.hit_ratio.peer == 0 and none.peer_bytes == 0
     assert p2p.hit_ratio.peer > 0 and p2p.peer_bytes > 0
-    assert p2p.ttft_ms.p50 < none.ttft_ms.p50, (p2p.ttft_ms, none.ttft_ms)
+    assert p2p.hit_ratio.miss < none.hit_ratio.miss  # peer hits are blocks not recomputed
+    assert p2p.index_stale_entries == 0 and p2p.index_missing_entries == 0
     assert p2p.shaping["rate"] == ("kernel-tbf" if is_root else "transport-pacing")
     assert p2p.origin == "emulated"  # the link's delay is the transport's
     assert not _ours()

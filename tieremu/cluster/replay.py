@@ -432,6 +432,7 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
         instances=tuple(sorted(rows, key=lambda r: (r.instance, r.incarnation))), link=c.link.to_json(),
         shaping=shaping if shaped else {}, faults=tuple(f.label() for f in c.faults),
         index_stale_entries=_stale_entries(results, c.spec.index, cluster.n),
+        index_missing_entries=_missing_entries(results, c.spec.index, cluster.n) if shaped else 0,
         pulls_failed=sum(r["pulls_failed"] for r in results),
         decisions={k: sum(r["decisions"][k] for r in results) for k in ("pull", "recompute")},
         wall_s=wall_s, notes=tuple(notes))
@@ -448,6 +449,20 @@ def _stale_entries(results: list[dict[str, Any]], design: str, n: int) -> int:
                 have = {k for k in have if r["me"] in ring_homes(k, n)}
             stale += len(set(keys) - have)
     return stale
+
+
+def _missing_entries(results: list[dict[str, Any]], design: str, n: int) -> int:
+    """Blocks a live instance holds that an index which should know (every other replica; for hash, the block's
+    other homes) does not list, after quiescence: 0 when lost events and restarts have been healed."""
+    entries = {r["me"]: {int(o): set(keys) for o, keys in r["entries"].items()} for r in results}
+    missing = 0
+    for r in results:
+        origin = r["me"]
+        for key in r["held"]:
+            knowers = ring_homes(key, n) if design == "hash" else tuple(entries)
+            missing += sum(1 for k in knowers if k != origin and k in entries
+                           and key not in entries[k].get(origin, set()))
+    return missing
 
 
 def _free_port_base(n: int) -> int:

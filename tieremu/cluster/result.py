@@ -87,6 +87,7 @@ class ClusterResult:
     shaping: dict[str, str] = field(default_factory=dict)  # property -> mechanism (kernel-tbf, transport, ...)
     faults: tuple[str, ...] = ()
     index_stale_entries: int = 0  # at the end, after quiescence: entries naming a holder that lacks the block
+    index_missing_entries: int = 0  # at the end: held blocks an index that should know them does not list
     pulls_failed: int = 0
     decisions: dict[str, int] = field(default_factory=dict)  # pull | recompute (requests with peer-held blocks)
     wall_s: float = 0.0

@@ -181,3 +181,22 @@ def test_a_dead_runs_namespaces_are_cleaned_up(tmp_path: Path) -> None:
     (folder / "x.json").write_text(json.dumps({"pid": dead.pid, "namespaces": [name]}))
     assert name in netns.cleanup_stale()
     assert name not in netns.list_namespaces()
+
+
+def test_the_cluster_spec_plans_its_runs(tmp_path: Path) -> None:
+    from tieremu.runner.spec import load_experiment
+    from tieremu.runner.sweep import expand
+
+    spec = load_experiment(ROOT / "configs" / "experiments" / "cluster.yaml")
+    runs = [r for r in expand(spec) if r.kind == "cluster"]
+    assert len(runs) == 4
+    assert {(r.params.sharing, r.params.index) for r in runs} == {(s, i) for s in ("none", "p2p")
+                                                                  for i in ("broadcast", "hash")}
+    assert runs[0].params.link == LinkSpec(10, 10)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "configs" / "experiments" / "cluster.yaml").read_text()
+                   .replace("../tiers/single-node.yaml", str(ROOT / "configs" / "tiers" / "single-node.yaml"))
+                   .replace("../../traces/", str(ROOT / "traces") + "/")
+                   .replace("{latency_us: 10, gbps: 10}", "{latency_us: -1, gbps: 10}"))
+    with pytest.raises(ConfigError, match="link"):
+        expand(load_experiment(bad))

@@ -435,7 +435,7 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
         index_missing_entries=_missing_entries(results, c.spec.index, cluster.n) if shaped else 0,
         pulls_failed=sum(r["pulls_failed"] for r in results),
         decisions={k: sum(r["decisions"][k] for r in results) for k in ("pull", "recompute")},
-        wall_s=wall_s, notes=tuple(notes))
+        wall_s=wall_s, notes=tuple(notes), ttft_samples_ms=tuple(cluster.ttft[i] for i in sorted(cluster.ttft)))
 
 
 def _stale_entries(results: list[dict[str, Any]], design: str, n: int) -> int:

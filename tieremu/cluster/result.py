@@ -92,9 +92,11 @@ class ClusterResult:
     decisions: dict[str, int] = field(default_factory=dict)  # pull | recompute (requests with peer-held blocks)
     wall_s: float = 0.0
     notes: tuple[str, ...] = ()
+    ttft_samples_ms: tuple[float, ...] = ()  # one per completed request (left out of the JSON)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
+        doc.pop("ttft_samples_ms")
         if doc["estimator_error"] is not None and not math.isfinite(doc["estimator_error"]):
             doc["estimator_error"] = None
         return doc

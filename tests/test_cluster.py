@@ -115,7 +115,7 @@ def test_three_instances_on_300_requests_p2p_recomputes_less() -> None:
 
 def test_hash_index_through_the_cli_json() -> None:
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(MOONCAKE_TRACE), "--tiers", str(TIERS),
-                                        "--instances", "3", "--index", "hash", "--max-requests", "110",
+                                        "--instances", "3", "--index", "hash", "--max-requests", "80",
                                         "--block-kib", "16", "--link", "10,10", "--json"])
     assert out.exit_code == 0, out.output
     doc = json.loads(out.output)
@@ -123,7 +123,7 @@ def test_hash_index_through_the_cli_json() -> None:
                 "estimator_error", "instances"):
         assert key in doc
     assert set(doc["hit_ratio"]) == {"local", "peer", "miss"}
-    assert doc["hit_ratio"]["peer"] > 0 and doc["corrupted_blocks"] == 0 and doc["completed"] == 110
+    assert doc["hit_ratio"]["peer"] > 0 and doc["corrupted_blocks"] == 0 and doc["completed"] == 80
     assert doc["estimator_error"] is not None and len(doc["instances"]) == 3
     assert not _ours()
 

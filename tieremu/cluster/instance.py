@@ -339,9 +339,9 @@ class Inbox:
             elif op == "drop-events" and self.run_ref and self.run_ref[0].index is not None:
                 self.run_ref[0].index.drop_next += int(msg["count"])
             elif op == "partition" and self.run_ref:
-                for host in msg["hosts"]:
-                    self.run_ref[0]._link_for(host).partitioned = True
-                    self.run_ref[0].links.setdefault(host, self.run_ref[0]._link_for(host)).partitioned = True
+                run = self.run_ref[0]
+                for host in msg["hosts"]:  # replies to that peer are dropped from now on (100% loss)
+                    run.links.setdefault(host, LinkState(run.link, pace=run.s["pace"])).partitioned = True
         with self.cond:  # the orchestrator went away: finish what is queued
             self.ended = True
             self.cond.notify()

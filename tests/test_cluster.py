@@ -71,6 +71,16 @@ def test_namespaces_without_root_offer_loopback(monkeypatch: pytest.MonkeyPatch)
         check(ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, namespaces=True, max_requests=5))
 
 
+def test_without_root_the_run_says_it_is_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tieremu.cluster.replay as replay
+
+    monkeypatch.setattr(replay, "have_root", lambda: False)
+    r = cluster_replay(ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, instances=2, max_requests=4, block_kib=16,
+                                   time_scale=0.01))
+    assert not r.namespaces and r.shaping["rate"] == "transport-pacing" and r.completed == 4
+    assert any("loopback" in note for note in r.notes)
+
+
 def test_a_peer_tier_link_is_checked(tmp_path: Path) -> None:
     bad = tmp_path / "tiers.yaml"
     bad.write_text("name: t\ntiers:\n  - name: dram\n    nodes: [0]\n  - name: peer\n    kind: peer\n"

@@ -65,6 +65,8 @@ def replay(trace: str, tier_file: str, instances: int, sharing: str, index: str,
                        max_requests=max_requests, faults=faults, mode=mode, namespaces=namespaces, policy=policy,
                        capacity_blocks=capacity_blocks, block_kib=block_kib, time_scale=time_scale)
     result = cluster_replay(spec)
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:

@@ -371,6 +371,9 @@ def cluster_replay(spec: ClusterSpec) -> ClusterResult:
     if checked.namespaces:
         cleanup_stale()
     cluster = Cluster(checked)
+    if not checked.namespaces and spec.namespaces is None:
+        cluster.notes.append("not root: instances on loopback TCP, rate paced by the transport (network namespaces "
+                             "with tbf-shaped veth links need root)")
     started = time.time()
     with _signals_raise():
         try:

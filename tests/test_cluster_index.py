@@ -86,17 +86,18 @@ def test_a_silent_peer_expires_with_its_lease() -> None:
         a.close()
 
 
-def test_a_restarted_peer_replaces_its_old_entries() -> None:
+@pytest.mark.parametrize("design", ["broadcast", "hash"])
+def test_a_restarted_peer_replaces_its_old_entries(design: str) -> None:
     p = _ports(4)
     eps = {0: Endpoints("127.0.0.1", p[0], p[1]), 1: Endpoints("127.0.0.1", p[2], p[3])}
-    a = PeerIndex("broadcast", 0, 0, {1: eps[1]}, "127.0.0.1", eps[0], set, lambda: 0.0, lease_s=30)
-    old = PeerIndex("broadcast", 1, 0, {0: eps[0]}, "127.0.0.1", eps[1], lambda: set(range(10)), lambda: 0.0)
+    a = PeerIndex(design, 0, 0, {1: eps[1]}, "127.0.0.1", eps[0], set, lambda: 0.0, lease_s=30)
+    old = PeerIndex(design, 1, 0, {0: eps[0]}, "127.0.0.1", eps[1], lambda: set(range(10)), lambda: 0.0)
     try:
         time.sleep(0.3)
         old.publish("stored", list(range(10)))
         assert _until(lambda: len(a.lookup(range(10))) == 10)
         old.close()
-        new = PeerIndex("broadcast", 1, 1, {0: eps[0]}, "127.0.0.1", eps[1], lambda: {50}, lambda: 0.0)
+        new = PeerIndex(design, 1, 1, {0: eps[0]}, "127.0.0.1", eps[1], lambda: {50}, lambda: 0.0)
         try:  # the lease is long: only the new incarnation's word can clear the old entries
             assert _until(lambda: a.lookup(range(10)) == {} and a.lookup([50]) == {50: [1]})
         finally:

@@ -373,6 +373,7 @@ def main() -> None:
     sys.setswitchinterval(0.0005)
     share = [Request(timestamp_ms=ts, input_length=0, output_length=0, hash_ids=tuple(ids))
              for ts, ids in settings["share"]]
+    # The share gives the policy its context (the future, for Belady); an instance with none yet gets one block.
     run = PeerRun(settings, share or [Request(0, 0, 0, (0,))], out)
     out.send(ev="ready", me=run.me, prefill_ms=run.prefill_s * 1e3)
     start = json.loads(sys.stdin.readline())  # the common start line: every instance's clock starts together

@@ -274,8 +274,7 @@ class Cluster:
             live = self.live()
             if not live:
                 raise WorkloadError("cluster replay: every instance is gone")
-            self.send_request(k, request, route_round_robin(k, live) if len(live) < self.n else
-                              route_round_robin(k, range(self.n)))
+            self.send_request(k, request, route_round_robin(k, live))
         self._reroute_orphans()
 
     def _reroute_orphans(self) -> None:

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 # Subcommands that live in their own module, imported only when run (`tieremu --help` imports none of them).
 SUBCOMMANDS = {
+    "cluster": LazyCommand("tieremu.cli.cluster:cluster", "Several serving instances sharing KV blocks peer to peer, "
+                           "with no central cache server."),
     "cluster-fit-servtime": LazyCommand("tieremu.cli.cluster_simulate:fit_servtime", "Time prefill and decode "
                                         "iterations of tieremu's decode model (or vLLM's) on this machine, fit the "
                                         "serving-time model (least squares) and write it with the fit's error."),

@@ -42,7 +42,7 @@ BUILTIN_JOBS = ("tieremu.runner.jobs:ProbeJob", "tieremu.runner.jobs:RoundTripJo
                 "tieremu.runner.jobs:SyntheticJob")
 # Jobs living with their own layers (decode, trace replay): listed here once they land; absent modules are skipped.
 OPTIONAL_JOBS: tuple[str, ...] = ("tieremu.workloads.jobs:DecodeJob", "tieremu.workloads.replay_job:ReplayJob",
-                                  "tieremu.engines.job:EngineJob")
+                                  "tieremu.engines.job:EngineJob", "tieremu.cluster.job:ClusterJob")
 
 
 def job_path(job: type[Job]) -> str:

@@ -12,7 +12,7 @@ from tieremu.configfile import Section, load_yaml, show
 from tieremu.numa.syscalls import Policy
 from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_NS, MAX_RATIO, Range, number_problem
 
-KINDS = ("numa", "file", "cuda")
+KINDS = ("numa", "file", "cuda", "peer")
 # How a tier stores KV blocks (tieremu/kv/compress.py): as written, or quantized with per-group scales, grouped per
 # token row (`block`) or with keys per channel and values per token (`kivi`).
 COMPRESSIONS = ("none", "fp8", "int8", "int4")
@@ -25,6 +25,10 @@ CAPACITY_MIB = Range(1, MAX_MIB, integer=True)
 LATENCY_NS = Range(0, MAX_NS, lo_closed=False)
 GBPS = Range(0, MAX_GBPS, lo_closed=False)
 RATIO = Range(0, MAX_RATIO, lo_closed=False)
+# A peer tier's link (tieremu.cluster checks the same bounds for --link).
+LINK_LATENCY_US = Range(0, 1e6)
+LINK_GBPS = Range(0.001, 400)
+LINK_LOSS = Range(0, 1)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,16 @@ class Compression:
 
 
 @dataclass(frozen=True)
+class PeerLink:
+    """A peer tier's link to the other instances: one-way latency, bandwidth (Gb/s), jitter, loss probability."""
+
+    latency_us: float
+    gbps: float
+    jitter_us: float = 0.0
+    loss: float = 0.0
+
+
+@dataclass(frozen=True)
 class TierSpec:
     name: str
     kind: str
@@ -105,6 +119,7 @@ class TierSpec:
     path: Path | None = None  # kind file: the directory blocks are stored in
     device: int | None = None  # kind cuda: the CUDA device index whose memory (HBM) holds the tier
     compression: Compression = Compression()  # how the tier stores KV blocks (tieremu/kv/compress.py)
+    link: PeerLink | None = None  # kind peer: the link to the other instances (None: given on the command line)
 
     @property
     def is_file(self) -> bool:
@@ -113,6 +128,10 @@ class TierSpec:
     @property
     def is_cuda(self) -> bool:
         return self.kind == "cuda"
+
+    @property
+    def is_peer(self) -> bool:
+        return self.kind == "peer"
 
 
 @dataclass(frozen=True)
@@ -159,6 +178,8 @@ def _tier(s: Section) -> TierSpec:
         return _file_tier(s, name)
     if kind == "cuda":
         return _cuda_tier(s, name)
+    if kind == "peer":
+        return _peer_tier(s, name)
     nodes = s.ints("nodes")
     if not nodes or any(number_problem(n, NODE_IDS) for n in nodes):
         raise s.error("nodes", f"{show(list(nodes))}: give one or more node ids ({NODE_IDS.describe()})")
@@ -211,6 +232,21 @@ def _cuda_tier(s: Section, name: str) -> TierSpec:
     s.done()
     return TierSpec(name, "cuda", (), Policy.BIND, None, allow, emulate, description, False, capacity_mib,
                     device=device, compression=compression)
+
+
+def _peer_tier(s: Section, name: str) -> TierSpec:
+    """Other instances' tiers, reached over a link (tieremu.cluster): no nodes or memory of its own here."""
+    link = None
+    if s.has("link"):
+        ls = s.section("link")
+        link = PeerLink(latency_us=ls.get("latency_us", float, valid=LINK_LATENCY_US),
+                        gbps=ls.get("gbps", float, valid=LINK_GBPS),
+                        jitter_us=ls.get("jitter_us", float, 0.0, valid=LINK_LATENCY_US),
+                        loss=ls.get("loss", float, 0.0, valid=LINK_LOSS))
+        ls.done()
+    description = s.get("description", str, "")
+    s.done()
+    return TierSpec(name, "peer", (), Policy.DEFAULT, None, False, None, description, link=link)
 
 
 def _compression(s: Section) -> Compression:

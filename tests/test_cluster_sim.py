@@ -263,7 +263,7 @@ def test_bad_settings_are_refused_before_any_work(tmp_path) -> None:
                           (["--instances", "8", "--pd", "2:2"], "must split the 8 instances"),
                           (["--slo-ms", "0"], "SLO 0.0 ms must be a positive"),
                           (["--slo-ms", "-5"], "SLO -5.0 ms must be a positive")):
-        result = runner.invoke(main, ["cluster-simulate", missing, *args])
+        result = runner.invoke(main, ["cluster", "replay", missing, "--mode", "simulate", *args])
         assert result.exit_code == 2, result.output
         assert message in result.output
         assert "trace" not in result.output.lower()
@@ -274,8 +274,9 @@ def test_bad_settings_are_refused_before_any_work(tmp_path) -> None:
 
 
 def test_cli_prints_json(tmp_path) -> None:
-    result = CliRunner().invoke(main, ["cluster-simulate", str(MOONCAKE_TRACE), "--router", "cost", "--instances",
-                                       "4", "--pd", "1:3", "--sharing", "p2p", "--max-requests", "100", "--json"])
+    result = CliRunner().invoke(main, ["cluster", "replay", str(MOONCAKE_TRACE), "--mode", "simulate",
+                                       "--router", "cost", "--instances", "4", "--pd", "1:3", "--sharing", "p2p",
+                                       "--max-requests", "100", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["router"] == {"router": "cost"} and data["pd"] == [1, 3] and data["requests"] == 100
@@ -284,14 +285,16 @@ def test_cli_prints_json(tmp_path) -> None:
 
 
 def test_cli_compares_several_routers_on_one_trace() -> None:
-    result = CliRunner().invoke(main, ["cluster-simulate", str(MOONCAKE_TRACE), "--router", "round-robin",
+    result = CliRunner().invoke(main, ["cluster", "replay", str(MOONCAKE_TRACE), "--mode", "simulate",
+                                       "--router", "round-robin",
                                        "--router", "prefix:load_threshold=4", "--instances", "4", "--max-requests",
                                        "100", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert [d["router"]["router"] for d in data] == ["round-robin", "prefix"]
     assert data[1]["router"]["load_threshold"] == 4
-    table = CliRunner().invoke(main, ["cluster-simulate", str(MOONCAKE_TRACE), "--max-requests", "50"])
+    table = CliRunner().invoke(main, ["cluster", "replay", str(MOONCAKE_TRACE), "--mode", "simulate",
+                                      "--max-requests", "50"])
     assert table.exit_code == 0 and "load imbalance" in table.output and "simulated" in table.output
 
 
@@ -319,6 +322,19 @@ def test_fit_servtime_refuses_bad_input_before_timing(tmp_path) -> None:
     runner = CliRunner()
     for args, message in ((["--out", str(tmp_path / "no" / "m.json")], "its folder does not exist"),
                           (["--out", str(tmp_path / "m.json"), "--engine", "sglang"], "Invalid value for '--engine'")):
-        result = runner.invoke(main, ["cluster-fit-servtime", *args])
+        result = runner.invoke(main, ["cluster", "fit-servtime", *args])
         assert result.exit_code == 2 and message in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_cluster_replay_refuses_an_option_of_the_other_mode(tmp_path) -> None:
+    missing = str(tmp_path / "no-such-trace.jsonl")  # never read: the refusal comes first
+    runner = CliRunner()
+    for args, message in ((["--mode", "simulate", "--index", "hash"], "--index: not used by cluster replay --mode "
+                                                                      "simulate"),
+                          (["--mode", "execute", "--tiers", missing, "--slo-ms", "5"], "--slo-ms: not used"),
+                          (["--mode", "execute", "--tiers", missing, "--router", "cost"], "routes round-robin"),
+                          (["--mode", "execute"], "--tiers: cluster replay --mode execute needs")):
+        result = runner.invoke(main, ["cluster", "replay", missing, *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output

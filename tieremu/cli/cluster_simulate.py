@@ -1,5 +1,5 @@
-"""`tieremu cluster-simulate` (to become `tieremu cluster replay --mode simulate`): a request trace over a simulated
-cluster of serving instances under a router; and `tieremu cluster-fit-servtime`: fit the serving-time model from
+"""`tieremu cluster replay --mode simulate` (called by tieremu/cli/cluster.py): a request trace over a simulated
+cluster of serving instances under a router; and `tieremu cluster fit-servtime`: fit the serving-time model from
 timed iterations of tieremu's decode model.
 
 Every setting is checked (router and its parameters, --pd against --instances, the SLO, the cluster spec and the
@@ -24,33 +24,6 @@ def _shipped(*parts: str) -> str:
     return str(path if path.exists() else Path("configs", *parts))
 
 
-@click.command("simulate")
-@click.argument("trace", type=click.Path(dir_okay=False))
-@click.option("--router", "router_specs", multiple=True, default=("round-robin",), show_default=True,
-              help="round-robin | least-loaded | prefix | cost | weighted, with parameters as NAME:key=value,... "
-                   "(prefix: load_threshold, min_match; weighted: overlap_weight). Repeat to compare routers on the "
-                   "same trace side by side (JSON: a list).")
-@click.option("--instances", default=8, show_default=True, type=int, help="Serving instances (8-256 typical).")
-@click.option("--pd", "pd_text", default=None, help="P:D prefill/decode disaggregation: P prefill and D decode "
-              "instances, P + D = --instances.")
-@click.option("--slo-ms", type=float, default=None, help="TTFT SLO: a request predicted to miss it is rejected "
-              "(counted); slo_attainment is reported.")
-@click.option("--sharing", type=click.Choice(["none", "p2p"]), default="none", show_default=True,
-              help="p2p: an instance pulls blocks it lacks from the peers holding them when cheaper than prefill.")
-@click.option("--policy", default="lru", show_default=True,
-              help="Each instance's KV placement policy (tieremu's policy names or labels, e.g. lfu, lru-epoch, "
-                   "hotcold; belady needs the future and is refused). lru runs in the fast built-in cache.")
-@click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
-              help="Cluster spec YAML: each instance's tiers (capacity_blocks, read_gbps, price_per_gb_hour), the "
-                   "link, instance_price_per_hour (default: configs/cluster/sim-hbm-dram.yaml).")
-@click.option("--servtime", default="reference", show_default=True,
-              help="Serving-time model: a JSON file from cluster-fit-servtime, or `reference` (assumed A100-class).")
-@click.option("--max-requests", type=click.IntRange(min=1), default=None, help="Only the first N requests.")
-@click.option("--token-budget", type=click.IntRange(min=1), default=8192, show_default=True,
-              help="Tokens per continuous-batching iteration.")
-@click.option("--max-batch", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Requests per iteration.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text: str | None, slo_ms: float | None,
              sharing: str, policy: str, tiers_file: str | None, servtime: str, max_requests: int | None,
              token_budget: int, max_batch: int, as_json: bool) -> None:

@@ -21,12 +21,6 @@ if TYPE_CHECKING:
 SUBCOMMANDS = {
     "cluster": LazyCommand("tieremu.cli.cluster:cluster", "Several serving instances sharing KV blocks peer to peer, "
                            "with no central cache server."),
-    "cluster-fit-servtime": LazyCommand("tieremu.cli.cluster_simulate:fit_servtime", "Time prefill and decode "
-                                        "iterations of tieremu's decode model (or vLLM's) on this machine, fit the "
-                                        "serving-time model (least squares) and write it with the fit's error."),
-    "cluster-simulate": LazyCommand("tieremu.cli.cluster_simulate:simulate", "Simulate TRACE (Mooncake JSONL) over a "
-                                    "cluster of serving instances: routing, per-instance tiered KV caches, peer pulls, "
-                                    "P/D handoffs and continuous batching, all simulated."),
     "daemon": LazyCommand("tieremu.cli.daemon:daemon", "Attach to process PID and migrate its memory between NUMA "
                           "nodes under a placement policy."),
     "engine": LazyCommand("tieremu.cli.engine:engine", "Real serving engines (vLLM's CPU build) on tieremu's tiers."),

@@ -187,12 +187,16 @@ def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
 @click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
               help="Tier map (default: configs/tiers/cxl-expander.yaml); its first two memory tiers are compared.")
 @click.option("--preset", default="tiny", show_default=True, help="Model preset (tiny, small, 1b).")
-@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--prompt-tokens", default=2048, show_default=True, type=click.IntRange(min=8))
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1), help="Sequences decoded together.")
+@click.option("--prompt-tokens", default=2048, show_default=True, type=click.IntRange(min=8),
+              help="Prompt length per sequence, tokens (1/8 of it a prefix shared by every sequence).")
 @click.option("--steps", default=16, show_default=True, type=click.IntRange(min=1), help="Decode steps per round.")
-@click.option("--block-tokens", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--layout", type=click.Choice(["all-layers", "per-layer"]), default="all-layers", show_default=True)
-@click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--block-tokens", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per KV block.")
+@click.option("--layout", type=click.Choice(["all-layers", "per-layer"]), default="all-layers", show_default=True,
+              help="A KV block holds every layer of its tokens, or one layer.")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Rounds of every arm, interleaved; medians over them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench_kv_cmd(tiers_file: str | None, preset: str, batch: int, prompt_tokens: int, steps: int, block_tokens: int,
                  layout: str, rounds: int, as_json: bool) -> None:

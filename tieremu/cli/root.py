@@ -23,7 +23,7 @@ SUBCOMMANDS = {
                           "nodes under a placement policy."),
     "engine": LazyCommand("tieremu.cli.engine:engine", "Real serving engines (vLLM's CPU build) on tieremu's tiers."),
     "generate-trace": LazyCommand("tieremu.cli.replay:generate_trace",
-                                  "Write a seeded synthetic trace in the Mooncake JSONL format to OUT."),
+                                  "Write a seeded synthetic trace in the Mooncake JSONL format into the folder --out."),
     "lab": LazyCommand("tieremu.cli.lab:lab", "Root-only lab profiles that turn a server into a CXL or remote-memory "
                        "testbed, reversibly."),
     "probe": LazyCommand("tieremu.cli.probe:probe", "Characterize every NUMA node: latency, bandwidth, loaded latency, "

@@ -193,15 +193,15 @@ def _print_outcome(console: Console, result: ExperimentResult) -> None:
                   f"{len(result.records)} planned", highlight=False)
     for record in result.failed:
         console.print(f"failed: {record.run_id}: {headline(record.error)}", style="red", highlight=False)
-    main_map = result.plan.resolved.get(result.plan.spec.tiers)
-    fast = main_map.tiers[0].name if main_map is not None and main_map.tiers else None
-    table = summary_table(result.summary, result.plan.runs, fast)
-    if table is not None:  # printed, not live: it stays on screen (and ends a log) with the paths below it
-        console.print(table)
-
     if result.report is not None:
         console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
     console.print(f"results: {result.path}", highlight=False, soft_wrap=True)
+    main_map = result.plan.resolved.get(result.plan.spec.tiers)
+    fast = main_map.tiers[0].name if main_map is not None and main_map.tiers else None
+    table = summary_table(result.summary, result.plan.runs, fast)
+    if table is not None:  # printed last and not live: it stays on screen, and ends a log
+        natural = Console(width=1000).measure(table).maximum  # as wide as it needs: a squeezed table breaks cells
+        Console(width=max(console.width, natural), file=console.file).print(table)
 
 
 def _as_json(result: ExperimentResult) -> dict[str, object]:

@@ -95,7 +95,8 @@ def test_run_prints_where_results_landed(tmp_path: Path) -> None:
                     "jobs:\n  - {kind: synthetic, policies: [], tokens: 4}\n")
     result = CliRunner().invoke(main, ["run", str(spec), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    landed = Path(result.output.strip().splitlines()[-1].removeprefix("results: "))
+    [line] = [line for line in result.output.splitlines() if line.startswith("results: ")]
+    landed = Path(line.removeprefix("results: "))
     assert landed.parent == tmp_path / "r" / "clirun" and (landed / "manifest.json").exists()
 
 

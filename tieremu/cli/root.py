@@ -30,6 +30,9 @@ SUBCOMMANDS = {
                          "migration, storage, GPU copies."),
     "ray-node": LazyCommand("tieremu.cli.ray_node:ray_node", "Print or start `ray start` for this host, declaring "
                             "the resources tieremu's runs need (NUMA nodes, QEMU, lab profiles, your own names)."),
+    "reference": LazyCommand("tieremu.cli.reference:reference", "Write the reference of every experiment-spec and "
+                             "tier-map key (type, default, valid values, meaning), generated from the validators "
+                             "themselves, to OUT/reference.md."),
     "replay": LazyCommand("tieremu.cli.replay:replay",
                           "Replay a Mooncake-format TRACE against a tier map under a placement policy."),
     "report": LazyCommand("tieremu.cli.report:report", "Summary tables per job and policy (TPOT and TTFT p50/p99, "

@@ -104,8 +104,13 @@ class ExperimentSpec:
 
 
 def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> ExperimentSpec:
+    return parse_experiment(load_yaml(path), registry)
+
+
+def parse_experiment(doc: Section, registry: JobRegistry | None = None) -> ExperimentSpec:
+    """A spec from its top-level section (every key read through `doc`, so the reference of keys can watch it:
+    tieremu.runner.reference)."""
     registry = registry or default_registry()
-    doc = load_yaml(path)
     name = doc.get("name", str, check=lambda v: None if NAME.match(v) else
                    "use letters, digits, '.', '_' or '-' (it names the result folder)")
     description = doc.get("description", str, "")

@@ -95,9 +95,10 @@ class ReplayJob(Job):
             raise section.error("pin", "pin: false is for simulate mode; execute always pins the request's blocks")
         if params.mode == "execute":
             if params.epoch_s * params.time_scale < MIN_EPOCH_WALL_S:
-                raise section.error("epoch_ms", f"{params.epoch_s * 1e3:g} ms of trace at time_scale {params.time_scale} "
-                                    f"is an epoch of {params.epoch_s * params.time_scale * 1e3:g} ms of wall time, "
-                                    f"below {MIN_EPOCH_WALL_S * 1e3:g} ms; raise epoch_ms or time_scale")
+                raise section.error("epoch_ms", f"{params.epoch_s * 1e3:g} ms of trace at time_scale "
+                                    f"{params.time_scale} is an epoch of {params.epoch_s * params.time_scale * 1e3:g} "
+                                    f"ms of wall time, below {MIN_EPOCH_WALL_S * 1e3:g} ms; raise epoch_ms or "
+                                    "time_scale")
             from tieremu.workloads.execute import scaled_layout  # torch: only for execute specs
 
             try:

@@ -167,9 +167,16 @@ def calibrate_cmd(refresh: bool, as_json: bool) -> None:
 
 @bench.command("emulation")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats.")
+@click.option("--latency-ratio", "latency_ratios", multiple=True, type=click.FloatRange(1.0, 100.0),
+              help="A latency target as a multiple of local (repeatable; default: 1.2, 1.5, 2.2, 3, 4).")
+@click.option("--bandwidth-ratio", "bandwidth_ratios", multiple=True, type=click.FloatRange(0.01, 1.0),
+              help="A bandwidth target as a share of local (repeatable; default: 0.1, 0.25, 0.5, 0.8, 0.9).")
+@click.option("--kernel", "kernels", multiple=True, type=click.Choice(["read", "copy"]),
+              help="Stream kernels whose bandwidth is paced (repeatable; default: read and copy).")
 @click.option("--refresh", is_flag=True, help="Recalibrate first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
+def bench_emulation_cmd(repeats: int, latency_ratios: tuple[float, ...], bandwidth_ratios: tuple[float, ...],
+                        kernels: tuple[str, ...], refresh: bool, as_json: bool) -> None:
     """Emulated tiers against their targets: latency 1.2x-4x and bandwidth 0.1x-0.9x of local, with the error
     of each (goal: within 5%), and the pacing overhead when no slowdown is asked (goal: under 2%)."""
     from tieremu.bench.emulation import bench_emulation
@@ -179,7 +186,9 @@ def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
 
     topo = discover()
     cal = calibration(topo, refresh=refresh)
-    result = bench_emulation(cal, topo.node(topo.cpu_nodes[0]).cpus[0], repeats=repeats)
+    chosen = {k: v for k, v in (("latency_ratios", latency_ratios), ("bandwidth_ratios", bandwidth_ratios),
+                                ("kernels_", kernels)) if v}
+    result = bench_emulation(cal, topo.node(topo.cpu_nodes[0]).cpus[0], repeats=repeats, **chosen)
     if as_json:
         _print_json(asdict(result))
         return

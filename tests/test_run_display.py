@@ -186,3 +186,37 @@ def test_the_progress_line_names_the_run_and_its_phase(tmp_path: Path) -> None:
     reporter.started(run)
     reporter.phase(run, "running")
     assert reporter.progress.tasks[0].description == "replay#0 lru fast_capacity_blocks=5 rep 0 [running]"
+
+
+def test_report_prints_json_and_writes_its_page_into_the_out_folder(tmp_path: Path) -> None:
+    from tieremu.cli.report import report as report_cmd
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text(f"name: s\ntiers: {TIERS}\njobs:\n  - {{kind: synthetic, policies: [], tokens: 4, requests: 2}}\n")
+    folder = run_experiment(load_experiment(spec), tmp_path / "out", report=False).path
+    as_json = CliRunner().invoke(report_cmd, [str(folder), "--json"])
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    assert data["folders"][0]["path"] == str(folder) and data["tables"]
+    assert {"title", "columns", "rows", "note"} <= set(data["tables"][0])
+    page = CliRunner().invoke(report_cmd, [str(folder), "--out", str(tmp_path / "pages")])
+    assert page.exit_code == 0, page.output
+    html = tmp_path / "pages" / "report.html"
+    assert Path(page.stdout.strip()) == html and html.is_file()
+
+
+def test_probe_all_json_prints_the_folder_and_its_figures(tmp_path: Path, monkeypatch: Any) -> None:
+    from tieremu.cli import probe as probe_cli
+
+    def fake_run_all(topology: object, plan: object, out_root: Path, step: Any) -> Path:
+        step("latency", 1)()
+        folder = out_root / "probe" / "t"
+        folder.mkdir(parents=True)
+        (folder / "probe.json").write_text('{"latency": {"matrix": [[100.0]]}}')
+        return folder
+
+    monkeypatch.setattr(probe_cli, "run_all", fake_run_all)
+    out = CliRunner().invoke(probe_cli.probe, ["all", "--out", str(tmp_path), "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout)  # the progress went to stderr
+    assert data == {"path": str(tmp_path / "probe" / "t"), "probe": {"latency": {"matrix": [[100.0]]}}}

@@ -231,3 +231,19 @@ def test_every_option_in_the_command_table_exists() -> None:
             assert command is not None, f"README names `tieremu {name}`, which does not exist"
             for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", part):
                 assert option in _options(command), f"README: `tieremu {name}` has no option {option}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but `-` and `_` dropped, spaces to `-`."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_in_the_readme_leads_somewhere() -> None:
+    text = README.read_text()
+    anchors = {_slug(line.lstrip("#")) for line in text.splitlines() if line.startswith("#")}
+    for target in re.findall(r"\]\(([^)]+)\)", text):
+        if target.startswith("#"):
+            assert target[1:] in anchors, f"README links to {target}, which no heading makes"
+        elif not target.startswith(("http://", "https://")):
+            assert (REPO / target).exists(), f"README links to {target}, which is not in the repository"
+    assert "(below)" not in text and "beside this repository" not in text

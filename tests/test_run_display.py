@@ -220,3 +220,28 @@ def test_probe_all_json_prints_the_folder_and_its_figures(tmp_path: Path, monkey
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)  # the progress went to stderr
     assert data == {"path": str(tmp_path / "probe" / "t"), "probe": {"latency": {"matrix": [[100.0]]}}}
+
+
+def test_a_simulated_replay_gives_the_same_figures_warm_as_fresh(tmp_path: Path) -> None:
+    """The warm worker carries nothing from one run into the next: the same replay, run second in the warm worker
+    after another policy's run, gives exactly the figures of a fresh process (CPU time aside)."""
+    from tieremu.runner.worker import run_isolated
+    from tieremu.workloads.replay_job import ReplayJob
+
+    params = ReplayJob.parse(Section({"generate": {"kind": "mix", "requests": 30, "seed": 4},
+                                      "fast_capacity_blocks": 20}, "jobs[0]", tmp_path / "s.yaml"))
+    resolved = resolve(load_tier_map(TIERS), discover())
+
+    def task(run_id: str, policy: str) -> RunTask:
+        ctx = RunContext(run_id, "replay", policy, 0, 0, resolved, None, tmp_path / run_id)
+        return RunTask("tieremu.workloads.replay_job:ReplayJob", params, ctx)
+
+    def figures(rows: list[MetricRow]) -> list[tuple[str, str | None, float]]:
+        return [(r.metric, r.tier, r.value) for r in rows if r.metric != "policy_cpu_s"]
+
+    fresh = run_isolated(task("fresh", "hotcold"), 120)
+    with WarmWorker() as warm:
+        assert warm.run(task("other", "lru"), 120).ok
+        again = warm.run(task("warm", "hotcold"), 120)
+    assert fresh.ok and again.ok, (fresh.error, again.error)
+    assert figures(again.rows) == figures(fresh.rows) and len(figures(fresh.rows)) > 10

@@ -40,9 +40,9 @@ SUBCOMMANDS = {
                           "the origin of every figure and which tiers were emulated; several folders are compared "
                           "side by side."),
     "run": LazyCommand("tieremu.cli.run:run", "Run an experiment spec (default: configs/experiments/default.yaml): "
-                       "every run of its sweep in a fresh worker process, the all-fastest and all-slowest bounds "
-                       "beside every policy; writes manifest.json, runs.jsonl, metrics.jsonl, summary.csv, runs/, "
-                       "plots/ and report.html."),
+                       "every run of its sweep in a worker process (fresh for measured runs, warm for simulated "
+                       "replays), the all-fastest and all-slowest bounds beside every policy; writes manifest.json, "
+                       "runs.jsonl, metrics.jsonl, summary.csv, runs/, plots/ and report.html."),
     "vm": LazyCommand("tieremu.cli.vm:vm", "Run commands inside a multi-node QEMU guest with real kernel NUMA."),
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,7 @@ class Snippet:
     lang: str  # bash, python or yaml
     text: str
     line: int  # where it starts in the README
-    section: str  # the heading it is under
+    section: str  # the chapter (## heading) it is under
 
     @property
     def id(self) -> str:
@@ -67,8 +68,8 @@ def snippets() -> list[Snippet]:
     out: list[Snippet] = []
     section, lang, start, body = "", None, 0, []
     for number, line in enumerate(README.read_text().splitlines(), 1):
-        if lang is None and line.startswith("#"):
-            section = line.lstrip("#").strip()
+        if lang is None and line.startswith("## "):
+            section = line.lstrip("#").strip()  # the chapter: a skip by section covers its subsections too
         if line.startswith("```"):
             if lang is None:
                 lang, start, body = line[3:].strip(), number, []
@@ -85,16 +86,26 @@ def snippets() -> list[Snippet]:
 
 
 def _commands(body: list[str], start: int, section: str) -> list[Snippet]:
+    """One command per line, with `\\` continuations and quotes that span lines joined, as bash reads them."""
     commands, current, first = [], "", 0
     for offset, line in enumerate(body, 1):
         if not current:
             first = start + offset
-        current += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
-        if not line.endswith("\\"):
+        current += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line + "\n"
+        if not line.endswith("\\") and _complete(current):
             if current.strip() and not current.strip().startswith("#"):
                 commands.append(Snippet("bash", current.strip(), first, section))
             current = ""
+    assert not current.strip(), f"README line {first}: a command that never ends"
     return commands
+
+
+def _complete(command: str) -> bool:
+    try:
+        shlex.split(command, comments=True)
+    except ValueError:  # an open quote: the command goes on on the next line
+        return False
+    return True
 
 
 def skip_reason(snippet: Snippet) -> str | None:

@@ -119,9 +119,10 @@ def run(spec: Path | None, out_root: Path, resume: str | None, dry_run: bool, as
         backend: str | None, address: str | None) -> None:
     """Run an experiment spec (default: configs/experiments/default.yaml): every run of its sweep in a worker
     process (fresh for measured runs, warm for simulated replays), the all-fastest and all-slowest bounds beside
-    every policy; writes manifest.json, runs.jsonl, metrics.jsonl, summary.csv, runs/, plots/ and report.html. Exits 1 if any run failed, 3 with
-    --strict if any was noisy. With --backend ray each run also gets runs/<id>/host.json (the host it ran on);
-    run ids are the same on both backends, so --resume continues a folder either way."""
+    every policy; writes manifest.json, runs.jsonl, metrics.jsonl, summary.csv, runs/, plots/ and report.html.
+    Exits 1 if any run failed, 3 with --strict if any was noisy. With --backend ray each run also gets
+    runs/<id>/host.json (the host it ran on); run ids are the same on both backends, so --resume continues a
+    folder either way."""
     if spec is None and resume not in (None, LATEST) and Path(resume).is_file():
         spec, resume = Path(resume), LATEST  # `run --resume SPEC`: the spec was taken as the folder
     experiment = load_experiment(spec or default_spec())

@@ -185,7 +185,11 @@ def test_the_progress_line_names_the_run_and_its_phase(tmp_path: Path) -> None:
     run = next(r for r in expand(load_experiment(_spec(tmp_path))) if r.policy == "lru")
     reporter.started(run)
     reporter.phase(run, "running")
-    assert reporter.progress.tasks[0].description == "replay#0 lru fast_capacity_blocks=5 rep 0 [running]"
+    task = reporter.progress.tasks[0]
+    assert task.description == r"replay#0 lru fast_capacity_blocks=5 rep 0 \[running]"  # markup-escaped
+    shown = Console(file=io.StringIO(), width=200, record=True)
+    shown.print(reporter.progress.columns[1].render(task))
+    assert "replay#0 lru fast_capacity_blocks=5 rep 0 [running]" in shown.export_text()
 
 
 def test_report_prints_json_and_writes_its_page_into_the_out_folder(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -73,7 +74,8 @@ class _Reporter:
 
     def phase(self, run: PlannedRun, phase: str) -> None:
         if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, description=f"{run_name(run)} [{phase}]")
+            # escaped: the progress line reads markup, and "[running]" would be taken for a style
+            self.progress.update(self.task, description=escape(f"{run_name(run)} [{phase}]"))
 
     def finished(self, run: PlannedRun, record: RunRecord) -> None:
         if self.quiet:

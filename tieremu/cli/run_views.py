@@ -113,7 +113,8 @@ def _figure(row: SummaryRow) -> str:
         return "-"
     text = _num(s.median)
     if s.n > 1 and s.ci_low is not None and s.ci_high is not None and math.isfinite(s.ci_low):
-        text += f" [{_num(s.ci_low)}-{_num(s.ci_high)}]"
+        sep = " to " if s.ci_low < 0 else "-"  # "-809-7,654" would read as a range of negatives
+        text += f" [{_num(s.ci_low)}{sep}{_num(s.ci_high)}]"
     return text
 
 

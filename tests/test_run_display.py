@@ -207,6 +207,9 @@ def test_report_prints_json_and_writes_its_page_into_the_out_folder(tmp_path: Pa
     assert page.exit_code == 0, page.output
     html = tmp_path / "pages" / "report.html"
     assert Path(page.stdout.strip()) == html and html.is_file()
+    as_file = CliRunner().invoke(report_cmd, [str(folder), "--out", str(tmp_path / "page.html")])
+    assert as_file.exit_code == 2 and "--out is the folder the page goes into" in as_file.output
+    assert not (tmp_path / "page.html").exists()
 
 
 def test_probe_all_json_prints_the_folder_and_its_figures(tmp_path: Path, monkeypatch: Any) -> None:

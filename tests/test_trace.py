@@ -177,3 +177,6 @@ def test_generate_trace_command(tmp_path: Path) -> None:
     assert read_trace(tmp_path / "g.jsonl") == mix(3, seed=0)
     bad = CliRunner().invoke(generate_trace, ["--out", str(tmp_path), "--name", "a/b.jsonl", "--requests", "3"])
     assert isinstance(bad.exception, ConfigError) and "a file name, not a path" in str(bad.exception)
+    old_style = CliRunner().invoke(generate_trace, [str(tmp_path / "t.jsonl"), "--requests", "3"])
+    assert old_style.exit_code == 2 and f"--out {tmp_path} --name t.jsonl" in old_style.output
+    assert not (tmp_path / "t.jsonl").exists()

@@ -391,9 +391,14 @@ def execute_summary(result: ExecuteResult, ceiling: float) -> str:
 @click.option("--rate", type=Number(0, 1e6), default=4.0, show_default=True,
               help="Requests per second.")
 @click.option("--json", "as_json", is_flag=True, help="Print the trace's path and figures as JSON.")
+@click.argument("stray", nargs=-1, required=False, metavar="")
 def generate_trace(out_dir: Path, name: str | None, kind: str, n_requests: int, seed: int, rate: float,
-                   as_json: bool) -> None:
+                   as_json: bool, stray: tuple[str, ...]) -> None:
     """Write a seeded synthetic trace in the Mooncake JSONL format into the folder --out."""
+    if stray:  # the file used to be an argument: say what replaced it
+        target = Path(stray[0])
+        raise click.UsageError(f"the trace is written into a folder: --out {target.parent} --name {target.name} "
+                               f"(not a file argument, {stray[0]!r})")
     file_name = name or f"{kind}-{n_requests}-seed{seed}.jsonl"
     if Path(file_name).name != file_name or file_name in (".", ".."):
         raise ConfigError(f"--name {file_name!r}: a file name, not a path (the folder is --out)")

@@ -35,6 +35,9 @@ def report(folders: tuple[Path, ...], as_html: bool, out_dir: Path | None, as_js
         from tieremu.report.html import write_report  # matplotlib: only when plots are drawn
 
         name = "report.html" if len(results) == 1 else "comparison.html"
+        if out_dir is not None and out_dir.suffix.lower() in (".html", ".htm"):
+            raise click.UsageError(f"--out is the folder the page goes into (as {name}), not a file: "
+                                   f"--out {out_dir.parent}")
         folder = out_dir or results[0].path
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -62,3 +62,15 @@ def test_a_key_without_a_meaning_or_a_stale_meaning_is_refused(monkeypatch: pyte
     monkeypatch.setitem(reference.JOB_HELP["probe"], "gone", "a key no validator reads")
     with pytest.raises(ConfigError, match="meanings for keys it no longer reads: gone"):
         groups()
+
+
+def test_the_command_still_writes_when_a_meaning_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """After a merge that adds a key, `tieremu reference` still writes (the key marked as lacking its meaning);
+    the strict check above is what fails until the meaning is written."""
+    monkeypatch.delitem(reference.TIER_MAP_HELP, "tiers[].device")
+    text = reference_markdown()
+    row = "| `tiers[].device` | integer | 0 | an integer >= 0 and <= 1023 | (cuda only) "
+    assert f"{row}{reference.UNWRITTEN} |" in text
+    with pytest.raises(ConfigError, match=r"Tier map: keys the validator reads with no meaning written: "
+                                          r"tiers\[\]\.device"):
+        groups()

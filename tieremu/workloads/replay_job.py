@@ -84,7 +84,7 @@ class ReplayJob(Job):
             mode=section.get("mode", str, "simulate", choices=MODES),
             fast_capacity=_fast_capacity(section),
             block_mib=section.get("block_mib", float, 64.0, check=positive),
-            epoch_s=section.get("epoch_s", float, 0.05, check=positive),
+            epoch_s=section.get("epoch_ms", float, 50.0, check=positive) / 1e3,
             time_scale=section.get("time_scale", float, 0.2, check=positive),
             block_kib=section.get("block_kib", int, 64, check=positive),
             budget_gbps=section.get("budget_gbps", float, None, check=positive),
@@ -95,9 +95,10 @@ class ReplayJob(Job):
             raise section.error("pin", "pin: false is for simulate mode; execute always pins the request's blocks")
         if params.mode == "execute":
             if params.epoch_s * params.time_scale < MIN_EPOCH_WALL_S:
-                raise section.error("epoch_s", f"{params.epoch_s} s of trace at time_scale {params.time_scale} is an "
-                                    f"epoch of {params.epoch_s * params.time_scale * 1e3:g} ms of wall time, below "
-                                    f"{MIN_EPOCH_WALL_S * 1e3:g} ms; raise epoch_s or time_scale")
+                raise section.error("epoch_ms", f"{params.epoch_s * 1e3:g} ms of trace at time_scale "
+                                    f"{params.time_scale} is an epoch of {params.epoch_s * params.time_scale * 1e3:g} "
+                                    f"ms of wall time, below {MIN_EPOCH_WALL_S * 1e3:g} ms; raise epoch_ms or "
+                                    "time_scale")
             from tieremu.workloads.execute import scaled_layout  # torch: only for execute specs
 
             try:

@@ -124,13 +124,16 @@ TIER_MAP_EXAMPLES: dict[str, dict[str, Any]] = {
         {"name": "cxl", "nodes": [0, 1], "policy": "weighted_interleave", "weights": [1, 2], "allow_emulation": True,
          "shape": False, "emulate": {"latency_ratio": 2.0, "bandwidth_ratio": 0.5, "write_bandwidth_ratio": 0.4,
                                      "access_overhead_ns": 10}},
-        {"name": "far", "nodes": [0], "emulate": {"latency_ns": 300, "bandwidth_gbps": 10,
-                                                  "write_bandwidth_gbps": 8}}]},
+        {"name": "far", "nodes": [0], "compression": {"format": "int4", "layout": "kivi"},
+         "emulate": {"latency_ns": 300, "bandwidth_gbps": 10, "write_bandwidth_gbps": 8}}]},
     "file": {"name": "m", "tiers": [{"name": "nvme", "kind": "file", "path": "/tmp", "capacity_mib": 64,
                                      "description": "d"}]},
     "cuda": {"name": "m", "tiers": [{"name": "hbm", "kind": "cuda", "device": 0, "capacity_mib": 64,
                                      "allow_emulation": True, "description": "d",
-                                     "emulate": {"latency_ratio": 1.0}}]},
+                                     "emulate": {"latency_ratio": 1.0, "link": {"gbps": 16, "latency_us": 2}}}]},
+    "peer": {"name": "m", "tiers": [{"name": "dram", "nodes": [0]},
+                                    {"name": "peers", "kind": "peer", "description": "d",
+                                     "link": {"latency_us": 10, "gbps": 10, "jitter_us": 1, "loss": 0}}]},
 }
 SPEC_EXAMPLE: dict[str, Any] = {
     "name": "example", "description": "d", "tiers": "../tiers/single-node.yaml", "lab_profile": "p", "probe": True,
@@ -147,6 +150,7 @@ JOB_EXAMPLES: dict[str, dict[str, dict[str, Any]]] = {
     "replay": {"trace file": {"trace": "../traces/small.jsonl", "fast_capacity": "10%"},
                "generator": {"generate": {"kind": "mix", "requests": 1}, "fast_capacity_blocks": 10}},
     "engine": {"default": {"trace": "../traces/small.jsonl", "model": "m"}},
+    "cluster": {"default": {"trace": "../traces/small.jsonl"}},
     "synthetic": {"default": {}},
 }
 
@@ -218,7 +222,22 @@ TIER_MAP_HELP = {
     "tiers": "The tiers, fastest first: the order is the demotion order.",
     "tiers[].name": "The tier's name (unique in the map), used in capacities, routes and every result row.",
     "tiers[].kind": "`numa`: memory on NUMA node(s); `file`: blocks in files of a directory (an NVMe tier); "
-                    "`cuda`: a GPU's memory.",
+                    "`cuda`: a GPU's memory; `peer`: other serving instances' tiers, reached over a link "
+                    "(`tieremu cluster replay` only).",
+    "tiers[].compression": "How the tier stores KV blocks: `none`, `fp8` (e4m3), `int8` or `int4` with per-group "
+                           "scales; a string, or a mapping with `format` and `layout`.",
+    "tiers[].compression.format": "`none`, `fp8`, `int8` or `int4`.",
+    "tiers[].compression.layout": "How scales are grouped: `block` (per token row) or `kivi` (keys per channel, "
+                                  "values per token).",
+    "tiers[].emulate.link": "`kind: cuda` only: the host link (PCIe) of an emulated GPU tier, charged per transfer "
+                            "and per byte for KV crossing between host tiers and the GPU.",
+    "tiers[].emulate.link.gbps": "The link's bandwidth, GB/s.",
+    "tiers[].emulate.link.latency_us": "The link's cost per transfer, us.",
+    "tiers[].link": "`kind: peer`: the link to the other instances (unset: `--link` on the command line).",
+    "tiers[].link.latency_us": "One-way latency, us (applied by the transport: this kernel has no netem).",
+    "tiers[].link.gbps": "Bandwidth, Gb/s (tbf in the kernel when in namespaces, else paced by the transport).",
+    "tiers[].link.jitter_us": "Uniform jitter added to each message's delay, us.",
+    "tiers[].link.loss": "Probability a message is lost (0-1); a lost pull falls back to recompute.",
     "tiers[].nodes": "The node id(s) the memory is on (a node missing here needs `allow_emulation`).",
     "tiers[].policy": "The memory policy the region is bound with.",
     "tiers[].weights": "`weighted_interleave` only: one weight (1..255) per node.",
@@ -299,6 +318,22 @@ JOB_HELP: dict[str, dict[str, str]] = {
         "timeout_s": "The engine run is killed after this many seconds.",
         "max_output_tokens": "Cap on each request's output tokens (unset: the trace's).",
     },
+    "cluster": {
+        "trace": "A Mooncake JSONL trace (relative to the spec), spread round-robin over the instances.",
+        "max_requests": "Replay only the first N requests.",
+        "instances": "Serving instances, each its own process with its own tiers and policy.",
+        "sharing": "`none` recomputes every block missing locally; `p2p` pulls it from a peer that holds it.",
+        "index": "`broadcast` (every instance keeps a replica fed by ZeroMQ events) or `hash` (each block's home "
+                 "instances know its holders).",
+        "transport": "`tcp` (namespaces joined by veth pairs when root, else loopback).",
+        "link": "Every link: `LATENCY_US,GBPS` or `{latency_us, gbps, jitter_us, loss}`.",
+        "faults": "Faults as `KIND@N` (kill-peer, restart-peer, drop-events, partition) at request N.",
+        "policy": "Each instance's placement policy.",
+        "capacity_blocks": "Blocks each local tier of each instance holds.",
+        "block_kib": "Memory one block takes here, KiB (the trace's 512-token block, scaled down).",
+        "time_scale": "Wall seconds per trace second.",
+        "namespaces": "Run in network namespaces (root) or on loopback (unset: namespaces when root).",
+    },
     "synthetic": {
         "tokens": "TPOT samples per run.",
         "requests": "TTFT samples per run.",
@@ -321,6 +356,8 @@ JOB_ABOUT = {
     "replay": "Trace replay under each policy, the fastest tier limited; `belady` runs beside every policy, and the "
               "static bounds run once across the axes they do not depend on. Takes policies.",
     "engine": "A trace against vLLM's CPU build whose KV connector keeps blocks in tieremu's tiers. Takes policies.",
+    "cluster": "Several instance processes sharing KV blocks peer to peer (`tieremu cluster replay --mode "
+               "execute`); the spec's tier map is each instance's own tiers (no peer tier: the link is the job's).",
     "synthetic": "Figures computed, not measured (origin `simulated`): for tests of the runner. Takes policies "
                  "(lru, lfu, hotcold).",
 }

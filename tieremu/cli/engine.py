@@ -84,16 +84,20 @@ def engine_replay_cmd(trace: str, engine_name: str, tier_file: str | None, polic
                    f"({result.origin})")
         click.echo(f"TTFT p50 {result.ttft_ms.p50:.1f} ms p99 {result.ttft_ms.p99:.1f} ms; TPOT p50 "
                    f"{result.tpot_ms.p50:.2f} ms p99 {result.tpot_ms.p99:.2f} ms; {result.tokens_per_s:.0f} tokens/s")
-        click.echo(f"connector: stored {result.connector.get('stored_blocks')} blocks, loaded "
-                   f"{result.connector.get('loaded_blocks')}; hits by tier {hits}")
+        if "stored_blocks" in result.connector:
+            click.echo(f"connector: stored {result.connector['stored_blocks']} blocks, loaded "
+                       f"{result.connector['loaded_blocks']}; hits by tier {hits}")
+        else:
+            click.echo(f"connector: no figures ({result.connector.get('source')})")
         if result.kv_placement is not None:
             p = result.kv_placement
             click.echo(f"KV tensor: tier {p['tier']} ({p['backing']}, tier nodes {p['tier_nodes']}) bound to node "
                        f"{p['requested_node']}: {p['achieved_fraction']:.1%} of {p['pages']} pages there")
             reads = p.get("attention_reads")
             if isinstance(reads, dict):
-                click.echo(f"attention reads of the {reads['origin']} tier charged {reads['injected_ms']:.1f} ms "
-                           f"({reads['charged_bytes'] / 2**20:.1f} MiB over {reads['layer_calls']} layer passes)")
+                click.echo(f"attention reads of the {reads['origin']} tier: {reads['charged_bytes'] / 2**20:.1f} MiB "
+                           f"over {reads['layer_calls']} layer passes owe {reads['owed_ms']:.1f} ms by its timing "
+                           f"model; {reads['injected_ms']:.1f} ms spun")
         if result.outputs_match is not None:
             click.echo(f"outputs match without the connector: {result.outputs_match}")
         for note in result.notes:

@@ -205,3 +205,19 @@ def test_a_running_server_s_counters_are_this_run_s_difference() -> None:
              "resident_by_tier": {"dram": 5}, "policy": "lru", "block_tokens": 64}
     assert delta(after, before) == {"stored_blocks": 5, "load_s": 0.5, "hits_by_tier": {"dram": 2, "cxl": 3},
                                     "resident_by_tier": {"dram": 5}, "policy": "lru", "block_tokens": 64}
+
+
+def test_a_server_s_failure_is_told_by_its_root_cause(tmp_path: Path) -> None:
+    from tieremu.engines.server import reason
+
+    log = tmp_path / "server.log"
+    log.write_text("(EngineCore pid=7) ERROR 12-06 [core.py:1] EngineCore failed to start.\n"
+                   "Traceback (most recent call last):\n"
+                   "safetensors_rust.SafetensorError: Error while deserializing header: header too large\n"
+                   "(APIServer pid=6) INFO 12-06 [x.py:2] shutting down\n"
+                   "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert reason(log) == ("safetensors_rust.SafetensorError: Error while deserializing header: header too large "
+                           "(then: RuntimeError: Engine core initialization failed. See root cause above. Failed "
+                           "core proc(s): {})")
+    log.write_text("(APIServer pid=6) INFO 12-06 [x.py:2] starting\n")
+    assert reason(log).startswith("no error message")

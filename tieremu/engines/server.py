@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -121,17 +122,22 @@ def _wait_ready(proc: subprocess.Popen[bytes], ep: Endpoint, log: Path, deadline
         time.sleep(0.5)  # polling for readiness: the server starts in tens of seconds
 
 
+_ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)\b[^:]*:")
+
+
 def reason(log: Path) -> str:
-    """The engine's own last error line (ours, or the last Python exception in its log)."""
+    """The engine's own last error line (ours, or the Python exception in its log; when that one only points at a
+    root cause logged above it, as vLLM's "Engine core initialization failed" does, the first one as well)."""
     lines = log.read_text(errors="replace").splitlines()
     for line in reversed(lines):
         if "tieremu-engine-error: " in line:
             return line.split("tieremu-engine-error: ", 1)[1]
-    for line in reversed(lines):
-        text = line.split("] ", 1)[-1].strip()
-        if text and (text.split(":")[0].endswith(("Error", "Exception")) or text.startswith("RuntimeError")):
-            return text
-    return "no error message (killed by a signal, or out of memory?)"
+    errors = [text for text in (line.split("] ", 1)[-1].strip() for line in lines) if _ERROR_LINE.match(text)]
+    if not errors:
+        return "no error message (killed by a signal, or out of memory?)"
+    if len(errors) > 1 and "root cause" in errors[-1]:
+        return f"{errors[0]} (then: {errors[-1]})"
+    return errors[-1]
 
 
 def tail(log: Path, lines: int = 15) -> str:

@@ -29,7 +29,9 @@ def engine() -> None:
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="A policy parameter (repeatable).")
 @click.option("--model", type=click.Path(file_okay=False), default=None,
               help="A local Hugging Face model directory; default: a tiny Llama built here from a fixed seed.")
-@click.option("--kv-tier", default=None, help="Place the engine's own KV tensor on this tier's node.")
+@click.option("--kv-tier", default=None,
+              help="Place the engine's own KV tensor on this tier's node (an emulated tier: on its host node, vLLM's "
+                   "attention reads charged its timing model, labelled as modelled).")
 @click.option("--max-requests", type=click.IntRange(min=1), default=None, help="Only the first N requests.")
 @click.option("--block-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="Tokens per trace hash id; also the engine's KV block size.")

@@ -13,6 +13,7 @@ import importlib.util
 import io
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,35 +60,43 @@ def _replay(trace: Path, *args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-def _left_over(mark: str) -> list[str]:
-    """Processes whose environment carries this run's mark (the server, its engine core, their helpers)."""
+def _left_over(mark: str, rundirs: Path) -> list[str]:
+    """Processes the run started that are still alive: their environment carries the run's mark, or their working
+    folder is under the run's temporary folders (the server runs in its run folder; vLLM's engine core renames
+    itself over its environment, but keeps the server's working folder)."""
     found = []
     needle = f"{MARK}={mark}".encode()
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")[:120]
-                    found.append(f"{entry.name}: {cmdline!r}")
-            except OSError:
-                continue
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            marked = needle in (entry / "environ").read_bytes().split(b"\0")
+            cwd = os.readlink(entry / "cwd").removesuffix(" (deleted)")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")[:120]
+        except OSError:
+            continue
+        if marked or Path(cwd).is_relative_to(rundirs):
+            found.append(f"{entry.name}: {cmdline!r}")
     return found
 
 
 @pytest.fixture(scope="module")
-def runs(trace: Path) -> Iterator[tuple[dict, dict, str]]:
-    """The same replay on a server tieremu starts and offline, and the mark of the served run's processes."""
+def runs(trace: Path) -> Iterator[tuple[dict, dict, list[str]]]:
+    """The same replay on a server tieremu starts and offline, and the processes of the served run still alive."""
     _need_vllm()
     mark = uuid.uuid4().hex
-    with pytest.MonkeyPatch.context() as mp:
+    with tempfile.TemporaryDirectory(prefix="te-") as rundirs, pytest.MonkeyPatch.context() as mp:
         mp.setenv(MARK, mark)
+        mp.setattr(tempfile, "tempdir", rundirs)  # the run's folders (and so the server's working folder) in there
         code, out = _replay(trace, "--tiers", str(TIERS), "--kv-tier", "cxl", "--serve", "--json")
         assert code == 0, out
         served = json.loads(out)
+        left = _left_over(mark, Path(rundirs))
+        mp.undo()
         code, out = _replay(trace, "--tiers", str(TIERS), "--kv-tier", "cxl", "--json")
         assert code == 0, out
         offline = json.loads(out)
-    yield served, offline, mark
+    yield served, offline, left
 
 
 def _shape(value: object) -> object:
@@ -99,7 +108,7 @@ def _shape(value: object) -> object:
     return None
 
 
-def test_a_served_run_measures_ttft_and_tpot_from_the_stream(runs: tuple[dict, dict, str]) -> None:
+def test_a_served_run_measures_ttft_and_tpot_from_the_stream(runs: tuple[dict, dict, list[str]]) -> None:
     served, _, _ = runs
     assert served["driver"] == "serve" and served["requests"] == len(REQUESTS)
     for key in ("p50", "p99"):
@@ -109,13 +118,13 @@ def test_a_served_run_measures_ttft_and_tpot_from_the_stream(runs: tuple[dict, d
     assert any("streamed HTTP responses" in note for note in served["notes"])
 
 
-def test_the_served_result_has_the_offline_result_s_shape(runs: tuple[dict, dict, str]) -> None:
+def test_the_served_result_has_the_offline_result_s_shape(runs: tuple[dict, dict, list[str]]) -> None:
     served, offline, _ = runs
     assert offline["driver"] == "offline"
     assert _shape(served) == _shape(offline)
 
 
-def test_the_connector_inside_the_server_reports_through_its_stats_file(runs: tuple[dict, dict, str]) -> None:
+def test_the_connector_inside_the_server_reports_through_its_stats_file(runs: tuple[dict, dict, list[str]]) -> None:
     served, offline, _ = runs
     conn = served["connector"]
     assert "stats file" in conn["source"] and "engine-core process" in conn["source"]
@@ -127,7 +136,7 @@ def test_the_connector_inside_the_server_reports_through_its_stats_file(runs: tu
     assert conn["stored_blocks"] == offline["connector"]["stored_blocks"]
 
 
-def test_an_emulated_kv_tier_says_so_and_charges_the_attention_reads(runs: tuple[dict, dict, str]) -> None:
+def test_an_emulated_kv_tier_says_so_and_charges_the_attention_reads(runs: tuple[dict, dict, list[str]]) -> None:
     for result in runs[:2]:
         placement = result["kv_placement"]
         assert placement["tier"] == "cxl" and placement["tier_nodes"] == [1]  # what the tier map asks for
@@ -140,8 +149,8 @@ def test_an_emulated_kv_tier_says_so_and_charges_the_attention_reads(runs: tuple
         assert reads["owed_ms"] > 0 and reads["injected_ms"] > 0
 
 
-def test_no_server_process_outlives_the_command(runs: tuple[dict, dict, str]) -> None:
-    assert _left_over(runs[2]) == []
+def test_no_server_process_outlives_the_command(runs: tuple[dict, dict, list[str]]) -> None:
+    assert runs[2] == []
 
 
 # -- bad input (no engine needed) ----------------------------------------------------------------------------------
@@ -221,3 +230,17 @@ def test_a_server_s_failure_is_told_by_its_root_cause(tmp_path: Path) -> None:
                            "core proc(s): {})")
     log.write_text("(APIServer pid=6) INFO 12-06 [x.py:2] starting\n")
     assert reason(log).startswith("no error message")
+
+
+def test_killing_a_group_leaves_none_of_its_processes_running() -> None:
+    import subprocess
+
+    from tieremu.engines.procs import group_members, kill_group
+
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60 & echo started; wait"], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    assert proc.stdout is not None and proc.stdout.readline() == b"started\n"
+    assert len(group_members(proc.pid)) == 3  # the shell and its two children
+    kill_group(proc)
+    proc.stdout.close()
+    assert group_members(proc.pid) == []

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 
@@ -30,11 +31,32 @@ def die_with_parent(signum: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process's whole group (it leads one: start_new_session) and reap the leader."""
+def kill_group(proc: subprocess.Popen[bytes], wait_s: float = 10.0) -> None:
+    """SIGKILL the process's whole group (it leads one: start_new_session), reap the leader, and wait (up to wait_s)
+    until no member is left running: when this returns, the engine is gone, not merely told to go."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + wait_s
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)  # SIGKILL is delivered; the kernel is tearing the processes down
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of a process group that are still running (zombies, already dead, left out)."""
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(entry.name))
+    return members
 
 
 class Terminated(KeyboardInterrupt):

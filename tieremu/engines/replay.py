@@ -212,8 +212,7 @@ def serve_arm(spec: ArmSpec, config: EngineReplayConfig) -> ArmResult:
     with tempfile.TemporaryDirectory(prefix="tieremu-server-") as tmp:
         rundir = Path(tmp)
         stats = rundir / STATS_NAME
-        connector = None if spec.connector is None else spec.connector | {"stats_file": str(stats),
-                                                                         "die_with_parent": True}
+        connector = None if spec.connector is None else spec.connector | {"stats_file": str(stats)}
         server = ServerSpec(model=spec.model, block_size=spec.block_size, max_model_len=spec.max_model_len,
                             dtype=spec.dtype, kv_cache_gib=spec.kv_cache_gib, connector=connector, seed=spec.seed)
         with serving(server, rundir, config.start_timeout_s) as running:

@@ -51,7 +51,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from tieremu.engines.kvplace import KVPlacement, bind_tensors, bound_to, require_placed, verify
-from tieremu.engines.procs import die_with_parent
 from tieremu.engines.store import TierStore, capacities_for
 from tieremu.engines.tiering import ResolvedStoreConfig, StoreConfig, open_tiers
 from tieremu.errors import ConfigError, KVError
@@ -177,14 +176,13 @@ def layout_of(vllm_config: VllmConfig) -> KVLayout:
                     block_tokens=vllm_config.cache_config.block_size, dtype=dtype)
 
 
-EXTRA_KEYS = ("tiers", "policy", "policy_params", "kv_tier", "capacities", "stats_file", "die_with_parent")
+EXTRA_KEYS = ("tiers", "policy", "policy_params", "kv_tier", "capacities", "stats_file")
 
 
 @dataclass(frozen=True)
 class ConnectorOptions:
     store: StoreConfig
     stats_file: Path | None = None  # where the connector writes its figures (a server's driver reads them there)
-    die_with_parent: bool = False  # the engine process dies with its parent (a server tieremu started)
 
 
 def config_of(extra: Mapping[str, Any]) -> ConnectorOptions:
@@ -198,7 +196,7 @@ def config_of(extra: Mapping[str, Any]) -> ConnectorOptions:
                         policy_params=dict(extra.get("policy_params") or {}),
                         kv_tier=None if extra.get("kv_tier") is None else str(extra["kv_tier"]))
     stats = extra.get("stats_file")
-    return ConnectorOptions(store, None if stats is None else Path(str(stats)), bool(extra.get("die_with_parent")))
+    return ConnectorOptions(store, None if stats is None else Path(str(stats)))
 
 
 # -- what the scheduler tells the worker each step ---------------------------------------------------------------
@@ -251,10 +249,6 @@ class TieredKVConnector(KVConnectorBase_V1):
                               "(on the CPU platform: VLLM_ENABLE_V1_MULTIPROCESSING=0, for the OpenAI server too)")
         _roles_here.add(role)
         self.options = config_of(self._kv_transfer_config.kv_connector_extra_config or {})
-        if self.options.die_with_parent:
-            # vLLM's engine-core process (where the connector lives) is a child of the API server, which tieremu
-            # started with the same request: a tieremu killed outright takes the server, and the server this.
-            die_with_parent()
         self.config = self.options.store
         self.layout = layout_of(vllm_config)
         self.block_size = self.layout.block_tokens

@@ -317,6 +317,8 @@ JOB_HELP: dict[str, dict[str, str]] = {
         "time_scale": "Wall seconds per trace second of arrivals.",
         "timeout_s": "The engine run is killed after this many seconds.",
         "max_output_tokens": "Cap on each request's output tokens (unset: the trace's).",
+        "serve": "Run on vLLM's OpenAI server, started for each run and stopped after it (else offline, in "
+                 "process).",
     },
     "cluster": {
         "trace": "A Mooncake JSONL trace (relative to the spec), spread round-robin over the instances.",

@@ -171,11 +171,13 @@ def test_cli_prints_tables_and_writes_one_self_contained_page(folder: Path, othe
     assert "synthetic: summary per policy" in text.output and "slowdown vs all-fastest" in text.output
     assert "origin of the figures: simulated" in text.output
 
-    out = tmp_path / "both.html"
-    page = CliRunner().invoke(report_cmd, [str(folder), str(other), "--html", "--out", str(out)])
+    page = CliRunner().invoke(report_cmd, [str(folder), str(other), "--html", "--out", str(tmp_path / "page")])
     assert page.exit_code == 0, page.output
+    out = tmp_path / "page" / "comparison.html"
     assert page.output.strip() == str(out)
     html = out.read_text()
+    figures = sorted((tmp_path / "page" / "comparison-plots").iterdir())  # every figure as files too, for papers
+    assert {f.suffix for f in figures} == {".svg", ".png", ".json"} and len(figures) >= 11
     assert "comparison of result folders" in html
     assert html.count("<svg") == html.count("<figure") >= 5 and "<img" not in html  # inline SVG, no image files
     assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from anywhere

@@ -23,7 +23,8 @@ from tieremu.report.tables import Table, all_tables, provenance
               help="Write one self-contained HTML page (tables and plots inlined) and print its path.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder the HTML page goes into, as report.html (comparison.html when several folders are "
-                   "given); implies --html. Default: the (first) result folder.")
+                   "given), with each figure as SVG and PNG in plots/ (comparison-plots/); implies --html. "
+                   "Default: the (first) result folder.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the tables (title, columns, rows, note) and each folder's provenance as JSON.")
 def report(folders: tuple[Path, ...], as_html: bool, out_dir: Path | None, as_json: bool) -> None:
@@ -43,7 +44,9 @@ def report(folders: tuple[Path, ...], as_html: bool, out_dir: Path | None, as_js
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"--out {folder}: cannot create the folder ({exc.strerror})") from None
-        path = write_report(results, folder / name)
+        # Each figure also as SVG and PNG files for papers; a comparison's beside, never over, a run's own plots.
+        plots = folder / ("plots" if len(results) == 1 else "comparison-plots")
+        path = write_report(results, folder / name, plots_dir=plots)
         click.echo(json.dumps({"html": str(path)}) if as_json else str(path))
         return
     if as_json:

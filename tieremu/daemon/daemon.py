@@ -36,6 +36,7 @@ from tieremu.kv.access_log import Accesses, AccessLog
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.pool import MoveRecord
 from tieremu.policy.base import AccessEvent, Policy
+from tieremu.policy.engine import TokenBucket
 
 
 @runtime_checkable
@@ -91,9 +92,8 @@ class MigrationDaemon:
         self._cpu = 0.0
         self._started: float | None = None
         self._ended: float | None = None
-        self._rate = None if budget_gbps is None else budget_gbps * 1e9
-        self._credit = 0.0 if self._rate is None else self._rate * epoch_s
-        self._last: float | None = None
+        # The placement engine's token bucket: at most one epoch's budget saved up.
+        self.budget = TokenBucket(budget_gbps, epoch_s)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
@@ -117,11 +117,11 @@ class MigrationDaemon:
             with self.policy_lock:
                 self.policy.observe(events)
                 plan = self.policy.plan(self.view, now)
-            budget = self._budget(now)
+            budget = self.budget.allowance(now)
             if plan.moves or plan.evictions:
                 outcome = execute_plan(self.cache, plan, self.view, budget_bytes=budget, policy=self.policy,
                                        retries=self.retries, policy_lock=self.policy_lock)
-                self._credit -= outcome.bytes
+                self.budget.spend(outcome.bytes)
                 self._totals.merge(outcome)
             else:
                 outcome = PlanOutcome()
@@ -138,14 +138,6 @@ class MigrationDaemon:
         batch = EventBatch(log, self._mark, entries - self._entries_at_mark, self.view, now)
         self._mark, self._entries_at_mark = end, entries
         return batch
-
-    def _budget(self, now: float) -> int | None:
-        if self._rate is None:
-            return None
-        if self._last is not None:
-            self._credit = min(self._credit + self._rate * max(0.0, now - self._last), self._rate * self.epoch_s)
-        self._last = now
-        return max(0, int(self._credit))
 
     # -- in the background --------------------------------------------------------------------------------------
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tieremu.daemon.daemon import MigrationDaemon
-from tieremu.daemon.room import stage_fit
+from tieremu.daemon.room import LiveBoard, admit_new, carry_out_admission
 from tieremu.daemon.view import PoolView
-from tieremu.errors import ConfigError, KVError, PolicyError, TieremuError
+from tieremu.errors import ConfigError, KVError
 from tieremu.kv.cache import MIB, TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Directed
@@ -100,6 +100,7 @@ class TierStore:
             self.cache.close()
             raise
         self.view: PoolView = self.daemon.view
+        self.board = LiveBoard(self.view, self.cache.pool.capacity, self.daemon.policy_lock)
         self.stats = StoreStats(hits_by_tier=dict.fromkeys(self.names, 0),
                                 stored_by_tier=dict.fromkeys(self.names, 0))
         self.lock = threading.RLock()  # the scheduler's lookups and the worker's loads and saves
@@ -161,12 +162,14 @@ class TierStore:
             t0 = time.perf_counter()
             cache = self.cache
             with cache.lock:
-                with self.daemon.policy_lock:
-                    tier, chain = self._decide(key)
-                if tier is None:
+                admission = admit_new(self.board, self.policy, key)
+                done = carry_out_admission(cache, self.board, self.policy, key, admission)
+                self.stats.demotions += done.demoted
+                self.stats.evictions += done.evicted
+                if admission.rank is None:
                     self.stats.not_admitted += 1
                     return None
-                self._carry_out(chain)
+                tier = self.names[admission.rank]
                 self.placement.target = tier
                 seq = self._seq()
                 cache.add_sequence(seq, keys=[key])
@@ -196,39 +199,6 @@ class TierStore:
 
     def close(self) -> None:
         self.cache.close()
-
-    # -- admission: execute-mode replay's rules, on the live view ------------------------------------------
-
-    def _decide(self, key: int) -> tuple[str | None, list[tuple[int, str, str | None]]]:
-        view = self.view
-        tier = self.policy.admit(key, view)
-        if tier not in self.rank:
-            raise PolicyError(f"policy {self.policy.name} admitted block {key} to tier {tier!r}; tiers: "
-                              f"{', '.join(self.names)}")
-        for name in self.names[self.rank[tier]:]:
-            chain: list[tuple[int, str, str | None]] = []
-            with view.staging():
-                if stage_fit(self.view, self.policy, self.capacity, self.names, key, name, chain):
-                    return name, chain
-        return None, []
-
-    def _carry_out(self, chain: list[tuple[int, str, str | None]]) -> None:
-        """Deepest first, so each move has room; a demotion the kernel refuses drops the victim instead."""
-        pool = self.cache.pool
-        for ident, _source, target in chain:
-            block = self.view.block(ident)
-            if block is None:
-                raise KVError(f"connector: victim block {ident} vanished while the store held the cache's lock")
-            if target is not None:
-                try:
-                    ok = self.cache.move(block, target).ok
-                except (TieremuError, OSError):
-                    ok = False
-                if ok:
-                    self.stats.demotions += 1
-                    continue
-            pool.evict(block)
-            self.stats.evictions += 1
 
     def _observe(self, events: list[AccessEvent]) -> None:
         with self.daemon.policy_lock:

@@ -53,15 +53,16 @@ from dataclasses import dataclass, field
 import torch
 
 from tieremu.daemon.daemon import DaemonReport, MigrationDaemon
-from tieremu.daemon.room import stage_fit
+from tieremu.daemon.room import LiveBoard, admit_new, carry_out_admission
 from tieremu.daemon.view import PoolView
-from tieremu.errors import ConfigError, PolicyError, TieremuError, WorkloadError
+from tieremu.errors import ConfigError, WorkloadError
 from tieremu.kv.arena import NumaArena
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Directed
-from tieremu.kv.pool import Block, MoveRecord
+from tieremu.kv.pool import MoveRecord
 from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy, UpcomingRequest
+from tieremu.policy.engine import MoveLedger
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 from tieremu.workloads.simulate import (
@@ -347,6 +348,7 @@ class _Run:
             self.cache.close()
             raise
         self.view: PoolView = self.daemon.view
+        self.board = LiveBoard(self.view, self.cache.pool.capacity, self.daemon.policy_lock)
         self.residency = _Residency(self.cache)
         self.hits = [0] * len(self.names)
         self.misses = self.uncached = 0
@@ -456,13 +458,15 @@ class _Run:
         """Make room where the policy admits the block and write it there; False if no tier could take it."""
         cache = self.cache
         with cache.lock:  # nothing may take the room made before the block lands in it
-            with self.daemon.policy_lock:
-                t0 = time.perf_counter()
-                tier, chain = self._decide(key)
-                self.policy_s += time.perf_counter() - t0
-            if tier is None:
+            t0 = time.perf_counter()
+            admission = admit_new(self.board, self.policy, key)
+            self.policy_s += time.perf_counter() - t0
+            done = carry_out_admission(cache, self.board, self.policy, key, admission)
+            self.admission_demotions += done.demoted
+            self.admission_failed += done.failed
+            if admission.rank is None:
                 return False
-            self._carry_out(chain)
+            tier = self.names[admission.rank]
             self.placement.target = tier
             seq = self._new_seq(seqs)
             cache.add_sequence(seq, keys=[key])
@@ -482,55 +486,6 @@ class _Run:
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         seqs.append(seq)
         return seq
-
-    # -- admission: simulate's rules, on the live view -------------------------------------------------------
-
-    def _decide(self, key: int) -> tuple[str | None, list[tuple[int, str, str | None]]]:
-        """The tier a new block goes to and the chain of (block, source, target or None: evict) that makes room
-        there, deepest first; (None, []) if every tier from the admitted one down is full of pinned blocks."""
-        view = self.view
-        tier = self.policy.admit(key, view)
-        if tier not in self.rank:
-            raise PolicyError(f"policy {self.policy.name} admitted block {key} to tier {tier!r}; tiers: "
-                              f"{', '.join(self.names)}")
-        for name in self.names[self.rank[tier]:]:
-            chain: list[tuple[int, str, str | None]] = []
-            with view.staging():
-                if stage_fit(self.view, self.policy, self.cache.pool.capacity, self.names, key, name, chain):
-                    if name != tier:
-                        self.policy.moved(key, tier, name)  # the tiers above were full of pinned blocks
-                    return name, chain
-        self.policy.moved(key, tier, None)
-        return None, []
-
-    def _carry_out(self, chain: list[tuple[int, str, str | None]]) -> None:
-        """Deepest first, so each move has room. A demotion the kernel refuses drops the block instead: the
-        newcomer's room must be made, and the victim was going down anyway."""
-        pool = self.cache.pool
-        for ident, source, target in chain:
-            block = self.view.block(ident)
-            if block is None:
-                raise WorkloadError(f"victim block {ident} vanished while the replay held the cache's lock")
-            if target is not None and self._demote(block, target):
-                self.admission_demotions += 1
-                self._tell(ident, source, target)
-                continue
-            pool.evict(block)
-            self._tell(ident, source, None)
-
-    def _tell(self, ident: int, source: str, target: str | None) -> None:
-        """Report a victim's push to the policy, so that its rankings file the block where it now is."""
-        with self.daemon.policy_lock:
-            self.policy.moved(ident, source, target)
-
-    def _demote(self, block: Block, target: str) -> bool:
-        try:
-            ok = self.cache.move(block, target).ok
-        except (TieremuError, OSError):
-            ok = False
-        if not ok:
-            self.admission_failed += 1
-        return ok
 
     # -- the end -------------------------------------------------------------------------------------------------
 
@@ -573,7 +528,7 @@ class _Run:
             evictions=self.evictions, uncached=self.uncached, strr=1.0 - shares[0] if any(shares) else 0.0,
             star=(hits - self.hits[0]) / hits if hits else 0.0, ttft_ms=Tail.of(self.ttft_ms),
             migration_bytes=moves.bytes, migration_gbps=moves.bytes / self.wall_s / 1e9 if self.wall_s > 0 else 0.0,
-            promotions=moves.promotions, demotions=moves.demotions, prefetches=moves.prefetches,
+            promotions=moves.moved["promote"], demotions=moves.moved["demote"], prefetches=moves.moved["prefetch"],
             ping_pongs=moves.ping_pongs, moves_skipped=report.skipped, epochs=report.epochs, trace_s=trace_s,
             wall_s=self.wall_s, policy_cpu_s=self.policy_s, block_bytes=self.layout.block_bytes,
             # Not an assumption here: the rate at which the stand-in prefill's writes went.
@@ -591,33 +546,17 @@ class _Run:
         )
 
 
-@dataclass(frozen=True)
-class _MoveCounts:
-    bytes: int
-    promotions: int
-    demotions: int
-    prefetches: int
-    ping_pongs: int
-
-
 def _count_moves(records: Sequence[MoveRecord], rank: Mapping[str, int], key_of: Mapping[int, int],
-                 ledger: _Ledger, window_s: float) -> _MoveCounts:
-    """Moves that happened, by direction (an upward one is a prefetch if its plan said so); a move back to where
-    the block came from within `window_s` of its last move is a ping-pong."""
-    promotions = demotions = prefetches = ping_pongs = moved_bytes = 0
-    last: dict[int, tuple[float, str, str]] = {}
+                 planned: _Ledger, window_s: float) -> MoveLedger:
+    """Moves that happened, on the engine's ledger by direction (an upward one is a prefetch if its plan said so);
+    a move back to where the block came from within `window_s` of its last move is a ping-pong."""
+    ledger = MoveLedger(window_s)
     for rec in sorted((r for r in records if r.ok and r.bytes), key=lambda r: r.time):
-        moved_bytes += rec.bytes
         if rank[rec.target] > rank[rec.source]:
-            demotions += 1
-        elif ledger.reason_for(key_of.get(rec.block, -1), rec.time) == "prefetch":
-            prefetches += 1
+            reason = "demote"
+        elif planned.reason_for(key_of.get(rec.block, -1), rec.time) == "prefetch":
+            reason = "prefetch"
         else:
-            promotions += 1
-        before = last.get(rec.block)
-        if before is not None and (before[1], before[2]) == (rec.target, rec.source) and \
-                rec.time - before[0] <= window_s:
-            ping_pongs += 1
-        last[rec.block] = (rec.time, rec.source, rec.target)
-    return _MoveCounts(moved_bytes, promotions, demotions, prefetches, ping_pongs)
-
+            reason = "promote"
+        ledger.record(rec.block, rec.source, rec.target, reason, rec.time, rec.bytes)
+    return ledger

@@ -35,7 +35,7 @@ from tieremu.errors import ConfigError, TieremuError
 from tieremu.kv.access_log import Accesses, AccessLog
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.pool import MoveRecord
-from tieremu.policy.base import AccessEvent, Policy
+from tieremu.policy.base import AccessEvent, Move, Plan, Policy
 from tieremu.policy.engine import TokenBucket
 
 
@@ -127,6 +127,26 @@ class MigrationDaemon:
                 outcome = PlanOutcome()
             self._epochs += 1
             self._cpu += time.thread_time() - cpu0
+            return outcome
+
+    def pay(self, nbytes: int) -> None:
+        """Bytes moved on the request path outside the daemon (an admission's demotions): paid from the budget."""
+        self.budget.spend(nbytes)
+
+    def promote(self, ident: int, source: str, target: str) -> PlanOutcome:
+        """A demand cache's promotion on access (tieremu.policy.base.FAMILIES), on the request path: the block,
+        pinned by the request that just read it, is moved to `target` with room made as for a plan's move, on the
+        same migration budget as the epochs (the caller waits until the budget has credit: that wait is its
+        request's). Counted in the daemon's totals; a promotion that found no room is counted as skipped."""
+        with self._epoch_lock:
+            self.budget.wait(time.monotonic, time.sleep)  # the channel is busy: the request waits, as a real one
+            now = time.monotonic()
+            budget = self.budget.allowance(now)
+            outcome = execute_plan(self.cache, Plan([Move(ident, source, target, "promote")]), self.view,
+                                   budget_bytes=budget, policy=self.policy, retries=self.retries,
+                                   policy_lock=self.policy_lock, own=(ident,))
+            self.budget.spend(outcome.bytes)
+            self._totals.merge(outcome)
             return outcome
 
     def _collect(self, now: float) -> Sequence[AccessEvent]:

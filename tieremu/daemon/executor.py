@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -82,16 +83,18 @@ class _Step:
 
 def execute_plan(cache: TieredKVCache, plan: Plan, view: PoolView, *, budget_bytes: int | None = None,
                  policy: Policy | None = None, retries: int = DEFAULT_RETRIES,
-                 policy_lock: threading.RLock | None = None) -> PlanOutcome:
+                 policy_lock: threading.RLock | None = None, own: Collection[int] = ()) -> PlanOutcome:
     """Carry out `plan` (see the module docstring). Moves stop once `budget_bytes` have moved (None: no limit);
     the rest are skipped as "budget". Without `policy`, a move into a full tier is skipped ("full"). The policy's
-    victim() runs under `policy_lock` when given (the daemon's, so that no other thread is inside the policy)."""
+    victim() runs under `policy_lock` when given (the daemon's, so that no other thread is inside the policy).
+    Blocks in `own` move although pinned: the driver's own request holds them (a demand cache's promotion on
+    access); they are still never victims."""
     if budget_bytes is not None and budget_bytes < 0:
         raise PolicyError(f"budget_bytes={budget_bytes} must be 0 or more (None: unlimited)")
     if retries < 0:
         raise PolicyError(f"retries={retries} must be 0 or more")
     _check_moves(plan.moves, view, policy)
-    return _Executor(cache, view, policy, retries, policy_lock).run(plan, budget_bytes)
+    return _Executor(cache, view, policy, retries, policy_lock, own).run(plan, budget_bytes)
 
 
 def _check_moves(moves: list[Move], view: PoolView, policy: Policy | None) -> None:
@@ -102,8 +105,9 @@ def _check_moves(moves: list[Move], view: PoolView, policy: Policy | None) -> No
 
 class _Executor:
     def __init__(self, cache: TieredKVCache, view: PoolView, policy: Policy | None, retries: int,
-                 policy_lock: threading.RLock | None) -> None:
+                 policy_lock: threading.RLock | None, own: Collection[int] = ()) -> None:
         self.cache = cache
+        self.own = own
         self.pool = cache.pool
         self.view = view
         self.policy = policy
@@ -144,7 +148,7 @@ class _Executor:
             block = self.view.block(move.block)
             if block is None:
                 return self.out.skip("gone")
-            if self.view.pinned(move.block):
+            if self.view.pinned(move.block) and move.block not in self.own:
                 return self.out.skip("pinned")
             if block.tier == move.target:
                 return self.out.skip("already_there")

@@ -20,7 +20,8 @@ the daemon's executor per plan move (tieremu.daemon.executor). Nothing here impo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -177,30 +178,42 @@ class MigrationChannel:
 
 class TokenBucket:
     """Bytes a wall-clock budget allows: `gbps` accrues with elapsed time, at most `burst_s` of it is saved up, and
-    an overshoot (a whole block is the unit) is paid back by what accrues next. None: no budget."""
+    an overshoot (a whole block is the unit) is paid back by what accrues next. None: no budget. Thread-safe: the
+    daemon's epochs and the request path's moves (promotions, admissions' demotions) draw on one bucket."""
 
     def __init__(self, gbps: float | None, burst_s: float) -> None:
         self.rate = None if gbps is None else gbps * 1e9
         self.cap = None if self.rate is None else self.rate * burst_s
         self.credit = 0.0 if self.cap is None else self.cap
         self._last: float | None = None
+        self._lock = threading.Lock()
 
     def allowance(self, now: float) -> int | None:
         """Bytes that may move now (None: unlimited)."""
         if self.rate is None or self.cap is None:
             return None
-        if self._last is not None:
-            self.credit = min(self.credit + self.rate * max(0.0, now - self._last), self.cap)
-        self._last = now
-        return max(0, int(self.credit))
+        with self._lock:
+            if self._last is not None:
+                self.credit = min(self.credit + self.rate * max(0.0, now - self._last), self.cap)
+            self._last = max(now, self._last or now)
+            return max(0, int(self.credit))
 
     def spend(self, nbytes: int) -> None:
         if self.rate is not None:
-            self.credit -= nbytes
+            with self._lock:
+                self.credit -= nbytes
 
-    def wait_s(self, nbytes: int, now: float) -> float:
-        """How long from `now` until `nbytes` are affordable (0: at once, or no budget)."""
-        allowed = self.allowance(now)
-        if allowed is None or allowed >= nbytes or self.rate is None:
+    def wait_s(self, now: float) -> float:
+        """How long from `now` until some credit is left, so that one more block may move (0: at once, or no
+        budget). A block may overshoot what is left: the overshoot is paid back by what accrues next."""
+        if self.allowance(now) != 0 or self.rate is None:
             return 0.0
-        return (nbytes - self.credit) / self.rate
+        return (1.0 - self.credit) / self.rate
+
+    def wait(self, clock: Callable[[], float], sleep: Callable[[float], None]) -> float:
+        """Sleep until some credit is left; the seconds waited."""
+        waited = 0.0
+        while (left := self.wait_s(clock())) > 0:
+            sleep(left)
+            waited += left
+        return waited

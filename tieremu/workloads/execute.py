@@ -36,8 +36,11 @@ How the placement can differ from simulate's:
 - with epochs between requests (`daemon_thread=False`) the decisions are simulate's own, except where a policy
   falls back to the first unpinned block of a full tier: the pool lists a tier's blocks in allocation order,
   simulate in order of arrival in the tier;
-- demand caches (`lru`, `lfu`, `belady`; see tieremu.policy.base.FAMILIES) run here without their promotion on
-  access, which only simulate carries out so far: a hit in a slower tier is read there and stays;
+- demand caches (`lru`, `lfu`, `belady`; see tieremu.policy.base.FAMILIES) promote on access as in simulate: a hit
+  in a slower tier is read there, then moved at once (a real move, room made by the same placement engine) where
+  the policy admits it, and the policy observes each access as it happens. The move is synchronous: its time,
+  and any wait for the migration budget's credit, is in the request's measured TTFT (simulate queues it on the
+  migration channel instead, and charges a later read of the block in flight);
 - a tier given as unlimited is sized to hold every block of the trace, and policies see that size as its
   capacity.
 """
@@ -62,7 +65,7 @@ from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Directed
 from tieremu.kv.pool import MoveRecord
 from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy, UpcomingRequest
-from tieremu.policy.engine import MoveLedger
+from tieremu.policy.engine import MoveLedger, rank_in
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 from tieremu.workloads.simulate import (
@@ -349,6 +352,7 @@ class _Run:
             raise
         self.view: PoolView = self.daemon.view
         self.board = LiveBoard(self.view, self.cache.pool.capacity, self.daemon.policy_lock)
+        self.demand = policy.family == "demand"
         self.residency = _Residency(self.cache)
         self.hits = [0] * len(self.names)
         self.misses = self.uncached = 0
@@ -423,23 +427,48 @@ class _Run:
             if tier is not None:
                 self._read([key], seqs)
                 self.hits[self.rank[tier]] += 1
-                events.append(AccessEvent(key, tier, now, index))
-                continue
-            self.misses += 1
-            block_data = data[key] if key in data else self.data.of(key)  # it left after the request began
-            if not self._admit_and_write(key, block_data, seqs):
-                self.uncached += 1
-            events.append(AccessEvent(key, None, now, index))
+                if self.demand and self.rank[tier]:
+                    self._promote_on_access(key, tier)
+                event = AccessEvent(key, tier, now, index)
+            else:
+                self.misses += 1
+                block_data = data[key] if key in data else self.data.of(key)  # it left after the request began
+                if not self._admit_and_write(key, block_data, seqs):
+                    self.uncached += 1
+                event = AccessEvent(key, None, now, index)
+            if self.demand:  # a demand cache learns of each access as it happens, as in simulate
+                self._observe((event,))
+            else:
+                events.append(event)
         cache.end_step()  # pays the emulated delay the reads and writes owe
         seconds = time.perf_counter() - t0
-        with self.daemon.policy_lock:
-            t1 = time.perf_counter()
-            self.policy.observe(events)
-            self.policy_s += time.perf_counter() - t1
+        self._observe(events)
         for seq in seqs:
             cache.free_sequence(seq)
         view.unpin()
         return seconds
+
+    def _observe(self, events: Sequence[AccessEvent]) -> None:
+        if events:
+            with self.daemon.policy_lock:
+                t0 = time.perf_counter()
+                self.policy.observe(events)
+                self.policy_s += time.perf_counter() - t0
+
+    def _promote_on_access(self, key: int, tier: str) -> None:
+        """A demand cache's hit below the fastest tier: served there (read already), then moved at once where the
+        policy admits it, if that is faster, by a real move through the daemon (room made by the placement engine,
+        on the run's migration budget). Where no room could be made, it stays, and the policy is told so."""
+        with self.daemon.policy_lock:
+            t0 = time.perf_counter()
+            target = self.policy.admit(key, self.view)
+            self.policy_s += time.perf_counter() - t0
+        if rank_in(self.rank, target, f"policy {self.policy.name}") >= self.rank[tier]:
+            return
+        self.daemon.promote(key, tier, target)
+        if self.view.tier_of(key) != target:
+            with self.daemon.policy_lock:
+                self.policy.moved(key, target, tier)
 
     def _read(self, keys: list[int], seqs: list[int]) -> None:
         """Read resident, pinned blocks through the cache's read path (a sequence whose table is those blocks)."""
@@ -461,7 +490,10 @@ class _Run:
             t0 = time.perf_counter()
             admission = admit_new(self.board, self.policy, key)
             self.policy_s += time.perf_counter() - t0
+            if any(target is not None for _, _, target in admission.chain):
+                self.daemon.budget.wait(time.monotonic, time.sleep)  # demotions, too, are within the budget
             done = carry_out_admission(cache, self.board, self.policy, key, admission)
+            self.daemon.pay(done.demoted * self.layout.block_bytes)
             self.admission_demotions += done.demoted
             self.admission_failed += done.failed
             if admission.rank is None:

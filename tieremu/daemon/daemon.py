@@ -7,8 +7,12 @@ accrues with elapsed time, at most one epoch's worth is saved up, and an epoch t
 the unit) is paid back by the next ones, so the long-run rate holds whatever the block size.
 
 `epoch()` runs one epoch in the calling thread; `start()` runs them every `epoch_s` in a background thread until
-`stop()`. Migration system calls and copies release the GIL (ctypes and torch both do), so the workload's Python
-keeps running while pages move; the cache's lock is held per block move only.
+`stop()`; `step()`, called by the workload between its steps (run_decode's on_step), runs an epoch there when one
+is due: the accesses of the steps since are counted in one batch, in the workload's thread, with no thread to
+wake and no GIL to hand over (what a serving engine's scheduler hook does; moves then wait for the step boundary
+instead of overlapping the compute). In the thread, migration system calls and copies release the GIL (ctypes and
+torch both do), so the workload's Python keeps running while pages move; the cache's lock is held per block move
+only.
 
 A policy with a `layer_started(layer)` method (LayerAware: layer-ahead prefetch) is told when the model starts
 each layer: the daemon hooks `cache.on_layer_start`. A running daemon is woken to run an epoch at once, beside
@@ -98,6 +102,7 @@ class MigrationDaemon:
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._error: BaseException | None = None
+        self._step_due: float | None = None  # step(): when the next epoch is due
         self._hooked = isinstance(policy, LayerAware)
         if self._hooked:
             self._previous_hook = cache.on_layer_start
@@ -158,6 +163,24 @@ class MigrationDaemon:
         batch = EventBatch(log, self._mark, entries - self._entries_at_mark, self.view, now)
         self._mark, self._entries_at_mark = end, entries
         return batch
+
+    # -- between the workload's steps ------------------------------------------------------------------------
+
+    def step(self, *_: object) -> PlanOutcome | None:
+        """Run an epoch now if one is due (the first call only starts the clock); None if none was. Epochs missed
+        while a long step ran are not made up: the next is one period on, as in the background thread."""
+        now = time.monotonic()
+        if self._step_due is None:
+            if self._started is None:
+                self._started = now
+            self._step_due = now + self.epoch_s
+            return None
+        if now < self._step_due:
+            return None
+        outcome = self.epoch(now)
+        due = self._step_due + self.epoch_s
+        self._step_due = due if due > now else now + self.epoch_s
+        return outcome
 
     # -- in the background --------------------------------------------------------------------------------------
 

@@ -5,8 +5,10 @@ own decode and execute-mode replay).
 A saved block is admitted where the policy says, room being made the way execute-mode replay makes it (the policy's
 victim pushed one tier down, recursively, or out of the last tier) and written through the cache's write path; a
 loaded block is read through the cache's read path, so an emulated tier's timing model charges every load and save,
-and every hit is attributed to the tier that served it. The policy observes every lookup (hits and misses) and its
-epochs run between engine steps in the engine's own thread (no concurrency with the engine's forward pass).
+and every hit is attributed to the tier that served it. A demand cache's load below the fastest tier is then
+promoted where the policy admits it (the daemon's promote: the placement engine makes room). The policy observes
+every lookup (hits and misses) and its epochs run between engine steps in the engine's own thread (no concurrency
+with the engine's forward pass).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class StoreStats:
     lookups: int = 0  # blocks asked for by the scheduler
     not_admitted: int = 0  # saves with no room (every tier full of pinned blocks)
     demotions: int = 0  # victims pushed one tier down to make room
+    promotions: int = 0  # a demand cache's loads below the fastest tier, moved up after the load
     evictions: int = 0  # victims pushed out of the last tier
     save_s: float = 0.0
     load_s: float = 0.0
@@ -149,7 +152,10 @@ class TierStore:
                 self.stats.hits_by_tier[tier] += n
             self.stats.loaded_blocks += len(keys)
             self.stats.load_s += time.perf_counter() - t0
-            self._observe([AccessEvent(k, self.view.tier_of(k), self._now(), request) for k in keys])
+            served = [(k, self.view.tier_of(k)) for k in keys]
+            if self.policy.family == "demand":
+                self._promote(served)
+            self._observe([AccessEvent(k, tier, self._now(), request) for k, tier in served])
             self.view.unpin(keys)
             return out
 
@@ -199,6 +205,18 @@ class TierStore:
 
     def close(self) -> None:
         self.cache.close()
+
+    def _promote(self, served: Sequence[tuple[int, str | None]]) -> None:
+        """A demand cache's hits below the fastest tier move where the policy admits them, as in simulate and
+        execute-mode replay: real moves through the daemon, room made by the placement engine."""
+        for key, tier in served:
+            if tier is None or tier == self.names[0]:
+                continue
+            with self.daemon.policy_lock:
+                target = self.policy.admit(key, self.view)
+            if target in self.rank and self.rank[target] < self.rank[tier]:
+                self.daemon.promote(key, tier, target)
+                self.stats.promotions += self.view.tier_of(key) == target
 
     def _observe(self, events: list[AccessEvent]) -> None:
         with self.daemon.policy_lock:

@@ -14,8 +14,9 @@ early waits: that wait is the workload's real idle time):
    shown in the tier, pinned, the policy's victim is pushed one tier down, recursively, or out of the last
    tier), and written in full: real writes standing in for prefill;
 4. its measured TTFT is the time steps 2 and 3 took (room-making and emulated delay included);
-5. the policy observes the request's accesses: hits and misses, by request index, at its arrival on the trace's
-   clock, so that look-ahead, Belady and hot/cold's half-life see what they see in simulate. (The cache keeps
+5. the policy observes the request's accesses (a demand cache each one as it happens, others after the request):
+   hits and misses, by request index, at its arrival on the trace's clock, so that look-ahead, Belady and hot/cold's
+   half-life see what they see in simulate. (The cache keeps
    no access log: the daemon would hand the same reads to the policy a second time, without request indices.)
 
 Meanwhile a MigrationDaemon thread runs the policy every `epoch_s` of wall time and carries its plans out with

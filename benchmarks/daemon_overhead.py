@@ -157,7 +157,7 @@ def main() -> int:
     load = meter.stop()
     base = arms[0]
     print(f"{'arm':<16}{'TPOT ms':>9}{'ratio':>8}{'95% CI':>17}{'p99 ms':>9}{'p99 ratio':>10}{'95% CI':>17}"
-          f"{'CPU share':>11}{'epochs':>8}{'us/epoch':>10}")
+          f"{'CPU share':>11}{'epochs':>8}{'us/epoch':>10}{'us/step':>9}")
     verdicts = []
     for arm in arms:
         ratio, p99 = paired(arm, base, "tpot_ms"), paired(arm, base, "p99_ms")
@@ -167,12 +167,14 @@ def main() -> int:
         noisy = Summary.of(arm.tpot_ms).noisy
         print(f"{arm.name:<16}{statistics.median(arm.tpot_ms):>9.3f}{ratio.median:>8.3f}{_ci(ratio):>17}"
               f"{statistics.median(arm.p99_ms):>9.3f}{p99.median:>10.3f}{_ci(p99):>17}{share:>10.1%}{epochs:>8.0f}"
-              f"{cpu / epochs * 1e6 if epochs else 0:>10.0f}{'  noisy' if noisy else ''}")
+              f"{cpu / epochs * 1e6 if epochs else 0:>10.0f}{cpu / args.steps * 1e6:>9.0f}{'  noisy' if noisy else ''}")
         if arm.policy is not None:
             verdicts.append((arm, ratio.median - 1))
     for arm, over in verdicts:
         print(f"overhead {arm.name}: {over:+.1%} of TPOT (goal under {arm.goal:+.0%}: "
               f"{'pass' if over < arm.goal else 'FAIL'})")
+    print("us/step: the daemon's CPU per decode step (its whole run's CPU over the steps): beside a quiet TPOT, the "
+          "least it can cost")
     print(f"machine: 1-min load {load.loadavg_1m:.2f} on {load.cpus} CPUs, busy {load.busy_fraction:.0%}, steal "
           f"{load.steal_fraction:.1%}{' (noisy: other work competed for the CPUs)' if load.noisy else ''}")
     step_ok = all(over < arm.goal for arm, over in verdicts if arm.mode == "step")

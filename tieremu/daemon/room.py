@@ -17,7 +17,7 @@ from tieremu.daemon.view import PoolView
 from tieremu.errors import KVError, TieremuError
 from tieremu.kv.cache import TieredKVCache
 from tieremu.policy.base import Policy, checked_victim
-from tieremu.policy.engine import Admission, Step, admit, rank_in
+from tieremu.policy.engine import Admission, admit, rank_in
 
 
 class LiveBoard:
@@ -110,7 +110,3 @@ def _tell(board: LiveBoard, policy: Policy, ident: int, source: str, target: str
     if on_move is not None:
         on_move(ident, source, target)
 
-
-def steps_named(chain: Sequence[Step], names: Sequence[str]) -> list[tuple[int, str, str | None]]:
-    """A chain with tier names instead of ranks."""
-    return [(b, names[s], None if t is None else names[t]) for b, s, t in chain]

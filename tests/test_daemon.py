@@ -814,6 +814,28 @@ def test_a_started_daemon_runs_epochs_until_stopped_and_reports_them(
     assert intact(cache, ref, [0])
 
 
+def test_between_steps_the_daemon_runs_an_epoch_only_when_one_is_due(
+        make_cache: Callable[..., TieredKVCache]) -> None:
+    """step(): called between the workload's steps, an epoch runs when its period has passed, in the caller's
+    thread, with every access since the last epoch in one batch; missed epochs are not made up."""
+    cache = make_cache(2, 8, 8)
+    ref = reference()
+    fill(cache, ref, 0, 6 * BT)
+    daemon = MigrationDaemon(cache, get_policy("lru-epoch", {"promote_quota": 8}), epoch_s=0.05)
+    assert daemon.step() is None  # the first call starts the clock
+    for layer in (0, 1):
+        cache.read(0, layer)  # hits in cxl: LRU promotes them
+    cache.end_step()
+    assert daemon.step() is None and daemon.report().epochs == 0  # not due yet
+    time.sleep(0.12)  # two periods pass: one epoch runs, the missed one is not made up
+    outcome = daemon.step()
+    assert outcome is not None and outcome.moved > 0 and daemon.report().epochs == 1
+    assert daemon.step() is None
+    report = daemon.stop()
+    assert report.moved == outcome.moved and not daemon.running
+    assert intact(cache, ref, [0])
+
+
 def test_an_error_in_the_daemon_thread_is_raised_by_stop(make_cache: Callable[..., TieredKVCache]) -> None:
     cache = make_cache(2, 2, 4)
     fill(cache, reference(), 0, 2 * BT)

@@ -70,3 +70,21 @@ def test_a_lookup_stops_at_the_first_missing_block_and_saving_twice_stores_once(
 def test_tiers_that_cannot_hold_one_block_are_named() -> None:
     with pytest.raises(ConfigError, match="tier 'dram' has no capacity_mib"):
         check_capacities(load_tier_map(CXL_MAP), LAYOUT.block_bytes, 16)
+
+
+def test_a_demand_caches_load_below_the_fastest_tier_is_promoted_and_its_victim_pushed_down(
+        store: TierStore) -> None:
+    """lru is a demand cache: as in simulate and execute-mode replay, a block loaded from a slower tier moves to the
+    fastest after the load, the policy's victim going one tier down; its bytes are intact where it lands."""
+    for key in range(6):
+        store.save(key, block_of(key), request=key)
+    slow = next(k for k in range(6) if store.view.tier_of(k) == "far")
+    before = store.resident()
+    assert store.matched([slow], request=6) == 1
+    store.load([slow], request=6)
+    assert store.view.tier_of(slow) == "dram" and store.stats.promotions == 1
+    assert store.resident() == before  # a swap down the chain: every tier as full as it was
+    assert store.matched([slow], request=7) == 1
+    k, v = store.load([slow], request=7)[0]
+    assert torch.equal(k[:16], block_of(slow)[0][0]) and torch.equal(v[:16], block_of(slow)[0][1])
+    assert store.stats.hits_by_tier["dram"] == 1 and store.stats.hits_by_tier["far"] == 1

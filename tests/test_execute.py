@@ -143,6 +143,39 @@ def test_epochs_between_requests_make_simulates_decisions(resolved: ResolvedTier
     intact(result)
 
 
+@pytest.mark.parametrize("name", ["lru", "lfu", "belady"])
+def test_a_demand_cache_promotes_on_access_as_simulate_does(resolved: ResolvedTierMap, small_trace: list[Request],
+                                                            name: str) -> None:
+    """A demand cache's hit below the fastest tier is moved up at once by a real move, room made by the same
+    placement engine as simulate's: every hit per tier, promotion, demotion and eviction is simulate's."""
+    requests = small_trace[:200]
+    result = run_execute(requests, resolved, name, CAPS, **INLINE)  # type: ignore[arg-type]
+    sim = run_simulate(requests, name, CAPS, **INLINE)  # type: ignore[arg-type]
+    assert result.family == sim.family == "demand"
+    assert [t.hits for t in result.tiers] == [t.hits for t in sim.tiers]
+    assert (result.misses, result.evictions, result.uncached) == (sim.misses, sim.evictions, sim.uncached)
+    assert (result.promotions, result.demotions) == (sim.promotions, sim.demotions)
+    assert [t.resident_blocks for t in result.tiers] == [t.resident_blocks for t in sim.tiers]
+    # Not vacuous: blocks were hit below the fastest tier and promoted, and victims pushed down.
+    assert result.promotions > 0 and result.demotions > 0 and result.tiers[1].hits > 0
+    assert result.migration_bytes == (result.promotions + result.demotions) * result.block_bytes
+    intact(result)
+
+
+def test_a_demand_caches_moves_stay_within_the_migration_budget(resolved: ResolvedTierMap,
+                                                                 small_trace: list[Request]) -> None:
+    """Promotions on access and the demotions admissions make draw on the daemon's budget: the run waits for it
+    (the moves are the same), and the migration rate it reports stays within it."""
+    requests = small_trace[:80]
+    free = run_execute(requests, resolved, "lru", CAPS, **INLINE)  # type: ignore[arg-type]
+    budget = free.migration_bytes / 1.0 / 1e9  # a second's worth of the run's moves
+    held = run_execute(requests, resolved, "lru", CAPS, budget_gbps=budget, **INLINE)  # type: ignore[arg-type]
+    assert (held.promotions, held.demotions, held.migration_bytes) == (free.promotions, free.demotions,
+                                                                      free.migration_bytes) and held.promotions > 0
+    assert held.migration_gbps <= budget * 1.01
+    assert held.wall_s >= 0.9 and held.ttft_ms.mean > free.ttft_ms.mean
+
+
 @pytest.mark.parametrize("name", ["lookahead"])
 def test_a_full_tiers_block_order_is_the_one_difference_between_epochs_between_requests_and_simulate(
         resolved: ResolvedTierMap, small_trace: list[Request], name: str) -> None:

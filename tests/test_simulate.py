@@ -520,3 +520,36 @@ def test_the_simulate_replay_path_never_imports_torch(tmp_path: Path) -> None:
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["policy"] == "lru"
+
+
+# -- the oracle bound of tiering daemons -----------------------------------------------------------------------------
+
+def test_the_daemon_oracle_counts_by_hand() -> None:
+    """Epoch 0 holds requests 0 and 1: blocks 1 and 2 are re-referenced after being created there (2 hits at most),
+    block 3 is new. Epoch 2 reads 1 and 3, which existed before it: with one fast block only one of those first
+    references can be a fast hit; unlimited, both can (the ceiling)."""
+    from tieremu.workloads.bounds import daemon_oracle
+
+    trace = [Request(0, 1, 1, (1, 2)), Request(0, 1, 1, (1, 2, 3)), Request(100, 1, 1, (1, 3))]
+    assert daemon_oracle(trace, 1, 0.05) == 3
+    assert daemon_oracle(trace, None, 0.05) == 4 == round(ceiling_hit_ratio(trace) * 7)
+    assert daemon_oracle(trace, 1, 1.0) == 4  # one epoch: every re-reference may follow its (re)admission
+
+
+def test_no_tiering_daemon_beats_the_daemon_oracle_and_the_replay_checks_it(shared_trace: list[Request]) -> None:
+    """With long epochs the oracle is well below the ceiling; every daemon, the prefetching one included, stays
+    within it, and simulate's bound checks list it for daemons (never for demand caches, which MIN bounds)."""
+    from tieremu.workloads.bounds import check, daemon_oracle
+
+    requests = shared_trace[:1500]
+    refs = reference_count(requests)
+    tiers = [SimTier("fast", 200), SimTier("slow", None)]
+    oracle = daemon_oracle(requests, 200, 30.0) / refs
+    assert oracle < 0.6 * ceiling_hit_ratio(requests)
+    for name in ("lru-epoch", "hotcold", "lookahead"):
+        result = simulate(requests, tiers, get_policy(name, {}, policy_context(requests, 30.0)), epoch_s=30.0)
+        bounds = {b.bound: b for b in check(requests, tiers, result, epoch_s=30.0)}
+        assert bounds["daemon-oracle"].limit == pytest.approx(oracle) and bounds["daemon-oracle"].within
+        assert result.fast_hit_ratio <= oracle
+    lru = simulate(requests, tiers, get_policy("lru", {}, policy_context(requests)))
+    assert "daemon-oracle" not in {b.bound for b in check(requests, tiers, lru)}

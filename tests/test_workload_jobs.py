@@ -111,9 +111,10 @@ def test_replay_job_takes_a_share_of_the_blocks_a_budget_and_checks_its_bounds(t
                     f"  - {{kind: replay, trace: {SMALL_TRACE}, policies: [lru, hotcold], fast_capacity: 5%,\n"
                     "     pin: false, budget_gbps: 2}\n")
     checks = [r for r in rows if r["metric"] == "bound_check"]
-    assert {r["params"]["bound"] for r in checks} == {"ceiling", "belady", "budget"}
+    assert {r["params"]["bound"] for r in checks} == {"ceiling", "belady", "daemon-oracle", "budget"}
     assert all(r["value"] == 1 for r in checks)
     assert {r["run"].split("-r0")[0] for r in checks if r["params"]["bound"] == "belady"} == {"replay-lru"}
+    assert "replay-hotcold" in {r["run"].split("-r0")[0] for r in checks if r["params"]["bound"] == "daemon-oracle"}
     rates = [r["value"] for r in rows if r["metric"] == "migration_gbps"]
     assert rates and max(rates) <= 2.0
 

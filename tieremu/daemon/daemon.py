@@ -7,8 +7,12 @@ accrues with elapsed time, at most one epoch's worth is saved up, and an epoch t
 the unit) is paid back by the next ones, so the long-run rate holds whatever the block size.
 
 `epoch()` runs one epoch in the calling thread; `start()` runs them every `epoch_s` in a background thread until
-`stop()`. Migration system calls and copies release the GIL (ctypes and torch both do), so the workload's Python
-keeps running while pages move; the cache's lock is held per block move only.
+`stop()`; `step()`, called by the workload between its steps (run_decode's on_step), runs an epoch there when one
+is due: the accesses of the steps since are counted in one batch, in the workload's thread, with no thread to
+wake and no GIL to hand over (what a serving engine's scheduler hook does; moves then wait for the step boundary
+instead of overlapping the compute). In the thread, migration system calls and copies release the GIL (ctypes and
+torch both do), so the workload's Python keeps running while pages move; the cache's lock is held per block move
+only.
 
 A policy with a `layer_started(layer)` method (LayerAware: layer-ahead prefetch) is told when the model starts
 each layer: the daemon hooks `cache.on_layer_start`. A running daemon is woken to run an epoch at once, beside
@@ -25,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import repeat
 from typing import Protocol, overload, runtime_checkable
 
 import numpy as np
@@ -35,7 +40,8 @@ from tieremu.errors import ConfigError, TieremuError
 from tieremu.kv.access_log import Accesses, AccessLog
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.pool import MoveRecord
-from tieremu.policy.base import AccessEvent, Policy
+from tieremu.policy.base import AccessEvent, Move, Plan, Policy
+from tieremu.policy.engine import TokenBucket
 
 
 @runtime_checkable
@@ -91,13 +97,13 @@ class MigrationDaemon:
         self._cpu = 0.0
         self._started: float | None = None
         self._ended: float | None = None
-        self._rate = None if budget_gbps is None else budget_gbps * 1e9
-        self._credit = 0.0 if self._rate is None else self._rate * epoch_s
-        self._last: float | None = None
+        # The placement engine's token bucket: at most one epoch's budget saved up.
+        self.budget = TokenBucket(budget_gbps, epoch_s)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._error: BaseException | None = None
+        self._step_due: float | None = None  # step(): when the next epoch is due
         self._hooked = isinstance(policy, LayerAware)
         if self._hooked:
             self._previous_hook = cache.on_layer_start
@@ -117,16 +123,36 @@ class MigrationDaemon:
             with self.policy_lock:
                 self.policy.observe(events)
                 plan = self.policy.plan(self.view, now)
-            budget = self._budget(now)
+            budget = self.budget.allowance(now)
             if plan.moves or plan.evictions:
                 outcome = execute_plan(self.cache, plan, self.view, budget_bytes=budget, policy=self.policy,
                                        retries=self.retries, policy_lock=self.policy_lock)
-                self._credit -= outcome.bytes
+                self.budget.spend(outcome.bytes)
                 self._totals.merge(outcome)
             else:
                 outcome = PlanOutcome()
             self._epochs += 1
             self._cpu += time.thread_time() - cpu0
+            return outcome
+
+    def pay(self, nbytes: int) -> None:
+        """Bytes moved on the request path outside the daemon (an admission's demotions): paid from the budget."""
+        self.budget.spend(nbytes)
+
+    def promote(self, ident: int, source: str, target: str) -> PlanOutcome:
+        """A demand cache's promotion on access (tieremu.policy.base.FAMILIES), on the request path: the block,
+        pinned by the request that just read it, is moved to `target` with room made as for a plan's move, on the
+        same migration budget as the epochs (the caller waits until the budget has credit: that wait is its
+        request's). Counted in the daemon's totals; a promotion that found no room is counted as skipped."""
+        with self._epoch_lock:
+            self.budget.wait(time.monotonic, time.sleep)  # the channel is busy: the request waits, as a real one
+            now = time.monotonic()
+            budget = self.budget.allowance(now)
+            outcome = execute_plan(self.cache, Plan([Move(ident, source, target, "promote")]), self.view,
+                                   budget_bytes=budget, policy=self.policy, retries=self.retries,
+                                   policy_lock=self.policy_lock, own=(ident,))
+            self.budget.spend(outcome.bytes)
+            self._totals.merge(outcome)
             return outcome
 
     def _collect(self, now: float) -> Sequence[AccessEvent]:
@@ -139,13 +165,23 @@ class MigrationDaemon:
         self._mark, self._entries_at_mark = end, entries
         return batch
 
-    def _budget(self, now: float) -> int | None:
-        if self._rate is None:
+    # -- between the workload's steps ------------------------------------------------------------------------
+
+    def step(self, *_: object) -> PlanOutcome | None:
+        """Run an epoch now if one is due (the first call only starts the clock); None if none was. Epochs missed
+        while a long step ran are not made up: the next is one period on, as in the background thread."""
+        now = time.monotonic()
+        if self._step_due is None:
+            if self._started is None:
+                self._started = now
+            self._step_due = now + self.epoch_s
             return None
-        if self._last is not None:
-            self._credit = min(self._credit + self._rate * max(0.0, now - self._last), self._rate * self.epoch_s)
-        self._last = now
-        return max(0, int(self._credit))
+        if now < self._step_due:
+            return None
+        outcome = self.epoch(now)
+        due = self._step_due + self.epoch_s
+        self._step_due = due if due > now else now + self.epoch_s
+        return outcome
 
     # -- in the background --------------------------------------------------------------------------------------
 
@@ -254,16 +290,18 @@ class EventBatch(Sequence[AccessEvent]):
         if not per_layer:
             acc = _take(acc, _first_per_step(acc))
         names = view.pool.order
-        tiers = [names[i] for i in acc.tier.tolist()]
+        tiers = list(map(names.__getitem__, acc.tier.tolist()))
         blocks = acc.block.tolist()
         seqs = acc.seq.tolist()
-        layers = acc.layer.tolist() if per_layer else [None] * len(blocks)
+        layers = acc.layer.tolist() if per_layer else repeat(None)
+        # Events are built with tuple.__new__ from zipped columns: half the time of AccessEvent(...) per event,
+        # which is most of what an observing policy costs the decode.
+        new, event = tuple.__new__, AccessEvent
         if view.ident == "key":
             known = view.pool.blocks
             keys = [getattr(known.get(b), "key", None) for b in blocks]
-            return [AccessEvent(k, t, now, s, la) for k, t, s, la in zip(keys, tiers, seqs, layers, strict=True)
-                    if k is not None]
-        return [AccessEvent(b, t, now, s, la) for b, t, s, la in zip(blocks, tiers, seqs, layers, strict=True)]
+            return [new(event, e) for e in zip(keys, tiers, repeat(now), seqs, layers) if e[0] is not None]
+        return [new(event, e) for e in zip(blocks, tiers, repeat(now), seqs, layers)]
 
     def __len__(self) -> int:
         return len(self._built())

@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+from tieremu.daemon.room import LiveBoard
 from tieremu.daemon.view import PoolView
 from tieremu.errors import CapabilityError, KVError, NodeFullError, NumaError, PolicyError
 from tieremu.kv.arena import NumaArena
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.pool import Block, MoveRecord
 from tieremu.numa.syscalls import errno_name
-from tieremu.policy.base import MOVE_REASONS, Move, Plan, Policy, checked_victim
+from tieremu.policy.base import Move, Plan, Policy
+from tieremu.policy.engine import Step, check_move, make_room
 
 DEFAULT_RETRIES = 3
 
@@ -80,41 +83,37 @@ class _Step:
 
 def execute_plan(cache: TieredKVCache, plan: Plan, view: PoolView, *, budget_bytes: int | None = None,
                  policy: Policy | None = None, retries: int = DEFAULT_RETRIES,
-                 policy_lock: threading.RLock | None = None) -> PlanOutcome:
+                 policy_lock: threading.RLock | None = None, own: Collection[int] = ()) -> PlanOutcome:
     """Carry out `plan` (see the module docstring). Moves stop once `budget_bytes` have moved (None: no limit);
     the rest are skipped as "budget". Without `policy`, a move into a full tier is skipped ("full"). The policy's
-    victim() runs under `policy_lock` when given (the daemon's, so that no other thread is inside the policy)."""
+    victim() runs under `policy_lock` when given (the daemon's, so that no other thread is inside the policy).
+    Blocks in `own` move although pinned: the driver's own request holds them (a demand cache's promotion on
+    access); they are still never victims."""
     if budget_bytes is not None and budget_bytes < 0:
         raise PolicyError(f"budget_bytes={budget_bytes} must be 0 or more (None: unlimited)")
     if retries < 0:
         raise PolicyError(f"retries={retries} must be 0 or more")
     _check_moves(plan.moves, view, policy)
-    return _Executor(cache, view, policy, retries, policy_lock).run(plan, budget_bytes)
+    return _Executor(cache, view, policy, retries, policy_lock, own).run(plan, budget_bytes)
 
 
 def _check_moves(moves: list[Move], view: PoolView, policy: Policy | None) -> None:
     who = f"policy {policy.name}" if policy is not None else "the plan"
     for move in moves:
-        if move.reason not in MOVE_REASONS:
-            raise PolicyError(f"{who} planned a move with reason {move.reason!r}; valid: {', '.join(MOVE_REASONS)}")
-        for tier in (move.source, move.target):
-            if tier not in view.rank:
-                raise PolicyError(f"{who} named tier {tier!r}; tiers: {', '.join(view.rank)}")
-        source, target = view.rank[move.source], view.rank[move.target]
-        if (target < source) != (move.reason != "demote") or source == target:
-            raise PolicyError(f"{who} planned {move.reason} of block {move.block} from {move.source} to "
-                              f"{move.target}: promote and prefetch go to a faster tier, demote to a slower one")
+        check_move(move.block, move.source, move.target, move.reason, view.rank, who)
 
 
 class _Executor:
     def __init__(self, cache: TieredKVCache, view: PoolView, policy: Policy | None, retries: int,
-                 policy_lock: threading.RLock | None) -> None:
+                 policy_lock: threading.RLock | None, own: Collection[int] = ()) -> None:
         self.cache = cache
+        self.own = own
         self.pool = cache.pool
         self.view = view
         self.policy = policy
         self.retries = retries
         self.policy_lock = policy_lock or nullcontext()
+        self.board = LiveBoard(view, self.pool.capacity, policy_lock)
         self.out = PlanOutcome()
 
     def run(self, plan: Plan, budget_bytes: int | None) -> PlanOutcome:
@@ -149,7 +148,7 @@ class _Executor:
             block = self.view.block(move.block)
             if block is None:
                 return self.out.skip("gone")
-            if self.view.pinned(move.block):
+            if self.view.pinned(move.block) and move.block not in self.own:
                 return self.out.skip("pinned")
             if block.tier == move.target:
                 return self.out.skip("already_there")
@@ -163,42 +162,18 @@ class _Executor:
 
     def _decide(self, move: Move) -> list[_Step] | None:
         """The steps that put the block on its target, deepest victim first, the move itself last; None (with the
-        reason counted) if room cannot be made. Nothing is moved here: the view only shows the outcome."""
-        view = self.view
-        chain: list[_Step] = []
+        reason counted) if room cannot be made. Nothing is moved here: the view only shows the outcome (the
+        placement engine's make_room on the live board)."""
+        view, names = self.view, self.board.names
+        chain: list[Step] = []
         with view.staging():
             view.stage(move.block, None)  # it leaves its source: that slot is free for the chain
-            reason = self._fit(move.block, move.target, chain)
+            reason = make_room(self.board, self.policy, move.block, view.rank[move.target], chain)
         if reason is not None:
             self.out.skip(reason)
             return None
-        return [*chain, _Step(move.block, move.source, move.target)]
-
-    def _fit(self, ident: int, tier: str, chain: list[_Step]) -> str | None:
-        """Show block ident (in no tier now) in `tier`; if that overfills it, choose a victim and push it down,
-        recursively. Returns None when done, else the reason it cannot be."""
-        view, capacity = self.view, self.pool.capacity[tier]
-        used = view.used(tier)
-        if used >= capacity and used <= view.pinned_in(tier):
-            return "full"  # nothing in it may leave
-        view.stage(ident, tier, pinned=True)
-        if used < capacity:
-            return None
-        if self.policy is None:
-            return "full"
-        with self.policy_lock:
-            victim = checked_victim(self.policy, tier, view)
-        view.stage(victim, None)
-        order = self.pool.order
-        rank = view.rank[tier]
-        if rank + 1 < len(order) and self._fit(victim, order[rank + 1], chain) is None:
-            chain.append(_Step(victim, tier, order[rank + 1]))
-            return None
-        block = view.block(victim)
-        if block is None or block.refs:
-            return "victim_in_use"  # out of the last tier means dropped, and a running sequence needs it
-        chain.append(_Step(victim, tier, None))
-        return None
+        return [*(_Step(b, names[f], None if t is None else names[t]) for b, f, t in chain),
+                _Step(move.block, move.source, move.target)]
 
     # -- carrying it out ---------------------------------------------------------------------------------------
 

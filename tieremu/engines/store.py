@@ -5,8 +5,10 @@ own decode and execute-mode replay).
 A saved block is admitted where the policy says, room being made the way execute-mode replay makes it (the policy's
 victim pushed one tier down, recursively, or out of the last tier) and written through the cache's write path; a
 loaded block is read through the cache's read path, so an emulated tier's timing model charges every load and save,
-and every hit is attributed to the tier that served it. The policy observes every lookup (hits and misses) and its
-epochs run between engine steps in the engine's own thread (no concurrency with the engine's forward pass).
+and every hit is attributed to the tier that served it. A demand cache's load below the fastest tier is then
+promoted where the policy admits it (the daemon's promote: the placement engine makes room). The policy observes
+every lookup (hits and misses) and its epochs run between engine steps in the engine's own thread (no concurrency
+with the engine's forward pass).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tieremu.daemon.daemon import MigrationDaemon
-from tieremu.daemon.room import stage_fit
+from tieremu.daemon.room import LiveBoard, admit_new, carry_out_admission
 from tieremu.daemon.view import PoolView
-from tieremu.errors import ConfigError, KVError, PolicyError, TieremuError
+from tieremu.errors import ConfigError, KVError
 from tieremu.kv.cache import MIB, TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Directed
@@ -42,6 +44,7 @@ class StoreStats:
     lookups: int = 0  # blocks asked for by the scheduler
     not_admitted: int = 0  # saves with no room (every tier full of pinned blocks)
     demotions: int = 0  # victims pushed one tier down to make room
+    promotions: int = 0  # a demand cache's loads below the fastest tier, moved up after the load
     evictions: int = 0  # victims pushed out of the last tier
     save_s: float = 0.0
     load_s: float = 0.0
@@ -100,6 +103,7 @@ class TierStore:
             self.cache.close()
             raise
         self.view: PoolView = self.daemon.view
+        self.board = LiveBoard(self.view, self.cache.pool.capacity, self.daemon.policy_lock)
         self.stats = StoreStats(hits_by_tier=dict.fromkeys(self.names, 0),
                                 stored_by_tier=dict.fromkeys(self.names, 0))
         self.lock = threading.RLock()  # the scheduler's lookups and the worker's loads and saves
@@ -148,7 +152,10 @@ class TierStore:
                 self.stats.hits_by_tier[tier] += n
             self.stats.loaded_blocks += len(keys)
             self.stats.load_s += time.perf_counter() - t0
-            self._observe([AccessEvent(k, self.view.tier_of(k), self._now(), request) for k in keys])
+            served = [(k, self.view.tier_of(k)) for k in keys]
+            if self.policy.family == "demand":
+                self._promote(served)
+            self._observe([AccessEvent(k, tier, self._now(), request) for k, tier in served])
             self.view.unpin(keys)
             return out
 
@@ -161,12 +168,14 @@ class TierStore:
             t0 = time.perf_counter()
             cache = self.cache
             with cache.lock:
-                with self.daemon.policy_lock:
-                    tier, chain = self._decide(key)
-                if tier is None:
+                admission = admit_new(self.board, self.policy, key)
+                done = carry_out_admission(cache, self.board, self.policy, key, admission)
+                self.stats.demotions += done.demoted
+                self.stats.evictions += done.evicted
+                if admission.rank is None:
                     self.stats.not_admitted += 1
                     return None
-                self._carry_out(chain)
+                tier = self.names[admission.rank]
                 self.placement.target = tier
                 seq = self._seq()
                 cache.add_sequence(seq, keys=[key])
@@ -197,38 +206,17 @@ class TierStore:
     def close(self) -> None:
         self.cache.close()
 
-    # -- admission: execute-mode replay's rules, on the live view ------------------------------------------
-
-    def _decide(self, key: int) -> tuple[str | None, list[tuple[int, str, str | None]]]:
-        view = self.view
-        tier = self.policy.admit(key, view)
-        if tier not in self.rank:
-            raise PolicyError(f"policy {self.policy.name} admitted block {key} to tier {tier!r}; tiers: "
-                              f"{', '.join(self.names)}")
-        for name in self.names[self.rank[tier]:]:
-            chain: list[tuple[int, str, str | None]] = []
-            with view.staging():
-                if stage_fit(self.view, self.policy, self.capacity, self.names, key, name, chain):
-                    return name, chain
-        return None, []
-
-    def _carry_out(self, chain: list[tuple[int, str, str | None]]) -> None:
-        """Deepest first, so each move has room; a demotion the kernel refuses drops the victim instead."""
-        pool = self.cache.pool
-        for ident, _source, target in chain:
-            block = self.view.block(ident)
-            if block is None:
-                raise KVError(f"connector: victim block {ident} vanished while the store held the cache's lock")
-            if target is not None:
-                try:
-                    ok = self.cache.move(block, target).ok
-                except (TieremuError, OSError):
-                    ok = False
-                if ok:
-                    self.stats.demotions += 1
-                    continue
-            pool.evict(block)
-            self.stats.evictions += 1
+    def _promote(self, served: Sequence[tuple[int, str | None]]) -> None:
+        """A demand cache's hits below the fastest tier move where the policy admits them, as in simulate and
+        execute-mode replay: real moves through the daemon, room made by the placement engine."""
+        for key, tier in served:
+            if tier is None or tier == self.names[0]:
+                continue
+            with self.daemon.policy_lock:
+                target = self.policy.admit(key, self.view)
+            if target in self.rank and self.rank[target] < self.rank[tier]:
+                self.daemon.promote(key, tier, target)
+                self.stats.promotions += self.view.tier_of(key) == target
 
     def _observe(self, events: list[AccessEvent]) -> None:
         with self.daemon.policy_lock:

@@ -14,8 +14,9 @@ early waits: that wait is the workload's real idle time):
    shown in the tier, pinned, the policy's victim is pushed one tier down, recursively, or out of the last
    tier), and written in full: real writes standing in for prefill;
 4. its measured TTFT is the time steps 2 and 3 took (room-making and emulated delay included);
-5. the policy observes the request's accesses: hits and misses, by request index, at its arrival on the trace's
-   clock, so that look-ahead, Belady and hot/cold's half-life see what they see in simulate. (The cache keeps
+5. the policy observes the request's accesses (a demand cache each one as it happens, others after the request):
+   hits and misses, by request index, at its arrival on the trace's clock, so that look-ahead, Belady and hot/cold's
+   half-life see what they see in simulate. (The cache keeps
    no access log: the daemon would hand the same reads to the policy a second time, without request indices.)
 
 Meanwhile a MigrationDaemon thread runs the policy every `epoch_s` of wall time and carries its plans out with
@@ -36,8 +37,11 @@ How the placement can differ from simulate's:
 - with epochs between requests (`daemon_thread=False`) the decisions are simulate's own, except where a policy
   falls back to the first unpinned block of a full tier: the pool lists a tier's blocks in allocation order,
   simulate in order of arrival in the tier;
-- demand caches (`lru`, `lfu`, `belady`; see tieremu.policy.base.FAMILIES) run here without their promotion on
-  access, which only simulate carries out so far: a hit in a slower tier is read there and stays;
+- demand caches (`lru`, `lfu`, `belady`; see tieremu.policy.base.FAMILIES) promote on access as in simulate: a hit
+  in a slower tier is read there, then moved at once (a real move, room made by the same placement engine) where
+  the policy admits it, and the policy observes each access as it happens. The move is synchronous: its time,
+  and any wait for the migration budget's credit, is in the request's measured TTFT (simulate queues it on the
+  migration channel instead, and charges a later read of the block in flight);
 - a tier given as unlimited is sized to hold every block of the trace, and policies see that size as its
   capacity.
 """
@@ -53,15 +57,16 @@ from dataclasses import dataclass, field
 import torch
 
 from tieremu.daemon.daemon import DaemonReport, MigrationDaemon
-from tieremu.daemon.room import stage_fit
+from tieremu.daemon.room import LiveBoard, admit_new, carry_out_admission
 from tieremu.daemon.view import PoolView
-from tieremu.errors import ConfigError, PolicyError, TieremuError, WorkloadError
+from tieremu.errors import ConfigError, WorkloadError
 from tieremu.kv.arena import NumaArena
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Directed
-from tieremu.kv.pool import Block, MoveRecord
+from tieremu.kv.pool import MoveRecord
 from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy, UpcomingRequest
+from tieremu.policy.engine import MoveLedger, rank_in
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 from tieremu.workloads.simulate import (
@@ -347,6 +352,8 @@ class _Run:
             self.cache.close()
             raise
         self.view: PoolView = self.daemon.view
+        self.board = LiveBoard(self.view, self.cache.pool.capacity, self.daemon.policy_lock)
+        self.demand = policy.family == "demand"
         self.residency = _Residency(self.cache)
         self.hits = [0] * len(self.names)
         self.misses = self.uncached = 0
@@ -421,23 +428,48 @@ class _Run:
             if tier is not None:
                 self._read([key], seqs)
                 self.hits[self.rank[tier]] += 1
-                events.append(AccessEvent(key, tier, now, index))
-                continue
-            self.misses += 1
-            block_data = data[key] if key in data else self.data.of(key)  # it left after the request began
-            if not self._admit_and_write(key, block_data, seqs):
-                self.uncached += 1
-            events.append(AccessEvent(key, None, now, index))
+                if self.demand and self.rank[tier]:
+                    self._promote_on_access(key, tier)
+                event = AccessEvent(key, tier, now, index)
+            else:
+                self.misses += 1
+                block_data = data[key] if key in data else self.data.of(key)  # it left after the request began
+                if not self._admit_and_write(key, block_data, seqs):
+                    self.uncached += 1
+                event = AccessEvent(key, None, now, index)
+            if self.demand:  # a demand cache learns of each access as it happens, as in simulate
+                self._observe((event,))
+            else:
+                events.append(event)
         cache.end_step()  # pays the emulated delay the reads and writes owe
         seconds = time.perf_counter() - t0
-        with self.daemon.policy_lock:
-            t1 = time.perf_counter()
-            self.policy.observe(events)
-            self.policy_s += time.perf_counter() - t1
+        self._observe(events)
         for seq in seqs:
             cache.free_sequence(seq)
         view.unpin()
         return seconds
+
+    def _observe(self, events: Sequence[AccessEvent]) -> None:
+        if events:
+            with self.daemon.policy_lock:
+                t0 = time.perf_counter()
+                self.policy.observe(events)
+                self.policy_s += time.perf_counter() - t0
+
+    def _promote_on_access(self, key: int, tier: str) -> None:
+        """A demand cache's hit below the fastest tier: served there (read already), then moved at once where the
+        policy admits it, if that is faster, by a real move through the daemon (room made by the placement engine,
+        on the run's migration budget). Where no room could be made, it stays, and the policy is told so."""
+        with self.daemon.policy_lock:
+            t0 = time.perf_counter()
+            target = self.policy.admit(key, self.view)
+            self.policy_s += time.perf_counter() - t0
+        if rank_in(self.rank, target, f"policy {self.policy.name}") >= self.rank[tier]:
+            return
+        self.daemon.promote(key, tier, target)
+        if self.view.tier_of(key) != target:
+            with self.daemon.policy_lock:
+                self.policy.moved(key, target, tier)
 
     def _read(self, keys: list[int], seqs: list[int]) -> None:
         """Read resident, pinned blocks through the cache's read path (a sequence whose table is those blocks)."""
@@ -456,13 +488,18 @@ class _Run:
         """Make room where the policy admits the block and write it there; False if no tier could take it."""
         cache = self.cache
         with cache.lock:  # nothing may take the room made before the block lands in it
-            with self.daemon.policy_lock:
-                t0 = time.perf_counter()
-                tier, chain = self._decide(key)
-                self.policy_s += time.perf_counter() - t0
-            if tier is None:
+            t0 = time.perf_counter()
+            admission = admit_new(self.board, self.policy, key)
+            self.policy_s += time.perf_counter() - t0
+            if any(target is not None for _, _, target in admission.chain):
+                self.daemon.budget.wait(time.monotonic, time.sleep)  # demotions, too, are within the budget
+            done = carry_out_admission(cache, self.board, self.policy, key, admission)
+            self.daemon.pay(done.demoted * self.layout.block_bytes)
+            self.admission_demotions += done.demoted
+            self.admission_failed += done.failed
+            if admission.rank is None:
                 return False
-            self._carry_out(chain)
+            tier = self.names[admission.rank]
             self.placement.target = tier
             seq = self._new_seq(seqs)
             cache.add_sequence(seq, keys=[key])
@@ -482,55 +519,6 @@ class _Run:
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         seqs.append(seq)
         return seq
-
-    # -- admission: simulate's rules, on the live view -------------------------------------------------------
-
-    def _decide(self, key: int) -> tuple[str | None, list[tuple[int, str, str | None]]]:
-        """The tier a new block goes to and the chain of (block, source, target or None: evict) that makes room
-        there, deepest first; (None, []) if every tier from the admitted one down is full of pinned blocks."""
-        view = self.view
-        tier = self.policy.admit(key, view)
-        if tier not in self.rank:
-            raise PolicyError(f"policy {self.policy.name} admitted block {key} to tier {tier!r}; tiers: "
-                              f"{', '.join(self.names)}")
-        for name in self.names[self.rank[tier]:]:
-            chain: list[tuple[int, str, str | None]] = []
-            with view.staging():
-                if stage_fit(self.view, self.policy, self.cache.pool.capacity, self.names, key, name, chain):
-                    if name != tier:
-                        self.policy.moved(key, tier, name)  # the tiers above were full of pinned blocks
-                    return name, chain
-        self.policy.moved(key, tier, None)
-        return None, []
-
-    def _carry_out(self, chain: list[tuple[int, str, str | None]]) -> None:
-        """Deepest first, so each move has room. A demotion the kernel refuses drops the block instead: the
-        newcomer's room must be made, and the victim was going down anyway."""
-        pool = self.cache.pool
-        for ident, source, target in chain:
-            block = self.view.block(ident)
-            if block is None:
-                raise WorkloadError(f"victim block {ident} vanished while the replay held the cache's lock")
-            if target is not None and self._demote(block, target):
-                self.admission_demotions += 1
-                self._tell(ident, source, target)
-                continue
-            pool.evict(block)
-            self._tell(ident, source, None)
-
-    def _tell(self, ident: int, source: str, target: str | None) -> None:
-        """Report a victim's push to the policy, so that its rankings file the block where it now is."""
-        with self.daemon.policy_lock:
-            self.policy.moved(ident, source, target)
-
-    def _demote(self, block: Block, target: str) -> bool:
-        try:
-            ok = self.cache.move(block, target).ok
-        except (TieremuError, OSError):
-            ok = False
-        if not ok:
-            self.admission_failed += 1
-        return ok
 
     # -- the end -------------------------------------------------------------------------------------------------
 
@@ -573,7 +561,7 @@ class _Run:
             evictions=self.evictions, uncached=self.uncached, strr=1.0 - shares[0] if any(shares) else 0.0,
             star=(hits - self.hits[0]) / hits if hits else 0.0, ttft_ms=Tail.of(self.ttft_ms),
             migration_bytes=moves.bytes, migration_gbps=moves.bytes / self.wall_s / 1e9 if self.wall_s > 0 else 0.0,
-            promotions=moves.promotions, demotions=moves.demotions, prefetches=moves.prefetches,
+            promotions=moves.moved["promote"], demotions=moves.moved["demote"], prefetches=moves.moved["prefetch"],
             ping_pongs=moves.ping_pongs, moves_skipped=report.skipped, epochs=report.epochs, trace_s=trace_s,
             wall_s=self.wall_s, policy_cpu_s=self.policy_s, block_bytes=self.layout.block_bytes,
             # Not an assumption here: the rate at which the stand-in prefill's writes went.
@@ -591,33 +579,17 @@ class _Run:
         )
 
 
-@dataclass(frozen=True)
-class _MoveCounts:
-    bytes: int
-    promotions: int
-    demotions: int
-    prefetches: int
-    ping_pongs: int
-
-
 def _count_moves(records: Sequence[MoveRecord], rank: Mapping[str, int], key_of: Mapping[int, int],
-                 ledger: _Ledger, window_s: float) -> _MoveCounts:
-    """Moves that happened, by direction (an upward one is a prefetch if its plan said so); a move back to where
-    the block came from within `window_s` of its last move is a ping-pong."""
-    promotions = demotions = prefetches = ping_pongs = moved_bytes = 0
-    last: dict[int, tuple[float, str, str]] = {}
+                 planned: _Ledger, window_s: float) -> MoveLedger:
+    """Moves that happened, on the engine's ledger by direction (an upward one is a prefetch if its plan said so);
+    a move back to where the block came from within `window_s` of its last move is a ping-pong."""
+    ledger = MoveLedger(window_s)
     for rec in sorted((r for r in records if r.ok and r.bytes), key=lambda r: r.time):
-        moved_bytes += rec.bytes
         if rank[rec.target] > rank[rec.source]:
-            demotions += 1
-        elif ledger.reason_for(key_of.get(rec.block, -1), rec.time) == "prefetch":
-            prefetches += 1
+            reason = "demote"
+        elif planned.reason_for(key_of.get(rec.block, -1), rec.time) == "prefetch":
+            reason = "prefetch"
         else:
-            promotions += 1
-        before = last.get(rec.block)
-        if before is not None and (before[1], before[2]) == (rec.target, rec.source) and \
-                rec.time - before[0] <= window_s:
-            ping_pongs += 1
-        last[rec.block] = (rec.time, rec.source, rec.target)
-    return _MoveCounts(moved_bytes, promotions, demotions, prefetches, ping_pongs)
-
+            reason = "promote"
+        ledger.record(rec.block, rec.source, rec.target, reason, rec.time, rec.bytes)
+    return ledger

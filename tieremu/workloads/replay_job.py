@@ -60,7 +60,7 @@ class ReplayParams:
     epoch_s: float  # the policy's epoch, trace seconds
     time_scale: float  # execute: wall seconds per trace second
     block_kib: int  # execute: what a block really takes in memory here
-    budget_gbps: float | None  # the migration budget (simulate: of every move; execute: of the daemon's)
+    budget_gbps: float | None  # the migration budget of every move (execute: the daemon's token bucket)
     pin: bool = True  # simulate: pin the blocks a request has read while it is served
 
 

@@ -44,11 +44,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 from tieremu.errors import ConfigError, PolicyError
 from tieremu.policy.base import (
-    MOVE_REASONS,
     AccessEvent,
     Plan,
     Policy,
@@ -56,6 +56,7 @@ from tieremu.policy.base import (
     TierState,
     UpcomingRequest,
 )
+from tieremu.policy.engine import MigrationChannel, MoveLedger, Step, admit, check_move, make_room, rank_in
 from tieremu.record.stats import percentile
 from tieremu.workloads.trace import MOONCAKE_BLOCK_TOKENS, Request
 
@@ -288,8 +289,12 @@ def _check(tiers: Sequence[SimTier], epoch_s: float, block_bytes: int, read_gbps
         raise ConfigError(f"core={core!r}; valid: {', '.join(CORES)}")
 
 
+_NO_TRIAL = nullcontext()
+
+
 class _Replay:
-    """The replay's state; it is also the BlockView the policy reads."""
+    """The replay's state; it is the placement engine's Board (tieremu.policy.engine), mutated as the engine
+    decides (nothing needs staging: no memory moves), and the BlockView the policy reads."""
 
     def __init__(self, settings: Settings, policy: Policy) -> None:
         self.s = settings
@@ -308,11 +313,10 @@ class _Replay:
         self.policy_s = 0.0
         self.hits = [0] * n
         self.misses = 0
-        self.evictions = self.uncached = self.skipped = self.ping_pongs = self.deferred = self.waited = 0
-        self.moved = dict.fromkeys(MOVE_REASONS, 0)
-        self.last_move: dict[int, tuple[int, int, int]] = {}  # block -> (epoch, source, target)
+        self.evictions = self.uncached = self.skipped = self.deferred = self.waited = 0
+        self.ledger = MoveLedger(settings.ping_pong_epochs)  # ping-pongs counted in epochs
         self.lands: dict[int, float] = {}  # block -> when its latest move lands
-        self.channel_free = 0.0  # when the migration channel has carried every move so far
+        self.channel = MigrationChannel()
         self.residency = [0.0] * n
         self.strr_sum = 0.0
         self.samples = 0
@@ -333,6 +337,45 @@ class _Replay:
     def pinned(self, block: int) -> bool:
         return block in self.pins
 
+    # -- Board (tieremu.policy.engine) -------------------------------------------------------------------------
+    def used_in(self, rank: int) -> int:
+        return len(self.members[rank])
+
+    def capacity_of(self, rank: int) -> int | None:
+        return self.capacity[rank]
+
+    def pinned_count(self, rank: int) -> int:
+        return self.pinned_in[rank]
+
+    def show(self, block: int, rank: int) -> None:
+        self._place(block, rank)
+
+    def hide(self, block: int) -> None:
+        self._remove(block)
+
+    def pick_victim(self, policy: Policy, rank: int, newcomer: int) -> int:
+        guard = newcomer not in self.pins
+        if guard:  # pinned only while the policy chooses: the newcomer is never its own victim
+            self.pins.add(newcomer)
+            self.pinned_in[rank] += 1
+        t0 = time.perf_counter()
+        victim = policy.victim(self.names[rank], self)
+        self.policy_s += time.perf_counter() - t0
+        if guard:
+            self.pins.discard(newcomer)
+            self.pinned_in[rank] -= 1
+        if self.where.get(victim) != rank or victim in self.pins or victim == newcomer:
+            state = "pinned" if victim in self.pins or victim == newcomer else f"in {self.tier_of(victim) or 'no tier'}"
+            raise PolicyError(f"policy {policy.name} chose block {victim} as the victim of tier {self.names[rank]},"
+                              f" but it is {state}: a victim must be an unpinned block of that tier")
+        return victim
+
+    def droppable(self, block: int) -> bool:
+        return True  # no sequence holds a simulated block
+
+    def trial(self) -> nullcontext[None]:
+        return _NO_TRIAL
+
     # -- the replay ------------------------------------------------------------------------------------------
     def run(self, requests: Sequence[Request], upcoming: int, params: dict[str, object]) -> ReplayResult:
         started = time.perf_counter()
@@ -340,7 +383,7 @@ class _Replay:
         arrivals = arrival_times(requests)
         ttft_ms: list[float] = []
         start = arrivals[0] if arrivals else 0.0
-        self.channel_free = start
+        self.channel = MigrationChannel(start)
         for index, request in enumerate(requests):
             self._epochs_until(start, epochs_due(start, self.s.epoch_s, arrivals[index]))
             self.now = arrivals[index]
@@ -445,19 +488,14 @@ class _Replay:
                 source = self._remove(block)
                 self.evictions += 1
                 self._tell(block, source, None)
+        who = f"policy {self.policy.name}"
         for move in plan.moves:
-            if move.reason not in MOVE_REASONS:
-                raise PolicyError(f"policy {self.policy.name} planned a move with reason {move.reason!r}; valid: "
-                                  f"{', '.join(MOVE_REASONS)}")
-            source, target = self._rank(move.source), self._rank(move.target)
-            if (target < source) != (move.reason != "demote") or source == target:
-                raise PolicyError(f"policy {self.policy.name} planned {move.reason} of block {move.block} from "
-                                  f"{move.source} to {move.target}: promote and prefetch go to a faster tier, "
-                                  "demote to a slower one")
+            check_move(move.block, move.source, move.target, move.reason, self.rank, who)
+            source, target = self.rank[move.source], self.rank[move.target]
             if self.where.get(move.block) != source or move.block in self.pins:
                 self.skipped += 1
                 continue
-            if max(self.now, self.channel_free) >= self.now + self.s.epoch_s:
+            if self.channel.busy_past(self.now + self.s.epoch_s, self.now):
                 self.deferred += 1  # the budget is spent for this epoch: the channel is busy past its end
                 continue
             self._remove(move.block)
@@ -471,49 +509,33 @@ class _Replay:
         t0 = time.perf_counter()
         tier = self.policy.admit(block, self)
         self.policy_s += time.perf_counter() - t0
-        admitted = self._rank(tier)
-        for i in range(admitted, len(self.names)):
-            if self._fit(block, i):
-                if i != admitted:
-                    self._tell(block, admitted, i)  # the tiers it was admitted to were full of pinned blocks
-                return
-        self.uncached += 1
-        self._tell(block, admitted, None)
+        admission = admit(self, self.policy, block, self._rank(tier))
+        if admission.rank is None:
+            self.uncached += 1
+            self._tell(block, admission.wanted, None)
+            return
+        self._apply(admission.chain)
+        if admission.rank != admission.wanted:
+            self._tell(block, admission.wanted, admission.rank)  # the tiers it was admitted to were full of pinned
 
     def _fit(self, block: int, i: int) -> bool:
-        """Put a block that is in no tier into tier i; if that overfills it, push the policy's victim one tier
-        down (recursively), or out of the last tier. False, with nothing changed, if tier i is full of pinned
-        blocks. The newcomer is placed (and pinned) before the policy is asked, so the policy never sees a block
-        that is nowhere, nor picks the newcomer itself."""
-        cap = self.capacity[i]
-        members = self.members[i]
-        if cap is not None and len(members) >= cap and len(members) <= self.pinned_in[i]:
+        """Put a block that is in no tier into tier i, making room there (the engine's make_room, applied at
+        once); False, with nothing changed, if tier i is full of pinned blocks."""
+        chain: list[Step] = []
+        if make_room(self, self.policy, block, i, chain) is not None:
             return False
-        self._place(block, i)
-        if cap is None or len(members) <= cap:
-            return True
-        guard = block not in self.pins
-        if guard:
-            self.pins.add(block)
-            self.pinned_in[i] += 1
-        t0 = time.perf_counter()
-        victim = self.policy.victim(self.names[i], self)
-        self.policy_s += time.perf_counter() - t0
-        if guard:
-            self.pins.discard(block)
-            self.pinned_in[i] -= 1
-        if self.where.get(victim) != i or victim in self.pins or victim == block:
-            state = "pinned" if victim in self.pins or victim == block else f"in {self.tier_of(victim) or 'no tier'}"
-            raise PolicyError(f"policy {self.policy.name} chose block {victim} as the victim of tier {self.names[i]},"
-                              f" but it is {state}: a victim must be an unpinned block of that tier")
-        self._remove(victim)
-        if i + 1 < len(self.names) and self._fit(victim, i + 1):
-            self._moved(victim, i, i + 1, "demote")
-        else:
-            self.evictions += 1
-            self.lands.pop(victim, None)
-            self._tell(victim, i, None)
+        self._apply(chain)
         return True
+
+    def _apply(self, chain: list[Step]) -> None:
+        """The pushes that made room, deepest first: demotions on the ledger and the channel, drops counted."""
+        for victim, source, target in chain:
+            if target is None:
+                self.evictions += 1
+                self.lands.pop(victim, None)
+                self._tell(victim, source, None)
+            else:
+                self._moved(victim, source, target, "demote")
 
     def _place(self, block: int, i: int) -> None:
         self.members[i][block] = None
@@ -534,15 +556,9 @@ class _Replay:
             self.pinned_in[i] = 0
 
     def _moved(self, block: int, source: int, target: int, reason: str) -> None:
-        """A move carried out: counted, checked for ping-pong, put on the migration channel, told to the policy."""
-        self.moved[reason] += 1
-        last = self.last_move.get(block)
-        if last is not None and last[1] == target and last[2] == source and \
-                self.epoch - last[0] <= self.s.ping_pong_epochs:
-            self.ping_pongs += 1
-        self.last_move[block] = (self.epoch, source, target)
-        self.channel_free = max(self.now, self.channel_free) + self.s.move_s[source][target]
-        self.lands[block] = self.channel_free
+        """A move carried out: on the ledger (ping-pongs in epochs), on the migration channel, told to the policy."""
+        self.ledger.record(block, source, target, reason, self.epoch)
+        self.lands[block] = self.channel.carry(self.now, self.s.move_s[source][target])
         self._tell(block, source, target)
 
     def _tell(self, block: int, source: int, target: int | None) -> None:
@@ -551,21 +567,17 @@ class _Replay:
         self.policy_s += time.perf_counter() - t0
 
     def _rank(self, tier: str) -> int:
-        try:
-            return self.rank[tier]
-        except KeyError:
-            raise PolicyError(f"policy {self.policy.name} named tier {tier!r}; tiers: {', '.join(self.names)}") \
-                from None
+        return rank_in(self.rank, tier, f"policy {self.policy.name}")
 
     def _result(self, requests: Sequence[Request], arrivals: Sequence[float], ttft: list[float], wall_s: float,
                 params: dict[str, object]) -> ReplayResult:
         return build_result(Counts(
             hits=tuple(self.hits), misses=self.misses, resident=tuple(len(m) for m in self.members),
             residency=tuple(self.residency), samples=self.samples, strr_sum=self.strr_sum,
-            evictions=self.evictions, uncached=self.uncached, promotions=self.moved["promote"],
-            demotions=self.moved["demote"], prefetches=self.moved["prefetch"], ping_pongs=self.ping_pongs,
-            skipped=self.skipped, deferred=self.deferred, waited=self.waited, epochs=self.epoch,
-            channel_free=self.channel_free, ttft_ms=tuple(ttft)),
+            evictions=self.evictions, uncached=self.uncached, promotions=self.ledger.moved["promote"],
+            demotions=self.ledger.moved["demote"], prefetches=self.ledger.moved["prefetch"],
+            ping_pongs=self.ledger.ping_pongs, skipped=self.skipped, deferred=self.deferred, waited=self.waited,
+            epochs=self.epoch, channel_free=self.channel.free, ttft_ms=tuple(ttft)),
             self.s, self.policy, requests, arrivals, wall_s, self.policy_s, params, core="python")
 
 

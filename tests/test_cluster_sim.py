@@ -320,11 +320,15 @@ def test_a_fitted_slower_tier_cost_is_recovered_and_charged_by_the_simulator(tra
 
 def test_fit_servtime_refuses_bad_input_before_timing(tmp_path) -> None:
     runner = CliRunner()
-    for args, message in ((["--out", str(tmp_path / "no" / "m.json")], "its folder does not exist"),
-                          (["--out", str(tmp_path / "m.json"), "--engine", "sglang"], "Invalid value for '--engine'")):
+    a_file = tmp_path / "m.json"
+    a_file.write_text("{}")
+    for args, message in ((["--out", str(a_file)], "is a file"),
+                          (["--out", str(tmp_path), "--name", "sub/m.json"], "a file name, not a path"),
+                          (["--out", str(tmp_path / "new"), "--preset", "huge"], "preset"),
+                          (["--out", str(tmp_path), "--engine", "sglang"], "Invalid value for '--engine'")):
         result = runner.invoke(main, ["cluster", "fit-servtime", *args])
-        assert result.exit_code == 2 and message in result.output
-    assert not any(tmp_path.iterdir())
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # nothing written, no folder made
 
 
 def test_cluster_replay_refuses_an_option_of_the_other_mode(tmp_path) -> None:

@@ -39,7 +39,8 @@ SYNTHETIC = "jobs:\n  - kind: synthetic\n    policies: [lru, hotcold]\n    token
     ("jobs:\n  - kind: synthetic\n    policies: [lru]\n    tokenz: 8\n",
      r"jobs\[0\]\.tokenz: unknown key; valid keys here: .*tokens"),
     ("jobs:\n  - kind: decoed\n",
-     r"jobs\[0\]\.kind: unknown job kind 'decoed'; valid: decode, engine, probe, replay, roundtrip, synthetic"),
+     r"jobs\[0\]\.kind: unknown job kind 'decoed'; valid: cluster, decode, engine, probe, replay, roundtrip, "
+     r"synthetic"),
     ("jobs:\n  - kind: synthetic\n    policies: [lru, lur]\n",
      r"jobs\[0\]\.policies\[1\]: unknown policy 'lur'; valid: all-fastest, all-slowest, hotcold, lfu, lru"),
     (SYNTHETIC + "sweep:\n  capacity: [1, 2]\n", r"sweep\.capacity: no job takes 'capacity'; axes the jobs take: .*"

@@ -101,29 +101,47 @@ def _table(d: dict) -> Table:
               help="tieremu engine: decode over the tiered KV cache of this tier map (all in its first memory tier, "
                    "split, all in its second) to fit a cost per byte for the slower tier (emulated tiers: the fit "
                    "is labelled emulated).")
-@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the model's JSON.")
-def fit_servtime(engine: str, preset: str, repeats: int, tiers_file: str | None, out: str) -> None:
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Folder the model's JSON is written to (created if missing).")
+@click.option("--name", default=None, metavar="FILE",
+              help="File name of the model in --out (default: servtime-<engine>-<preset>.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print the fitted model's summary as JSON.")
+def fit_servtime(engine: str, preset: str, repeats: int, tiers_file: str | None, out_dir: Path, name: str | None,
+                 as_json: bool) -> None:
     """Time prefill and decode iterations of tieremu's decode model (or vLLM's) on this machine, fit the
     serving-time model (least squares) and write it with the fit's error."""
     from tieremu.errors import ConfigError
 
-    if not Path(out).resolve().parent.is_dir():
-        raise ConfigError(f"--out {out}: its folder does not exist; give a path in an existing folder")
+    file_name = name or f"servtime-{engine}-{preset if engine == 'tieremu' else 'tiny'}.json"
+    if Path(file_name).name != file_name or file_name in (".", ".."):
+        raise ConfigError(f"--name {file_name!r}: a file name, not a path (the folder is --out)")
+    out = out_dir / file_name
+    if engine == "tieremu":
+        from tieremu.workloads.llama import preset as model_preset
+
+        model_preset(preset)  # an unknown preset is refused before any timing
+    if tiers_file is not None:
+        from tieremu.tiers.config import load_tier_map
+
+        load_tier_map(tiers_file)  # a bad tier map is refused before any timing
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
     if engine == "vllm":
         from tieremu.cluster.servtime_vllm import measure_and_fit_vllm
 
         model = measure_and_fit_vllm(repeats=repeats)
     else:
         from tieremu.cluster.servtime import measure_and_fit
-        from tieremu.workloads.llama import preset as model_preset
 
-        model_preset(preset)  # an unknown preset is refused before any timing
-        if tiers_file is not None:
-            from tieremu.tiers.config import load_tier_map
-
-            load_tier_map(tiers_file)  # a bad tier map is refused before any timing
         model = measure_and_fit(preset, repeats=repeats, tiers_file=tiers_file)
     model.save(out)
     fit = model.fit
+    if as_json:
+        click.echo(json.dumps({"model": str(out), "name": model.name, "samples": fit.samples if fit else 0,
+                               "mean_rel_error": fit.mean_rel if fit else None,
+                               "max_rel_error": fit.max_rel if fit else None}))
+        return
     click.echo(f"{out}: {model.name}, fit over {fit.samples if fit else 0} shapes, mean relative error "
                f"{fit.mean_rel if fit else float('nan'):.1%}, max {fit.max_rel if fit else float('nan'):.1%}")

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One idempotent set-up: system packages when missing, .venv, torch==2.13.0 (CPU), then tieremu with its
-# test and ray extras (Ray: the sweep backend for several hosts, tested with a real local cluster). A second run
+# test, ray and cluster extras (Ray: the sweep backend for several hosts, tested with a real local cluster;
+# pyzmq: the peer index of `tieremu cluster`). A second run
 # checks and changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(numactl fio qemu-system-x86 busybox-static libcap2-bin gcc libc6-dev chromium)
+APT_PACKAGES=(numactl fio qemu-system-x86 busybox-static libcap2-bin gcc libc6-dev chromium iproute2)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -34,8 +35,8 @@ fi
 
 stamp=.venv/.tieremu-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import tieremu, importlib.util as u, sys; sys.exit(u.find_spec('ray') is None)" 2>/dev/null; then
-    echo "bootstrap: installing tieremu and its test and ray extras"
-    "$PY" -m pip install -q -e '.[test,ray]'
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "import tieremu, importlib.util as u, sys; sys.exit(u.find_spec('ray') is None or u.find_spec('zmq') is None)" 2>/dev/null; then
+    echo "bootstrap: installing tieremu and its test, ray and cluster extras"
+    "$PY" -m pip install -q -e '.[test,ray,cluster]'
     echo "$want" > "$stamp"
 fi

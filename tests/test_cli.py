@@ -95,7 +95,8 @@ def test_run_prints_where_results_landed(tmp_path: Path) -> None:
                     "jobs:\n  - {kind: synthetic, policies: [], tokens: 4}\n")
     result = CliRunner().invoke(main, ["run", str(spec), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    landed = Path(result.output.strip().splitlines()[-1].removeprefix("results: "))
+    [line] = [line for line in result.output.splitlines() if line.startswith("results: ")]
+    landed = Path(line.removeprefix("results: "))
     assert landed.parent == tmp_path / "r" / "clirun" and (landed / "manifest.json").exists()
 
 
@@ -136,3 +137,36 @@ def test_subcommand_help_and_simulated_replay_do_not_import_torch() -> None:
                                  ["replay", trace, "--tiers", str(REPO / "configs/tiers/cxl-expander.yaml"),
                                   "--policy", "lru", "--json"])
     assert "torch" not in heavy and "matplotlib" not in heavy
+
+
+def _leaf_commands(command: click.Command, path: tuple[str, ...] = ()) -> list[tuple[str, click.Command]]:
+    if isinstance(command, click.Group):
+        ctx = click.Context(command)
+        return [leaf for name in command.list_commands(ctx)
+                for leaf in _leaf_commands(command.get_command(ctx, name), (*path, name))]  # type: ignore[arg-type]
+    return [(" ".join(path), command)]
+
+
+# Commands whose outcome is not a result to print as JSON, and why.
+NO_JSON = {"vm run": "exits with COMMAND's exit code; COMMAND's own output is the result",
+           "vm prepare": "fetches the guest's kernel; its report is a few lines of what was done"}
+
+
+def test_one_option_vocabulary_across_commands() -> None:
+    """Every option has help; every command that produces a result has --json; --out is always a folder; epochs
+    are milliseconds; no command takes a block size in two units."""
+    leaves = _leaf_commands(main)
+    assert len(leaves) > 25
+    for name, command in leaves:
+        assert command.help, f"tieremu {name} has no help"
+        options = {opt: p for p in command.params if isinstance(p, click.Option) for opt in p.opts}
+        for opt, param in options.items():
+            assert param.help, f"tieremu {name} {opt} has no help"
+        assert ("--json" in options) != (name in NO_JSON), f"tieremu {name}: --json missing (or listed in NO_JSON)"
+        if "--out" in options:
+            kind = options["--out"].type
+            assert isinstance(kind, click.Path) and not kind.file_okay, f"tieremu {name} --out is not a folder"
+        assert not any(o.startswith("--epoch-") and o != "--epoch-ms" for o in options), f"tieremu {name}: epoch unit"
+        assert not ({"--block-mib", "--block-kib"} <= set(options)), f"tieremu {name}: a block size in two units"
+    for argument in (p for _, c in leaves for p in c.params if isinstance(p, click.Argument)):
+        assert argument.name not in ("out", "out_file"), "an output is an --out folder, not a positional argument"

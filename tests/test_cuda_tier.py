@@ -107,8 +107,8 @@ def test_a_cuda_tier_defaults_to_device_0_and_takes_its_own_keys(tmp_path: Path)
 
 @pytest.mark.parametrize(("tier", "message"), [
     ("{name: hbm, kind: cuda, nodes: [0]}",
-     "tiers[0].nodes: unknown key; valid keys here: allow_emulation, capacity_mib, description, device, emulate, "
-     "kind, name"),
+     "tiers[0].nodes: unknown key; valid keys here: allow_emulation, capacity_mib, compression, description, device, "
+     "emulate, kind, name"),
     ("{name: hbm, kind: cuda, policy: bind}", "tiers[0].policy: unknown key"),
     ("{name: hbm, kind: cuda, shape: true}", "tiers[0].shape: unknown key"),
     ("{name: hbm, kind: cuda, device: -1}", "tiers[0].device: -1: must be an integer >= 0 and <= 1023"),

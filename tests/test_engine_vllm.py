@@ -81,6 +81,8 @@ def test_json_has_every_figure(replay_json: dict) -> None:
                 "outputs_match"):
         assert key in replay_json, key
     assert replay_json["engine"] == "vllm" and replay_json["requests"] == REQUESTS
+    assert replay_json["driver"] == "offline" and replay_json["server_url"] is None
+    assert replay_json["connector"]["source"].startswith("in-process")
     for key in ("p50", "p99"):
         assert replay_json["ttft_ms"][key] > 0 and replay_json["tpot_ms"][key] > 0
     for key in ("hits_by_tier", "stored_blocks", "loaded_blocks"):
@@ -114,6 +116,9 @@ def test_kv_tensor_is_wholly_on_its_tier_node(replay_json: dict) -> None:
     assert placement["tier"] == "dram" and placement["requested_node"] == 0
     assert placement["achieved_fraction"] == 1.0 and placement["absent_pages"] == 0
     assert placement["by_node"] == {"0": placement["pages"]}
+    # A real tier: measured, on its own node, and nothing charged for vLLM's attention reads of it.
+    assert placement["backing"] == "real" and placement["origin"] == "measured" and placement["tier_nodes"] == [0]
+    assert placement["attention_reads"] is None
 
 
 def test_outputs_match_without_the_connector(replay_json: dict) -> None:

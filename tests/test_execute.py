@@ -281,9 +281,9 @@ def command(tmp_path: Path, *args: str) -> list[str]:
 
 
 def test_replay_execute_json_has_simulates_figures_measured(tmp_path: Path, small_trace: list[Request]) -> None:
-    simulated = CliRunner().invoke(replay, command(tmp_path, "--json"))
+    simulated = CliRunner().invoke(replay, command(tmp_path, "--block-mib", "16", "--json"))
     executed = CliRunner().invoke(replay, command(tmp_path, "--mode", "execute", "--time-scale", "0.02",
-                                                  "--epochs-between-requests", "--block-kib", "16", "--json"))
+                                                  "--epochs-between-requests", "--block-mib", "16", "--json"))
     assert simulated.exit_code == 0 and executed.exit_code == 0, executed.output
     sim, data = json.loads(simulated.output), json.loads(executed.output)
     direct = execute(small_trace[:120], resolve(load_tier_map(tmp_path / "node0.yaml"), discover("/")),
@@ -293,7 +293,7 @@ def test_replay_execute_json_has_simulates_figures_measured(tmp_path: Path, smal
     assert data["origin"] == "measured" and sim["origin"] == "simulated" and not data["delay_injected"]
     assert data["backings"] == {"dram": "real", "cxl": "real", "far": "real"}
     assert data["requests"] == sim["requests"] == 120 and data["block_bytes"] == 16 << 10
-    assert data["represented_block_bytes"] == sim["block_bytes"] == 64 << 20
+    assert data["represented_block_bytes"] == sim["block_bytes"] == 16 << 20  # --block-mib 16: 16 KiB in memory
     assert [t["hits"] for t in data["tiers"]] == [t.hits for t in direct.tiers]
     assert (data["hits"], data["evictions"]) == (sim["hits"], sim["evictions"])
     assert [t["capacity_blocks"] for t in data["tiers"]] == [20, 50, 200]
@@ -303,11 +303,11 @@ def test_replay_execute_json_has_simulates_figures_measured(tmp_path: Path, smal
 
 
 def test_replay_execute_prints_measured_figures(tmp_path: Path) -> None:
-    out = CliRunner().invoke(replay, command(tmp_path, "--mode", "execute", "--time-scale", "0.02", "--block-kib",
+    out = CliRunner().invoke(replay, command(tmp_path, "--mode", "execute", "--time-scale", "0.02", "--block-mib",
                                              "16"))
     assert out.exit_code == 0, out.output
     for text in ("under lru-epoch (measured)", "TTFT measured p50", "start lag", "in its thread", "corrupted 0",
-                 "ping-pongs", "standing for 64 MiB", "no delay injected"):
+                 "ping-pongs", "16 KiB standing for 16 MiB", "no delay injected"):
         assert text in out.output
 
 

@@ -38,8 +38,9 @@ def test_default_spec_validates_and_plans_probe_round_trip_decode_and_replay_wit
     spec = load_experiment(DEFAULT)
     assert spec.name == "default" and spec.tier_map.name == "cxl-expander" and spec.probe
     runs = expand(spec)
-    # timing jobs repeat (3 by default), accounting-only replay runs once
-    assert [r.kind for r in runs] == ["probe"] + ["roundtrip"] * 3 + ["decode"] * 12 + ["replay"] * 6
+    # timing jobs repeat (3 by default), accounting-only replay runs once per fast-tier capacity (three), its static
+    # bounds once across capacities
+    assert [r.kind for r in runs] == ["probe"] + ["roundtrip"] * 3 + ["decode"] * 12 + ["replay"] * 14
     assert runs[1].params.route == ("dram", "cxl", "far")
     # the arms of the decode comparison interleave, ABBA across repetitions, so drift weighs on all alike
     arms = ["lru-epoch", "hotcold", "all-fastest", "all-slowest"]
@@ -48,8 +49,9 @@ def test_default_spec_validates_and_plans_probe_round_trip_decode_and_replay_wit
     # the all-fastest / all-slowest bounds run beside every policy of a job
     assert sorted({r.policy for r in runs if r.kind == "decode"}) == ["all-fastest", "all-slowest", "hotcold",
                                                                       "lru-epoch"]
-    assert sorted(r.policy for r in runs if r.kind == "replay") == ["all-fastest", "all-slowest", "belady",
-                                                                     "hotcold", "lookahead", "lru"]
+    assert sorted(r.policy for r in runs if r.kind == "replay") == [
+        "all-fastest", "all-slowest", *sorted(["belady", "hotcold", "lookahead", "lru"] * 3)]
+    assert sorted({r.axes["fast_capacity_blocks"] for r in runs if r.kind == "replay"}) == [25, 100, 400]
 
 
 def test_round_trip_writes_a_complete_labelled_result_folder(tmp_path: Path, memory_nodes: tuple[int, ...]) -> None:
@@ -159,8 +161,9 @@ def test_expected_lab_profile_that_is_not_active_is_warned_in_the_manifest(tmp_p
 
 def test_the_readmes_first_command_runs_the_default_experiment_to_a_report(tmp_path: Path,
                                                                             memory_nodes: tuple[int, ...]) -> None:
-    """What `bash scripts/run.sh` runs after set-up, as a user would: every run done, the report's path printed
-    last, and the tiers that are not real named as such in the report."""
+    """What `bash scripts/run.sh` runs after set-up, as a user would: every run done, the report's path printed,
+    the output ending with the summary table (policy x key metrics), and the tiers that are not real named as such
+    in the report."""
     import subprocess
     import sys
 
@@ -168,9 +171,16 @@ def test_the_readmes_first_command_runs_the_default_experiment_to_a_report(tmp_p
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert lines[-3] == "runs: 22 done (0 from before), 0 failed, 22 planned"
-    report = Path(lines[-2].removeprefix("report: "))
-    folder = Path(lines[-1].removeprefix("results: "))
+    tally = next(i for i, line in enumerate(lines) if line.startswith("runs: "))
+    planned = len(expand(load_experiment(DEFAULT)))
+    assert lines[tally] == f"runs: {planned} done (0 from before), 0 failed, {planned} planned"
+    report = Path(lines[tally + 1].removeprefix("report: "))
+    folder = Path(lines[tally + 2].removeprefix("results: "))
+    table = "\n".join(lines[tally + 3:])  # the output ends with the summary table, one row per job/point/policy
+    assert "summary: median over repetitions" in table and lines[-1].startswith("└")
+    for job, policy in (("decode", "lru-epoch"), ("decode", "all-slowest"), ("replay", "belady"), ("replay", "lru")):
+        assert any(job in line and f" {policy} " in line for line in lines[tally + 3:]), (job, policy, table)
+    assert "TPOT p50 ms" in table and "STAR" in table
     assert report == folder / "report.html" and report.is_file() and folder.parent == tmp_path / "default"
     html = report.read_text()
     for tier, node in (("cxl", 1), ("far", 2)):

@@ -187,7 +187,7 @@ def test_generate_trace_refuses_to_replace_a_device_fifo_or_symlink(tmp_path: Pa
     else:
         target.symlink_to(victim)
     mode = os.lstat(target).st_mode
-    code, out = _cli("generate-trace", str(target), "--requests", "2")
+    code, out = _cli("generate-trace", "--out", str(tmp_path), "--name", target.name, "--requests", "2")
     assert code == 2 and "not a regular file" in out and "Traceback" not in out
     assert os.lstat(target).st_mode == mode and victim.read_text() == "keep\n"
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no temporary left behind
@@ -352,7 +352,7 @@ def test_infinite_and_absurd_numbers_in_a_tier_map_are_refused(tmp_path: Path, s
 
 
 @pytest.mark.parametrize("args", [
-    ["generate-trace", "OUT", "--requests", "2", "--rate", "nan"],
+    ["generate-trace", "--out", "OUT", "--requests", "2", "--rate", "nan"],
     ["replay", "TRACE", "--tiers", str(TIERS), "--policy", "lru", "--block-mib", "nan"],
     ["replay", "TRACE", "--tiers", str(TIERS), "--policy", "lru", "--epoch-ms", "inf"],
     ["daemon", "--pid", "2", "--policy", "lru", "--epoch-ms", "nan"],
@@ -414,7 +414,7 @@ def test_a_full_disk_is_a_clear_error_and_the_run_error_survives(tmp_path: Path,
         raise RuntimeError("the run's own failure")  # error.txt cannot be written: the folder still says failed
     assert (tmp_path / "hard" / "t1.failed").is_dir()
     assert [p.name for p in (tmp_path / "hard" / "t1.failed").iterdir()] == []  # no temporary left
-    code, text = _cli("generate-trace", str(tmp_path / "t.jsonl"), "--requests", "2")
+    code, text = _cli("generate-trace", "--out", str(tmp_path), "--name", "t.jsonl", "--requests", "2")
     assert code == 2 and "No space left on device" in text
 
 

@@ -88,8 +88,19 @@ def test_blocks_moved_between_tiers_keep_their_data_and_the_kernel_agrees(tmp_pa
             cache.move(block, ("cxl", "far", "nvme", "dram")[i % 4])
         assert {b.tier for b in blocks} == {"dram", "cxl", "far", "nvme"}
         assert cache.pool.used("nvme") == sum(1 for b in blocks if b.tier == "nvme")
-        assert same_as_reference(cache, ref, 0)  # blocks on the file tier were read back into memory first
-        assert cache.pool.used("nvme") == 0
+        on_file = cache.pool.used("nvme")
+        assert same_as_reference(cache, ref, 0)  # blocks on the file tier are read through the file, in place
+        assert cache.pool.used("nvme") == on_file == 5
+        io = cache.file_io()["nvme"]
+        # One pread per block and layer read (two layers), of the layer's page-aligned span (16 KiB here).
+        assert io.reads == on_file * 2 and io.bytes_read == on_file * 2 * lay.layer_slice_bytes
+        assert cache.stats.traffic["nvme"].bytes_read == on_file * 2 * lay.layer_slice_bytes
+        cache.move(blocks[-1], "nvme")  # a partly filled tail block on the file tier: appends go through the file
+        written = io.bytes_written
+        fill(cache, ref, 0, 20, start=300, seed=1)
+        assert cache.file_io()["nvme"].bytes_written > written
+        assert same_as_reference(cache, ref, 0)
+        blocks = list(cache.seqs[0].tables[0])
         kinds = {(m.source, m.target): m.kind for m in cache.pool.moves}
         assert kinds[("dram", "nvme")] == "copy" and all(m.ok for m in cache.pool.moves)
         for placed in cache.verify():

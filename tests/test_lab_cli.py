@@ -195,3 +195,20 @@ def test_run_manifest_records_the_active_profile(lab: Lab) -> None:
     assert active["name"] == "kernel-tiering" and active["applied_utc"]
     knobs = {k["path"].rsplit("/", 1)[-1]: k for k in active["knobs"]}
     assert knobs["numa_balancing"]["now"] == "2" and knobs["numa_balancing"]["set"] == "2"
+
+
+def test_plan_apply_and_teardown_print_json(lab: Lab) -> None:
+    plan = run("plan", "kernel-tiering", "--json")
+    assert plan.exit_code == 0, plan.output
+    data = json.loads(plan.stdout)
+    assert data["profile"] == "kernel-tiering" and data["writes"] == 2 and data["blocking"] == []
+    assert any(s["path"].endswith("numa_balancing") and s["new"] == "2" for a in data["actions"] for s in a["steps"])
+    dry = run("apply", "kernel-tiering", "--dry-run", "--json")
+    assert json.loads(dry.stdout) == data | {"dry_run": True} and lab.changes() == []
+    applied = run("apply", "kernel-tiering", "--json")
+    assert applied.exit_code == 0, applied.output
+    assert json.loads(applied.stdout)["writes"] == 2
+    down = run("teardown", "kernel-tiering", "--json")
+    assert down.exit_code == 0, down.output
+    restored = json.loads(down.stdout)
+    assert len(restored["restored"]) == 2 and restored["failed"] == [] and lab.changes() == []

@@ -42,3 +42,4 @@ def test_probe_all_writes_json_csv_plots_and_manifest(tmp_path: Path) -> None:
     assert {r["kernel"] for r in rows} == {"read", "write", "copy", "triad"}
     assert all(r["origin"] in ("measured", "vm") and float(r["gb_per_s_median"]) > 0 for r in rows)
     assert (folder / "latency_vs_size.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "latency_vs_size.svg").read_text().lstrip().startswith("<?xml")  # SVG beside every PNG

@@ -35,8 +35,8 @@ GOOD_TIER = "  - name: dram\n    nodes: [0]\n"
 
 @pytest.mark.parametrize(("body", "message"), [
     ("name: x\ntiers:\n" + GOOD_TIER + "    polcy: bind\n",
-     "tiers[0].polcy: unknown key; valid keys here: allow_emulation, capacity_mib, description, emulate, kind, "
-     "name, nodes, policy, shape, weights"),
+     "tiers[0].polcy: unknown key; valid keys here: allow_emulation, capacity_mib, compression, description, emulate, "
+     "kind, name, nodes, policy, shape, weights"),
     ("name: x\ntiers:\n" + GOOD_TIER + "    shape: true\n",
      "tiers[0].shape: shaping a real node needs emulate targets"),
     ("name: x\ntiers:\n" + GOOD_TIER + "    policy: spread\n",

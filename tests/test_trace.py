@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli.replay import generate_trace
-from tieremu.errors import TraceError, WorkloadError
+from tieremu.errors import ConfigError, TraceError, WorkloadError
 from tieremu.workloads.generators import KINDS, BlockHasher, generate, mix
 from tieremu.workloads.trace import Request, ceiling_hit_ratio, parse_lines, read_trace, reference_count, write_trace
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"
-# How configs/traces/small.jsonl was made (python -m tieremu.cli.replay generate-trace ... --requests 300
+# How configs/traces/small.jsonl was made (tieremu generate-trace --out configs/traces --name small.jsonl --requests 300
 # --seed 7): the shipped file must stay reproducible from it.
 SMALL_REQUESTS, SMALL_SEED = 300, 7
 
@@ -158,14 +158,25 @@ def test_shipped_small_trace_is_reproducible_from_its_seed() -> None:
     shipped = read_trace(SMALL_TRACE)
     assert shipped == mix(SMALL_REQUESTS, seed=SMALL_SEED), (
         "configs/traces/small.jsonl no longer matches its generator; if the generator changed on purpose, "
-        "regenerate it: python -m tieremu.cli.replay generate-trace configs/traces/small.jsonl "
+        "regenerate it: tieremu generate-trace --out configs/traces --name small.jsonl "
         f"--requests {SMALL_REQUESTS} --seed {SMALL_SEED}")
     assert len(shipped) == SMALL_REQUESTS and prefix_consistent(shipped)
 
 
 def test_generate_trace_command(tmp_path: Path) -> None:
-    out = tmp_path / "g.jsonl"
-    result = CliRunner().invoke(generate_trace, [str(out), "--kind", "rag", "--requests", "50", "--seed", "2"])
+    result = CliRunner().invoke(generate_trace, ["--out", str(tmp_path / "new"), "--kind", "rag", "--requests", "50",
+                                                 "--seed", "2"])
     assert result.exit_code == 0, result.output
-    assert read_trace(out) == generate("rag", 50, seed=2)
+    assert read_trace(tmp_path / "new" / "rag-50-seed2.jsonl") == generate("rag", 50, seed=2)
     assert "50 requests" in result.output
+    named = CliRunner().invoke(generate_trace, ["--out", str(tmp_path), "--name", "g.jsonl", "--requests", "3",
+                                                "--json"])
+    assert named.exit_code == 0, named.output
+    data = json.loads(named.output)
+    assert data["path"] == str(tmp_path / "g.jsonl") and data["requests"] == 3
+    assert read_trace(tmp_path / "g.jsonl") == mix(3, seed=0)
+    bad = CliRunner().invoke(generate_trace, ["--out", str(tmp_path), "--name", "a/b.jsonl", "--requests", "3"])
+    assert isinstance(bad.exception, ConfigError) and "a file name, not a path" in str(bad.exception)
+    old_style = CliRunner().invoke(generate_trace, [str(tmp_path / "t.jsonl"), "--requests", "3"])
+    assert old_style.exit_code == 2 and f"--out {tmp_path} --name t.jsonl" in old_style.output
+    assert not (tmp_path / "t.jsonl").exists()

@@ -131,12 +131,12 @@ def test_replay_job_sweeps_policy_parameters(tmp_path: Path) -> None:
 def test_a_bound_that_does_not_depend_on_the_swept_axis_runs_once(tmp_path: Path) -> None:
     spec = tmp_path / "e.yaml"
     spec.write_text(f"name: s\ntiers: {CXL_MAP}\njobs:\n  - {{kind: replay, trace: {SMALL_TRACE}, policies: [lru],\n"
-                    "     sweep: {fast_capacity: [5%, 10%, 20%], epoch_s: [0.05, 0.1]}}\n")
+                    "     sweep: {fast_capacity: [5%, 10%, 20%], epoch_ms: [50, 100]}}\n")
     runs = expand(load_experiment(spec))
     per_policy = {p: sum(1 for r in runs if r.policy == p) for p in ("lru", "belady", "all-fastest", "all-slowest")}
     # belady and lru depend on the fast tier's size; the static bounds only on the epoch (their residency samples).
     assert per_policy == {"lru": 6, "belady": 6, "all-fastest": 2, "all-slowest": 2}
-    assert {r.axes["epoch_s"] for r in runs if r.policy == "all-fastest"} == {0.05, 0.1}
+    assert {r.axes["epoch_ms"] for r in runs if r.policy == "all-fastest"} == {50, 100}
 
 
 @pytest.mark.parametrize(("job", "message"), [
@@ -158,8 +158,10 @@ def test_a_bound_that_does_not_depend_on_the_swept_axis_runs_once(tmp_path: Path
      r"jobs\[0\]\.generate\.kind: 'forum' is not valid; valid: mix, chat, agent, rag, long"),
     ("{kind: replay, trace: TRACE, mode: exec, policies: [lru]}",
      r"jobs\[0\]\.mode: 'exec' is not valid; valid: simulate, execute"),
-    ("{kind: replay, trace: TRACE, mode: execute, epoch_s: 0.001, time_scale: 0.1, policies: [lru]}",
-     r"jobs\[0\]\.epoch_s: 0.001 s of trace at time_scale 0.1 is an epoch of 0.1 ms of wall time, below 1 ms"),
+    ("{kind: replay, trace: TRACE, mode: execute, epoch_ms: 1, time_scale: 0.1, policies: [lru]}",
+     r"jobs\[0\]\.epoch_ms: 1 ms of trace at time_scale 0.1 is an epoch of 0.1 ms of wall time, below 1 ms"),
+    ("{kind: replay, trace: TRACE, epoch_s: 0.05, policies: [lru]}",
+     r"jobs\[0\]\.epoch_s: renamed: use epoch_ms \(the same epoch in milliseconds"),
     ("{kind: replay, trace: TRACE, mode: execute, block_kib: 6, policies: [lru]}",
      r"jobs\[0\]\.block_kib: block_kib=6: .* comes in steps of 4 KiB"),
 ])

@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from tieremu.cli import units
 from tieremu.cli.replay import Number, parse_params
 from tieremu.daemon.attach import (
     DEFAULT_EPOCH_S,
@@ -89,14 +90,14 @@ def summary_table(result: AttachResult) -> Table:
     last = result.epochs[-1].chunks_by_tier if result.epochs else {}
     origin = "measured in the QEMU guest: speeds are emulation artefacts" if result.vm else "measured"
     table = Table(title=f"process {result.pid} under {result.policy} ({result.ended}, {origin})")
-    for col in ("tier", "nodes", "capacity chunks", "chunks at end", "moved in", "GiB moved in"):
+    for col in ("tier", "nodes", "capacity chunks", "chunks at end", "moved in", "bytes moved in"):
         table.add_column(col, justify="left" if col in ("tier", "nodes") else "right")
     for tier in result.tiers:
         into = [m for m in result.migrations if m.target_tier == tier.name]
         table.add_row(tier.name, ",".join(map(str, tier.nodes)),
                       "unlimited" if tier.capacity_chunks is None else f"{tier.capacity_chunks:,}",
                       f"{last.get(tier.name, 0):,}", f"{sum(1 for m in into if m.moved):,}",
-                      f"{sum(m.bytes for m in into) / 2**30:,.3f}")
+                      units.amount(sum(m.bytes for m in into)))
     return table
 
 
@@ -106,10 +107,10 @@ def summary_text(result: AttachResult) -> str:
     skipped = ", ".join(f"{k} {v:,}" for k, v in sorted(r.skipped.items())) or "none"
     lines = [
         f"epochs {len(r.epochs):,} of {r.epoch_s * 1e3:g} ms over {r.duration_s:,.1f} s  chunks tracked "
-        f"{r.chunks_tracked:,} ({r.chunk_bytes / 2**20:g} MiB)  daemon CPU {r.cpu_s:.2f} s",
+        f"{r.chunks_tracked:,} ({units.size(r.chunk_bytes)})  daemon CPU {r.cpu_s:.2f} s",
         f"migrations {len(r.migrations):,} (promotions {r.count('promote'):,}, demotions {r.count('demote'):,})  "
-        f"moved {r.moved_bytes / 2**30:,.3f} GiB at {r.gbps:.2f} GB/s in move_pages, {r.rate_gbps:.3f} GB/s over "
-        f"the run" + ("" if r.budget_gbps is None else f" (budget {r.budget_gbps:g} GB/s)"),
+        f"moved {units.amount(r.moved_bytes)} at {units.rate(r.gbps)} in move_pages, {units.rate(r.rate_gbps)} over "
+        f"the run" + ("" if r.budget_gbps is None else f" (budget {units.rate(r.budget_gbps)})"),
         f"failed pages by reason: {failed}  skipped moves: {skipped}  chunks moved by others: {r.moved_by_others:,}",
         f"tracking: {r.tracking}",
     ]

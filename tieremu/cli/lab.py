@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from tieremu.cli.lab_views import plan_table, status_table, undo_table
+from tieremu.cli.lab_views import entries_json, plan_json, plan_table, status_table, undo_table
 from tieremu.lab.applier import Applier, Terminated, UndoReport, load_journal, require_root, undo
 from tieremu.lab.journal import STATE_ENV
 from tieremu.lab.kernelfs import KernelFS
@@ -20,6 +20,7 @@ from tieremu.numa.sysfs import ROOT_ENV
 _root_option = click.option(
     "--sysfs-root", type=click.Path(exists=True, file_okay=False), default=None,
     help=f"Work on sys/ and proc/ under this directory instead of / (also: ${ROOT_ENV}).")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
 _state_option = click.option(
     "--state-dir", type=click.Path(file_okay=False), default=None,
     help=f"Where journals of applied profiles live (default /var/lib/tieremu/lab under the sysfs root, so inside "
@@ -46,13 +47,21 @@ def lab() -> None:
     """
 
 
+def _echo_json(data: object) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
 @lab.command()
 @click.argument("profile")
 @_root_option
-def plan(profile: str, sysfs_root: str | None) -> None:
+@_json_option
+def plan(profile: str, sysfs_root: str | None, as_json: bool) -> None:
     """Show every write PROFILE would make (path, old value, new value) and what this machine lacks.
     Needs no root and writes nothing."""
     applier = Applier(resolve_profile(profile), KernelFS(sysfs_root))
+    if as_json:
+        _echo_json(plan_json(applier.plan()))
+        return
     _console().print(plan_table(applier.plan()))
 
 
@@ -61,12 +70,16 @@ def plan(profile: str, sysfs_root: str | None) -> None:
 @click.option("--dry-run", is_flag=True, help="Only show the plan; write nothing (needs no root).")
 @_root_option
 @_state_option
-def apply(profile: str, dry_run: bool, sysfs_root: str | None, state_dir: str | None) -> None:
+@_json_option
+def apply(profile: str, dry_run: bool, sysfs_root: str | None, state_dir: str | None, as_json: bool) -> None:
     """Apply PROFILE as root: journal each old value durably, then write it; roll back on any failure."""
     applier = Applier(resolve_profile(profile), KernelFS(sysfs_root), state_dir)
     console = _console()
     if dry_run:
-        console.print(plan_table(applier.plan()))
+        if as_json:
+            _echo_json(plan_json(applier.plan()) | {"dry_run": True})
+        else:
+            console.print(plan_table(applier.plan()))
         _say("dry run: nothing written")
         return
     try:
@@ -74,6 +87,9 @@ def apply(profile: str, dry_run: bool, sysfs_root: str | None, state_dir: str | 
     except (KeyboardInterrupt, Terminated) as exc:
         _say(f"interrupted ({type(exc).__name__}): every write made so far was rolled back")
         sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 128 + exc.signum)
+    if as_json:
+        _echo_json({"profile": report.profile, "journal": str(report.journal), "writes": report.writes,
+                    "skipped": [{"action": label, "reason": reason} for label, reason in report.skipped]})
     for label, reason in report.skipped:
         _say(f"skipped {label}: unsupported here ({reason})")
     _say(f"applied {report.profile}: {report.writes} write(s), journal {report.journal}; "
@@ -119,7 +135,8 @@ def status(profile: str | None, as_json: bool, sysfs_root: str | None, state_dir
 @click.option("--dry-run", is_flag=True, help="Only show what would be restored; write nothing.")
 @_root_option
 @_state_option
-def teardown(profile: str, dry_run: bool, sysfs_root: str | None, state_dir: str | None) -> None:
+@_json_option
+def teardown(profile: str, dry_run: bool, sysfs_root: str | None, state_dir: str | None, as_json: bool) -> None:
     """Restore every knob PROFILE changed, newest first, from its journal (also one left by a crash).
     PROFILE is a profile file, a shipped profile name, or the name of an active profile."""
     path = find_profile(profile)
@@ -130,12 +147,21 @@ def teardown(profile: str, dry_run: bool, sysfs_root: str | None, state_dir: str
     journal = load_journal(name, fs, state_dir)
     console = _console()
     if dry_run:
-        console.print(undo_table(name, journal.entries, f"would restore ({journal.state})"))
+        if as_json:
+            _echo_json({"profile": name, "dry_run": True, "state": journal.state,
+                        "would_restore": entries_json(journal.entries)})
+        else:
+            console.print(undo_table(name, journal.entries, f"would restore ({journal.state})"))
         _say("dry run: nothing written")
         return
     entries = list(journal.entries)
     report = undo(journal, fs)
-    console.print(undo_table(name, entries, "restored"))
+    if as_json:
+        _echo_json({"profile": name, "restored": entries_json(report.undone),
+                    "failed": [{**entries_json([e])[0], "error": message} for e, message in report.failures],
+                    "not_restored": [{**entries_json([e])[0], "now": now} for e, now in report.not_restored]})
+    else:
+        console.print(undo_table(name, entries, "restored"))
     _report_undo(name, report, journal.path)
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from rich.table import Table
 from rich.text import Text
 
 from tieremu.lab.journal import Entry
 from tieremu.lab.plan import Plan
 from tieremu.lab.status import ProfileStatus
+from tieremu.lab.steps import Step
 
 
 def _v(value: str | None) -> Text:
@@ -68,3 +71,21 @@ def undo_table(name: str, entries: list[Entry], title: str) -> Table:
     for e in reversed(entries):
         table.add_row(_v(e.action), _v(e.step.target), _v(e.step.new), _v(e.step.shown_restore))
     return table
+
+
+def step_json(step: Step) -> dict[str, str | None]:
+    return {"path": step.target, "old": step.shown_old, "new": getattr(step, "new", None),
+            "restore": step.shown_restore}
+
+
+def plan_json(plan: Plan) -> dict[str, object]:
+    """`lab plan --json` / `apply --dry-run --json`: every planned write and every unsupported action."""
+    return {"profile": plan.profile.name, "root": plan.root, "writes": len(plan.steps),
+            "blocking": [a.label for a in plan.blocking],
+            "actions": [{"action": a.label, "describe": a.action.describe(), "required": a.action.required,
+                         "unsupported": a.unsupported, "steps": [step_json(s) for s in a.steps]}
+                        for a in plan.actions]}
+
+
+def entries_json(entries: Sequence[Entry]) -> list[dict[str, object]]:
+    return [{"action": e.action, **step_json(e.step)} for e in entries]

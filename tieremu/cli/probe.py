@@ -223,11 +223,13 @@ def gpu_cmd(quick: bool, as_json: bool) -> None:
               help="Directory for the fio storage probe (the NVMe tier's path); skipped when not given.")
 @click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True, help="Results root; lands in OUT/probe/<timestamp>/.")
-def all_cmd(quick: bool, storage_dir: Path | None, out_root: Path) -> None:
+@json_option
+def all_cmd(quick: bool, storage_dir: Path | None, out_root: Path, as_json: bool) -> None:
     """Every probe, saved under results/probe/<timestamp>/ as JSON, CSV and PNG plots with a manifest."""
     plan = ProbePlan.quick_plan(storage_dir) if quick else ProbePlan.full_plan(storage_dir)
+    # --json: stdout is the JSON alone; the progress goes to stderr
     with Progress(TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn()) as progress:
+                  TimeElapsedColumn(), console=Console(stderr=True) if as_json else None) as progress:
         def step(name: str, total: int) -> Callable[[], None]:
             task = progress.add_task(name, total=total)
             if total == 0:
@@ -235,4 +237,8 @@ def all_cmd(quick: bool, storage_dir: Path | None, out_root: Path) -> None:
             return lambda: progress.advance(task)
 
         path = run_all(discover(), plan, out_root, step)
+    if as_json:
+        probe_json = path / "probe.json"
+        _echo_json({"path": str(path), "probe": json.loads(probe_json.read_text()) if probe_json.exists() else None})
+        return
     Console().print(f"results: {path}")

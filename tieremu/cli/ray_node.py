@@ -4,6 +4,7 @@ run with --start."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import subprocess
@@ -25,8 +26,10 @@ from tieremu.runner.backend import ADDRESS_ENV
 @click.option("--resource", "extra", multiple=True, metavar="NAME",
               help="Declare NAME as well (a spec's job `requires: [NAME]` then runs only on such hosts); repeatable.")
 @click.option("--start", is_flag=True, help="Run the command instead of printing it.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the command (argv) and the declared resources as JSON instead (with --start: run it).")
 def ray_node(head: bool, address: str | None, port: int | None, num_cpus: int | None, extra: tuple[str, ...],
-             start: bool) -> None:
+             start: bool, as_json: bool) -> None:
     """Print or start `ray start` for this host, declaring the resources tieremu's runs need (NUMA nodes, QEMU, lab
     profiles, your own names).
 
@@ -49,7 +52,10 @@ def ray_node(head: bool, address: str | None, port: int | None, num_cpus: int | 
                "(or set RAY_AUTH_TOKEN), and run drivers with RAY_AUTH_MODE=token (tieremu run --backend ray "
                "--address HEAD:PORT)", err=True)
     if not start:
-        click.echo(shlex.join(cmd))
+        if as_json:
+            click.echo(json.dumps({"command": cmd, "resources": offer.resources}, indent=2))
+        else:
+            click.echo(shlex.join(cmd))
         return
     ray = shutil.which("ray", path=_venv_bin())
     if ray is None:

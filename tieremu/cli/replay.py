@@ -3,7 +3,9 @@
 The tier map's order is the tier order; a tier's capacity in blocks is its `capacity_mib` over the block size
 (`--block-mib`, the KV a trace block stands for), or `--capacity TIER=BLOCKS` or `TIER=P%` (a share of the trace's
 distinct blocks): the same block counts in both modes. Simulate only reads the map (it needs no memory); execute
-resolves it against this machine and stores each block in `--block-kib` of real memory.
+resolves it against this machine and stores each block at 1/1024 of its size in real memory (64 MiB -> 64 KiB).
+A tier with `compression:` holds its capacity_mib's worth of compressed blocks (ratio-times more) and its hits are
+charged the compressed bytes plus the dequantization (tieremu.kv.compress_tiers); simulate mode only.
 
 Policies come in families (tieremu.policy.base.FAMILIES): demand caches (lru, lfu, belady) promote on access;
 tiering daemons (lru-epoch, hotcold, lookahead, layerahead) move blocks at epochs; static placements never move.
@@ -13,7 +15,7 @@ Simulate checks every result against its bounds (tieremu.workloads.bounds) and f
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +25,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from tieremu.cli import units
 from tieremu.errors import ConfigError, WorkloadError
+from tieremu.kv.compress_tiers import capacity_blocks, effective_read_gbps
 from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_RATIO, MAX_SECONDS, Range, number_problem
 from tieremu.policy.base import PolicyContext
 from tieremu.policy.registry import BUILTIN, get_policy, names
@@ -71,7 +75,10 @@ if TYPE_CHECKING:  # execute mode needs torch and the KV cache: imported only wh
 
 # Execute mode's defaults, as in tieremu.workloads.execute (kept here so that the CLI starts without torch).
 EXECUTE_TIME_SCALE = 0.2
-EXECUTE_BLOCK_KIB = 64
+# Execute stores a block at 1/EXECUTE_SCALE of the KV it stands for: --block-mib 64 (the default) takes 64 KiB here,
+# so one option sizes a block in both modes.
+EXECUTE_SCALE = 1024
+EXECUTE_BLOCK_KIB = int(DEFAULT_BLOCK_BYTES / 2**20 * (1024 / EXECUTE_SCALE))
 
 # Local DRAM read bandwidth assumed for the TTFT estimate when this machine has no calibration cached.
 ASSUMED_LOCAL_READ_GBPS = 20.0
@@ -127,7 +134,7 @@ def sim_tiers(tier_map: TierMap, block_bytes: int, overrides: Mapping[str, int])
     for spec in tier_map.tiers:
         blocks = overrides.get(spec.name)
         if blocks is None and spec.capacity_mib is not None:
-            blocks = (spec.capacity_mib << 20) // block_bytes
+            blocks = capacity_blocks(spec, block_bytes)  # a compressed tier holds ratio-times more blocks
             if blocks < 1:
                 raise ConfigError(f"tier {spec.name}: capacity_mib={spec.capacity_mib} holds no block of "
                                   f"{block_bytes / 2**20:g} MiB; raise capacity_mib or lower --block-mib")
@@ -145,6 +152,7 @@ def read_bandwidth(tier_map: TierMap, overrides: Mapping[str, float], local_gbps
             raise ConfigError(f"--read-gbps names tier {name!r}; tiers of {tier_map.name}: "
                               f"{', '.join(tier_map.names)}")
     by_tier = {spec.name: overrides.get(spec.name, _target_read(spec, local_gbps)) for spec in tier_map.tiers}
+    by_tier = effective_read_gbps({spec.name: spec for spec in tier_map.tiers}, by_tier)  # type: ignore[assignment]
     return ReadBandwidth(by_tier, local_gbps, source)
 
 
@@ -189,7 +197,8 @@ def _policy_help() -> str:
               help="simulate: do not pin the blocks a request has read while it is served (for comparison with "
               "textbook caches over the flattened stream).")
 @click.option("--block-mib", type=Number(0, MAX_MIB), default=DEFAULT_BLOCK_BYTES / 2**20,
-              show_default=True, help="KV bytes of one block (512 tokens of Llama-3-8B in fp16: 64 MiB).")
+              show_default=True, help="KV a trace block stands for, MiB (512 tokens of Llama-3-8B in fp16: 64). "
+              "execute stores it at 1/1024 of that in real memory (64 MiB -> 64 KiB; a multiple of 4 KiB).")
 @click.option("--read-gbps", multiple=True, metavar="TIER=GBPS",
               help="A tier's read bandwidth for the TTFT estimate (repeatable); default from its emulate target.")
 @click.option("--local-gbps", type=Number(0, MAX_GBPS), default=None,
@@ -204,8 +213,6 @@ def _policy_help() -> str:
 @click.option("--time-scale", type=Number(0, MAX_RATIO), default=EXECUTE_TIME_SCALE,
               show_default=True, help="execute: wall seconds per trace second (0.1 replays 10x faster than the "
               "trace; late requests start at once).")
-@click.option("--block-kib", type=click.IntRange(min=1), default=EXECUTE_BLOCK_KIB, show_default=True,
-              help="execute: memory a block really takes here (the trace's 512-token block, scaled down).")
 @click.option("--budget-gbps", type=Number(0, MAX_GBPS), default=None,
               help="Migration budget, GB/s (default: none; simulate still charges every move its bytes over the "
               "tier pair's bandwidth, execute's daemon then moves without limit).")
@@ -215,7 +222,7 @@ def _policy_help() -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mode: str, capacity: tuple[str, ...],
            no_pin: bool, block_mib: float, read_gbps: tuple[str, ...], local_gbps: float | None, epoch_ms: float,
-           prefill_tokens_per_s: float, max_requests: int | None, time_scale: float, block_kib: int,
+           prefill_tokens_per_s: float, max_requests: int | None, time_scale: float,
            budget_gbps: float | None, inline_epochs: bool, as_json: bool) -> None:
     """Replay a Mooncake-format TRACE against a tier map under a placement policy."""
     block_bytes = int(block_mib * 2**20)
@@ -223,6 +230,11 @@ def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mod
     shares = parse_capacities(tier_map, capacity)
     policy_params = parse_params(params)
     get_policy(policy, policy_params, PolicyContext(future=()))  # names and values checked before any work
+    compressed = [t.name for t in tier_map.tiers if t.compression.enabled]
+    if compressed and mode == "execute":
+        raise ConfigError(f"tier(s) {', '.join(compressed)} of {tier_map.name} are compressed: execute mode stores "
+                          "blocks uncompressed, so replay them with --mode simulate (decode runs store them "
+                          "compressed)")
     if no_pin and mode == "execute":
         raise ConfigError("--no-pin is for simulate mode: execute always pins the blocks of the request it serves")
     requests = read_trace(trace)[:max_requests]
@@ -234,7 +246,7 @@ def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mod
     if mode == "execute":
         from tieremu.workloads.execute import execute, scaled_layout
 
-        layout = scaled_layout(block_kib)  # checked before anything is allocated
+        layout = _execute_layout(scaled_layout, block_mib)  # checked before anything is allocated
         resolved, injector = resolve_here(tier_map)
         result = execute(requests, resolved, chosen, block_layout=layout,
                          capacities={t.name: t.capacity_blocks for t in tiers}, time_scale=time_scale,
@@ -262,6 +274,18 @@ def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mod
     console.print(replay_table(result, Path(trace).name, tier_map.name))
     console.print(replay_summary(result, ceiling_hit_ratio(requests), bandwidth))
     console.print(bounds_line(bounds))
+
+
+def _execute_layout(scaled_layout: Callable[[int], object], block_mib: float) -> object:
+    """Execute's real block: the --block-mib block at 1/EXECUTE_SCALE, in whole KiB; a refusal names --block-mib."""
+    kib = block_mib * 1024 / EXECUTE_SCALE
+    if kib != int(kib):
+        raise ConfigError(f"--block-mib {block_mib:g}: execute stores a block in {kib:g} KiB, not a whole number of "
+                          "KiB; give a multiple of 4 (MiB)")
+    try:
+        return scaled_layout(int(kib))
+    except ConfigError as exc:
+        raise ConfigError(f"--block-mib {block_mib:g}: execute stores a block in {int(kib)} KiB: {exc}") from None
 
 
 def bounds_line(bounds: Sequence[BoundCheck]) -> str:
@@ -327,16 +351,16 @@ def replay_summary(result: ReplayResult, ceiling: float, bandwidth: ReadBandwidt
         _hits_line(r, ceiling),
         f"STRR {r.strr:.1%}  STAR {r.star:.1%}  TTFT estimate p50 {t.p50:,.1f} ms  p99 {t.p99:,.1f} ms  "
         f"max {t.max:,.1f} ms  (prefill {r.prefill_tokens_per_s:,.0f} tokens/s; local read "
-        f"{bandwidth.local_gbps:.1f} GB/s, {bandwidth.local_source})",
-        f"migrations {r.migration_bytes / 2**30:,.1f} GiB = {r.migration_gbps:.3f} GB/s (budget "
-        f"{'none' if r.budget_gbps is None else f'{r.budget_gbps:g} GB/s'})  promotions "
+        f"{units.rate(bandwidth.local_gbps)}, {bandwidth.local_source})",
+        f"migrations {units.amount(r.migration_bytes)} = {units.rate(r.migration_gbps)} (budget "
+        f"{'none' if r.budget_gbps is None else units.rate(r.budget_gbps)})  promotions "
         f"{r.promotions:,}  demotions {r.demotions:,}  prefetches {r.prefetches:,}  ping-pongs {r.ping_pongs:,}"
         + (f"  skipped moves {r.moves_skipped:,}" if r.moves_skipped else "")
         + (f"  deferred (budget) {r.moves_deferred:,}" if r.moves_deferred else "")
         + f"  requests that waited for a block in flight {r.waited_requests:,}",
         f"{r.epochs:,} epochs over {r.trace_s:,.1f} s of trace  wall {r.wall_s:.3f} s ({r.core} core, "
         f"{r.references / r.wall_s / 1e6 if r.wall_s else 0:,.1f} M references/s)  policy CPU "
-        f"{r.policy_cpu_s:.2f} s  block {r.block_bytes / 2**20:g} MiB  origin: {r.origin}",
+        f"{r.policy_cpu_s:.2f} s  block {units.size(r.block_bytes)}  origin: {r.origin}",
     ])
 
 
@@ -349,7 +373,7 @@ def execute_summary(result: ExecuteResult, ceiling: float) -> str:
         f"STRR {r.strr:.1%}  STAR {r.star:.1%}  TTFT measured p50 {t.p50:,.2f} ms  p99 {t.p99:,.2f} ms  max "
         f"{t.max:,.2f} ms (reads of hits, room-making and writes of misses)  start lag p50 {lag.p50:,.1f} ms  p99 "
         f"{lag.p99:,.1f} ms",
-        f"migrations {r.migration_bytes / 2**20:,.1f} MiB = {r.migration_gbps:.3f} GB/s of wall time  promotions "
+        f"migrations {units.amount(r.migration_bytes)} = {units.rate(r.migration_gbps)} of wall time  promotions "
         f"{r.promotions:,}  demotions {r.demotions:,} ({r.admission_demotions:,} on the request path)  prefetches "
         f"{r.prefetches:,}  ping-pongs {r.ping_pongs:,}  skipped {r.moves_skipped:,}  failed {r.moves_failed:,}  "
         f"retried {r.moves_retried:,}",
@@ -357,27 +381,53 @@ def execute_summary(result: ExecuteResult, ceiling: float) -> str:
         f"{'in its thread' if r.daemon_thread else 'between requests'}: CPU {r.daemon_cpu_s:.2f} s over "
         f"{r.daemon_wall_s:.2f} s  policy CPU on the request path {r.policy_cpu_s:.2f} s  {delay}",
         f"{r.trace_s:,.1f} s of trace at time scale {r.time_scale:g}: wall {r.wall_s:.2f} s  blocks "
-        f"{r.block_bytes >> 10} KiB standing for {r.represented_block_bytes / 2**20:g} MiB  checked "
+        f"{units.size(r.block_bytes)} standing for {units.size(r.represented_block_bytes)}  checked "
         f"{r.blocks_checked:,}, corrupted {r.blocks_corrupted:,}  tiers: {backings}  origin: {r.origin}",
     ])
 
 
 @click.command("generate-trace")
-@click.argument("out", type=click.Path(dir_okay=False, writable=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Folder the trace is written to (created if missing).")
+@click.option("--name", default=None, metavar="FILE",
+              help="File name of the trace in --out (default: <kind>-<requests>-seed<seed>.jsonl).")
 @click.option("--kind", type=click.Choice(["mix", *KINDS]), default="mix", show_default=True,
               help="mix = chat 40%, agent 30%, rag 20%, long 10% of requests.")
-@click.option("--requests", "n_requests", type=click.IntRange(min=1), required=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--requests", "n_requests", type=click.IntRange(min=1), required=True,
+              help="How many requests to generate.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Random seed: the same seed, kind and count give the same trace, byte for byte.")
 @click.option("--rate", type=Number(0, 1e6), default=4.0, show_default=True,
               help="Requests per second.")
-def generate_trace(out: str, kind: str, n_requests: int, seed: int, rate: float) -> None:
-    """Write a seeded synthetic trace in the Mooncake JSONL format to OUT."""
+@click.option("--json", "as_json", is_flag=True, help="Print the trace's path and figures as JSON.")
+@click.argument("stray", nargs=-1, required=False, metavar="")
+def generate_trace(out_dir: Path, name: str | None, kind: str, n_requests: int, seed: int, rate: float,
+                   as_json: bool, stray: tuple[str, ...]) -> None:
+    """Write a seeded synthetic trace in the Mooncake JSONL format into the folder --out."""
+    if stray:  # the file used to be an argument: say what replaced it
+        target = Path(stray[0])
+        raise click.UsageError(f"the trace is written into a folder: --out {target.parent} --name {target.name} "
+                               f"(not a file argument, {stray[0]!r})")
+    file_name = name or f"{kind}-{n_requests}-seed{seed}.jsonl"
+    if Path(file_name).name != file_name or file_name in (".", ".."):
+        raise ConfigError(f"--name {file_name!r}: a file name, not a path (the folder is --out)")
     requests = mix(n_requests, seed=seed, rate=rate) if kind == "mix" else \
         generate(kind, n_requests, seed=seed, rate=rate)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out_dir}: cannot create the folder ({exc.strerror})") from None
+    out = out_dir / file_name
     write_trace(out, requests)
     refs = sum(len(r.hash_ids) for r in requests)
+    ceiling = ceiling_hit_ratio(requests)
+    if as_json:
+        click.echo(json.dumps({"path": str(out), "kind": kind, "requests": len(requests), "seed": seed,
+                               "rate": rate, "block_references": refs, "ceiling_hit_ratio": ceiling,
+                               "arrivals_s": requests[-1].arrival_s}, indent=2))
+        return
     click.echo(f"{out}: {len(requests):,} requests, {refs:,} block references, ceiling hit ratio "
-               f"{ceiling_hit_ratio(requests):.1%}, {requests[-1].arrival_s:,.1f} s of arrivals")
+               f"{ceiling:.1%}, {requests[-1].arrival_s:,.1f} s of arrivals")
 
 
 if __name__ == "__main__":  # until both are registered in tieremu.cli: python -m tieremu.cli.replay ...

@@ -1,7 +1,10 @@
-"""`tieremu report DIR... [--html] [--out FILE]`: the tables in the terminal, or one self-contained HTML page."""
+"""`tieremu report DIR... [--html] [--out DIR] [--json]`: the tables in the terminal (or as JSON), or one
+self-contained HTML page."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -9,6 +12,7 @@ from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 
+from tieremu.errors import ConfigError
 from tieremu.report.load import load_result
 from tieremu.report.tables import Table, all_tables, provenance
 
@@ -17,20 +21,38 @@ from tieremu.report.tables import Table, all_tables, provenance
 @click.argument("folders", nargs=-1, required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--html", "as_html", is_flag=True,
               help="Write one self-contained HTML page (tables and plots inlined) and print its path.")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Where the HTML page goes (default: report.html in the folder, comparison.html in the first "
-                   "folder when several are given).")
-def report(folders: tuple[Path, ...], as_html: bool, out_file: Path | None) -> None:
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder the HTML page goes into, as report.html (comparison.html when several folders are "
+                   "given), with each figure as SVG and PNG in plots/ (comparison-plots/); implies --html. "
+                   "Default: the (first) result folder.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the tables (title, columns, rows, note) and each folder's provenance as JSON.")
+def report(folders: tuple[Path, ...], as_html: bool, out_dir: Path | None, as_json: bool) -> None:
     """Summary tables per job and policy (TPOT and TTFT p50/p99, tokens/s, hit ratio per tier, STRR, STAR,
     migration GB/s, slowdown vs all-fastest), with the origin of every figure and which tiers were emulated;
     several folders are compared side by side. Unfinished (.partial) and failed folders are refused."""
     results = [load_result(f) for f in folders]
-    if as_html:
+    if as_html or out_dir is not None:
         from tieremu.report.html import write_report  # matplotlib: only when plots are drawn
 
-        default = "report.html" if len(results) == 1 else "comparison.html"
-        path = write_report(results, out_file or results[0].path / default)
-        click.echo(str(path))
+        name = "report.html" if len(results) == 1 else "comparison.html"
+        if out_dir is not None and out_dir.suffix.lower() in (".html", ".htm"):
+            raise click.UsageError(f"--out is the folder the page goes into (as {name}), not a file: "
+                                   f"--out {out_dir.parent}")
+        folder = out_dir or results[0].path
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--out {folder}: cannot create the folder ({exc.strerror})") from None
+        # Each figure also as SVG and PNG files for papers; a comparison's beside, never over, a run's own plots.
+        plots = folder / ("plots" if len(results) == 1 else "comparison-plots")
+        path = write_report(results, folder / name, plots_dir=plots)
+        click.echo(json.dumps({"html": str(path)}) if as_json else str(path))
+        return
+    if as_json:
+        click.echo(json.dumps({"folders": [{"path": str(r.path), "name": r.name, "provenance": provenance(r)}
+                                           for r in results],
+                               "tables": [asdict(t) for t in all_tables(results)]}, indent=2, default=str))
         return
     console = Console()
     for result in results:

@@ -19,17 +19,22 @@ if TYPE_CHECKING:
 
 # Subcommands that live in their own module, imported only when run (`tieremu --help` imports none of them).
 SUBCOMMANDS = {
+    "cluster": LazyCommand("tieremu.cli.cluster:cluster", "Several serving instances sharing KV blocks peer to peer, "
+                           "with no central cache server."),
     "daemon": LazyCommand("tieremu.cli.daemon:daemon", "Attach to process PID and migrate its memory between NUMA "
                           "nodes under a placement policy."),
     "engine": LazyCommand("tieremu.cli.engine:engine", "Real serving engines (vLLM's CPU build) on tieremu's tiers."),
     "generate-trace": LazyCommand("tieremu.cli.replay:generate_trace",
-                                  "Write a seeded synthetic trace in the Mooncake JSONL format to OUT."),
+                                  "Write a seeded synthetic trace in the Mooncake JSONL format into the folder --out."),
     "lab": LazyCommand("tieremu.cli.lab:lab", "Root-only lab profiles that turn a server into a CXL or remote-memory "
                        "testbed, reversibly."),
     "probe": LazyCommand("tieremu.cli.probe:probe", "Characterize every NUMA node: latency, bandwidth, loaded latency, "
                          "migration, storage, GPU copies."),
     "ray-node": LazyCommand("tieremu.cli.ray_node:ray_node", "Print or start `ray start` for this host, declaring "
                             "the resources tieremu's runs need (NUMA nodes, QEMU, lab profiles, your own names)."),
+    "reference": LazyCommand("tieremu.cli.reference:reference", "Write the reference of every experiment-spec and "
+                             "tier-map key (type, default, valid values, meaning), generated from the validators "
+                             "themselves, to OUT/reference.md."),
     "replay": LazyCommand("tieremu.cli.replay:replay",
                           "Replay a Mooncake-format TRACE against a tier map under a placement policy."),
     "report": LazyCommand("tieremu.cli.report:report", "Summary tables per job and policy (TPOT and TTFT p50/p99, "
@@ -37,9 +42,9 @@ SUBCOMMANDS = {
                           "the origin of every figure and which tiers were emulated; several folders are compared "
                           "side by side."),
     "run": LazyCommand("tieremu.cli.run:run", "Run an experiment spec (default: configs/experiments/default.yaml): "
-                       "every run of its sweep in a fresh worker process, the all-fastest and all-slowest bounds "
-                       "beside every policy; writes manifest.json, runs.jsonl, metrics.jsonl, summary.csv, runs/, "
-                       "plots/ and report.html."),
+                       "every run of its sweep in a worker process (fresh for measured runs, warm for simulated "
+                       "replays), the all-fastest and all-slowest bounds beside every policy; writes manifest.json, "
+                       "runs.jsonl, metrics.jsonl, summary.csv, runs/, plots/ and report.html."),
     "vm": LazyCommand("tieremu.cli.vm:vm", "Run commands inside a multi-node QEMU guest with real kernel NUMA."),
 }
 
@@ -164,9 +169,16 @@ def calibrate_cmd(refresh: bool, as_json: bool) -> None:
 
 @bench.command("emulation")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1), help="Timed repeats.")
+@click.option("--latency-ratio", "latency_ratios", multiple=True, type=click.FloatRange(1.0, 100.0),
+              help="A latency target as a multiple of local (repeatable; default: 1.2, 1.5, 2.2, 3, 4).")
+@click.option("--bandwidth-ratio", "bandwidth_ratios", multiple=True, type=click.FloatRange(0.01, 1.0),
+              help="A bandwidth target as a share of local (repeatable; default: 0.1, 0.25, 0.5, 0.8, 0.9).")
+@click.option("--kernel", "kernels", multiple=True, type=click.Choice(["read", "copy"]),
+              help="Stream kernels whose bandwidth is paced (repeatable; default: read and copy).")
 @click.option("--refresh", is_flag=True, help="Recalibrate first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
+def bench_emulation_cmd(repeats: int, latency_ratios: tuple[float, ...], bandwidth_ratios: tuple[float, ...],
+                        kernels: tuple[str, ...], refresh: bool, as_json: bool) -> None:
     """Emulated tiers against their targets: latency 1.2x-4x and bandwidth 0.1x-0.9x of local, with the error
     of each (goal: within 5%), and the pacing overhead when no slowdown is asked (goal: under 2%)."""
     from tieremu.bench.emulation import bench_emulation
@@ -176,7 +188,9 @@ def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
 
     topo = discover()
     cal = calibration(topo, refresh=refresh)
-    result = bench_emulation(cal, topo.node(topo.cpu_nodes[0]).cpus[0], repeats=repeats)
+    chosen = {k: v for k, v in (("latency_ratios", latency_ratios), ("bandwidth_ratios", bandwidth_ratios),
+                                ("kernels_", kernels)) if v}
+    result = bench_emulation(cal, topo.node(topo.cpu_nodes[0]).cpus[0], repeats=repeats, **chosen)
     if as_json:
         _print_json(asdict(result))
         return
@@ -187,12 +201,16 @@ def bench_emulation_cmd(repeats: int, refresh: bool, as_json: bool) -> None:
 @click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
               help="Tier map (default: configs/tiers/cxl-expander.yaml); its first two memory tiers are compared.")
 @click.option("--preset", default="tiny", show_default=True, help="Model preset (tiny, small, 1b).")
-@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--prompt-tokens", default=2048, show_default=True, type=click.IntRange(min=8))
+@click.option("--batch", default=4, show_default=True, type=click.IntRange(min=1), help="Sequences decoded together.")
+@click.option("--prompt-tokens", default=2048, show_default=True, type=click.IntRange(min=8),
+              help="Prompt length per sequence, tokens (1/8 of it a prefix shared by every sequence).")
 @click.option("--steps", default=16, show_default=True, type=click.IntRange(min=1), help="Decode steps per round.")
-@click.option("--block-tokens", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--layout", type=click.Choice(["all-layers", "per-layer"]), default="all-layers", show_default=True)
-@click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--block-tokens", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Tokens per KV block.")
+@click.option("--layout", type=click.Choice(["all-layers", "per-layer"]), default="all-layers", show_default=True,
+              help="A KV block holds every layer of its tokens, or one layer.")
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Rounds of every arm, interleaved; medians over them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench_kv_cmd(tiers_file: str | None, preset: str, batch: int, prompt_tokens: int, steps: int, block_tokens: int,
                  layout: str, rounds: int, as_json: bool) -> None:

@@ -1,6 +1,7 @@
-"""`tieremu run [SPEC] [--out DIR] [--resume [DIR]] [--json] [--backend local|ray [--address ADDR]]`: a sweep, each
-run in its own worker process (here, or as Ray tasks across hosts), with a progress bar and ETA on a terminal, the
-result folder and its report's path printed at the end."""
+"""`tieremu run [SPEC] [--out DIR] [--resume [DIR]] [--dry-run] [--json] [--backend local|ray [--address ADDR]]`: a
+sweep, each run in its own worker process (here, or as Ray tasks across hosts), with a progress bar and ETA on a
+terminal that names the running run (job, policy, sweep point) and its phase, a summary table at the end, and the
+result folder and its report's path printed last. `--dry-run` prints the planned runs and runs nothing."""
 
 from __future__ import annotations
 
@@ -12,20 +13,23 @@ from typing import NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 
+from tieremu.cli.run_views import plan_table, run_name, summary_json, summary_table
 from tieremu.record.runs import RunRecord
 from tieremu.runner.backend import BACKENDS, choose, open_backend
 from tieremu.runner.experiment import ExperimentResult, Plan, latest_folder, run_experiment
-from tieremu.runner.spec import load_experiment
-from tieremu.runner.sweep import PlannedRun
+from tieremu.runner.spec import ExperimentSpec, load_experiment
+from tieremu.runner.sweep import PlannedRun, expand
 from tieremu.runner.worker import headline
 
 LATEST = "<latest>"
@@ -38,13 +42,14 @@ def default_spec() -> Path:
 
 
 class _Reporter:
-    """Progress as runs finish: a bar with ETA on a terminal, one line per run otherwise; silent for --json."""
+    """Progress as runs finish: on a terminal a bar with ETA whose line names the running run (job, policy, sweep
+    point) and its phase (start-up, running, writing); otherwise one line per run; silent for --json."""
 
     def __init__(self, console: Console, *, bar: bool, quiet: bool) -> None:
         self.console = console
         self.quiet = quiet
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  console=console, transient=True) if bar and not quiet else None
         self.task: int | None = None
 
@@ -65,22 +70,25 @@ class _Reporter:
             self.task = self.progress.add_task("runs", total=todo)
 
     def started(self, run: PlannedRun) -> None:
+        self.phase(run, "queued")
+
+    def phase(self, run: PlannedRun, phase: str) -> None:
         if self.progress is not None and self.task is not None:
-            self.progress.update(self.task, description=run.run_id)
+            # escaped: the progress line reads markup, and "[running]" would be taken for a style
+            self.progress.update(self.task, description=escape(f"{run_name(run)} [{phase}]"))
 
     def finished(self, run: PlannedRun, record: RunRecord) -> None:
         if self.quiet:
             return
-        labels = ", ".join(f"{k}={v}" for k, v in run.labels.items())
-        line = f"run {run.run_id} ({labels}): {record.status} in {record.seconds:.1f} s"
+        line = f"{run_name(run)}: {record.status} in {record.seconds:.1f} s ({run.run_id})"
         if record.error:
             line += f" — {headline(record.error)}"
         if self.progress is not None and self.task is not None:
             self.progress.advance(self.task)
             if record.error:
-                self.progress.console.print(line, style="red", highlight=False)
+                self.progress.console.print(line, style="red", highlight=False, markup=False)
         else:
-            self.console.print(line, highlight=False)
+            self.console.print(line, highlight=False, markup=False)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -94,7 +102,11 @@ class _Reporter:
 @click.option("--resume", "resume", is_flag=False, flag_value=LATEST, default=None, metavar="[DIR]",
               help="Continue a result folder (default: the newest of this experiment, finished or not): runs "
                    "already done are kept, failed and missing ones run again.")
-@click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON (no progress bar).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the planned runs (job, policy, sweep point, repetition; bounds that run once say so) and "
+                   "exit 0: nothing is run, measured or written.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the outcome (with --dry-run: the plan) as JSON (no progress bar).")
 @click.option("--strict", is_flag=True,
               help="Exit 3 when any run was noisy (steal, other processes' load): figures from a busy machine are "
                    "kept and flagged, but not passed as clean.")
@@ -105,16 +117,22 @@ class _Reporter:
 @click.option("--address", default=None, metavar="ADDR",
               help="--backend ray: the cluster's head, HOST:PORT or ray://HOST:PORT (default: $RAY_ADDRESS, else a "
                    "Ray instance started here for this sweep).")
-def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool, strict: bool, backend: str | None,
-        address: str | None) -> None:
-    """Run an experiment spec (default: configs/experiments/default.yaml): every run of its sweep in a fresh
-    worker process, the all-fastest and all-slowest bounds beside every policy; writes manifest.json,
-    runs.jsonl, metrics.jsonl, summary.csv, runs/, plots/ and report.html. Exits 1 if any run failed, 3 with
-    --strict if any was noisy. With --backend ray each run also gets runs/<id>/host.json (the host it ran on);
-    run ids are the same on both backends, so --resume continues a folder either way."""
+def run(spec: Path | None, out_root: Path, resume: str | None, dry_run: bool, as_json: bool, strict: bool,
+        backend: str | None, address: str | None) -> None:
+    """Run an experiment spec (default: configs/experiments/default.yaml): every run of its sweep in a worker
+    process (fresh for measured runs, warm for simulated replays), the all-fastest and all-slowest bounds beside
+    every policy; writes manifest.json, runs.jsonl, metrics.jsonl, summary.csv, runs/, plots/ and report.html.
+    Exits 1 if any run failed, 3 with --strict if any was noisy. With --backend ray each run also gets
+    runs/<id>/host.json (the host it ran on); run ids are the same on both backends, so --resume continues a
+    folder either way."""
     if spec is None and resume not in (None, LATEST) and Path(resume).is_file():
         spec, resume = Path(resume), LATEST  # `run --resume SPEC`: the spec was taken as the folder
     experiment = load_experiment(spec or default_spec())
+    if dry_run:
+        if resume is not None:
+            raise click.UsageError("--dry-run shows the plan of a fresh run; leave out --resume")
+        _dry_run(experiment, as_json)
+        return
     resume_dir = None
     if resume is not None:
         resume_dir = latest_folder(out_root, experiment.name) if resume == LATEST else Path(resume)
@@ -144,6 +162,20 @@ def run(spec: Path | None, out_root: Path, resume: str | None, as_json: bool, st
         sys.exit(3)
 
 
+def _dry_run(experiment: ExperimentSpec, as_json: bool) -> None:
+    """The planned runs, from the spec alone: expanded and validated as `run` would, nothing measured or written."""
+    runs = expand(experiment)
+    if as_json:
+        click.echo(json.dumps({"experiment": experiment.name, "spec": str(experiment.source), "dry_run": True,
+                               "runs": [r.to_dict() for r in runs]}, indent=2, default=str))
+        return
+    console = Console(width=max(120, Console().width))
+    warm = sum(r.worker == "warm" for r in runs)
+    console.print(plan_table(runs, f"{experiment.name}: {len(runs)} planned runs ({warm} in the warm worker, "
+                                   f"{len(runs) - warm} in fresh processes)"))
+    console.print("dry run: nothing was run or written", highlight=False)
+
+
 def _interrupted(exc: KeyboardInterrupt, spec: Path | None) -> NoReturn:
     """A signal stopped the sweep: say which and where the results are, and exit as a shell reports a death by
     that signal (128 + its number), not with click's bare "Aborted!" and 1."""
@@ -164,10 +196,15 @@ def _print_outcome(console: Console, result: ExperimentResult) -> None:
                   f"{len(result.records)} planned", highlight=False)
     for record in result.failed:
         console.print(f"failed: {record.run_id}: {headline(record.error)}", style="red", highlight=False)
-
     if result.report is not None:
         console.print(f"report: {result.report}", highlight=False, soft_wrap=True)
     console.print(f"results: {result.path}", highlight=False, soft_wrap=True)
+    main_map = result.plan.resolved.get(result.plan.spec.tiers)
+    fast = main_map.tiers[0].name if main_map is not None and main_map.tiers else None
+    table = summary_table(result.summary, result.plan.runs, fast)
+    if table is not None:  # printed last and not live: it stays on screen, and ends a log
+        natural = Console(width=1000).measure(table).maximum  # as wide as it needs: a squeezed table breaks cells
+        Console(width=max(console.width, natural), file=console.file).print(table)
 
 
 def _as_json(result: ExperimentResult) -> dict[str, object]:
@@ -177,4 +214,5 @@ def _as_json(result: ExperimentResult) -> dict[str, object]:
                       for path, r in result.plan.resolved.items()},
             "warnings": result.plan.warnings, "failed": len(result.failed),
             "noisy": [{"run_id": r.run_id, "why": r.noisy_why} for r in result.noisy],
+            "summary": summary_json(result.summary),
             "runs": [r.to_dict() for r in result.records]}

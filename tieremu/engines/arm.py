@@ -44,6 +44,7 @@ class ArmResult:
     kv_placement: dict[str, object] | None = None
     origin: str = "measured"
     tiers: list[dict[str, object]] = field(default_factory=list)
+    cached_reported: bool = True  # False: a server that does not report cached tokens (counted as 0)
 
 
 def run(spec: ArmSpec) -> ArmResult:
@@ -98,18 +99,28 @@ def run(spec: ArmSpec) -> ArmResult:
 
         shared = connector.current()
         if shared is not None:
-            result.connector = asdict(shared.store.stats) | {"resident_by_tier": shared.store.resident()}
-            result.kv_placement = shared.placement.to_dict() if shared.placement is not None else None
-            tiers = shared.resolved.tiers.tiers
-            result.tiers = [{"name": t.name, "backing": t.label, "nodes": list(t.nodes)} for t in tiers]
-            result.origin = "emulated" if any(t.backing.origin == "emulated" for t in tiers) else "measured"
-            if shared.resolved.injector is not None:
-                result.connector["injected_ms_by_tier"] = {
-                    name: audit.injected_ns / 1e6 for name, audit in shared.resolved.injector.audits.items()}
+            apply_report(result, shared.report(), "in-process: the connector's store in the engine's own process")
     return result
 
 
+def apply_report(result: ArmResult, report: dict[str, object], source: str) -> None:
+    """The connector's figures (tieremu.engines.vllm.Shared.report) on an arm's result, saying where they came
+    from."""
+    connector = report["connector"]
+    assert isinstance(connector, dict)
+    result.connector = connector | {"source": source}
+    placement = report["kv_placement"]
+    result.kv_placement = placement if isinstance(placement, dict) else None
+    tiers = report["tiers"]
+    assert isinstance(tiers, list)
+    result.tiers = tiers
+    result.origin = str(report["origin"])
+
+
 def main(argv: list[str]) -> int:
+    from tieremu.engines.procs import die_with_parent
+
+    die_with_parent()  # killed with tieremu even when tieremu itself is killed outright (its group kill never runs)
     spec_path, out_path = Path(argv[0]), Path(argv[1])
     spec = ArmSpec(**json.loads(spec_path.read_text()))
     try:

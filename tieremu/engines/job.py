@@ -9,6 +9,7 @@ runner adds those; in the store a bound's tier may hold every block of the map).
         block_tokens: 64
         kv_tier: dram
         policies: [lru]
+        serve: false   # true: on vLLM's OpenAI server, started for each run and stopped after it
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class EngineParams:
     time_scale: float
     timeout_s: float
     max_output_tokens: int | None = None
+    serve: bool = False
 
 
 class EngineJob(Job):
@@ -56,7 +58,8 @@ class EngineJob(Job):
             kv_tier=section.get("kv_tier", str, None), dtype=section.get("dtype", str, "float32", choices=DTYPES),
             time_scale=section.get("time_scale", float, 0.2, check=positive),
             timeout_s=section.get("timeout_s", float, 900.0, check=positive),
-            max_output_tokens=section.get("max_output_tokens", int, None, check=positive))
+            max_output_tokens=section.get("max_output_tokens", int, None, check=positive),
+            serve=section.get("serve", bool, False))
         section.done()
         return params
 
@@ -80,7 +83,7 @@ class EngineJob(Job):
             trace_requests=requests, tiers=Path(source), policy=ctx.policy or "all-fastest",
             model=None if params.model is None else Path(params.model), kv_tier=params.kv_tier,
             block_tokens=params.block_tokens, dtype=params.dtype, time_scale=params.time_scale,
-            timeout_s=params.timeout_s, max_output_tokens=params.max_output_tokens))
+            timeout_s=params.timeout_s, max_output_tokens=params.max_output_tokens, serve=params.serve))
         rows = [ctx.row("ttft_ms", v, "ms", r.origin, sample=i) for i, v in enumerate(r.ttft_samples_ms)]
         rows += [ctx.row("tpot_ms", v, "ms", r.origin, sample=i) for i, v in enumerate(r.tpot_samples_ms)]
         rows.append(ctx.row("tokens_per_s", r.tokens_per_s, "tokens/s", r.origin))
@@ -98,4 +101,8 @@ class EngineJob(Job):
         if r.kv_placement is not None:
             rows.append(ctx.row("kv_tensor_on_node", float(r.kv_placement["achieved_fraction"]), "fraction",
                                 "measured", tier=params.kv_tier, node=r.kv_placement["requested_node"]))
+            reads = r.kv_placement.get("attention_reads")
+            if isinstance(reads, dict):  # an emulated KV tier: its attention reads charged by the timing model
+                rows.append(ctx.row("kv_tier_attention_owed_ms", float(reads["owed_ms"]), "ms", "emulated",
+                                    tier=params.kv_tier, of="vLLM's attention reads of its KV tensor (modelled)"))
         return rows

@@ -4,9 +4,10 @@ While the engine allocates its KV cache (vLLM's `get_mem_pool_context()`), the a
 binds new pages to the tier's node, so they are faulted there. Pages the engine touches after the hook (an
 allocator that returns untouched memory) are covered too: once the tensors are known, their ranges are bound with
 mbind and any page already elsewhere is moved (MPOL_MF_MOVE). The kernel is then asked where every page is, and
-the result says requested vs achieved. A tier that is emulated on another node is placed on that host node, and the
-result says so: its timing model does not slow the engine's own attention reads (only the connector's loads and
-saves are charged), which the result states rather than hides.
+the result says requested vs achieved. A tier that is emulated (its node missing here) is placed on its host node,
+and the result says so: the tier map's nodes (`tier_nodes`), the node really asked for (`requested_node`, the host),
+`origin: emulated`. Its memory there runs at host speed; the connector charges the engine's attention reads of it
+the tier's timing model (a model, labelled as one: tieremu.engines.vllm, `attention_reads`).
 """
 
 from __future__ import annotations
@@ -29,16 +30,22 @@ class KVPlacement:
 
     tier: str | None  # None: not placed (the engine's default policy)
     backing: str  # the tier's backing (real, emulated, shaped, vm) or "default"
-    requested_node: int | None
+    requested_node: int | None  # the node the tensor was bound to: the tier's own, or its host when emulated
     bytes: int
     pages: int
     by_node: dict[int, int]
     absent_pages: int  # never touched (ENOENT) or zero page (EFAULT)
     achieved_fraction: float  # of all pages, on the requested node (1.0 when none was requested and all present)
     note: str = ""
+    tier_nodes: tuple[int, ...] = ()  # the nodes the tier map names for the tier (missing here when emulated)
+
+    @property
+    def origin(self) -> str:
+        """`emulated` when the tier's speed is not the memory's own (emulated or shaped), else `measured`."""
+        return "emulated" if self.backing in ("emulated", "shaped") else "measured"
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        return asdict(self) | {"origin": self.origin}
 
 
 @contextmanager
@@ -76,7 +83,7 @@ def bind_tensors(tensors: Iterable[torch.Tensor], node: int) -> None:
 
 
 def verify(tensors: Iterable[torch.Tensor], *, tier: str | None, backing: str, node: int | None,
-           note: str = "") -> KVPlacement:
+           note: str = "", tier_nodes: Iterable[int] = ()) -> KVPlacement:
     """Ask the kernel where each page of the tensors is (touching none)."""
     by_node: dict[int, int] = {}
     pages = absent = total = 0
@@ -91,7 +98,7 @@ def verify(tensors: Iterable[torch.Tensor], *, tier: str | None, backing: str, n
         fraction = (pages - absent) / pages if pages else 0.0
     else:
         fraction = by_node.get(node, 0) / pages if pages else 0.0
-    return KVPlacement(tier, backing, node, total, pages, by_node, absent, fraction, note)
+    return KVPlacement(tier, backing, node, total, pages, by_node, absent, fraction, note, tuple(tier_nodes))
 
 
 def require_placed(result: KVPlacement) -> None:

@@ -1,19 +1,24 @@
 """`engine replay`: a Mooncake trace against a real engine (vLLM's CPU build) with tieremu's tiered KV connector,
 and, for --check-outputs, the same trace again without it (vLLM's own prefix cache off in both arms).
 
-Each arm runs in its own process group (tieremu.engines.arm); the parent waits with a timeout and kills the whole
-group on error, timeout or interrupt, so no engine process outlives the command. A run that fails yields an
-EngineError, never a partial result.
+Three ways to drive the engine, one result shape:
+
+- offline (default): each arm runs vLLM in process in its own process group (tieremu.engines.arm); the parent
+  waits with a timeout and kills the whole group on error, timeout or interrupt;
+- `serve`: tieremu starts vLLM's OpenAI server (a real server process, tieremu.engines.server) per arm, with the
+  connector configured, and streams the trace's requests to it over HTTP (tieremu.engines.drive); the connector's
+  figures come from the stats file it writes inside the server; the server is always stopped;
+- `server`: a server someone else started (the connector configured in it, or not); its figures are read from the
+  stats file it was told to write (`connector_stats`), as the difference between before and after the run.
+
+No engine process outlives the command; a run that fails yields an EngineError, never a partial result.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,11 +26,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tieremu.engines.arm import ArmResult, ArmSpec
-from tieremu.engines.models import DTYPE_BYTES, ModelInfo, model_info, tiny_model
-from tieremu.engines.prompts import build_prompts
+from tieremu.engines.arm import ArmResult, ArmSpec, apply_report
+from tieremu.engines.client import ServerError, endpoint, models
+from tieremu.engines.drive import delta, drive, read_stats, wait_stats
+from tieremu.engines.models import DTYPE_BYTES, model_info, tiny_model
+from tieremu.engines.procs import EngineError, kill_group, terminate_raises
+from tieremu.engines.prompts import EnginePrompt, build_prompts
+from tieremu.engines.server import ServerSpec, engine_env, reason, serving, tail
 from tieremu.engines.store import check_capacities
-from tieremu.errors import ConfigError, TieremuError
+from tieremu.errors import ConfigError
 from tieremu.tiers.config import load_tier_map
 from tieremu.workloads.simulate import Tail
 from tieremu.workloads.trace import MOONCAKE_BLOCK_TOKENS, Request
@@ -37,16 +46,16 @@ DTYPES = ("float32", "bfloat16")
 DEFAULT_DTYPE = "float32"
 DEFAULT_TIME_SCALE = 0.2  # wall seconds per trace second, as execute-mode replay
 DEFAULT_TIMEOUT_S = 900.0
+DEFAULT_START_TIMEOUT_S = 600.0  # a server's start (60-90 s on two busy cores, more for a real model)
+STATS_NAME = "connector-stats.json"
 
-
-class EngineError(TieremuError):
-    """The engine could not start or failed during the run; the message carries its last words."""
+__all__ = ["EngineError", "EngineReplayConfig", "EngineReplayResult", "engine_replay"]
 
 
 @dataclass(frozen=True)
 class EngineReplayConfig:
     trace_requests: Sequence[Request]
-    tiers: Path
+    tiers: Path | None  # None only with `server` (a running server's connector has its own tier map)
     policy: str = "lru"
     policy_params: Mapping[str, object] = field(default_factory=dict)
     engine: str = "vllm"
@@ -59,6 +68,10 @@ class EngineReplayConfig:
     kv_cache_gib: float = 1.0
     timeout_s: float = DEFAULT_TIMEOUT_S
     max_output_tokens: int | None = None  # cap on each request's trace output_length (None: the trace's own)
+    serve: bool = False  # start vLLM's OpenAI server and drive it over HTTP (else: the offline in-process engine)
+    server: str | None = None  # the URL of a running vLLM OpenAI server to drive instead
+    connector_stats: Path | None = None  # with `server`: the stats file its connector writes (stats_file)
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,8 @@ class ArmSummary:
 @dataclass(frozen=True)
 class EngineReplayResult:
     engine: str
+    driver: str  # offline (in process), serve (a server tieremu started), server (a running server)
+    server_url: str | None
     model: str
     requests: int
     block_tokens: int
@@ -102,14 +117,10 @@ class EngineReplayResult:
 
 
 def engine_replay(config: EngineReplayConfig) -> EngineReplayResult:
-    if config.engine not in ENGINES:
-        raise ConfigError(f"--engine {config.engine!r}: valid engines: {', '.join(ENGINES)}")
-    if config.dtype not in DTYPES:
-        raise ConfigError(f"--dtype {config.dtype!r}: valid: {', '.join(DTYPES)}")
-    if config.max_output_tokens is not None and config.max_output_tokens < 1:
-        raise ConfigError(f"--max-output-tokens {config.max_output_tokens}: give 1 or more")
-    if not config.trace_requests:
-        raise ConfigError("the trace selection holds no requests (check --max-requests)")
+    _check_options(config)
+    if config.server is not None:
+        return _replay_running_server(config)
+    assert config.tiers is not None
     tier_map = load_tier_map(config.tiers)  # a bad map is reported before any engine starts
     # A directory that is not a model is reported before anything else is needed.
     given = model_info(config.model) if config.model is not None else None
@@ -122,63 +133,137 @@ def engine_replay(config: EngineReplayConfig) -> EngineReplayResult:
     prompts = build_prompts(config.trace_requests, config.block_tokens, model.vocab_size,
                             max_tokens=model.max_positions)
     longest = max(len(p.token_ids) + p.output_tokens for p in prompts)
-    start = prompts[0].arrival_s
     base = dict(model=str(model.path), prompts=[list(p.token_ids) for p in prompts],
-                output_tokens=[p.output_tokens if config.max_output_tokens is None
-                               else min(p.output_tokens, config.max_output_tokens) for p in prompts],
-                arrivals_s=[(p.arrival_s - start) * config.time_scale for p in prompts],
+                output_tokens=_outputs(config, prompts), arrivals_s=_arrivals(config, prompts),
                 block_size=config.block_tokens, max_model_len=-(-longest // config.block_tokens) * config.block_tokens,
                 kv_cache_gib=config.kv_cache_gib, dtype=config.dtype)
     connector = {"tiers": str(config.tiers.resolve()), "policy": config.policy,
                  "policy_params": dict(config.policy_params), "kv_tier": config.kv_tier}
-    with_conn = run_arm(ArmSpec(**base, connector=connector), config.timeout_s)
-    without = run_arm(ArmSpec(**base, connector=None), config.timeout_s) if config.check_outputs else None
-    return _result(config, model, with_conn, without)
+    run = serve_arm if config.serve else run_arm
+    with_conn = run(ArmSpec(**base, connector=connector), config)
+    without = run(ArmSpec(**base, connector=None), config) if config.check_outputs else None
+    return _result(config, str(model.path), with_conn, without)
 
 
-def run_arm(spec: ArmSpec, timeout_s: float) -> ArmResult:
-    """One arm in its own process group; EngineError with the engine's last words if it fails or times out."""
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1",
-               VLLM_CPU_KVCACHE_SPACE=f"{spec.kv_cache_gib:g}")
+def _check_options(config: EngineReplayConfig) -> None:
+    if config.engine not in ENGINES:
+        raise ConfigError(f"--engine {config.engine!r}: valid engines: {', '.join(ENGINES)}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {config.dtype!r}: valid: {', '.join(DTYPES)}")
+    if config.max_output_tokens is not None and config.max_output_tokens < 1:
+        raise ConfigError(f"--max-output-tokens {config.max_output_tokens}: give 1 or more")
+    if not config.trace_requests:
+        raise ConfigError("the trace selection holds no requests (check --max-requests)")
+    if config.server is not None:
+        if config.serve:
+            raise ConfigError("--serve starts a server and --server drives a running one: give one of them")
+        given = [name for name, value in (("--tiers", config.tiers), ("--kv-tier", config.kv_tier)) if value]
+        if config.check_outputs:
+            given.append("--check-outputs")
+        if given:
+            raise ConfigError(f"{', '.join(given)}: a running server's engine and connector were configured when "
+                              "it started (its --kv-transfer-config); leave them out, or let tieremu start the "
+                              "server with --serve")
+        endpoint(config.server)  # a malformed URL is reported before anything else
+    else:
+        if config.tiers is None:
+            raise ConfigError("--tiers is needed: the tier map of the connector's store")
+        if config.connector_stats is not None:
+            raise ConfigError("--connector-stats reads a running server's connector figures; it goes with --server")
+
+
+def _outputs(config: EngineReplayConfig, prompts: Sequence[EnginePrompt]) -> list[int]:
+    return [p.output_tokens if config.max_output_tokens is None else min(p.output_tokens, config.max_output_tokens)
+            for p in prompts]
+
+
+def _arrivals(config: EngineReplayConfig, prompts: Sequence[EnginePrompt]) -> list[float]:
+    start = prompts[0].arrival_s
+    return [(p.arrival_s - start) * config.time_scale for p in prompts]
+
+
+def run_arm(spec: ArmSpec, config: EngineReplayConfig) -> ArmResult:
+    """One offline arm in its own process group; EngineError with the engine's last words if it fails or times
+    out."""
+    timeout_s = config.timeout_s
     with tempfile.TemporaryDirectory(prefix="tieremu-engine-") as tmp:
         spec_path, out_path, log_path = Path(tmp, "spec.json"), Path(tmp, "result.json"), Path(tmp, "engine.log")
         spec_path.write_text(json.dumps(asdict(spec)))
-        with log_path.open("w") as log:
+        with terminate_raises(), log_path.open("w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "tieremu.engines.arm", str(spec_path), str(out_path)],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                    stdout=log, stderr=subprocess.STDOUT, env=engine_env(spec.kv_cache_gib),
+                                    start_new_session=True)
             try:
                 rc = proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                kill_group(proc)
                 raise EngineError(f"the engine did not finish within {timeout_s:g} s; it was stopped. "
-                                  f"Last lines:\n{_tail(log_path)}") from None
-            except BaseException:
-                _kill_group(proc)
-                raise
+                                  f"Last lines:\n{tail(log_path)}") from None
             finally:
-                _kill_group(proc)  # anything the engine left running in its group goes with it
+                kill_group(proc)  # anything the engine left running in its group goes with it
         if rc != 0 or not out_path.exists():
-            raise EngineError(f"the engine failed (exit {rc}): {_reason(log_path)}\nLast lines:\n{_tail(log_path)}")
+            raise EngineError(f"the engine failed (exit {rc}): {reason(log_path)}\nLast lines:\n{tail(log_path)}")
         data = json.loads(out_path.read_text())
     return ArmResult(**data)
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+def serve_arm(spec: ArmSpec, config: EngineReplayConfig) -> ArmResult:
+    """One arm on vLLM's OpenAI server, started here for it and stopped after it (or on any error)."""
+    with tempfile.TemporaryDirectory(prefix="tieremu-server-") as tmp:
+        rundir = Path(tmp)
+        stats = rundir / STATS_NAME
+        connector = None if spec.connector is None else spec.connector | {"stats_file": str(stats)}
+        server = ServerSpec(model=spec.model, block_size=spec.block_size, max_model_len=spec.max_model_len,
+                            dtype=spec.dtype, kv_cache_gib=spec.kv_cache_gib, connector=connector, seed=spec.seed)
+        with serving(server, rundir, config.start_timeout_s) as running:
+            arm = drive(running.endpoint, running.model.name, spec.prompts, spec.output_tokens, spec.arrivals_s,
+                        config.timeout_s, construct_s=running.ready_s)
+            if connector is not None:
+                report = wait_stats(stats, len(spec.prompts))
+                apply_report(arm, report, f"stats file written by the connector inside the vLLM server's engine-core "
+                                          f"process (pid {report.get('pid')}) after each finished request")
+    return arm
 
 
-def _reason(log: Path) -> str:
-    lines = log.read_text(errors="replace").splitlines()
-    for line in reversed(lines):
-        if line.startswith("tieremu-engine-error: "):
-            return line.removeprefix("tieremu-engine-error: ")
-    return "no error message (killed by a signal, or out of memory?)"
-
-
-def _tail(log: Path, lines: int = 15) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+def _replay_running_server(config: EngineReplayConfig) -> EngineReplayResult:
+    """The trace against a server someone else started: its model from /v1/models (or --model), its connector's
+    figures (if any) from its stats file, as this run's difference."""
+    assert config.server is not None
+    ep = endpoint(config.server)
+    try:
+        served = models(ep)[0]
+    except ServerError as exc:
+        raise EngineError(f"--server {config.server}: {exc}") from None
+    if config.model is not None:
+        model = model_info(config.model)
+    elif Path(served.root).is_dir():
+        model = model_info(served.root)
+    else:
+        raise ConfigError(f"--server {config.server} serves {served.root!r}, which is not a directory here; give "
+                          "--model DIR, the model's directory (its config.json gives the vocabulary for prompts)")
+    prompts = build_prompts(config.trace_requests, config.block_tokens, model.vocab_size,
+                            max_tokens=served.max_model_len or model.max_positions)
+    before = read_stats(config.connector_stats) if config.connector_stats is not None else None
+    arm = drive(ep, served.name, [list(p.token_ids) for p in prompts], _outputs(config, prompts),
+                _arrivals(config, prompts), config.timeout_s)
+    if before is not None and config.connector_stats is not None:
+        done = before["finished_requests"]
+        assert isinstance(done, int)
+        after = wait_stats(config.connector_stats, done + len(prompts))
+        report = dict(after, connector=delta(after["connector"], before["connector"]))
+        apply_report(arm, report, f"stats file {config.connector_stats} written by the connector inside the running "
+                                  f"server (pid {after.get('pid')}); counters are this run's (after minus before), "
+                                  "resident_by_tier and kv_placement as at the end")
+        kv = arm.kv_placement
+        if isinstance(kv, dict) and isinstance(before.get("kv_placement"), dict):
+            old = before["kv_placement"].get("attention_reads")
+            if isinstance(kv.get("attention_reads"), dict) and isinstance(old, dict):
+                kv["attention_reads"] = delta(kv["attention_reads"], old, keep=("model", "origin", "tier"))
+    else:
+        arm.origin = "unknown"
+        arm.connector = {"source": "none: give --connector-stats FILE, the stats_file of the server's connector "
+                                   "(kv_connector_extra_config), for its figures"}
+    return _result(config, str(model.path), arm, None)
 
 
 def ttft_samples(arm: ArmResult) -> list[float]:
@@ -200,12 +285,21 @@ def _summary(arm: ArmResult) -> ArmSummary:
                       sum(arm.prompt_tokens), computed)
 
 
-def _result(config: EngineReplayConfig, model: ModelInfo, arm: ArmResult,
+def _result(config: EngineReplayConfig, model: str, arm: ArmResult,
             without: ArmResult | None) -> EngineReplayResult:
     summary = _summary(arm)
     stats = arm.connector or {}
-    loaded_tokens = int(stats.get("loaded_blocks", 0)) * config.block_tokens
+    # The engine's block size, as the connector saw it (a running server's may differ from --block-tokens).
+    block_tokens = int(stats.get("block_tokens", config.block_tokens))
+    loaded_tokens = int(stats.get("loaded_blocks", 0)) * block_tokens
     notes = []
+    driver = "server" if config.server is not None else "serve" if config.serve else "offline"
+    if driver != "offline":
+        notes.append("TTFT and TPOT measured by the client from the streamed HTTP responses (first event carrying "
+                     "a token, then the last), the server's HTTP and streaming included")
+    if not arm.cached_reported:
+        notes.append("the server does not report cached tokens (start it with --enable-prompt-tokens-details): "
+                     "computed_prompt_tokens counts every prompt token")
     base = _summary(without) if without is not None else None
     drop_ok = match = None
     mismatched: list[int] = []
@@ -221,14 +315,15 @@ def _result(config: EngineReplayConfig, model: ModelInfo, arm: ArmResult,
                      f"{'lower' if faster else 'higher'} with the connector; its loads took "
                      f"{float(stats.get('load_s', 0.0)) * 1e3:.1f} ms and its saves "
                      f"{float(stats.get('save_s', 0.0)) * 1e3:.1f} ms in all")
-    if loaded_tokens == 0:
+    if stats.get("loaded_blocks") == 0:
         notes.append("no block was loaded: the trace selection shares no prefix block between requests")
     if arm.kv_placement and arm.kv_placement.get("note"):
         notes.append(str(arm.kv_placement["note"]))
+    policy = str(stats.get("policy", config.policy)) if config.server is not None else config.policy
     return EngineReplayResult(
-        engine=config.engine, model=str(model.path), requests=len(arm.prompt_tokens), block_tokens=config.block_tokens,
-        dtype=config.dtype, policy=config.policy, origin=arm.origin, tiers=arm.tiers, ttft_ms=summary.ttft_ms,
-        tpot_ms=summary.tpot_ms, tokens_per_s=summary.tokens_per_s,
+        engine=config.engine, driver=driver, server_url=config.server, model=model, requests=len(arm.prompt_tokens),
+        block_tokens=block_tokens, dtype=config.dtype, policy=policy, origin=arm.origin, tiers=arm.tiers,
+        ttft_ms=summary.ttft_ms, tpot_ms=summary.tpot_ms, tokens_per_s=summary.tokens_per_s,
         computed_prompt_tokens=summary.computed_prompt_tokens, loaded_tokens=loaded_tokens,
         connector=stats, kv_placement=arm.kv_placement, without_connector=base, computed_drop_equals_loaded=drop_ok,
         outputs_match=match, mismatched_requests=mismatched, notes=notes, ttft_samples_ms=ttft_samples(arm),

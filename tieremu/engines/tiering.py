@@ -32,6 +32,10 @@ class ResolvedStoreConfig:
     kv_node: int | None
     kv_backing: str
     kv_note: str
+    kv_tier_nodes: tuple[int, ...] = ()  # the nodes the tier map names for the KV tier (kv_node: where it really is)
+    # Charges the engine's own attention reads of its KV tensor with the KV tier's timing model, when that tier is
+    # emulated or shaped (its memory is host memory at host speed); None otherwise.
+    kv_injector: DelayInjector | None = None
 
 
 def open_tiers(config: StoreConfig) -> ResolvedStoreConfig:
@@ -53,7 +57,7 @@ def open_tiers(config: StoreConfig) -> ResolvedStoreConfig:
         raise ConfigError(f"{config.tiers}: cuda tiers are not supported by the vLLM CPU connector; use numa and "
                           "file tiers")
     policy = get_policy(config.policy, config.policy_params)
-    kv_node, backing, note = None, "default", ""
+    kv_node, backing, note, tier_nodes, kv_injector = None, "default", "", (), None
     if config.kv_tier is not None:
         names = [t.name for t in resolved.tiers]
         if config.kv_tier not in names:
@@ -63,8 +67,15 @@ def open_tiers(config: StoreConfig) -> ResolvedStoreConfig:
         if tier.spec.is_file:
             raise ConfigError(f"--kv-tier {config.kv_tier!r} is a file tier; the engine's KV tensor needs memory "
                               f"(a numa tier): {', '.join(t.name for t in resolved.tiers if not t.spec.is_file)}")
-        kv_node, backing = tier.nodes[0], tier.backing.value
+        kv_node, backing, tier_nodes = tier.nodes[0], tier.backing.value, tuple(tier.spec.nodes)
         if tier.timing is not None:
-            note = (f"tier {tier.name} is {tier.backing.value} on node {kv_node}: the engine's own attention reads "
-                    "run at that node's speed; only the connector's loads and saves are charged its timing model")
-    return ResolvedStoreConfig(config, resolved, injector, policy, kv_node, backing, note)
+            assert injector is not None  # an emulated or shaped tier has a timing model only with a calibration
+            # A separate injector, so that its audit is the attention reads' alone (not the connector's loads).
+            kv_injector = DelayInjector([tier.timing], injector.calibration)
+            where = (f"asks for node(s) {', '.join(map(str, tier.spec.nodes))}, which this machine lacks"
+                     if tier.backing.value == "emulated" else f"is node {kv_node} slowed to its targets")
+            note = (f"--kv-tier {tier.name} {where}: the engine's KV tensor is on node {kv_node} and vLLM's attention "
+                    f"reads it at that node's speed; tieremu charges those reads the tier's timing model (modelled: "
+                    "bytes of KV each layer's attention reads x the tier's extra time per byte, plus its extra "
+                    "latency per block, busy-waited after each layer; see kv_placement.attention_reads)")
+    return ResolvedStoreConfig(config, resolved, injector, policy, kv_node, backing, note, tier_nodes, kv_injector)

@@ -17,15 +17,29 @@ one store per process, created by whichever side comes first (`shared_store`).
 
 The connector also places vLLM's own KV tensor on a tier's node (`kv_tier`): through `get_mem_pool_context()`
 around the allocation, then bound and verified page by page when the tensors are registered (tieremu.engines.kvplace).
+When that tier is emulated (or shaped), its memory is host memory at host speed, so each layer's attention reads of
+the KV tensor are charged the tier's timing model in the per-layer hook (`save_kv_layer`, which runs right after the
+layer's attention): the bytes of KV the layer's attention reads (every scheduled request's context, K and V) at the
+tier's bandwidth deficit plus its extra latency per block, and the bytes it writes (the step's new tokens) at its
+write deficit, busy-waited there and then. That is a model of where the time would go, not a measurement, and the
+result says so (`kv_placement.attention_reads`).
+
+The figures (store counters, hits per tier, the KV tensor's placement) are the same in-process (the offline arm
+reads them with `current()`) and in a server: there the connector lives in vLLM's engine-core process, so with
+`stats_file` in kv_connector_extra_config it writes them there (whole, atomically) once its KV tensor is placed and
+after every finished request, for the driver to read.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import threading
+import time
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,11 +80,55 @@ def block_key(block_hash: object) -> int:
 
 # -- the store shared by both sides in one process ---------------------------------------------------------------
 
+ATTENTION_MODEL = ("modelled, not measured: the engine's KV tensor is in host memory, so each layer's attention "
+                   "reads (every scheduled request's context, K and V) are charged the tier's bandwidth deficit plus "
+                   "its extra latency per block, and its writes (the step's new tokens) the write deficit, "
+                   "busy-waited after the layer (tieremu's DelayInjector)")
+
+
 @dataclass
 class Shared:
     store: TierStore
     resolved: ResolvedStoreConfig
     placement: KVPlacement | None = None
+    finished_requests: int = 0  # requests the scheduler has let go of (the driver waits for all of its own)
+    attention_layer_calls: int = 0  # layer forward passes whose attention reads were charged (emulated KV tier)
+
+    def report(self) -> dict[str, object]:
+        """What the driver reports of the connector: its store's counters, its tiers, the KV tensor's placement."""
+        resolved = self.resolved
+        with self.store.lock:
+            connector: dict[str, object] = asdict(self.store.stats) | {"resident_by_tier": self.store.resident()}
+        config = resolved.config
+        connector |= {"block_tokens": self.store.layout.block_tokens, "policy": config.policy,
+                      "tier_map": str(config.tiers), "kv_tier": config.kv_tier}
+        if resolved.injector is not None:
+            connector["injected_ms_by_tier"] = {name: audit.injected_ns / 1e6
+                                                for name, audit in resolved.injector.audits.items()}
+        placement = None
+        if self.placement is not None:
+            placement = self.placement.to_dict() | {"attention_reads": self._attention_reads()}
+        tiers = resolved.tiers.tiers
+        return {"connector": connector, "kv_placement": placement,
+                "tiers": [{"name": t.name, "backing": t.label, "nodes": list(t.nodes)} for t in tiers],
+                "origin": "emulated" if any(t.backing.origin == "emulated" for t in tiers) else "measured",
+                "finished_requests": self.finished_requests}
+
+    def _attention_reads(self) -> dict[str, object] | None:
+        injector = self.resolved.kv_injector
+        if injector is None:
+            return None
+        (audit,) = injector.audits.values()
+        return {"model": ATTENTION_MODEL, "origin": "emulated", "tier": audit.tier,
+                "layer_calls": self.attention_layer_calls, "charged_bytes": audit.charged_bytes,
+                "charged_blocks": audit.charged_accesses, "owed_ms": audit.owed_ns / 1e6,
+                "injected_ms": audit.injected_ns / 1e6}
+
+    def write_stats(self, path: Path) -> None:
+        """The report, whole, at path (written beside it and renamed: a reader never sees half of it)."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.report() | {"pid": os.getpid(), "written_unix": time.time()}))
+        os.replace(tmp, path)
 
 
 _shared: Shared | None = None
@@ -118,16 +176,27 @@ def layout_of(vllm_config: VllmConfig) -> KVLayout:
                     block_tokens=vllm_config.cache_config.block_size, dtype=dtype)
 
 
-def config_of(extra: Mapping[str, Any]) -> StoreConfig:
-    unknown = sorted(set(extra) - {"tiers", "policy", "policy_params", "kv_tier", "capacities"})
+EXTRA_KEYS = ("tiers", "policy", "policy_params", "kv_tier", "capacities", "stats_file")
+
+
+@dataclass(frozen=True)
+class ConnectorOptions:
+    store: StoreConfig
+    stats_file: Path | None = None  # where the connector writes its figures (a server's driver reads them there)
+
+
+def config_of(extra: Mapping[str, Any]) -> ConnectorOptions:
+    unknown = sorted(set(extra) - set(EXTRA_KEYS))
     if unknown:
-        raise ConfigError(f"kv_connector_extra_config: unknown key(s) {', '.join(unknown)}; valid: tiers, policy, "
-                          "policy_params, kv_tier, capacities")
+        raise ConfigError(f"kv_connector_extra_config: unknown key(s) {', '.join(unknown)}; valid: "
+                          f"{', '.join(EXTRA_KEYS)}")
     if "tiers" not in extra:
         raise ConfigError("kv_connector_extra_config needs 'tiers': the path of a tieremu tier map")
-    return StoreConfig(tiers=Path(str(extra["tiers"])), policy=str(extra.get("policy", "lru")),
-                       policy_params=dict(extra.get("policy_params") or {}),
-                       kv_tier=None if extra.get("kv_tier") is None else str(extra["kv_tier"]))
+    store = StoreConfig(tiers=Path(str(extra["tiers"])), policy=str(extra.get("policy", "lru")),
+                        policy_params=dict(extra.get("policy_params") or {}),
+                        kv_tier=None if extra.get("kv_tier") is None else str(extra["kv_tier"]))
+    stats = extra.get("stats_file")
+    return ConnectorOptions(store, None if stats is None else Path(str(stats)))
 
 
 # -- what the scheduler tells the worker each step ---------------------------------------------------------------
@@ -179,7 +248,8 @@ class TieredKVConnector(KVConnectorBase_V1):
                               "they cannot share tieremu's store; run the worker in the engine-core process "
                               "(on the CPU platform: VLLM_ENABLE_V1_MULTIPROCESSING=0, for the OpenAI server too)")
         _roles_here.add(role)
-        self.config = config_of(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.options = config_of(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.config = self.options.store
         self.layout = layout_of(vllm_config)
         self.block_size = self.layout.block_tokens
         self.shared = shared_store(self.config, self.layout)
@@ -187,6 +257,7 @@ class TieredKVConnector(KVConnectorBase_V1):
         self._tracked: dict[str, _Tracked] = {}
         self._next_index = 0
         self._kv: list[torch.Tensor] = []  # per layer, [blocks, 2, block_size, kv_heads * head_dim]
+        self._token_bytes = 0  # K and V of one token in one layer of the engine's KV tensor
 
     # -- scheduler side ------------------------------------------------------------------------------------
 
@@ -256,7 +327,13 @@ class TieredKVConnector(KVConnectorBase_V1):
         tracked = self._tracked.pop(request.request_id, None)
         if tracked is not None and tracked.load_pending:
             self.store.release(tracked.load_keys)
+        self.shared.finished_requests += 1
+        self._write_stats()
         return False, None
+
+    def _write_stats(self) -> None:
+        if self.options.stats_file is not None:
+            self.shared.write_stats(self.options.stats_file)
 
     def _track(self, request: Request) -> _Tracked:
         tracked = self._tracked.get(request.request_id)
@@ -281,7 +358,10 @@ class TieredKVConnector(KVConnectorBase_V1):
         if resolved.kv_node is not None:
             bind_tensors(tensors, resolved.kv_node)
         self.shared.placement = verify(tensors, tier=resolved.config.kv_tier, backing=resolved.kv_backing,
-                                       node=resolved.kv_node, note=resolved.kv_note)
+                                       node=resolved.kv_node, note=resolved.kv_note,
+                                       tier_nodes=resolved.kv_tier_nodes)
+        self._token_bytes = 2 * self._kv[0].shape[-1] * self._kv[0].element_size()
+        self._write_stats()  # the placement is known before any request: a driver can check it
         require_placed(self.shared.placement)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
@@ -301,7 +381,27 @@ class TieredKVConnector(KVConnectorBase_V1):
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        return  # saved whole (all layers) in wait_for_save, once the forward pass has written every layer
+        # Blocks are saved whole (all layers) in wait_for_save, once the forward pass has written every layer. This
+        # hook runs right after the layer's attention: where an emulated KV tier's reads are charged.
+        injector = self.shared.resolved.kv_injector
+        if injector is None:
+            return
+        seq_lens = getattr(attn_metadata, "seq_lens", None)
+        new_tokens = getattr(attn_metadata, "num_actual_tokens", None)
+        if seq_lens is None or new_tokens is None:
+            raise KVError(f"--kv-tier {self.config.kv_tier}: vLLM's attention metadata "
+                          f"({type(attn_metadata).__name__}) has no seq_lens / num_actual_tokens, so the attention "
+                          "reads of the emulated tier cannot be charged")
+        lens = [int(n) for n in seq_lens.tolist()]
+        starts = getattr(attn_metadata, "query_start_loc", None)
+        if starts is not None:
+            lens = lens[:len(starts) - 1]  # one per scheduled request (nothing a padded batch may add)
+        tier = next(iter(injector.models))
+        bs = self.block_size
+        injector.read(tier, sum(-(-n // bs) for n in lens), sum(lens) * self._token_bytes)
+        injector.transfer(tier, int(new_tokens) * self._token_bytes, "write")
+        injector.settle()
+        self.shared.attention_layer_calls += 1
 
     def wait_for_save(self) -> None:
         if not self.has_connector_metadata():

@@ -4,10 +4,15 @@ A NUMA arena is one region from the tier allocator with the tier's memory policy
 blocks. A block that moves to another NUMA node by page migration keeps its slot (and so its address) in the
 arena it was born in; the pool tracks the tier it is on now. So that any arena can hold every block the pool
 may own, a NUMA arena reserves address space for the pool's total capacity but only faults pages in for slots
-in use: the reservation costs no memory.
+in use: the reservation costs no memory. A kernel-managed arena (the kernel's own tiering as a baseline) places a
+new block's pages under the tier's policy, then hands them to the default policy, so that the kernel may promote
+them on NUMA hint faults and demote them on reclaim (a bound page is never promoted).
 
-A file arena is a sparse file of slots in the tier's directory (O_DIRECT where possible); its blocks are read
-into a NUMA slot before anyone computes on them.
+A file arena is a sparse file of slots in the tier's directory (O_DIRECT where possible). Its blocks stay in the
+file: a read of one layer of a block preads that layer's K and V (the page-aligned span holding them) into a
+one-block bounce buffer in host memory and copies them out; a write of tokens reads that span, changes it and
+writes it back. Every such I/O is real, timed and counted (`FileIO`): a file tier's speed is the device's (or the
+page cache's, where the filesystem refuses O_DIRECT: `direct` says which), never a model.
 
 A device arena is one torch tensor of slots on a torch device: a real cuda tier's HBM. Device memory has no pages
 the kernel places, so blocks reach it and leave it only by copy, and it holds only its own tier's capacity.
@@ -15,7 +20,9 @@ the kernel places, so blocks reach it and leave it only by copy, and it holds on
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -26,15 +33,16 @@ from tieremu.numa import syscalls
 from tieremu.numa.pages import PAGE_SIZE, MigrationResult, page_addresses
 from tieremu.numa.syscalls import Policy
 from tieremu.tiers.files import BlockFile
-from tieremu.tiers.region import allocate
+from tieremu.tiers.region import Region, allocate
 from tieremu.tiers.resolve import ResolvedTier
 
 
 class NumaArena:
-    def __init__(self, tier: ResolvedTier, layout: KVLayout, slots: int) -> None:
+    def __init__(self, tier: ResolvedTier, layout: KVLayout, slots: int, *, kernel_managed: bool = False) -> None:
         self.tier = tier
         self.layout = layout
         self.slots = slots
+        self.kernel_managed = kernel_managed
         self.region = allocate(slots * layout.block_bytes, tier.nodes, tier.spec.policy,
                                populate=False, check_free=False)
         self.blocks: torch.Tensor = self.region.tensor(layout.dtype, (slots, *layout.block_shape))
@@ -55,12 +63,14 @@ class NumaArena:
         except BaseException:
             self._free.append(slot)  # the node is full: the slot stays free for later
             raise
+        if self.kernel_managed:
+            self.region.rebind(Policy.DEFAULT, (), *self._span(slot))  # the pages stay; the kernel may move them
         return slot
 
     def give_back(self, slot: int) -> None:
         """Free a slot. Its pages are dropped if they had been migrated away, so the next block born here
         faults fresh pages on this tier's nodes instead of reusing pages on another node."""
-        if slot in self._strays:
+        if slot in self._strays or self.kernel_managed:  # the kernel may have moved a managed slot's pages
             start, length = self._span(slot)
             self.region.discard(start, length)
             self.region.rebind(self.tier.spec.policy, self.tier.nodes, start, length)
@@ -100,6 +110,22 @@ class NumaArena:
         return slot * self.layout.block_bytes, self.layout.block_bytes
 
 
+@dataclass
+class FileIO:
+    """What a file arena really read and wrote through its file (page-aligned spans, timed around each call)."""
+
+    reads: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0
+    writes: int = 0
+    bytes_written: int = 0
+    write_s: float = 0.0
+    direct: bool = True  # O_DIRECT: the device's speed; False: the filesystem refused it (page cache speed)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
 class FileArena:
     def __init__(self, tier: ResolvedTier, layout: KVLayout, slots: int) -> None:
         if tier.spec.path is None:
@@ -109,6 +135,58 @@ class FileArena:
         self.slots = slots
         self.file = BlockFile(tier.spec.path, layout.block_bytes, slots, name=f"kv-{tier.name}")
         self._free = list(range(slots - 1, -1, -1))
+        self.io = FileIO(direct=self.file.direct)
+        self._bounce: Region | None = None  # one aligned block of host memory, made at the first I/O
+
+    def _bounce_region(self) -> Region:
+        if self._bounce is None:
+            self._bounce = allocate(self.layout.block_bytes, policy=Policy.DEFAULT)
+        return self._bounce
+
+    def _layer_span(self, li: int) -> tuple[int, int, int]:
+        """(start, length, offset of the layer's K/V within the span): the page-aligned part of a block holding
+        layer `li`'s K and V, as O_DIRECT reads and writes need."""
+        size = self.layout.layer_slice_bytes
+        first = li * size
+        start = first - first % PAGE_SIZE
+        end = -(-(first + size) // PAGE_SIZE) * PAGE_SIZE
+        return start, end - start, first - start
+
+    def read_layers(self, slots: Sequence[int], li: int, out: torch.Tensor) -> None:
+        """K and V of layer `li` (block index, 0 in the per-layer layout) of each slot, read through the file into
+        `out` [len(slots), 2, block_tokens, kv_heads, head_dim]: one pread per block into the bounce buffer."""
+        start, length, inner = self._layer_span(li)
+        bounce = self._bounce_region()
+        lay = self.layout
+        for i, slot in enumerate(slots):
+            t0 = time.perf_counter()
+            self.file.read_span(int(slot), start, length, bounce.addr)
+            self.io.read_s += time.perf_counter() - t0
+            self.io.reads += 1
+            self.io.bytes_read += length
+            out[i].copy_(bounce.tensor(lay.dtype, (2, lay.block_tokens, lay.kv_heads, lay.head_dim), inner))
+
+    def write_tokens(self, slot: int, li: int, offset: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write K and V of tokens offset.. of layer `li` into a block in the file: its layer span is read,
+        changed and written back (the device's unit is a page, a token's K/V is far smaller)."""
+        start, length, inner = self._layer_span(li)
+        bounce = self._bounce_region()
+        lay = self.layout
+        t0 = time.perf_counter()
+        self.file.read_span(slot, start, length, bounce.addr)
+        t1 = time.perf_counter()
+        view = bounce.tensor(lay.dtype, (2, lay.block_tokens, lay.kv_heads, lay.head_dim), inner)
+        view[0, offset:offset + k.shape[0]].copy_(k)
+        view[1, offset:offset + v.shape[0]].copy_(v)
+        del view  # no tensor may view the bounce region when the arena closes
+        t2 = time.perf_counter()
+        self.file.write_span(slot, start, length, bounce.addr)
+        self.io.read_s += t1 - t0
+        self.io.write_s += time.perf_counter() - t2
+        self.io.reads += 1
+        self.io.writes += 1
+        self.io.bytes_read += length
+        self.io.bytes_written += length
 
     @property
     def free_slots(self) -> int:
@@ -130,6 +208,9 @@ class FileArena:
 
     def close(self) -> None:
         self.file.close()
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
 
 
 class DeviceArena:

@@ -7,6 +7,12 @@ reads really come from each tier's memory. With the model on a GPU (`device`), r
 device: blocks in a device tier there (HBM) are indexed in place, blocks in host tiers are gathered into a pinned
 staging buffer and copied across (staging.py), and the bytes staged are counted per source tier.
 
+Blocks on a file tier (NVMe) stay there: a read preads each such block's layer span through the file into a bounce
+buffer (arena.py) and copies it out, a write reads, changes and writes back its span; the I/O is real and timed
+(`file_io()`), never modelled. A tier map whose emulated GPU tier has a host link model charges that link for
+every byte read or written by the (emulated) GPU from or to the other tiers (emulation.py); blocks in the GPU tier
+are read at host memory speed with nothing injected (real HBM is faster still: emulation cannot speed memory up).
+
 The cache may be shared with a migration daemon's thread: its read, write, add, free, move and settle paths hold
 the pool's re-entrant lock (`cache.lock`), which the daemon also takes per block move.
 """
@@ -14,14 +20,15 @@ the pool's re-entrant lock (`cache.lock`), which the daemon also takes per block
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from tieremu.errors import KVError
 from tieremu.kv.access_log import AccessLog
-from tieremu.kv.arena import DeviceArena, FileArena, MemoryArena, NumaArena
+from tieremu.kv.arena import DeviceArena, FileArena, FileIO, MemoryArena, NumaArena
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Placement
 from tieremu.kv.pool import Block, BlockPool, MoveRecord
@@ -30,6 +37,9 @@ from tieremu.native.build import kernels
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
 
+if TYPE_CHECKING:
+    from tieremu.kv.compress_store import TierCompression
+
 MIB = 1 << 20
 CPU = torch.device("cpu")
 
@@ -37,6 +47,7 @@ CPU = torch.device("cpu")
 LOCAL = "local"  # on the device already: indexed in place
 STAGED = "staged"  # in host memory, the device elsewhere: gathered into the staging buffer and copied across
 REMOTE = "remote"  # on another device (a GPU tier read by a CPU model): gathered there and copied over
+FILE = "file"  # in a file tier's file: read through the file into host memory (then copied across for a GPU)
 
 
 @dataclass
@@ -127,12 +138,14 @@ def prefix_keys(tokens: Sequence[int], block_tokens: int) -> list[int]:
 class TieredKVCache:
     """`device` is where read() returns K and V (the model's device). `stage` forces host blocks through the
     staging buffer even when that device is the CPU (tests, and measuring the copy's cost without a GPU); by
-    default they are staged only for a device other than the CPU."""
+    default they are staged only for a device other than the CPU. `kernel_managed`: NUMA tiers' blocks are placed
+    where the placement says, then left to the kernel's own tiering (promotion and demotion move their pages; the
+    pool's tier of a block is then where it was placed, and verify() says where its pages are now)."""
 
     def __init__(self, resolved: ResolvedTierMap, layout: KVLayout, *,
                  capacities: Mapping[str, int] | None = None, placement: Placement | None = None,
                  injector: DelayInjector | None = None, log_accesses: bool = True,
-                 device: torch.device | str = CPU, stage: bool | None = None) -> None:
+                 device: torch.device | str = CPU, stage: bool | None = None, kernel_managed: bool = False) -> None:
         self.layout = layout
         self.device = _concrete(torch.device(device))
         self.stage = self.device.type != "cpu" if stage is None else stage
@@ -141,17 +154,22 @@ class TieredKVCache:
         self._staging: StagingBuffer | None = None
         self.resolved = resolved
         self.injector = injector
-        self.pool = BlockPool(resolved, layout, _capacities(resolved, layout, capacities), placement, injector)
+        self.pool = BlockPool(resolved, layout, _capacities(resolved, layout, capacities), placement, injector,
+                              kernel_managed=kernel_managed)
         self.tier_index = {name: i for i, name in enumerate(self.pool.order)}
         self.log = AccessLog() if log_accesses else None
         self.stats = KVStats({t: TierTraffic() for t in self.pool.order})
         self.seqs: dict[int, SequenceState] = {}
         self.step = 0
         self.lock = self.pool.lock
-        self._routes = {name: self._route(arena) for name, arena in self.pool.arenas.items()
-                        if not isinstance(arena, FileArena)}
+        self._routes = {name: self._route(arena) for name, arena in self.pool.arenas.items()}
+        # The emulated GPU tier whose host link every other tier's bytes cross (a model "on" that GPU, run on the
+        # CPU here); None without one, or when the model really runs on a GPU (its link is real).
+        self._link = injector.link_tier if injector is not None and self.device.type == "cpu" else None
         # Called with the layer number at every layer_start, after the lock is released (layer-ahead prefetch).
         self.on_layer_start: Callable[[int], None] | None = None
+        # Set by TierCompression.attach (kv/compress_store.py) when a tier stores blocks compressed.
+        self.compression: TierCompression | None = None
 
     # -- sequences ---------------------------------------------------------------------------------------------
 
@@ -234,15 +252,21 @@ class TieredKVCache:
                 raise KVError(f"sequence {seq}: block {block.id} is shared by {block.refs} sequences and cannot be "
                               "written (a reused prefix is read-only)")
             take = min(bt - offset, start + n - pos)
-            arena = self._arena_of(block)
-            view = arena.blocks[block.slot, li]
-            view[0, offset:offset + take].copy_(k[pos - start:pos - start + take])
-            view[1, offset:offset + take].copy_(v[pos - start:pos - start + take])
+            arena = self.pool.arenas[block.arena]
+            rows = slice(pos - start, pos - start + take)
+            if isinstance(arena, FileArena):
+                arena.write_tokens(block.slot, li, offset, k[rows], v[rows])
+            else:
+                view = arena.blocks[block.slot, li]
+                view[0, offset:offset + take].copy_(k[rows])
+                view[1, offset:offset + take].copy_(v[rows])
             self.pool.touch(block)
             written = take * self.layout.layer_token_bytes
             self.stats.traffic[block.tier].bytes_written += written
             if self.injector is not None and self.injector.emulates(block.tier):
                 self.injector.transfer(block.tier, written, "write")
+            if self._link is not None and block.tier != self._link and self.injector is not None:
+                self.injector.cross(self._link, written)  # new KV leaves the (emulated) GPU across its link
             pos += take
         state.lengths[layer] = start + n
 
@@ -259,8 +283,11 @@ class TieredKVCache:
         arenas, slots = index.arenas, index.slots
         li = 0 if self.layout.per_layer else layer
         bt, heads, dim = self.layout.block_tokens, self.layout.kv_heads, self.layout.head_dim
+        compressed = self.compression is not None and self.compression.prepare(state, layer, index)
         if not table:
             k = v = torch.empty(0, bt, heads, dim, dtype=self.layout.dtype, device=self.device)
+        elif compressed:
+            k, v = self.compression.read(state, layer, index)  # type: ignore[union-attr]
         elif not (self._in_place and index.direct):
             k, v = self._read_to_device(index, li)
         elif len(index.groups) == 1:
@@ -308,6 +335,9 @@ class TieredKVCache:
             route = self._routes[group.arena]
             if route == STAGED:
                 continue
+            if route == FILE:
+                self._read_file_group(group, li, k, v)
+                continue
             blocks = self._memory_arena(group.arena).blocks
             where = group.where.to(self.device, non_blocking=True)
             picked = torch.index_select(blocks[:, li], 0, group.slots.to(blocks.device, non_blocking=True))
@@ -317,13 +347,36 @@ class TieredKVCache:
             v.index_copy_(0, where, picked[:, 1])
         return k, v
 
+    def _read_file_group(self, group: ArenaGroup, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A file tier's blocks of a table: read through the file into host memory, then across to the device."""
+        lay = self.layout
+        arena = self.pool.arenas[group.arena]
+        assert isinstance(arena, FileArena)
+        host = torch.empty((len(group.slots), 2, lay.block_tokens, lay.kv_heads, lay.head_dim), dtype=lay.dtype)
+        arena.read_layers(group.slots.tolist(), li, host)
+        if self.device.type != "cpu":
+            host = host.to(self.device)
+            for tier, count in group.per_tier:
+                self.stats.traffic[tier].bytes_staged += count * lay.layer_slice_bytes
+        where = group.where.to(self.device, non_blocking=True)
+        k.index_copy_(0, where, host[:, 0])
+        v.index_copy_(0, where, host[:, 1])
+
+    def file_io(self) -> dict[str, FileIO]:
+        """Per file tier, what really went through its file so far (reads, writes, bytes, seconds, O_DIRECT)."""
+        with self.lock:
+            return {name: replace(arena.io) for name, arena in self.pool.arenas.items()
+                    if isinstance(arena, FileArena)}
+
     def _staging_buffer(self) -> StagingBuffer:
         if self._staging is None:
             lay = self.layout
             self._staging = StagingBuffer((2, lay.block_tokens, lay.kv_heads, lay.head_dim), lay.dtype, self.device)
         return self._staging
 
-    def _route(self, arena: NumaArena | DeviceArena) -> str:
+    def _route(self, arena: NumaArena | DeviceArena | FileArena) -> str:
+        if isinstance(arena, FileArena):
+            return FILE
         on = arena.device if isinstance(arena, DeviceArena) else CPU
         # A NUMA arena is host memory: with staging forced on a CPU "device", it is staged like on a GPU run.
         if on == self.device and not (self.stage and isinstance(arena, NumaArena)):
@@ -341,6 +394,8 @@ class TieredKVCache:
         index = self._index(state, layer)
         if not index.direct:
             return None  # a block is in device memory the CPU cannot address
+        if self.compression is not None and self.compression.prepare(state, layer, index):
+            return None  # compressed blocks are dequantized through a staging buffer by read()
         length = state.lengths[layer]
         lay = self.layout
         q = q.contiguous()
@@ -376,14 +431,6 @@ class TieredKVCache:
     def move(self, block: Block, tier: str) -> MoveRecord:
         with self.lock:
             return self.pool.move(block, tier)
-
-    def _fetch(self, block: Block) -> None:
-        """A block on a file tier is read back into the fastest memory tier with room before use."""
-        target = next((t for t in self._memory if self.pool.room(t) > 0), None)
-        if target is None:
-            raise KVError(f"block {block.id} is on file tier {block.tier!r} and no memory tier has room to read "
-                          "it back into")
-        self.pool.move(block, target)
 
     # -- verification --------------------------------------------------------------------------------------------
 
@@ -425,10 +472,6 @@ class TieredKVCache:
 
     # -- internals -------------------------------------------------------------------------------------------------
 
-    @property
-    def _memory(self) -> list[str]:
-        return self.pool.memory_tiers
-
     def _seq(self, seq: int) -> SequenceState:
         try:
             return self.seqs[seq]
@@ -439,7 +482,7 @@ class TieredKVCache:
     def _arena_of(self, block: Block) -> MemoryArena:
         arena = self.pool.arenas[block.arena]
         if isinstance(arena, FileArena):
-            raise KVError(f"block {block.id} is on file tier {block.tier!r}; read it back into memory first")
+            raise KVError(f"block {block.id} is on file tier {block.tier!r}: it has no pages in memory")
         return arena
 
     def _memory_arena(self, name: str) -> MemoryArena:
@@ -449,7 +492,7 @@ class TieredKVCache:
         return arena
 
     def _index(self, state: SequenceState, layer: int) -> TableIndex:
-        """The table's arrays, every block first read back into memory if it was on a file tier. Rebuilt after
+        """The table's arrays (a file tier's blocks stay in their file: reads go through it). Rebuilt after
         any move (a daemon moves blocks every epoch), so it is built with array arithmetic, and once for all the
         layers that share one table."""
         table = state.tables[layer]
@@ -466,9 +509,6 @@ class TieredKVCache:
         return index
 
     def _build_index(self, table: list[Block], layer_offset: int) -> TableIndex:
-        for block in table:
-            if block.tier not in self._memory:
-                self._fetch(block)
         key = (len(table), self.pool.generation)
         n = len(table)
         ids = np.fromiter((b.id for b in table), np.int64, n)
@@ -480,9 +520,13 @@ class TieredKVCache:
         direct = True
         for name in dict.fromkeys(arenas):
             mine = np.fromiter((a == name for a in arenas), bool, n)
-            arena = self._memory_arena(name)
-            block_addrs[mine] = arena.addrs(slots[mine])
-            direct = direct and (isinstance(arena, NumaArena) or arena.host_addressable)
+            arena = self.pool.arenas[name]
+            if isinstance(arena, FileArena):
+                block_addrs[mine] = 0  # no address: the C kernel cannot attend in place, reads go through the file
+                direct = False
+            else:
+                block_addrs[mine] = arena.addrs(slots[mine])
+                direct = direct and (isinstance(arena, NumaArena) or arena.host_addressable)
             where = np.flatnonzero(mine)
             groups.append(ArenaGroup(name, torch.from_numpy(where), torch.from_numpy(slots[where]),
                                      self._per_tier(tiers[where])))
@@ -497,13 +541,24 @@ class TieredKVCache:
 
     def _account_read(self, seq: int, layer: int, index: TableIndex) -> None:
         slice_bytes = self.layout.layer_slice_bytes
+        across = 0
         for tier, count in index.per_tier:
             traffic = self.stats.traffic[tier]
+            # A compressed tier's blocks are read at their compressed size.
+            read = count * slice_bytes if self.compression is None else self.compression.read_bytes(tier, count)
             traffic.blocks_read += count
-            traffic.bytes_read += count * slice_bytes
+            traffic.bytes_read += read
             if self.injector is not None and self.injector.emulates(tier):
                 # Each block is one access at the tier's latency, then a stream at its bandwidth.
-                self.injector.read(tier, count, count * slice_bytes)
+                self.injector.read(tier, count, read)
+            if self._link is not None and tier != self._link:
+                # The (emulated) GPU reads a host tier's blocks across its link: one transfer per read, as the
+                # staging path gathers every host block of the read and copies them across at once. Compressed
+                # blocks cross at their compressed size.
+                traffic.bytes_staged += read
+                across += read
+        if self._link is not None and self.injector is not None and across:
+            self.injector.cross(self._link, across)
         if self.log is not None:
             self.log.record(self.step, layer, seq, index.ids, index.tiers)
 

@@ -13,7 +13,7 @@ class Occupancy(Protocol):
     """What a placement needs to know of the pool."""
 
     @property
-    def memory_tiers(self) -> Sequence[str]: ...  # NUMA tiers, fastest first (new blocks never go to files)
+    def memory_tiers(self) -> Sequence[str]: ...  # memory tiers, fastest first (the pool spills on to files)
     def used(self, tier: str) -> int: ...
     def room(self, tier: str) -> int: ...
 

@@ -67,8 +67,10 @@ class MoveRecord:
 
 class BlockPool:
     def __init__(self, resolved: ResolvedTierMap, layout: KVLayout, capacities: Mapping[str, int],
-                 placement: Placement | None = None, injector: DelayInjector | None = None) -> None:
+                 placement: Placement | None = None, injector: DelayInjector | None = None, *,
+                 kernel_managed: bool = False) -> None:
         self.layout = layout
+        self.kernel_managed = kernel_managed  # NUMA arenas hand their blocks' pages to the kernel's tiering
         self.tiers: dict[str, ResolvedTier] = {t.name: t for t in resolved.tiers}
         self.order = [t.name for t in resolved.tiers]
         self.capacity = dict(capacities)
@@ -102,7 +104,7 @@ class BlockPool:
             return FileArena(tier, layout, self.capacity[tier.name])
         if tier.device is not None:  # a real cuda tier (an emulated one has no device: a NUMA arena on its host)
             return DeviceArena(tier, layout, self.capacity[tier.name], torch.device(tier.device))
-        return NumaArena(tier, layout, numa_total)
+        return NumaArena(tier, layout, numa_total, kernel_managed=self.kernel_managed)
 
     # -- occupancy (what placements and policies see) --------------------------------------------------------
 
@@ -190,13 +192,17 @@ class BlockPool:
             del self._by_key[(block.key, block.layer)]
 
     def _tier_with_room(self, wanted: str) -> str:
-        tiers = self.memory_tiers
+        """The placement's choice if it has room, else the next tier down the map's order with room (memory tiers,
+        then a file tier where the map lists one: KV spills to NVMe before anything is evicted), then any tier
+        above; with every tier full, the least recently used cached prefix is evicted to make room."""
+        tiers = self.order
         if wanted not in tiers:
-            raise KVError(f"placement chose tier {wanted!r}; new blocks go to memory tiers: {', '.join(tiers)}")
-        for tier in tiers[tiers.index(wanted):] + tiers[:tiers.index(wanted)]:
+            raise KVError(f"placement chose tier {wanted!r}; tiers: {', '.join(tiers)}")
+        at = tiers.index(wanted)
+        for tier in tiers[at:] + tiers[:at]:
             if self.room(tier) > 0:
                 return tier
-        victim = next((b for b in self._cached.values() if b.tier in tiers), None)
+        victim = next(iter(self._cached.values()), None)
         if victim is None:
             in_use = ", ".join(f"{t} {self._used[t]}/{self.capacity[t]}" for t in self.order)
             raise KVError(f"KV pool full: every block is in use ({in_use} blocks); give the tiers more capacity "
@@ -274,7 +280,8 @@ class BlockPool:
         return 0, True, ""  # no page moved: the data was copied
 
     def _owed(self, source: str, target: str) -> dict[str, float]:
-        """The emulated ends' extra time for one block: read out of source, written into target."""
+        """The emulated ends' extra time for one block: read out of source, written into target, and the host link
+        crossed when one end is an emulated GPU tier with a link model (the other end is host memory or a file)."""
         injector = self.injector
         if injector is None:
             return {}
@@ -282,6 +289,10 @@ class BlockPool:
         for tier, kind in ((source, "read"), (target, "write")):
             if injector.emulates(tier):
                 owed[tier] = owed.get(tier, 0.0) + injector.owe(tier, self.layout.block_bytes, kind)
+        link = injector.link_tier
+        if link is not None and (source == link) != (target == link):
+            key, ns = injector.owe_link(link, self.layout.block_bytes)
+            owed[key] = ns
         return owed
 
     def _record(self, block: Block, source: str, target: str, kind: str, pages: int, seconds: float,

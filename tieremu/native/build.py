@@ -21,6 +21,7 @@ from tieremu.safefile import check_destination
 
 SOURCE = Path(__file__).with_name("kernels.c")
 REPLAY_SOURCE = Path(__file__).with_name("replay.c")
+COMPRESS_SOURCE = Path(__file__).with_name("compress.c")
 CFLAGS = ("-O2", "-march=native", "-fno-tree-loop-distribute-patterns", "-shared", "-fPIC")
 CACHE_ENV = "TIEREMU_CACHE_DIR"
 
@@ -57,6 +58,13 @@ _REPLAY_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
 }
 
 
+_COMPRESS_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
+    "compress_blocks": (i64, (vp, ctypes.c_int, i64, i64, ctypes.c_int, vp, vp)),
+    "decompress_blocks": (i64, (vp, i64, ctypes.c_int, vp, vp, ctypes.c_int, i64)),
+    "e4m3_encode": (None, (vp, i64, vp)),  # type: ignore[dict-item]
+}
+
+
 def cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tieremu"
     return Path(root) / "native"
@@ -72,6 +80,12 @@ def kernels() -> ctypes.CDLL:
 def replay_core() -> ctypes.CDLL:
     """The compiled replay core (replay.c): simulate mode's built-in demand caches."""
     return _library(REPLAY_SOURCE, _REPLAY_SIGNATURES)
+
+
+@cache
+def compress_kernels() -> ctypes.CDLL:
+    """The compiled KV compression kernels (compress.c): int8, int4 and fp8 with per-group scales."""
+    return _library(COMPRESS_SOURCE, _COMPRESS_SIGNATURES)
 
 
 def _library(path: Path, signatures: dict[str, tuple[type, tuple[type, ...]]]) -> ctypes.CDLL:

@@ -88,7 +88,7 @@ def loaded_latency(topology: Topology, initiator: int, memory_node: int, *, quic
                          f"it has {len(cpus)}")
     chase_cpu, traffic_cpus = cpus[0], tuple(cpus[1:])
     delays = QUICK_DELAYS if quick else FULL_DELAYS
-    chase = ChaseBuffer(chase_bytes, memory_node, hugepages=False)
+    chase = ChaseBuffer(chase_bytes, memory_node, hugepages=True)  # as the idle probe's chase: one curve, one TLB
     traffic = _Traffic(traffic_cpus, memory_node)
     points = []
     try:

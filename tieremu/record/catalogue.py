@@ -26,7 +26,8 @@ _METRICS = (
     Metric("tpot_ms", "ms", "time per output token (one sample per token)", False),
     Metric("ttft_ms", "ms", "time to first token (one sample per request)", False),
     Metric("tokens_per_s", "tokens/s", "decode throughput", True),
-    Metric("hit_ratio", "fraction", "share of KV block reads served by the tier (overall: fastest tier)", True),
+    Metric("hit_ratio", "fraction", "share of KV block references served by the tier; with no tier facet, served "
+           "from any tier (reused, not recomputed)", True),
     Metric("strr", "fraction", "slow-tier resident ratio: share of KV bytes resident outside the fastest tier",
            None),
     Metric("star", "fraction", "slow-tier access ratio: share of KV reads served outside the fastest tier", False),
@@ -63,6 +64,25 @@ _METRICS = (
     Metric("moves_failed", "blocks", "moves the kernel refused", False, TOTAL),
     Metric("daemon_cpu_s", "s", "CPU time of the migration daemon", False),
     Metric("prefix_tokens", "tokens", "prompt tokens served from shared prefixes", None),
+    # KV compression (tieremu/kv/compress*.py): a decode run over a map with a compressed tier.
+    Metric("attention_error_max", "abs", "max |attention output - uncompressed| over the run (mean in params)",
+           False),
+    Metric("logits_error_max", "abs", "max |next-token logits - uncompressed| over the run (mean in params)", False),
+    Metric("token_agreement", "fraction", "share of greedy tokens equal to the uncompressed run's", True),
+    Metric("compress_us_per_slice", "us", "time to compress one block's layer slice", False),
+    Metric("decompress_us_per_slice", "us", "time to dequantize one block's layer slice for a read", False),
+    # Decode over every tier (tieremu/workloads/jobs.py): bytes per tier, the emulated GPU link, file tiers, and the
+    # kernel-tiering baseline's own page moves.
+    Metric("kv_bytes_read", "B", "KV bytes the decode's attention read from the tier over the run", None, TOTAL),
+    Metric("kv_step_bytes_read", "B", "KV bytes read from the tier in one decode step (one sample per step)", None),
+    Metric("link_delay_s", "s", "delay injected for KV crossing an emulated GPU tier's host link (PCIe model)", None,
+           TOTAL),
+    Metric("file_read_gbps", "GB/s", "measured read rate of a file (NVMe) tier's block reads", True),
+    Metric("kernel_promoted_pages", "pages", "pages the kernel promoted (vmstat) during a kernel-tiering run", None,
+           TOTAL),
+    Metric("kernel_demoted_pages", "pages", "pages the kernel demoted (vmstat) during a kernel-tiering run", None,
+           TOTAL),
+    Metric("kv_bytes_saved_on_read", "B", "KV bytes not read thanks to compression", None),
 )
 CATALOGUE: dict[str, Metric] = {m.name: m for m in _METRICS}
 

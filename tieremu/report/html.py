@@ -1,11 +1,17 @@
-"""One self-contained HTML page per report: tables, provenance and plots inlined as base64 PNG, nothing fetched
-from the network, so the file can be mailed, archived or opened offline years later."""
+"""One self-contained HTML page per report: tables, provenance and plots inlined as SVG at the page's full width,
+nothing fetched from the network, so the file can be mailed, archived or opened offline years later.
+
+Each figure carries what its axes show (`data-meta`: scale, limits, the data's range on them) so that a check, or a
+reader's script, can tell what was drawn without parsing the drawing. The plots are also written to plots/ as
+<name>.svg and <name>.png, with every figure's facts in plots/figures.json.
+"""
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import html
+import json
+import re
 from pathlib import Path
 
 from tieremu import __version__
@@ -19,24 +25,29 @@ body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; }
 .provenance { background: #f4f6fa; border-left: 4px solid #4a6fa5; padding: 0.6em 1em; }
 .provenance li.warning { color: #a33; }
+.table-wrap { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 0.5em 0 0.2em; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #eef; } td.text, th:first-child { text-align: left; }
 caption { caption-side: top; font-weight: bold; text-align: left; padding: 0.3em 0; }
 p.note { font-size: 0.8em; color: #555; margin-top: 0; }
-figure { display: inline-block; margin: 1em 1em 1em 0; vertical-align: top; }
+figure { display: block; width: 100%; margin: 1.5em 0; }
+figure svg { display: block; width: 100%; height: auto; }
 figcaption { font-size: 0.85em; color: #444; }
 """
 
 
 def write_report(results: list[ResultSet], out: Path, *, plots_dir: Path | None = None) -> Path:
-    """Draw everything, write the page atomically (and the PNGs into plots_dir when given); returns the page."""
+    """Draw everything, write the page atomically (and each plot as SVG and PNG into plots_dir when given, with
+    figures.json); returns the page."""
     tables = all_tables(results)
     plots = all_plots(results)
     if plots_dir is not None:
         plots_dir.mkdir(parents=True, exist_ok=True)
         for plot in plots:
+            _atomic_write(plots_dir / f"{plot.name}.svg", plot.svg)
             _atomic_write(plots_dir / f"{plot.name}.png", plot.png)
+        _atomic_write(plots_dir / "figures.json", json.dumps([p.meta() for p in plots], indent=1).encode())
     _atomic_write(out, render(results, tables, plots).encode())
     return out
 
@@ -59,22 +70,34 @@ def render(results: list[ResultSet], tables: list[Table], plots: list[Plot]) -> 
 
 
 def _provenance(result: ResultSet, named: bool) -> str:
-    m = result.manifest
     warning = ' class="warning"'
     items = [f"<li{warning if line.startswith('warning') else ''}>{_e(line)}</li>" for line in provenance(result)]
-    items.append(f"<li>machine: {_e(str(m.get('hostname')))}, {_e(str(m.get('cpu_model')))}, {_e(str(m.get('cpus')))} "
-                 f"CPUs, {_e(str(m.get('kernel')))}; in VM: {_e(str(m.get('in_vm')))}; git "
-                 f"{_e(str(m.get('git_revision')))}{' (dirty)' if m.get('git_dirty') else ''}</li>")
+    items.append(f"<li>{_e(machine_line(result))}</li>")
     heading = f"<h2>{_e(result.name)}</h2>" if named else ""
     return f"{heading}<ul class=\"provenance\" id=\"provenance-{_e(result.name)}\">{''.join(items)}</ul>"
+
+
+def machine_line(result: ResultSet) -> str:
+    """The machine as the manifest and the run records know it. `in_vm` is whether the runs ran inside tieremu's
+    multi-node QEMU guest; whether the host itself is a virtual machine is not recorded, but hypervisor steal time
+    in the runs' load samples shows it."""
+    m = result.manifest
+    guest = ("yes: kernel semantics real, speeds emulation artefacts" if m.get("in_vm") else
+             "no, figures from this host")
+    stolen = [r for r in result.runs if (r.steal_fraction or 0) > 0]
+    steal = (f"hypervisor steal time seen in {len(stolen)} of {len(result.runs)} runs (a virtual machine)" if stolen
+             else "no hypervisor steal time seen in the runs")
+    return (f"machine: host name {m.get('hostname')!s}, CPU {m.get('cpu_model')}, {m.get('cpus')} CPUs, kernel "
+            f"{m.get('kernel')}; inside tieremu's QEMU guest: {guest}; {steal}; git {m.get('git_revision')}"
+            f"{' (dirty)' if m.get('git_dirty') else ''}")
 
 
 def _table(table: Table, index: int) -> str:
     head = "".join(f"<th>{_e(c)}</th>" for c in table.columns)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>" for row in table.rows)
     note = f"<p class=\"note\">{_e(table.note)}</p>" if table.note else ""
-    return (f"<table id=\"table-{index}\" class=\"report-table\"><caption>{_e(table.title)}</caption>"
-            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}")
+    return (f"<div class=\"table-wrap\"><table id=\"table-{index}\" class=\"report-table\"><caption>"
+            f"{_e(table.title)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>{note}")
 
 
 def _cell(value: str) -> str:
@@ -84,10 +107,20 @@ def _cell(value: str) -> str:
 
 
 def _figure(plot: Plot) -> str:
-    data = base64.b64encode(plot.png).decode("ascii")
     caption = _e(plot.title) + (f" — {_e(plot.caption)}" if plot.caption else "")
-    return (f"<figure id=\"plot-{_e(plot.name)}\"><img class=\"plot\" alt=\"{_e(plot.title)}\" "
-            f"src=\"data:image/png;base64,{data}\"><figcaption>{caption}</figcaption></figure>")
+    meta = _e(json.dumps(plot.meta(), separators=(",", ":")))
+    return (f"<figure id=\"plot-{_e(plot.name)}\" class=\"plot\" data-kind=\"{_e(plot.kind)}\" data-meta=\"{meta}\">"
+            f"{inline_svg(plot.svg, plot.title)}<figcaption>{caption}</figcaption></figure>")
+
+
+def inline_svg(svg: bytes, title: str) -> str:
+    """matplotlib's SVG document as an element of the page: no XML prolog or DOCTYPE, scaled to the page's width by
+    its viewBox, with a title for screen readers."""
+    text = svg.decode("utf-8")
+    text = text[text.index("<svg"):]
+    head_end = text.index(">")
+    head = re.sub(r'\s(width|height)="[^"]*"', "", text[:head_end])
+    return f'{head} role="img" aria-label="{_e(title)}"{text[head_end:]}'
 
 
 def _e(text: str) -> str:

@@ -9,6 +9,7 @@ figures, with the 95% confidence interval across runs (tieremu.record.stats.desc
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from tieremu.record.row import MetricRow
 from tieremu.record.stats import Stats, describe, percentile
 from tieremu.report.load import ResultSet
+from tieremu.report.units import Scale, scale_for
 from tieremu.runner.worker import headline
 
 COUNTERS = ("promotions", "demotions", "ping_pongs", "evictions")
@@ -23,6 +25,8 @@ COUNTERS = ("promotions", "demotions", "ping_pongs", "evictions")
 SUMMARISED = ("tpot_ms", "ttft_ms", "tokens_per_s", "hit_ratio", "strr", "star", "migration_gbps", *COUNTERS)
 PROBE = ("latency_ns", "read_gb_per_s", "write_gb_per_s", "copy_gb_per_s", "loaded_latency_ns")
 POLICY_RANK = {"all-fastest": 0, "all-slowest": 2}
+# The unit each summary figure is recorded in; the table shows it in the unit that suits the column's figures.
+COLUMN_UNITS = {"tpot_p50": "ms", "tpot_p99": "ms", "ttft_p50": "ms", "ttft_p99": "ms", "migration_gbps": "GB/s"}
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,14 @@ def bounds_check(group: Group, all_groups: list[Group]) -> str:
     return "within"
 
 
+def scaled(stats: Stats, scale: Scale | None) -> Stats:
+    """The figures in the unit the column shows."""
+    if scale is None:
+        return stats
+    return Stats(stats.n, scale(stats.median), scale(stats.mean), scale(stats.ci_low), scale(stats.ci_high),
+                 scale(stats.min), scale(stats.max))
+
+
 def fmt_ci(stats: Stats) -> str:
     """The median, and the 95% CI of the runs' mean when there are two runs or more: `4.81 [4.62-5.03]`."""
     if not stats.n:
@@ -202,7 +214,7 @@ def provenance(result: ResultSet) -> list[str]:
     noisy = result.noisy
     if noisy:
         lines.append(f"NOISY: {len(noisy)} of {len(result.runs)} runs ran on a busy machine (figures kept, flagged): "
-                     + "; ".join(f"{r.run_id} ({', '.join(r.noisy_why)})" for r in noisy))
+                     + noise_reasons([r.noisy_why for r in noisy]) + "; runs: " + ", ".join(r.run_id for r in noisy))
     elif result.schema_version >= 2:
         lines.append("noise: no run was flagged (steal, other processes' load and load average within limits)")
     else:
@@ -211,9 +223,32 @@ def provenance(result: ResultSet) -> list[str]:
     return lines
 
 
-SUMMARY_COLUMNS = (("tpot_p50", "TPOT p50 ms"), ("tpot_p99", "TPOT p99 ms"), ("ttft_p50", "TTFT p50 ms"),
-                   ("ttft_p99", "TTFT p99 ms"), ("tokens_per_s", "tokens/s"), ("hit", "hit ratio"))
-TAIL_COLUMNS = (("strr", "STRR"), ("star", "STAR"), ("migration_gbps", "migration GB/s"),
+def noise_reasons(whys: list[list[str]]) -> str:
+    """The runs' reasons, each kind once with the range of its first figure and how many runs it flagged:
+    `other processes used 75%-91% of the CPUs > 25% (30 runs)` rather than thirty sentences that differ in a number."""
+    number = r"\d+(?:\.\d+)?"
+    kinds: dict[str, tuple[list[str], list[float]]] = {}
+    for why in whys:
+        for reason in why:
+            numbers = re.findall(number, reason)
+            template = re.sub(number, "{}", reason.replace("{", "{{").replace("}", "}}"))
+            kinds.setdefault(template, (numbers, []))[1].append(float(numbers[0]) if numbers else math.nan)
+    parts = []
+    for template, (numbers, values) in kinds.items():
+        if numbers:
+            low, high = min(values), max(values)
+            percent = template.find("{}%") == template.find("{}")
+            span = f"{low:g}" if low == high else f"{low:g}{'%' if percent else ''}-{high:g}"
+            text = template.replace("{}", span, 1).format(*numbers[1:])
+        else:
+            text = template.format()
+        parts.append(f"{text} ({len(values)} run{'s' if len(values) != 1 else ''})")
+    return "; ".join(parts)
+
+
+SUMMARY_COLUMNS = (("tpot_p50", "TPOT p50"), ("tpot_p99", "TPOT p99"), ("ttft_p50", "TTFT p50"),
+                   ("ttft_p99", "TTFT p99"), ("tokens_per_s", "tokens/s"), ("hit", "hit ratio"))
+TAIL_COLUMNS = (("strr", "STRR"), ("star", "STAR"), ("migration_gbps", "migration"),
                 ("promotions", "promotions"), ("demotions", "demotions"), ("ping_pongs", "ping-pongs"),
                 ("evictions", "evictions"))
 
@@ -245,7 +280,8 @@ def _summary_table(job: str, mine: list[Group], all_groups: list[Group]) -> Tabl
     bases = sorted({b for _, b in slow if b})
     axes = point_axes(mine)
     checks = [bounds_check(g, all_groups) for g in mine]
-    headers = [*axes, "runs", "origin"] + [h for _, h in shown]
+    scales = {k: scale_for([f.get(k, math.nan) for f in figs], COLUMN_UNITS[k]) for k, _ in shown if k in COLUMN_UNITS}
+    headers = [*axes, "runs", "origin"] + [f"{h} {scales[k].unit}" if k in scales else h for k, h in shown]
     if bases:
         headers.append("slowdown vs all-fastest")
     if any(checks):
@@ -253,7 +289,7 @@ def _summary_table(job: str, mine: list[Group], all_groups: list[Group]) -> Tabl
     rows = []
     for g, st, (ratio, _), check in zip(mine, stats, slow, checks, strict=True):
         row = [*point_cells(g, axes), f"{g.done}/{len(g.runs)}", ", ".join(sorted({r.origin for r in g.rows})) or "-"]
-        row += [fmt_ci(st[k]) if k in st else "-" for k, _ in shown]
+        row += [fmt_ci(scaled(st[k], scales.get(k))) if k in st else "-" for k, _ in shown]
         if bases:
             row.append("-" if not math.isfinite(ratio) else f"{ratio:.2f}x")
         if any(checks):
@@ -296,8 +332,9 @@ def _other_table(job: str, mine: list[Group]) -> Table | None:
             if not values:
                 continue
             origins = ", ".join(sorted({r.origin for r in g.rows if r.metric == metric and r.tier == tier}))
-            rows.append([*point_cells(g, axes), column, fmt(len(values)), fmt(percentile(values, 50)),
-                         fmt(min(values)), fmt(max(values)), unit, origins])
+            sc = scale_for(values, unit)
+            rows.append([*point_cells(g, axes), column, fmt(len(values)), fmt(sc(percentile(values, 50))),
+                         fmt(sc(min(values))), fmt(sc(max(values))), sc.unit, origins])
     return Table(f"{job}: other figures", [*axes, "metric", "n", "median", "min", "max", "unit", "origin"], rows)
 
 

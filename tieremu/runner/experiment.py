@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,7 +27,7 @@ from tieremu.probe.calibrate import Anchor, anchor, calibration
 from tieremu.record import SCHEMA_VERSION
 from tieremu.record.row import MetricRow
 from tieremu.record.runs import DONE, FAILED, LoadSample, RunRecord
-from tieremu.record.summary import summarise, to_table
+from tieremu.record.summary import SummaryRow, summarise, to_table
 from tieremu.runner import manifest
 from tieremu.runner.backend import Backend, RunResult, Submission
 from tieremu.runner.jobs import ProbeParams, RunContext, anchor_from_rows, job_path
@@ -35,7 +35,18 @@ from tieremu.runner.needs import run_needs
 from tieremu.runner.results import ReopenedResultDir, ResultDir, ResultError
 from tieremu.runner.spec import ExperimentSpec
 from tieremu.runner.sweep import PlannedRun, expand
-from tieremu.runner.worker import RunOutcome, RunTask, run_isolated, terminate_raises
+from tieremu.runner.worker import (
+    FRESH,
+    STARTING,
+    WARM,
+    WRITING,
+    PhaseCallback,
+    RunOutcome,
+    RunTask,
+    WarmWorker,
+    run_isolated,
+    terminate_raises,
+)
 from tieremu.safefile import UnsafeFileError, atomic_write, open_append
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
 from tieremu.tiers.timing import Calibration
@@ -61,6 +72,7 @@ class ExperimentResult:
     plan: Plan
     records: list[RunRecord]
     report: Path | None
+    summary: list[SummaryRow] = field(default_factory=list)  # summary.csv's rows, for the closing table
 
     @property
     def failed(self) -> list[RunRecord]:
@@ -72,7 +84,8 @@ class ExperimentResult:
 
 
 class Listener(Protocol):
-    """Told about progress (the CLI draws a progress bar from it)."""
+    """Told about progress (the CLI draws a progress bar from it). A listener may also have
+    `phase(run, phase)`: told a local run's phase as it changes (tieremu.runner.worker: start-up, running, writing)."""
 
     def planned(self, plan: Plan, todo: int) -> None: ...
     def started(self, run: PlannedRun) -> None: ...
@@ -113,26 +126,28 @@ def run_experiment(spec: ExperimentSpec, out_root: Path, *, resume: Path | None 
             if run.kind == "probe" and run.run_id in records:
                 plan = _anchored_by_probe(out, plan, run)
         if backend is None:
-            for run in todo:
-                if listener:
-                    listener.started(run)
-                records[run.run_id] = _execute(out, plan, run)
-                if listener:
-                    listener.finished(run, records[run.run_id])
-                if run.kind == "probe" and records[run.run_id].status == DONE:
-                    plan = _anchored_by_probe(out, plan, run)
+            with WarmWorker() as warm:  # started only if a run needs no fresh process (worker.worker_kind)
+                for run in todo:
+                    if listener:
+                        listener.started(run)
+                    records[run.run_id] = _execute(out, plan, run, warm, _phases(listener, run))
+                    if listener:
+                        listener.finished(run, records[run.run_id])
+                    if run.kind == "probe" and records[run.run_id].status == DONE:
+                        plan = _anchored_by_probe(out, plan, run)
         else:
             plan = _execute_on(backend, out, plan, todo, records, listener)
         ordered = [records[r.run_id] for r in plan.runs]
         rows = _collect_rows(out.path, plan.runs)
         out.write_text("metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
         out.write_text("runs.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in ordered))
-        table = to_table(summarise(rows, ordered))
+        summary = summarise(rows, ordered)
+        table = to_table(summary)
         out.write_csv("summary.csv", table)
         _write_parquet(out.path / "summary.parquet", table)
         report_path = _write_report(out) if report else None
     final = out.final
-    return ExperimentResult(final, plan, ordered, final / report_path.name if report_path else None)
+    return ExperimentResult(final, plan, ordered, final / report_path.name if report_path else None, summary)
 
 
 def latest_folder(out_root: Path, experiment: str) -> Path:
@@ -231,12 +246,26 @@ def _context(out: ResultDir, plan: Plan, run: PlannedRun) -> RunContext:
                       plan.resolved[run.tiers], plan.calibration, workdir)
 
 
-def _execute(out: ResultDir, plan: Plan, run: PlannedRun) -> RunRecord:
+def _phases(listener: Listener | None, run: PlannedRun) -> PhaseCallback:
+    """The run's phase changes, for a listener that wants them (`phase(run, phase)`); else nothing."""
+    told = getattr(listener, "phase", None)
+    return (lambda phase: told(run, phase)) if told is not None else (lambda phase: None)
+
+
+def _execute(out: ResultDir, plan: Plan, run: PlannedRun, warm: WarmWorker | None = None,
+             on_phase: PhaseCallback | None = None) -> RunRecord:
     context = _context(out, plan, run)
+    task = RunTask(job_path(run.job), run.params, context)
+    tell = on_phase or (lambda phase: None)
     before = LoadSample.now()
-    outcome: RunOutcome = run_isolated(RunTask(job_path(run.job), run.params, context), plan.spec.run_timeout_s)
+    tell(STARTING)
+    if warm is not None and run.worker == WARM:
+        outcome: RunOutcome = warm.run(task, plan.spec.run_timeout_s, tell)
+    else:
+        outcome = run_isolated(task, plan.spec.run_timeout_s, tell)
     after = LoadSample.now()
-    return _write_run(out, run, RunResult(outcome, before, after))
+    tell(WRITING)
+    return _write_run(out, run, RunResult(outcome, before, after), worker=run.worker if warm is not None else FRESH)
 
 
 def _execute_on(backend: Backend, out: ResultDir, plan: Plan, todo: list[PlannedRun],
@@ -269,7 +298,7 @@ def _submission(out: ResultDir, plan: Plan, run: PlannedRun) -> Submission:
     return Submission(run, task, needs, plan.spec.run_timeout_s)
 
 
-def _write_run(out: ResultDir, run: PlannedRun, result: RunResult) -> RunRecord:
+def _write_run(out: ResultDir, run: PlannedRun, result: RunResult, worker: str = FRESH) -> RunRecord:
     """A run's files in runs/<run_id>/: what it left on its host, the host's manifest (remote runs), its rows,
     then its status."""
     outcome = result.outcome
@@ -286,7 +315,7 @@ def _write_run(out: ResultDir, run: PlannedRun, result: RunResult) -> RunRecord:
     _atomic_text(workdir / "metrics.jsonl", "".join(json.dumps(r.to_dict()) + "\n" for r in rows))
     record = RunRecord(run.run_id, run.kind, run.labels, DONE if outcome.ok else FAILED, outcome.seconds,
                        outcome.error, len(rows)).with_load(result.before, result.after)
-    status = record.to_dict() | {"exitcode": outcome.exitcode,
+    status = record.to_dict() | {"exitcode": outcome.exitcode, "worker": worker,
                                  "finished_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     if result.host is not None:
         status["host"] = result.host.get("hostname")

@@ -3,7 +3,8 @@
 A job is a class with a `kind`, a `parse(section) -> params` that validates its own keys, and a
 `run(params, ctx) -> list[MetricRow]` that runs in a fresh worker process. Jobs that take policies declare the
 names they accept (or None: whatever `tieremu.policy.registry` knows); the all-fastest and all-slowest
-baselines are always accepted and added beside every such job by the sweep.
+baselines are always accepted and added beside every such job by the sweep. A job with `kernel_baseline = True`
+also takes `kernel`, Linux's own tiering (runner/kernel_baseline.py), where the machine has memory tiers.
 
 Jobs from other layers register by their `module:Class` path in OPTIONAL_JOBS (skipped while that module is
 absent); a spec may also name any Job subclass by path (`kind: mypkg.jobs:MyJob`) without touching the core.
@@ -27,6 +28,7 @@ from tieremu.errors import ConfigError
 from tieremu.numbers import MIB, SEED, Range
 from tieremu.probe.calibrate import Anchor, anchored
 from tieremu.record.row import MetricRow
+from tieremu.runner.kernel_baseline import KERNEL_POLICY, kernel_policy_problem
 from tieremu.tiers.config import TierMap
 from tieremu.tiers.resolve import Backing, ResolvedTierMap
 from tieremu.tiers.timing import Calibration
@@ -40,7 +42,7 @@ BUILTIN_JOBS = ("tieremu.runner.jobs:ProbeJob", "tieremu.runner.jobs:RoundTripJo
                 "tieremu.runner.jobs:SyntheticJob")
 # Jobs living with their own layers (decode, trace replay): listed here once they land; absent modules are skipped.
 OPTIONAL_JOBS: tuple[str, ...] = ("tieremu.workloads.jobs:DecodeJob", "tieremu.workloads.replay_job:ReplayJob",
-                                  "tieremu.engines.job:EngineJob")
+                                  "tieremu.engines.job:EngineJob", "tieremu.cluster.job:ClusterJob")
 
 
 def job_path(job: type[Job]) -> str:
@@ -91,6 +93,8 @@ class JobRegistry:
             return f"job {job.kind!r} takes no policies"
         if name in BASELINES:
             return None
+        if name == KERNEL_POLICY and getattr(job, "kernel_baseline", False):
+            return kernel_policy_problem()  # Linux's own tiering: only where the kernel has tiers
         valid = self.valid_policies(job)
         if valid is None:
             return (f"policy {name!r} cannot be checked: job {job.kind!r} uses tieremu.policy.registry, which is "

@@ -1,4 +1,5 @@
-"""PNG plots of probe results (matplotlib, headless).
+"""Plots of probe results (matplotlib, headless), full page width, each written as PNG and as SVG beside it
+(`latency_vs_size.png` and `latency_vs_size.svg`): the SVG for papers and pages, the PNG for slides and mail.
 
 matplotlib is imported on first plot, not with the CLI: it costs ~0.4 s here and tens of seconds inside the
 QEMU guest, where every command would otherwise pay it.
@@ -13,19 +14,22 @@ from typing import Any
 
 from tieremu.safefile import atomic_write
 
+WIDTH_IN, HEIGHT_IN = 11.0, 4.3  # the report's figure size (tieremu.report.figure): a page's width
+
 
 @cache
 def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and in CI
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text in the SVG
     import matplotlib.pyplot as plt
 
     return plt
 
 
 def latency_vs_size(sweep: list[dict[str, Any]], path: Path, origin: str) -> Path:
-    fig, ax = _plt().subplots(figsize=(7, 4.5))
+    fig, ax = _plt().subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     for huge in (False, True):
         pts = sorted((p["size_bytes"], p["ns"]["median"], p["ns"]["min"], p["ns"]["max"])
                      for p in sweep if p["hugepages"] == huge)
@@ -46,7 +50,8 @@ def latency_vs_size(sweep: list[dict[str, Any]], path: Path, origin: str) -> Pat
 
 def bandwidth_heatmaps(matrix: dict[str, dict[str, dict[str, Any]]], path: Path, origin: str) -> Path:
     kernels = list(matrix)
-    fig, axes = _plt().subplots(1, len(kernels), figsize=(3.2 * len(kernels), 3.2), squeeze=False)
+    fig, axes = _plt().subplots(1, len(kernels), figsize=(WIDTH_IN, min(WIDTH_IN / len(kernels), HEIGHT_IN)),
+                                squeeze=False)
     for ax, kernel in zip(axes[0], kernels, strict=True):
         rows = sorted(matrix[kernel], key=int)
         cols = sorted({c for r in rows for c in matrix[kernel][r]}, key=int)
@@ -65,7 +70,7 @@ def bandwidth_heatmaps(matrix: dict[str, dict[str, dict[str, Any]]], path: Path,
 
 
 def loaded_curves(curves: dict[str, list[dict[str, Any]]], path: Path, origin: str) -> Path:
-    fig, ax = _plt().subplots(figsize=(7, 4.5))
+    fig, ax = _plt().subplots(figsize=(WIDTH_IN, HEIGHT_IN))
     for mix, pts in curves.items():
         pts = sorted(pts, key=lambda p: p["traffic_gb_per_s"])
         med = [p["latency_ns"]["median"] for p in pts]
@@ -83,7 +88,7 @@ def loaded_curves(curves: dict[str, list[dict[str, Any]]], path: Path, origin: s
 
 
 def migrate_bars(points: list[dict[str, Any]], path: Path, origin: str) -> Path:
-    fig, ax = _plt().subplots(figsize=(max(6, 0.9 * len(points)), 4.5))
+    fig, ax = _plt().subplots(figsize=(max(WIDTH_IN, 0.9 * len(points)), HEIGHT_IN))
     labels = [f"{p['source']}→{p['target']}\n{'THP' if p['hugepages'] else '4K'} b{p['batch_pages']}" for p in points]
     x = range(len(points))
     ax.bar([i - 0.2 for i in x], [p["migrate_gb_per_s"]["median"] for p in points], width=0.4, label="move_pages")
@@ -96,8 +101,11 @@ def migrate_bars(points: list[dict[str, Any]], path: Path, origin: str) -> Path:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    """The PNG at `path` and the SVG beside it; returns the PNG's path."""
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    png, svg = io.BytesIO(), io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    fig.savefig(svg, format="svg")
     _plt().close(fig)
-    return atomic_write(path, buf.getvalue())  # never through a planted link, never half a file
+    atomic_write(path.with_suffix(".svg"), svg.getvalue())  # never through a planted link, never half a file
+    return atomic_write(path, png.getvalue())

@@ -43,6 +43,9 @@ BACKENDS = ("local", "ray")  # where runs execute: tieremu.runner.backend
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 REPETITIONS = Range(1, 1000, integer=True)  # more is a typo; the sweep's total is bounded too (sweep.MAX_RUNS)
 SEEDS = Range(0, 2**63 - 1, integer=True)
+# Job keys that were renamed: the old name is refused with the new one (one vocabulary: an epoch is in milliseconds
+# everywhere, as `--epoch-ms` on the command line).
+RENAMED = {"epoch_s": "epoch_ms (the same epoch in milliseconds: epoch_s 0.05 is epoch_ms 50)"}
 
 
 class _KeyRecorder(Section):
@@ -101,8 +104,13 @@ class ExperimentSpec:
 
 
 def load_experiment(path: str | Path, registry: JobRegistry | None = None) -> ExperimentSpec:
+    return parse_experiment(load_yaml(path), registry)
+
+
+def parse_experiment(doc: Section, registry: JobRegistry | None = None) -> ExperimentSpec:
+    """A spec from its top-level section (every key read through `doc`, so the reference of keys can watch it:
+    tieremu.runner.reference)."""
     registry = registry or default_registry()
-    doc = load_yaml(path)
     name = doc.get("name", str, check=lambda v: None if NAME.match(v) else
                    "use letters, digits, '.', '_' or '-' (it names the result folder)")
     description = doc.get("description", str, "")
@@ -167,6 +175,10 @@ def _job(index: int, s: Section, registry: JobRegistry, repetitions: int | None)
         except ConfigError as exc:
             raise s.error(f"requires[{i}]", str(exc)) from None
     raw = {k: v for k, v in s.data.items() if k not in JOB_KEYS}
+    for old, new in RENAMED.items():
+        for where in (old, f"sweep.{old}"):
+            if old in (raw if where == old else sweep):
+                raise s.error(where, f"renamed: use {new}")
     own = _KeyRecorder(raw, s.path, s.source)
     params = job.parse(own)
     own.done()  # the job's own keys; the runner's were read above, so `s` has no unknown key left
@@ -231,6 +243,8 @@ def _special(job: type[Job]) -> set[str]:
 def _check_global_axes(spec: ExperimentSpec, doc: Section, registry: JobRegistry) -> None:
     """A top-level axis must apply to at least one job (else it is a typo); policies are checked per job."""
     for axis, values in spec.sweep.items():
+        if axis in RENAMED:
+            raise doc.error(f"sweep.{axis}", f"renamed: use {RENAMED[axis]}")
         takers = [j for j in spec.jobs if axis in j.keys or axis in _special(j.job)]
         if axis != "tiers" and not takers:
             known = sorted({k for j in spec.jobs for k in j.keys | _special(j.job)})

@@ -23,6 +23,7 @@ from tieremu.configfile import Section
 from tieremu.errors import ConfigError
 from tieremu.runner.jobs import BASELINES, Job, ProbeJob, job_path
 from tieremu.runner.spec import ExperimentSpec, JobSpec
+from tieremu.runner.worker import worker_kind
 from tieremu.tiers.config import TierMap
 
 
@@ -53,10 +54,23 @@ class PlannedRun:
         out["rep"] = self.repetition
         return out
 
+    @property
+    def worker(self) -> str:
+        """`fresh` (a new interpreter for this run) or `warm` (the warm worker: accounting-only runs)."""
+        return worker_kind(self.kind, self.params)
+
+    @property
+    def shared_axes(self) -> tuple[str, ...]:
+        """Swept axes this run's result does not depend on: a bound that runs once for every value of them (its
+        labels show the first point's value)."""
+        ignores = self.job.bound_ignores.get(self.policy or "", frozenset())
+        return tuple(a for a in self.axes if a in ignores)
+
     def to_dict(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "job": self.kind, "job_index": self.job_index, "job_class": job_path(self.job),
                 "policy": self.policy, "baseline": self.baseline, "tiers": self.tiers, "repetition": self.repetition,
-                "axes": self.axes, "labels": self.labels, "params": self.raw_params}
+                "axes": self.axes, "labels": self.labels, "params": self.raw_params, "worker": self.worker,
+                "once_across": list(self.shared_axes)}
 
 
 MAX_RUNS = 100_000  # a sweep bigger than this is a mistake (and would take years): refused before it is built

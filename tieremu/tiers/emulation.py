@@ -5,6 +5,11 @@ the charges into nanoseconds with each tier's timing model and pays them in one 
 once per step or per operation, so the bookkeeping stays cheap. The spin is C (no GIL held), accurate to well
 under a microsecond, and never a sleep. Every tier's audit says what was charged, what was injected and what
 the bookkeeping itself cost.
+
+An emulated GPU tier with a host link model (`emulate: {link: {gbps, latency_us}}`) has a second account, its
+link's (`link_audits`): bytes crossing between host memory and the tier are charged the link's time in full, on
+top of whatever the host tier they come from costs (the gather out of host memory and the DMA across are two
+steps, as in tieremu's own staging path on a real GPU).
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from dataclasses import asdict, dataclass
 
 from tieremu.errors import ResolutionError
 from tieremu.native.build import kernels, tsc_ticks_per_ns
-from tieremu.tiers.timing import Calibration, TimingModel
+from tieremu.tiers.timing import Calibration, LinkModel, TimingModel
+
+LINK = "link:"  # debts and audits of a tier's host link are keyed "link:<tier>"
 
 
 @dataclass
@@ -34,13 +41,58 @@ class TierAudit:
         return asdict(self)
 
 
+@dataclass
+class LinkAudit:
+    """What an emulated GPU tier's host link was charged: bytes and transfers across, and the time they cost."""
+
+    tier: str
+    gbps: float
+    latency_ns: float
+    charged_bytes: int = 0
+    transfers: int = 0
+    owed_ns: float = 0.0
+    injected_ns: float = 0.0
+    accounting_ns: float = 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
 class DelayInjector:
     def __init__(self, models: Iterable[TimingModel], calibration: Calibration) -> None:
         self.models = {m.tier: m for m in models}
         self.calibration = calibration
         self.audits = {m.tier: TierAudit(m.tier, m.mode, m.target_latency_ns, dict(m.target_bandwidth_gbps))
                        for m in self.models.values()}
-        self._owed: dict[str, float] = {}  # charged since the last settle, per tier
+        self.links: dict[str, LinkModel] = {m.tier: m.link for m in self.models.values() if m.link is not None}
+        self.link_audits = {t: LinkAudit(t, link.gbps, link.latency_ns) for t, link in self.links.items()}
+        self._owed: dict[str, float] = {}  # charged since the last settle, per tier (or LINK + tier)
+
+    @property
+    def link_tier(self) -> str | None:
+        """The emulated GPU tier whose link blocks cross (the first with a link model), or None."""
+        return next(iter(self.links), None)
+
+    def cross(self, tier: str, nbytes: int, transfers: int = 1) -> None:
+        """Charge `transfers` crossings of tier's host link carrying nbytes in all (paid at the next settle)."""
+        t0 = time.perf_counter_ns()
+        ns = self.links[tier].crossing_ns(nbytes, transfers)
+        audit = self.link_audits[tier]
+        audit.charged_bytes += nbytes
+        audit.transfers += transfers
+        audit.owed_ns += ns
+        key = LINK + tier
+        self._owed[key] = self._owed.get(key, 0.0) + ns
+        audit.accounting_ns += time.perf_counter_ns() - t0
+
+    def owe_link(self, tier: str, nbytes: int) -> tuple[str, float]:
+        """One crossing of nbytes, charged to the link's audit but paid by the caller with pay() (as owe())."""
+        ns = self.links[tier].crossing_ns(nbytes)
+        audit = self.link_audits[tier]
+        audit.charged_bytes += nbytes
+        audit.transfers += 1
+        audit.owed_ns += ns
+        return LINK + tier, ns
 
     def emulates(self, tier: str) -> bool:
         return tier in self.models
@@ -90,8 +142,8 @@ class DelayInjector:
         if total <= 0:
             return 0.0
         spun = float(kernels().wait_ticks(round(total * tsc_ticks_per_ns())))
-        for tier, ns in owed.items():
-            self.audits[tier].injected_ns += spun * ns / total
+        for key, ns in owed.items():
+            self._audit(key).injected_ns += spun * ns / total
         return spun
 
     def settle(self) -> float:
@@ -100,8 +152,8 @@ class DelayInjector:
         if total <= 0:
             return 0.0
         spun = float(kernels().wait_ticks(round(total * tsc_ticks_per_ns())))
-        for tier, owed in self._owed.items():  # the spin pays every tier's debt in proportion
-            self.audits[tier].injected_ns += spun * owed / total
+        for key, owed in self._owed.items():  # the spin pays every tier's (and link's) debt in proportion
+            self._audit(key).injected_ns += spun * owed / total
         self._owed = {}
         return spun
 
@@ -112,6 +164,9 @@ class DelayInjector:
         audit.owed_ns += ns
         if ns > 0:
             self._owed[tier] = self._owed.get(tier, 0.0) + ns
+
+    def _audit(self, key: str) -> TierAudit | LinkAudit:
+        return self.link_audits[key[len(LINK):]] if key.startswith(LINK) else self.audits[key]
 
     def _model(self, tier: str) -> TimingModel:
         try:

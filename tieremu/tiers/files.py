@@ -74,6 +74,19 @@ class BlockFile:
         if done != self.slot_bytes:
             raise FileTierError(f"{self.path}: short read of slot {slot} ({done} of {self.slot_bytes} bytes)")
 
+    def read_span(self, slot: int, offset: int, length: int, addr: int) -> None:
+        """Read `length` bytes at `offset` within slot into the aligned buffer at addr (offset and length page
+        multiples, as O_DIRECT needs): a part of a block, such as one layer's K and V."""
+        done = os.preadv(self._fd, [self._span_view(addr, offset, length)], self._offset(slot) + offset)
+        if done != length:
+            raise FileTierError(f"{self.path}: short read of slot {slot} +{offset} ({done} of {length} bytes)")
+
+    def write_span(self, slot: int, offset: int, length: int, addr: int) -> None:
+        """Write `length` bytes at `offset` within slot from the aligned buffer at addr (page multiples)."""
+        done = os.pwritev(self._fd, [self._span_view(addr, offset, length)], self._offset(slot) + offset)
+        if done != length:
+            raise FileTierError(f"{self.path}: short write of slot {slot} +{offset} ({done} of {length} bytes)")
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -84,6 +97,14 @@ class BlockFile:
         if not 0 <= slot < self.slots:
             raise FileTierError(f"{self.path}: slot {slot} out of range 0..{self.slots - 1}")
         return slot * self.slot_bytes
+
+    def _span_view(self, addr: int, offset: int, length: int) -> memoryview:
+        if offset % ALIGN or length % ALIGN or length <= 0 or offset + length > self.slot_bytes:
+            raise FileTierError(f"{self.path}: span +{offset} of {length} bytes is not {ALIGN}-aligned within a "
+                                f"{self.slot_bytes}-byte slot")
+        if addr % ALIGN:
+            raise FileTierError(f"buffer at {addr:#x} is not {ALIGN}-byte aligned, as O_DIRECT needs")
+        return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
 
     def _view(self, addr: int) -> memoryview:
         if addr % ALIGN:

@@ -131,6 +131,9 @@ def _why_none(count: int) -> str:
 
 
 def _resolve_tier(spec: TierSpec, topo: Topology, vm: bool, cuda: CudaDevices | None) -> ResolvedTier:
+    if spec.is_peer:  # other instances' tiers: tieremu.cluster takes them out before resolving the local ones
+        raise ResolutionError(f"tier {spec.name!r} has kind: peer (other instances, over a link): only `tieremu "
+                              "cluster replay` uses it; use a tier map without it here")
     if spec.is_file:
         return ResolvedTier(spec, Backing.REAL, (), f"blocks stored in {spec.path} (the device's own speed)")
     if spec.is_cuda:

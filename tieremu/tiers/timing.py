@@ -31,6 +31,23 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class LinkModel:
+    """An emulated GPU tier's host link (PCIe): a block crossing between host memory and the tier costs
+    `latency_ns` per transfer plus its bytes at `gbps`. Host memory stands in for the HBM itself, so nothing of the
+    link happens for real: the whole crossing time is injected."""
+
+    tier: str
+    gbps: float
+    latency_ns: float
+
+    def crossing_ns(self, nbytes: int, transfers: int = 1) -> float:
+        return transfers * self.latency_ns + nbytes / self.gbps  # bytes / (GB/s) is ns
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class TimingModel:
     """Absolute targets for one tier and what must be injected to reach them from its host memory."""
 
@@ -42,6 +59,7 @@ class TimingModel:
     target_latency_ns: float
     target_bandwidth_gbps: dict[str, float]
     access_overhead_ns: float = 0.0
+    link: LinkModel | None = None  # an emulated cuda tier's host link (None: blocks reach it at memory speed)
 
     @property
     def extra_latency_ns(self) -> float:
@@ -87,7 +105,10 @@ def timing_model(spec: TierSpec, mode: str, host_node: int, calibration: Calibra
                 f"{host_bw[kernel] / local:.2f} (bandwidth_gbps <= {host_bw[kernel]:.1f})"
             )
         bw[kernel] = want
-    return TimingModel(spec.name, mode, host_node, host_lat, host_bw, lat, bw, target.access_overhead_ns)
+    link = None
+    if target.link is not None and spec.is_cuda and mode == "emulated":
+        link = LinkModel(spec.name, target.link.gbps, target.link.latency_us * 1e3)
+    return TimingModel(spec.name, mode, host_node, host_lat, host_bw, lat, bw, target.access_overhead_ns, link)
 
 
 def _bandwidth_target(target: TimingTarget, kernel: str, local: float) -> float:

@@ -1,6 +1,7 @@
 """A real decode run over the tiered KV cache: prompts with a shared prefix prefilled one request at a time (the
 time to first token of each), then batched decode steps (the time per output token), with every KV byte read
-counted per tier, the emulated delay paid and audited, and the kernel asked where the blocks are at start and end.
+counted per tier (per decode step and in all), the emulated delay paid and audited, what file tiers really read and
+wrote (bytes and seconds of real I/O), and the kernel asked where the blocks are at start and end.
 
 The model and the cache share one device: on a GPU, K/V of host tiers are staged across every step (counted per tier
 in `kv_bytes_staged`), and every timed region ends by waiting for the GPU, so a time is the work's, not its launch's.
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from tieremu.errors import WorkloadError
+from tieremu.kv.arena import FileIO
 from tieremu.kv.cache import TieredKVCache, TierPlacement
 from tieremu.workloads.llama import LlamaModel
 
@@ -54,6 +56,8 @@ class DecodeResult:
     moves: int = 0
     extra: dict[str, object] = field(default_factory=dict)
     kv_bytes_staged: dict[str, int] = field(default_factory=dict)  # during decode, per source tier: host -> device
+    kv_bytes_read_by_step: list[dict[str, int]] = field(default_factory=list)  # per decode step, per tier
+    file_io: dict[str, FileIO] = field(default_factory=dict)  # during decode, per file tier: the real I/O
 
     @property
     def tokens_per_s(self) -> float:
@@ -98,8 +102,10 @@ def run_decode(model: LlamaModel, cache: TieredKVCache, spec: DecodeSpec, *,
         reused.append(hit.tokens)
         first.append(int(logits.argmax(-1)[0]))
     placement_start = cache.verify()
-    read0 = {t: s.bytes_read for t, s in cache.stats.traffic.items()}
+    read0 = _bytes_read(cache)
     staged0 = {t: s.bytes_staged for t, s in cache.stats.traffic.items()}
+    io0 = cache.file_io()
+    by_step, before = [], read0
     tokens = torch.tensor(first)
     generated = [tokens]
     lengths = [p.numel() for p in prompts]
@@ -112,6 +118,9 @@ def run_decode(model: LlamaModel, cache: TieredKVCache, spec: DecodeSpec, *,
         cache.end_step()
         sync()
         tpot.append(time.perf_counter() - t0)
+        now = _bytes_read(cache)
+        by_step.append({t: b - before[t] for t, b in now.items()})
+        before = now
         tokens = logits.argmax(-1).cpu()  # the generated tokens are kept on the host (a no-op on CPU)
         generated.append(tokens)
     wall = time.perf_counter() - t_start
@@ -126,7 +135,21 @@ def run_decode(model: LlamaModel, cache: TieredKVCache, spec: DecodeSpec, *,
         placement_end=cache.verify(), generated=torch.stack(generated, dim=1), wall_s=wall,
         moves=len(cache.pool.moves),
         kv_bytes_staged={t: s.bytes_staged - staged0[t] for t, s in cache.stats.traffic.items()},
+        kv_bytes_read_by_step=by_step,
+        file_io={t: _io_delta(io, io0[t]) for t, io in cache.file_io().items()},
     )
+
+
+def _bytes_read(cache: TieredKVCache) -> dict[str, int]:
+    return {t: s.bytes_read for t, s in cache.stats.traffic.items()}
+
+
+def _io_delta(after: FileIO, before: FileIO) -> FileIO:
+    delta = FileIO(direct=after.direct)
+    for f in fields(FileIO):
+        if f.name != "direct":
+            setattr(delta, f.name, getattr(after, f.name) - getattr(before, f.name))
+    return delta
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:

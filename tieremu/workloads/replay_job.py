@@ -84,7 +84,7 @@ class ReplayJob(Job):
             mode=section.get("mode", str, "simulate", choices=MODES),
             fast_capacity=_fast_capacity(section),
             block_mib=section.get("block_mib", float, 64.0, check=positive),
-            epoch_s=section.get("epoch_s", float, 0.05, check=positive),
+            epoch_s=section.get("epoch_ms", float, 50.0, check=positive) / 1e3,
             time_scale=section.get("time_scale", float, 0.2, check=positive),
             block_kib=section.get("block_kib", int, 64, check=positive),
             budget_gbps=section.get("budget_gbps", float, None, check=positive),
@@ -95,9 +95,10 @@ class ReplayJob(Job):
             raise section.error("pin", "pin: false is for simulate mode; execute always pins the request's blocks")
         if params.mode == "execute":
             if params.epoch_s * params.time_scale < MIN_EPOCH_WALL_S:
-                raise section.error("epoch_s", f"{params.epoch_s} s of trace at time_scale {params.time_scale} is an "
-                                    f"epoch of {params.epoch_s * params.time_scale * 1e3:g} ms of wall time, below "
-                                    f"{MIN_EPOCH_WALL_S * 1e3:g} ms; raise epoch_s or time_scale")
+                raise section.error("epoch_ms", f"{params.epoch_s * 1e3:g} ms of trace at time_scale "
+                                    f"{params.time_scale} is an epoch of {params.epoch_s * params.time_scale * 1e3:g} "
+                                    f"ms of wall time, below {MIN_EPOCH_WALL_S * 1e3:g} ms; raise epoch_ms or "
+                                    "time_scale")
             from tieremu.workloads.execute import scaled_layout  # torch: only for execute specs
 
             try:
@@ -161,11 +162,13 @@ def _capacities(params: ReplayParams, ctx: RunContext, requests: list[Any]) -> d
 
 
 def _simulate(params: ReplayParams, ctx: RunContext, requests: list[Any], policy: Any) -> list[MetricRow]:
+    from tieremu.kv.compress_tiers import effective_read_gbps
     from tieremu.workloads.bounds import check
     from tieremu.workloads.simulate import SimTier, simulate
 
     tiers = [SimTier(name, blocks) for name, blocks in _capacities(params, ctx, requests).items()]
-    read_gbps = tier_read_gbps(ctx)
+    # A compressed tier's hit reads fewer bytes, then pays the dequantization (kv/compress_tiers.py).
+    read_gbps = effective_read_gbps({t.name: t.spec for t in ctx.resolved.tiers}, tier_read_gbps(ctx))
     settings = {"epoch_s": params.epoch_s, "block_bytes": int(params.block_mib * MIB), "tier_read_gbps": read_gbps}
     r = simulate(requests, tiers, policy, pin=params.pin, budget_gbps=params.budget_gbps,
                  **settings)  # type: ignore[arg-type]

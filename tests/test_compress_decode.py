@@ -1,0 +1,252 @@
+"""Compressed tiers in the paged KV cache: blocks held compressed in their tier's memory, read through a staging
+buffer within the codec's bound, counted at compressed size, restored when moved out; decode error reported."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from tieremu.kv.cache import TieredKVCache
+from tieremu.kv.compress import Codec
+from tieremu.kv.compress_store import TierCompression
+from tieremu.kv.layout import KVLayout
+from tieremu.kv.placement import Vector
+from tieremu.numa.topology import discover
+from tieremu.tiers.config import Compression, load_tier_map
+from tieremu.tiers.resolve import ResolvedTierMap, resolve
+from tieremu.workloads.compress_decode import compression_accuracy
+from tieremu.workloads.contiguous_kv import ContiguousKV
+from tieremu.workloads.decode import DecodeSpec, run_decode
+from tieremu.workloads.llama import LlamaModel, preset, with_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+CAPS = {"dram": 64, "cxl": 64, "far": 64}
+
+
+def tiers(cxl: str = "int8", layout: str = "block") -> ResolvedTierMap:
+    """cxl-expander with the cxl tier compressed (every tier emulated on node 0 where nodes are missing)."""
+    m = load_tier_map(REPO / "configs/tiers/cxl-expander.yaml")
+    changed = tuple(dataclasses.replace(t, compression=Compression(cxl, layout)) if t.name == "cxl" else t
+                    for t in m.tiers)
+    return resolve(dataclasses.replace(m, tiers=changed), discover("/"))
+
+
+def kv_layout(kind: str = "all-layers") -> KVLayout:
+    return KVLayout(layers=2, kv_heads=2, head_dim=64, block_tokens=16, layout=kind)
+
+
+def fill(cache: TieredKVCache, ref: ContiguousKV, n: int) -> None:
+    g = torch.Generator().manual_seed(5)
+    for layer in range(cache.layout.layers):
+        k, v = torch.randn(n, 2, 64, generator=g), torch.randn(n, 2, 64, generator=g)
+        cache.write(0, layer, 0, k, v)
+        ref.write(0, layer, 0, k, v)
+
+
+def slot_bytes(cache: TieredKVCache, block: object, li: int, n: int) -> torch.Tensor:
+    """A copy of the first n bytes of a block's layer slice in its arena (no view of the arena outlives the call)."""
+    view = cache.pool.arenas[block.arena].blocks[block.slot, li]  # type: ignore[attr-defined]
+    return view.reshape(-1).view(torch.uint8)[:n].clone()
+
+
+@pytest.mark.parametrize("kind", ["all-layers", "per-layer"])
+@pytest.mark.parametrize(("fmt", "scales"), [("int8", "block"), ("int4", "kivi"), ("fp8", "block")])
+def test_blocks_in_a_compressed_tier_are_held_compressed_and_read_within_the_bound(kind: str, fmt: str,
+                                                                                   scales: str) -> None:
+    lay = kv_layout(kind)
+    codec = Codec(fmt, scales, 16, 2, 64)
+    ref = ContiguousKV(2, 2, 64, max_len=256)
+    with TieredKVCache(tiers(fmt, scales), lay, capacities=CAPS, placement=Vector({"dram": 0.5, "cxl": 0.5})) as cache:
+        hook = TierCompression.attach(cache)
+        assert hook is not None and cache.compression is hook and hook.state == "staging"
+        cache.add_sequence(0)
+        fill(cache, ref, 70)  # 4 full blocks and a partial one
+        for layer in range(2):
+            k, v = cache.read(0, layer)
+            rk, rv = ref.read(0, layer)
+            for i, block in enumerate(cache.seqs[0].tables[layer]):
+                rows = slice(16 * i, min(16 * (i + 1), 70))
+                li = 0 if lay.per_layer else layer
+                held = (block.id, li) in hook.slices
+                # Full blocks on the compressed tier are held compressed; dram's and the partial one exactly as written.
+                assert held == (block.tier == "cxl" and i < 4), (i, block.tier)
+                if not held:
+                    assert torch.equal(k[rows], rk[rows]) and torch.equal(v[rows], rv[rows])
+                    continue
+                original = torch.stack([rk[rows], rv[rows]])
+                bound = codec.error_bound(original)
+                assert ((torch.stack([k[rows], v[rows]]) - original).abs() <= bound).all()
+                assert not torch.equal(k[rows], rk[rows])  # really compressed: lossy
+                # The tier's memory holds the compressed bytes: decompressing the slot gives what the read returned.
+                again = codec.decompress(slot_bytes(cache, block, li, codec.compressed_bytes))
+                assert torch.equal(again[0], k[rows])
+        # The read from cxl was counted at compressed size, dram's at full size.
+        traffic = cache.stats.traffic
+        per_block = lay.layer_slice_bytes
+        cxl_blocks = traffic["cxl"].blocks_read
+        assert cxl_blocks > 0 and traffic["cxl"].bytes_read < cxl_blocks * per_block
+        assert traffic["dram"].bytes_read == traffic["dram"].blocks_read * per_block
+        assert hook.stats.slices_compressed > 0 and hook.stats.compress_ns > 0 and hook.stats.decompress_ns > 0
+
+
+def test_attention_on_compressed_blocks_goes_through_staging_not_the_in_place_kernel() -> None:
+    with TieredKVCache(tiers(), kv_layout(), capacities=CAPS, placement=Vector({"cxl": 1.0})) as cache:
+        TierCompression.attach(cache)
+        cache.add_sequence(0)
+        fill(cache, ContiguousKV(2, 2, 64, max_len=64), 40)
+        q = torch.randn(4, 64)
+        assert cache.attend(0, 0, q, 0.125) is None  # read() dequantizes; the model then attends itself
+
+
+def test_blocks_moved_out_are_restored_and_moved_in_are_compressed() -> None:
+    ref = ContiguousKV(2, 2, 64, max_len=64)
+    with TieredKVCache(tiers(), kv_layout(), capacities=CAPS, placement=Vector({"dram": 1.0})) as cache:
+        hook = TierCompression.attach(cache)
+        assert hook is not None
+        cache.add_sequence(0)
+        fill(cache, ref, 32)
+        assert all(torch.equal(a, b) for a, b in zip(cache.read(0, 0), ref.read(0, 0), strict=True))
+        assert not hook.slices
+        block = cache.seqs[0].tables[0][0]
+        cache.pool.move(block, "cxl")  # as the daemon moves blocks: through the pool, not the cache
+        k, _ = cache.read(0, 0)
+        assert (block.id, 0) in hook.slices and not torch.equal(k[:16], ref.read(0, 0)[0][:16])
+        compressed = k[:16].clone()
+        cache.move(block, "far")  # out of the compressed tier: restored in place to its dequantized values
+        k2, _ = cache.read(0, 0)
+        assert (block.id, 0) not in hook.slices and hook.stats.slices_restored == 1
+        assert torch.equal(k2[:16], compressed)
+
+
+def test_a_map_without_compression_attaches_nothing() -> None:
+    with TieredKVCache(tiers("none"), kv_layout(), capacities=CAPS) as cache:
+        assert TierCompression.attach(cache) is None and cache.compression is None
+
+
+def test_decode_over_a_compressed_tier_reports_small_errors_against_uncompressed() -> None:
+    config = with_overrides(preset("tiny"), layers=2)
+    model = LlamaModel(config, seed=0)
+    lay = KVLayout(config.layers, config.kv_heads, config.head_dim, 16)
+    spec = DecodeSpec(batch=2, prompt_tokens=48, shared_prefix_tokens=16, decode_steps=4)
+    errors = {}
+    for fmt in ("int8", "int4"):
+        with TieredKVCache(tiers(fmt), lay, capacities=CAPS, placement=Vector({"cxl": 1.0}), stage=True) as cache:
+            errors[fmt] = compression_accuracy(model, cache, spec)
+    int8, int4 = errors["int8"], errors["int4"]
+    assert int8.state == "staging" and int8.steps == 4 and int8.slices_compressed > 0
+    assert 0 < int8.attention_mean_abs <= int8.attention_max_abs < 0.1
+    assert 0 < int8.logits_mean_abs <= int8.logits_max_abs
+    # Fewer bits, more error.
+    assert int4.attention_mean_abs > int8.attention_mean_abs and int4.logits_mean_abs > int8.logits_mean_abs
+    assert int8.token_agreement >= 0.75
+    # And the ordinary decode runs over the compressed tier too (the same model, the in-place kernel off for it).
+    with TieredKVCache(tiers("int8"), lay, capacities=CAPS, placement=Vector({"cxl": 1.0})) as cache:
+        TierCompression.attach(cache)
+        result = run_decode(model, cache, spec)
+        assert result.kv_bytes_read["cxl"] > 0
+        assert result.kv_bytes_read["cxl"] < cache.stats.traffic["cxl"].blocks_read * lay.layer_slice_bytes
+
+
+def test_the_decode_job_reports_compression_rows_per_run(tmp_path: Path) -> None:
+    from experiment_runs import run_jobs
+
+    rows = run_jobs(tmp_path, REPO / "configs/tiers/cxl-compressed.yaml",
+                    "  - {kind: decode, policies: [lru], prompt_tokens: 64, shared_prefix_tokens: 16,\n"
+                    "     decode_steps: 3, fast_capacity_mib: 0.25}\n")
+    by_run: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_run.setdefault(r["run"].split("-r0")[0], {})[r["metric"]] = r
+    # all-fastest keeps every block in uncompressed dram: nothing compressed, but the hook reports its state.
+    slowest = by_run["decode-all-slowest"]  # everything on `far`: int4 with KIVI scales
+    assert slowest["attention_error_max"]["value"] > 0 and slowest["attention_error_max"]["params"]["state"] == \
+        "staging"
+    # The tiny model's fp32 layer slice: 16 tokens x 2 KV heads x 64, K and V.
+    assert slowest["attention_error_max"]["params"]["formats"] == {
+        "cxl": "int8 (block scales): 4224 of 16384 bytes, 3.88x",
+        "far": "int4 (kivi scales): 2368 of 16384 bytes, 6.92x"}
+    assert slowest["logits_error_max"]["value"] > 0 and 0 <= slowest["token_agreement"]["value"] <= 1
+    assert slowest["compress_us_per_slice"]["params"]["slices"] > 0
+    assert slowest["kv_bytes_saved_on_read"]["value"] > 0
+    # all-fastest keeps every block in uncompressed dram: nothing read compressed.
+    assert by_run["decode-all-fastest"]["kv_bytes_saved_on_read"]["value"] == 0
+
+
+def test_shared_prefixes_and_reused_sequence_ids_read_what_was_written() -> None:
+    # Sequence 1 shares sequence 0's compressed prefix block; then sequence 0 is freed and its id reused for KV
+    # placed on uncompressed dram: no plan of an earlier table may leak into a later read.
+    lay = KVLayout(layers=1, kv_heads=2, head_dim=64, block_tokens=16)
+    codec = Codec("int8", "block", 16, 2, 64)
+    g = torch.Generator().manual_seed(9)
+    tokens = list(range(40))
+    with TieredKVCache(tiers(), lay, capacities=CAPS, placement=Vector({"cxl": 1.0})) as cache:
+        TierCompression.attach(cache)
+        k, v = torch.randn(40, 2, 64, generator=g), torch.randn(40, 2, 64, generator=g)
+        cache.add_sequence(0, tokens)
+        cache.write(0, 0, 0, k, v)
+        first, _ = cache.read(0, 0)
+        hit = cache.add_sequence(1, tokens[:32] + [99] * 8)
+        assert hit.tokens == 32  # two full blocks reused, held compressed
+        cache.write(1, 0, 32, k[32:], v[32:])
+        shared, _ = cache.read(1, 0)
+        assert torch.equal(shared[:32], first[:32])
+        for b in (0, 16):
+            bound = codec.error_bound(torch.stack([k[b:b + 16], v[b:b + 16]]))[0]
+            assert ((first[b:b + 16] - k[b:b + 16]).abs() <= bound).all()
+        cache.free_sequence(0)
+        cache.free_sequence(1)
+        cache.pool.placement = Vector({"dram": 1.0})
+        k2, v2 = torch.randn(40, 2, 64, generator=g), torch.randn(40, 2, 64, generator=g)
+        cache.add_sequence(0)
+        cache.write(0, 0, 0, k2, v2)
+        again, vagain = cache.read(0, 0)
+        assert torch.equal(again, k2) and torch.equal(vagain, v2)
+
+
+def test_blocks_going_back_and_forth_are_restored_exactly_and_recompressed_within_the_bound() -> None:
+    # Moving out restores exactly what the compressed tier held; each move back compresses those values again and so
+    # adds at most one more bound (no more: the error does not compound faster than one bound per compression).
+    ref = ContiguousKV(2, 2, 64, max_len=128)
+    codec = Codec("int8", "block", 16, 2, 64)
+    with TieredKVCache(tiers("int8"), kv_layout(), capacities=CAPS, placement=Vector({"cxl": 1.0})) as cache:
+        hook = TierCompression.attach(cache)
+        assert hook is not None
+        cache.add_sequence(0)
+        fill(cache, ref, 64)
+        previous = [cache.read(0, layer) for layer in range(2)]
+        originals = [torch.stack(ref.read(0, layer)) for layer in range(2)]  # [2, 64, heads, dim]
+        bounds = [torch.cat([codec.error_bound(o[:, i:i + 16]) for i in range(0, 64, 16)], dim=1) for o in originals]
+        compressions = 1
+        for round_ in range(4):
+            to_plain = round_ % 2 == 0
+            for block in list(cache.pool.blocks.values()):
+                cache.pool.move(block, "dram" if to_plain else "cxl")
+            compressions += 0 if to_plain else 1
+            for layer in range(2):
+                got = torch.stack(cache.read(0, layer))
+                if to_plain:
+                    assert torch.equal(got, torch.stack(previous[layer])), (round_, layer)
+                assert ((got - originals[layer]).abs() <= compressions * bounds[layer]).all(), (round_, layer)
+                previous[layer] = tuple(got)
+        assert hook.stats.slices_restored == 2 * 4 * 2 and hook.stats.slices_compressed == 2 * 4 * 3
+
+
+def test_decode_with_blocks_migrating_between_compressed_and_plain_tiers_mid_run() -> None:
+    config = with_overrides(preset("tiny"), layers=2)
+    model = LlamaModel(config, seed=0)
+    lay = KVLayout(config.layers, config.kv_heads, config.head_dim, 16)
+    spec = DecodeSpec(batch=2, prompt_tokens=48, shared_prefix_tokens=16, decode_steps=6)
+    with TieredKVCache(tiers("int8"), lay, capacities=CAPS, placement=Vector({"dram": 1.0})) as cache:
+        hook = TierCompression.attach(cache)
+        assert hook is not None
+
+        def shuffle(step: int) -> None:  # every other step, every block to the other tier (as a daemon would)
+            if step % 2:
+                for block in list(cache.pool.blocks.values()):
+                    cache.pool.move(block, "cxl" if block.tier == "dram" else "dram")
+
+        result = run_decode(model, cache, spec, on_step=shuffle)
+    assert hook.stats.slices_compressed > 0 and hook.stats.slices_restored > 0
+    assert result.generated.shape == (2, 7) and result.moves > 0

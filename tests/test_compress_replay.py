@@ -1,0 +1,85 @@
+"""Replay at fixed bytes per tier: a compressed tier holds ratio-times more blocks, and its hits are charged the
+compressed bytes plus the measured dequantization."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from tieremu.cli.replay import replay
+from tieremu.kv.compress import decompress_gbps, reference_codec
+from tieremu.kv.compress_tiers import capacity_blocks, compressed_block_bytes, effective_read_gbps
+from tieremu.tiers.config import Compression, TierSpec, load_tier_map
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_TRACE = REPO / "configs" / "traces" / "small.jsonl"  # 300 requests, 1753 distinct blocks
+MIB = 1 << 20
+
+
+def tier_map(tmp_path: Path, slow: str) -> Path:
+    p = tmp_path / f"{slow}.yaml"
+    p.write_text("name: t\ntiers:\n  - {name: dram, nodes: [0], capacity_mib: 3200}\n"
+                 "  - {name: cxl, nodes: [1], allow_emulation: true, capacity_mib: 6400, compression: " + slow +
+                 ", emulate: {bandwidth_gbps: 5}}\n")
+    return p
+
+
+def run(tiers: Path) -> dict:
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(tiers), "--policy", "lru", "--block-mib",
+                                      "16", "--local-gbps", "30", "--json"])
+    assert out.exit_code == 0, out.output
+    return json.loads(out.output)
+
+
+def test_int8_on_the_slow_tier_raises_the_total_hit_ratio_at_fixed_bytes(tmp_path: Path) -> None:
+    none, int8 = run(tier_map(tmp_path, "none")), run(tier_map(tmp_path, "int8"))
+    # Same bytes per tier: 3200 MiB and 6400 MiB of 16 MiB blocks; the int8 tier stores each at 1/ratio the size.
+    ratio = reference_codec("int8").ratio  # type: ignore[union-attr]
+    assert [t["capacity_blocks"] for t in none["tiers"]] == [200, 400]
+    assert int8["tiers"][0]["capacity_blocks"] == 200
+    assert int8["tiers"][1]["capacity_blocks"] == int(6400 * MIB // -(-16 * MIB // ratio))
+    assert int8["tiers"][1]["capacity_blocks"] >= 1.8 * 400
+    # The fast tier's hits are the same policy over the same capacity; the slow tier now holds more of the trace.
+    assert int8["hit_ratio"] > none["hit_ratio"] + 0.05, (none["hit_ratio"], int8["hit_ratio"])
+    assert int8["tiers"][1]["hits"] > none["tiers"][1]["hits"]
+    # STAR (share of hits served below the fastest tier) rises with the slow tier's share of hits.
+    assert int8["star"] > none["star"]
+    # A hit in the int8 tier is charged its compressed read plus the dequantization, not the raw read.
+    assert none["tiers"][1]["read_gbps"] == 5.0
+    expected = 1 / (1 / (ratio * 5.0) + 1 / decompress_gbps("int8"))
+    assert abs(int8["tiers"][1]["read_gbps"] - expected) < 1e-9
+
+
+def test_capacity_arithmetic_by_hand() -> None:
+    base = TierSpec("cxl", "numa", (1,), None, None, True, None, capacity_mib=100)  # type: ignore[arg-type]
+    int4 = TierSpec("cxl", "numa", (1,), None, None, True, None, capacity_mib=100,  # type: ignore[arg-type]
+                    compression=Compression("int4"))
+    codec = reference_codec("int4")
+    assert codec is not None
+    # The reference block (16 tokens x 8 KV heads x 64, bf16): 32768 bytes; int4 packs each of K and V's 8192 values
+    # in 4096 bytes plus a 2-byte scale per 64 values.
+    assert codec.raw_bytes == 32768 and codec.compressed_bytes == 2 * (4096 + 128 * 2)
+    assert compressed_block_bytes(base, MIB) == MIB
+    assert compressed_block_bytes(int4, MIB) == -(-MIB * 8704 // 32768)
+    assert capacity_blocks(base, MIB) == 100 and capacity_blocks(int4, MIB) == 100 * MIB // -(-MIB * 8704 // 32768)
+    assert capacity_blocks(TierSpec("x", "numa", (0,), None, None, False, None), MIB) is None  # type: ignore[arg-type]
+    # An uncompressed tier, and a tier with no rate, keep their rate.
+    assert effective_read_gbps({"cxl": base}, {"cxl": 5.0, "gone": 3.0}) == {"cxl": 5.0, "gone": 3.0}
+    assert effective_read_gbps({"cxl": int4}, {"cxl": None}) == {"cxl": None}
+
+
+def test_shipped_compressed_map_replays(tmp_path: Path) -> None:
+    spec = load_tier_map(REPO / "configs" / "tiers" / "cxl-compressed.yaml")
+    data = run(REPO / "configs" / "tiers" / "cxl-compressed.yaml")
+    assert [t["capacity_blocks"] for t in data["tiers"]] == [capacity_blocks(t, 16 * MIB) for t in spec.tiers]
+    assert data["tiers"][0]["capacity_blocks"] == 256 // 16
+
+
+def test_execute_mode_refuses_compressed_tiers_before_any_work(tmp_path: Path) -> None:
+    out = CliRunner().invoke(replay, [str(SMALL_TRACE), "--tiers", str(tier_map(tmp_path, "int4")), "--policy", "lru",
+                                      "--mode", "execute"])
+    assert out.exit_code != 0
+    message = str(out.exception or out.output)
+    assert "tier(s) cxl of t are compressed: execute mode stores blocks uncompressed" in message

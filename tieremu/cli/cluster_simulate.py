@@ -1,0 +1,129 @@
+"""`tieremu cluster replay --mode simulate` (called by tieremu/cli/cluster.py): a request trace over a simulated
+cluster of serving instances under a router; and `tieremu cluster fit-servtime`: fit the serving-time model from
+timed iterations of tieremu's decode model.
+
+Every setting is checked (router and its parameters, --pd against --instances, the SLO, the cluster spec and the
+serving-time model) before the trace is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+SHIPPED = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _shipped(*parts: str) -> str:
+    path = SHIPPED.joinpath(*parts)
+    return str(path if path.exists() else Path("configs", *parts))
+
+
+def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text: str | None, slo_ms: float | None,
+             sharing: str, policy: str, tiers_file: str | None, servtime: str, max_requests: int | None,
+             token_budget: int, max_batch: int, as_json: bool) -> None:
+    """Simulate TRACE (Mooncake JSONL) over a cluster of serving instances: routing, per-instance tiered KV caches,
+    peer pulls, P/D handoffs and continuous batching, all simulated. Reports TTFT/TPOT tails, SLO attainment,
+    rejected requests, load imbalance (max/mean requests per instance), hit ratios (local by tier, peer, miss), link
+    bytes and, with prices in the spec, cost per million tokens."""
+    from tieremu.cluster.routers import parse_router
+    from tieremu.cluster.servtime import ServingTimeModel, reference
+    from tieremu.cluster.simulate import SimSettings, check_settings, load_cluster_spec, parse_pd, simulate_cluster
+    from tieremu.policy.registry import get_policy
+    from tieremu.workloads.trace import read_trace
+
+    routers = [parse_router(spec) for spec in router_specs]
+    pd = parse_pd(pd_text) if pd_text is not None else None
+    check_settings(instances, sharing, pd, slo_ms, token_budget, max_batch)
+    get_policy(policy)  # an unknown or offline policy is refused before the trace is read
+    spec = load_cluster_spec(tiers_file or _shipped("cluster", "sim-hbm-dram.yaml"))
+    model = reference() if servtime == "reference" else ServingTimeModel.load(servtime)
+    requests = read_trace(trace)
+    if max_requests is not None:
+        requests = requests[:max_requests]
+    results = []
+    for router in routers:
+        settings = SimSettings(instances=instances, router=router, sharing=sharing, pd=pd, slo_ms=slo_ms,
+                               token_budget=token_budget, max_batch=max_batch, policy=policy)
+        results.append(simulate_cluster(requests, spec, settings, model).to_dict())
+    if as_json:
+        click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=_jsonable))
+        return
+    console = Console(width=120)
+    for result in results:
+        console.print(_table(result))
+
+
+def _jsonable(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def _table(d: dict) -> Table:
+    table = Table(title=f"cluster simulation ({d['origin']}): {d['router']['router']}, {d['n_instances']} instances, "
+                        f"policy {d['policy']}"
+                        f"{', P/D ' + ':'.join(map(str, d['pd'])) if d['pd'] else ''}, sharing {d['sharing']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    hr = d["hit_ratio"]
+    rows = [
+        ("requests (completed / rejected)", f"{d['requests']} ({d['completed']} / {d['rejected']})"),
+        ("TTFT p50 / p99 ms", f"{d['ttft_ms']['p50']:.1f} / {d['ttft_ms']['p99']:.1f}"),
+        ("TPOT p50 / p99 ms", f"{d['tpot_ms']['p50']:.2f} / {d['tpot_ms']['p99']:.2f}"),
+        ("SLO attainment", "-" if d["slo_attainment"] is None else f"{d['slo_attainment']:.3f}"),
+        ("load imbalance (max/mean)", f"{d['load_imbalance']:.2f}"),
+        ("hit ratio local / peer / miss", f"{hr['local']:.3f} / {hr['peer']:.3f} / {hr['miss']:.3f}"),
+        ("local hits by tier", ", ".join(f"{k} {v:.3f}" for k, v in hr["by_tier"].items())),
+        ("peer / P-D link GB", f"{d['peer_bytes'] / 1e9:.2f} / {d['pd_bytes'] / 1e9:.2f}"),
+        ("throughput tokens/s", f"{d['throughput_tokens_per_s']:.0f}"),
+        ("cost per Mtok / tokens per $", "-" if d["cost_per_mtok"] is None else
+         f"${d['cost_per_mtok']:.4f} / {d['tokens_per_dollar']:.0f}"),
+        ("serving-time model", f"{d['servtime']['name']} ({d['servtime']['origin']})"),
+        ("wall s / events", f"{d['wall_s']:.2f} / {d['events']}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+@click.command("fit-servtime")
+@click.option("--engine", type=click.Choice(["tieremu", "vllm"]), default="tieremu", show_default=True,
+              help="Time tieremu's own decode model, or vLLM's CPU build serving the tiny Llama (its own process).")
+@click.option("--preset", default="tiny", show_default=True,
+              help="tieremu engine: the model preset to time (tiny, small, 1b).")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1),
+              help="Timed repeats per iteration shape (the median is fitted).")
+@click.option("--tiers", "tiers_file", type=click.Path(dir_okay=False), default=None,
+              help="tieremu engine: decode over the tiered KV cache of this tier map (all in its first memory tier, "
+                   "split, all in its second) to fit a cost per byte for the slower tier (emulated tiers: the fit "
+                   "is labelled emulated).")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Where to write the model's JSON.")
+def fit_servtime(engine: str, preset: str, repeats: int, tiers_file: str | None, out: str) -> None:
+    """Time prefill and decode iterations of tieremu's decode model (or vLLM's) on this machine, fit the
+    serving-time model (least squares) and write it with the fit's error."""
+    from tieremu.errors import ConfigError
+
+    if not Path(out).resolve().parent.is_dir():
+        raise ConfigError(f"--out {out}: its folder does not exist; give a path in an existing folder")
+    if engine == "vllm":
+        from tieremu.cluster.servtime_vllm import measure_and_fit_vllm
+
+        model = measure_and_fit_vllm(repeats=repeats)
+    else:
+        from tieremu.cluster.servtime import measure_and_fit
+        from tieremu.workloads.llama import preset as model_preset
+
+        model_preset(preset)  # an unknown preset is refused before any timing
+        if tiers_file is not None:
+            from tieremu.tiers.config import load_tier_map
+
+            load_tier_map(tiers_file)  # a bad tier map is refused before any timing
+        model = measure_and_fit(preset, repeats=repeats, tiers_file=tiers_file)
+    model.save(out)
+    fit = model.fit
+    click.echo(f"{out}: {model.name}, fit over {fit.samples if fit else 0} shapes, mean relative error "
+               f"{fit.mean_rel if fit else float('nan'):.1%}, max {fit.max_rel if fit else float('nan'):.1%}")

@@ -241,3 +241,13 @@ def test_vllm_loads_from_an_int8_tier_are_dequantized_counted_compressed_and_out
     assert out["mismatched_requests"] == [r["request"] for r in rows if not r["match"]]
     print(f"int8 tier: {check['identical']} of 4 requests identical, earliest divergence "
           f"{check['earliest_divergence']}; {c['ratio']:.2f}x, {c['bytes_saved']} bytes saved")
+
+
+def test_a_running_servers_compression_figures_subtract_counters_and_keep_the_format() -> None:
+    from tieremu.engines.drive import delta
+
+    tier = {"format": "int8", "layout": "block", "ratio": 3.9, "block_bytes": 100, "raw_block_bytes": 390,
+            "bytes_loaded": 500, "compress_s": 0.5}
+    after = {"compression": {"cxl": tier}}
+    before = {"compression": {"cxl": tier | {"bytes_loaded": 200, "compress_s": 0.25}}}
+    assert delta(after, before) == {"compression": {"cxl": tier | {"bytes_loaded": 300, "compress_s": 0.25}}}

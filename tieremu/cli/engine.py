@@ -93,6 +93,11 @@ def engine_replay_cmd(trace: str, engine_name: str, tier_file: str | None, polic
                        f"{result.connector['loaded_blocks']}; hits by tier {hits}")
         else:
             click.echo(f"connector: no figures ({result.connector.get('source')})")
+        compression = result.connector.get("compression")
+        for tier, c in (compression.items() if isinstance(compression, dict) else ()):
+            click.echo(f"tier {tier} holds blocks {c['format']} ({c['layout']} scales, {c['ratio']:.2f}x): "
+                       f"{c['bytes_saved'] / 2**20:.1f} MiB not moved; compress {c['compress_s'] * 1e3:.1f} ms, "
+                       f"decompress {c['decompress_s'] * 1e3:.1f} ms")
         if result.kv_placement is not None:
             p = result.kv_placement
             click.echo(f"KV tensor: tier {p['tier']} ({p['backing']}, tier nodes {p['tier_nodes']}) bound to node "

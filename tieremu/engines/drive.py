@@ -110,6 +110,9 @@ def wait_stats(path: Path, finished: int, timeout_s: float = 30.0) -> dict[str, 
         time.sleep(0.05)  # the connector writes the file after each request it lets go of
 
 
+TIER_FORMAT_KEYS = ("format", "layout", "ratio", "block_bytes", "raw_block_bytes")
+
+
 def delta(after: Mapping[str, object], before: Mapping[str, object],
           keep: Sequence[str] = ("resident_by_tier", "block_tokens", "policy", "tier_map", "kv_tier")) -> dict:
     """What changed between two snapshots of a server's counters (numbers and dicts of numbers subtracted; `keep`
@@ -122,7 +125,8 @@ def delta(after: Mapping[str, object], before: Mapping[str, object],
         elif isinstance(value, int | float) and isinstance(old, int | float):
             out[key] = value - old
         elif isinstance(value, dict) and isinstance(old, dict):
-            out[key] = delta(value, old, keep=())
+            # A compressed tier's format figures are properties, not counters (store.TierCompressionStats).
+            out[key] = delta(value, old, keep=TIER_FORMAT_KEYS)
         else:
             out[key] = value
     return out

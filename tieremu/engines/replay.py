@@ -86,6 +86,40 @@ class ArmSummary:
 
 
 @dataclass(frozen=True)
+class RequestOutputs:
+    """One request's generated tokens with the connector against without it."""
+
+    request: int  # index in the trace selection
+    tokens: int  # generated with the connector
+    baseline_tokens: int  # generated without it
+    match: bool
+    first_divergence: int | None  # index of the first generated token that differs (or where one run stopped); None
+    # when the two are identical
+
+
+@dataclass(frozen=True)
+class OutputsCheck:
+    """--check-outputs: per request whether the generated tokens match, and from which token they diverge (a
+    compressed tier's lossy blocks can change the text from some token on)."""
+
+    identical: int
+    diverged: int
+    earliest_divergence: int | None  # the smallest first_divergence over the requests; None when all identical
+    requests: list[RequestOutputs]
+
+
+def compare_outputs(with_conn: Sequence[Sequence[int]], without: Sequence[Sequence[int]]) -> OutputsCheck:
+    rows = []
+    for i, (a, b) in enumerate(zip(with_conn, without, strict=True)):
+        first = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        if first is None and len(a) != len(b):
+            first = min(len(a), len(b))
+        rows.append(RequestOutputs(i, len(a), len(b), first is None, first))
+    firsts = [r.first_divergence for r in rows if r.first_divergence is not None]
+    return OutputsCheck(len(rows) - len(firsts), len(firsts), min(firsts) if firsts else None, rows)
+
+
+@dataclass(frozen=True)
 class EngineReplayResult:
     engine: str
     driver: str  # offline (in process), serve (a server tieremu started), server (a running server)
@@ -108,6 +142,8 @@ class EngineReplayResult:
     computed_drop_equals_loaded: bool | None = None
     outputs_match: bool | None = None
     mismatched_requests: list[int] = field(default_factory=list)
+    outputs_check: OutputsCheck | None = None  # per request match and first divergence (--check-outputs)
+    compressed_tiers: list[str] = field(default_factory=list)  # the store's lossy tiers: outputs may then differ
     notes: list[str] = field(default_factory=list)
     ttft_samples_ms: list[float] = field(default_factory=list)  # per request, in trace order
     tpot_samples_ms: list[float] = field(default_factory=list)  # per request with 2+ output tokens
@@ -303,11 +339,19 @@ def _result(config: EngineReplayConfig, model: str, arm: ArmResult,
     base = _summary(without) if without is not None else None
     drop_ok = match = None
     mismatched: list[int] = []
+    check = None
+    compression = stats.get("compression")
+    compressed = [str(t) for t in compression] if isinstance(compression, dict) else []
     if base is not None and without is not None:
         drop_ok = base.computed_prompt_tokens - summary.computed_prompt_tokens == loaded_tokens
-        mismatched = [i for i, (a, b) in enumerate(zip(arm.output_token_ids, without.output_token_ids, strict=True))
-                      if a != b]
+        check = compare_outputs(arm.output_token_ids, without.output_token_ids)
+        mismatched = [r.request for r in check.requests if not r.match]
         match = not mismatched
+        if compressed:
+            notes.append(f"compressed tier(s) {', '.join(compressed)}: outputs identical for "
+                         f"{check.identical} of {len(check.requests)} requests"
+                         + (f", the earliest divergence at generated token {check.earliest_divergence}"
+                            if check.diverged else ""))
         faster = summary.ttft_ms.p50 < base.ttft_ms.p50
         # Which arm won is stated, with the connector's own load time beside it: when requests queue (arrivals faster
         # than the engine), TTFT is mostly waiting, and the difference says little about loading vs recomputing.
@@ -326,5 +370,5 @@ def _result(config: EngineReplayConfig, model: str, arm: ArmResult,
         ttft_ms=summary.ttft_ms, tpot_ms=summary.tpot_ms, tokens_per_s=summary.tokens_per_s,
         computed_prompt_tokens=summary.computed_prompt_tokens, loaded_tokens=loaded_tokens,
         connector=stats, kv_placement=arm.kv_placement, without_connector=base, computed_drop_equals_loaded=drop_ok,
-        outputs_match=match, mismatched_requests=mismatched, notes=notes, ttft_samples_ms=ttft_samples(arm),
-        tpot_samples_ms=tpot_samples(arm))
+        outputs_match=match, mismatched_requests=mismatched, outputs_check=check, compressed_tiers=compressed,
+        notes=notes, ttft_samples_ms=ttft_samples(arm), tpot_samples_ms=tpot_samples(arm))

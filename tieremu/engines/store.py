@@ -9,6 +9,13 @@ and every hit is attributed to the tier that served it. A demand cache's load be
 promoted where the policy admits it (the daemon's promote: the placement engine makes room). The policy observes
 every lookup (hits and misses) and its epochs run between engine steps in the engine's own thread (no concurrency
 with the engine's forward pass).
+
+A tier whose map says `compression: fp8|int8|int4` holds its blocks compressed (tieremu.kv.compress_store's hook on
+the cache): a block put or moved into it is compressed there and then (each layer's K and V, by the compiled codec)
+and written at its compressed size (the tier's emulated write charge and its byte counts are the compressed bytes);
+a load from it reads the compressed bytes (charged at that size) and dequantizes them for the engine. Both times are
+measured, per tier (`StoreStats.compression`). A slot still has room for a raw block: capacity in blocks does not
+grow with the ratio here (replay's accounting models that).
 """
 
 from __future__ import annotations
@@ -25,12 +32,32 @@ from tieremu.daemon.room import LiveBoard, admit_new, carry_out_admission
 from tieremu.daemon.view import PoolView
 from tieremu.errors import ConfigError, KVError
 from tieremu.kv.cache import MIB, TieredKVCache
+from tieremu.kv.compress import Codec
+from tieremu.kv.compress_store import TierCompression
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Directed
+from tieremu.kv.pool import Block
 from tieremu.policy.base import AccessEvent, Policy
 from tieremu.tiers.config import TierMap, TierSpec
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap
+
+
+@dataclass
+class TierCompressionStats:
+    """One compressed tier's figures: its format, what its blocks took and saved, what (de)compression cost."""
+
+    format: str
+    layout: str
+    ratio: float  # a raw block's bytes over its compressed bytes (scales included)
+    block_bytes: int  # one block (every layer's K and V) as held in the tier
+    raw_block_bytes: int
+    blocks_compressed: int = 0  # blocks put or moved into the tier
+    bytes_stored: int = 0  # written by saves, at compressed size
+    bytes_loaded: int = 0  # read by loads, at compressed size
+    bytes_saved: int = 0  # raw minus compressed, over saves and loads
+    compress_s: float = 0.0
+    decompress_s: float = 0.0  # dequantizing loads, and restoring blocks moved out to an uncompressed tier
 
 
 @dataclass
@@ -48,6 +75,9 @@ class StoreStats:
     evictions: int = 0  # victims pushed out of the last tier
     save_s: float = 0.0
     load_s: float = 0.0
+    stored_bytes_by_tier: dict[str, int] = field(default_factory=dict)  # a compressed tier's at compressed size
+    loaded_bytes_by_tier: dict[str, int] = field(default_factory=dict)  # likewise
+    compression: dict[str, TierCompressionStats] = field(default_factory=dict)  # per compressed tier
 
 
 def capacities_for(resolved: ResolvedTierMap, layout: KVLayout,
@@ -98,6 +128,7 @@ class TierStore:
         self.cache = TieredKVCache(resolved, layout, capacities=self.capacity, placement=self.placement,
                                    injector=injector, log_accesses=False)
         try:
+            self.compression = TierCompression.attach(self.cache)  # None when no tier is compressed
             self.daemon = MigrationDaemon(self.cache, policy, epoch_s=epoch_s, ident="key")
         except BaseException:
             self.cache.close()
@@ -105,7 +136,14 @@ class TierStore:
         self.view: PoolView = self.daemon.view
         self.board = LiveBoard(self.view, self.cache.pool.capacity, self.daemon.policy_lock)
         self.stats = StoreStats(hits_by_tier=dict.fromkeys(self.names, 0),
-                                stored_by_tier=dict.fromkeys(self.names, 0))
+                                stored_by_tier=dict.fromkeys(self.names, 0),
+                                stored_bytes_by_tier=dict.fromkeys(self.names, 0),
+                                loaded_bytes_by_tier=dict.fromkeys(self.names, 0))
+        if self.compression is not None:
+            for tier, codec in self.compression.codecs.items():
+                self.stats.compression[tier] = TierCompressionStats(
+                    codec.kind, codec.layout, codec.ratio, codec.compressed_bytes * layout.layers,
+                    layout.block_bytes)
         self.lock = threading.RLock()  # the scheduler's lookups and the worker's loads and saves
         self._next_seq = 0
         self._t0 = time.monotonic()
@@ -138,6 +176,9 @@ class TierStore:
             return []
         with self.lock:
             t0 = time.perf_counter()
+            traffic = self.cache.stats.traffic
+            read_before = {name: traffic[name].bytes_read for name in self.names}
+            dq_before = self.compression.stats.decompress_ns if self.compression is not None else 0
             seq = self._seq()
             hit = self.cache.add_sequence(seq, keys=list(keys))
             try:
@@ -150,11 +191,13 @@ class TierStore:
                 self.cache.free_sequence(seq)
             for tier, n in hit.blocks_by_tier.items():
                 self.stats.hits_by_tier[tier] += n
+            self._count_load(hit.blocks_by_tier, read_before, dq_before)
             self.stats.loaded_blocks += len(keys)
             self.stats.load_s += time.perf_counter() - t0
             served = [(k, self.view.tier_of(k)) for k in keys]
             if self.policy.family == "demand":
                 self._promote(served)
+                self._settle_moved()
             self._observe([AccessEvent(k, tier, self._now(), request) for k, tier in served])
             self.view.unpin(keys)
             return out
@@ -179,15 +222,32 @@ class TierStore:
                 self.placement.target = tier
                 seq = self._seq()
                 cache.add_sequence(seq, keys=[key])
+                compressed = self.stats.compression.get(tier)
+                injector = cache.injector
+                if compressed is not None:
+                    cache.injector = None  # the raw write is not the tier's: its compressed bytes are charged below
+                written = cache.stats.traffic[tier].bytes_written
                 try:
                     for layer in range(self.layout.layers):
                         cache.write(seq, layer, 0, block[layer, 0], block[layer, 1])
                 finally:
+                    cache.injector = injector
                     cache.free_sequence(seq)
                 landed = cache.pool.by_key(key)
                 if landed is None or landed.tier != tier:
                     raise KVError(f"connector: block {key} was admitted to tier {tier!r} but landed in "
                                   f"{None if landed is None else landed.tier!r}")
+                nbytes = cache.stats.traffic[tier].bytes_written - written
+                if self.compression is not None:
+                    self._settle_moved()  # the new block, and any victim pushed down into a compressed tier
+                if compressed is not None:
+                    cache.stats.traffic[tier].bytes_written -= nbytes - compressed.block_bytes
+                    compressed.bytes_saved += nbytes - compressed.block_bytes
+                    nbytes = compressed.block_bytes
+                    compressed.bytes_stored += nbytes
+                    if injector is not None and injector.emulates(tier):
+                        injector.transfer(tier, nbytes, "write")
+                self.stats.stored_bytes_by_tier[tier] += nbytes
             cache.end_step()  # pays the emulated tiers' delay the writes owe
             self.stats.stored_blocks += 1
             self.stats.stored_by_tier[tier] += 1
@@ -199,6 +259,7 @@ class TierStore:
         """One epoch of the policy's plans (moves, evictions), run between engine steps."""
         with self.lock:
             self.daemon.epoch(self._now())
+            self._settle_moved()
 
     def resident(self) -> dict[str, int]:
         return {name: self.cache.pool.used(name) for name in self.names}
@@ -217,6 +278,49 @@ class TierStore:
             if target in self.rank and self.rank[target] < self.rank[tier]:
                 self.daemon.promote(key, tier, target)
                 self.stats.promotions += self.view.tier_of(key) == target
+
+    def _settle_moved(self) -> None:
+        """Every block whose tier's format differs from how it is held (put, demoted or promoted since) is
+        compressed or restored now, the time going to the tier it was compressed in or restored out of."""
+        hook = self.compression
+        if hook is None:
+            return
+        with self.cache.lock:
+            for block in list(self.cache.pool.blocks.values()):
+                have = hook.slices.get((block.id, 0))
+                if have is not hook.codecs.get(block.tier):
+                    self._settle(block, have)
+
+    def _settle(self, block: Block, have: Codec | None) -> None:
+        hook = self.compression
+        assert hook is not None
+        c0, d0 = hook.stats.compress_ns, hook.stats.decompress_ns
+        hook.settle(block)
+        into = self.stats.compression.get(block.tier)
+        if into is not None:
+            into.blocks_compressed += 1
+            into.compress_s += (hook.stats.compress_ns - c0) / 1e9
+        if have is not None:
+            out_of = next(t for t, c in hook.codecs.items() if c is have)
+            self.stats.compression[out_of].decompress_s += (hook.stats.decompress_ns - d0) / 1e9
+
+    def _count_load(self, blocks_by_tier: Mapping[str, int], read_before: Mapping[str, int], dq_before: int) -> None:
+        """A load's bytes per tier (compressed tiers' at their compressed size, as the cache's read path counts
+        them); its dequantization time shared among the compressed tiers it read, by blocks."""
+        traffic = self.cache.stats.traffic
+        for tier in self.names:
+            self.stats.loaded_bytes_by_tier[tier] += traffic[tier].bytes_read - read_before[tier]
+        if self.compression is None:
+            return
+        mine = {t: n for t, n in blocks_by_tier.items() if t in self.stats.compression and n}
+        total = sum(mine.values())
+        spent = (self.compression.stats.decompress_ns - dq_before) / 1e9
+        for tier, n in mine.items():
+            c = self.stats.compression[tier]
+            moved = traffic[tier].bytes_read - read_before[tier]
+            c.bytes_loaded += moved
+            c.bytes_saved += n * c.raw_block_bytes - moved
+            c.decompress_s += spent * n / total
 
     def _observe(self, events: list[AccessEvent]) -> None:
         with self.daemon.policy_lock:

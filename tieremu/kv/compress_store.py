@@ -197,6 +197,21 @@ class TierCompression:
                 cache.stats.traffic[tier].bytes_staged += count * lay.layer_slice_bytes
         return k, v
 
+    def settle(self, block: Block) -> None:
+        """Bring every layer slice of one full block to its tier's format now (compressed in a compressed tier,
+        restored elsewhere) rather than at its next read: a store that holds whole blocks (the engine connector's)
+        compresses a block when it is put into, or moved into, a compressed tier. Under the cache's lock."""
+        want = self.codecs.get(block.tier)
+        with self.cache.lock:
+            for li in range(1 if self.cache.layout.per_layer else self.cache.layout.layers):
+                have = self.slices.get((block.id, li))
+                if have is want:
+                    continue
+                if have is not None:
+                    self._restore(block, li, have)
+                if want is not None:
+                    self._compress([block], li, want)
+
     # -- internals ----------------------------------------------------------------------------------------------
 
     def _slice(self, block_arena: str, slot: int, li: int) -> torch.Tensor:

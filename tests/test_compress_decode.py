@@ -16,7 +16,9 @@ from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Vector
 from tieremu.numa.topology import discover
 from tieremu.tiers.config import Compression, load_tier_map
+from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
+from tieremu.tiers.timing import Calibration
 from tieremu.workloads.compress_decode import compression_accuracy
 from tieremu.workloads.contiguous_kv import ContiguousKV
 from tieremu.workloads.decode import DecodeSpec, run_decode
@@ -26,12 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 CAPS = {"dram": 64, "cxl": 64, "far": 64}
 
 
-def tiers(cxl: str = "int8", layout: str = "block") -> ResolvedTierMap:
+def tiers(cxl: str = "int8", layout: str = "block", calibration: Calibration | None = None) -> ResolvedTierMap:
     """cxl-expander with the cxl tier compressed (every tier emulated on node 0 where nodes are missing)."""
     m = load_tier_map(REPO / "configs/tiers/cxl-expander.yaml")
     changed = tuple(dataclasses.replace(t, compression=Compression(cxl, layout)) if t.name == "cxl" else t
                     for t in m.tiers)
-    return resolve(dataclasses.replace(m, tiers=changed), discover("/"))
+    return resolve(dataclasses.replace(m, tiers=changed), discover("/"), calibration=calibration)
 
 
 def kv_layout(kind: str = "all-layers") -> KVLayout:
@@ -112,13 +114,52 @@ def test_blocks_moved_out_are_restored_and_moved_in_are_compressed() -> None:
         assert not hook.slices
         block = cache.seqs[0].tables[0][0]
         cache.pool.move(block, "cxl")  # as the daemon moves blocks: through the pool, not the cache
+        assert (block.id, 0) in hook.slices and (block.id, 1) in hook.slices  # compressed by the move itself
         k, _ = cache.read(0, 0)
-        assert (block.id, 0) in hook.slices and not torch.equal(k[:16], ref.read(0, 0)[0][:16])
+        assert not torch.equal(k[:16], ref.read(0, 0)[0][:16])
         compressed = k[:16].clone()
-        cache.move(block, "far")  # out of the compressed tier: restored in place to its dequantized values
+        cache.move(block, "far")  # out of the compressed tier: dequantized into its new slot by the move
+        assert (block.id, 0) not in hook.slices and hook.stats.slices_restored == 2
         k2, _ = cache.read(0, 0)
-        assert (block.id, 0) not in hook.slices and hook.stats.slices_restored == 1
         assert torch.equal(k2[:16], compressed)
+
+
+def test_moves_into_and_out_of_a_compressed_tier_carry_compressed_bytes_and_a_plain_map_is_unchanged() -> None:
+    # A demotion into int8 writes only the compressed bytes into the target, a promotion out of it reads only those:
+    # the move log, and the emulated tier's charge for the move, count them; (de)compression is timed on the move.
+    cal = Calibration(machine="fixture", created_utc="2026-01-01T00:00:00+00:00", node=0, latency_ns=100.0,
+                      bandwidth_gbps={"read": 20.0, "write": 10.0, "copy": 16.0}, latency_by_node={0: 100.0},
+                      read_gbps_by_node={0: 20.0})
+    codec = Codec("int8", "block", 16, 2, 64)
+    lay = kv_layout()
+    for fmt in ("int8", "none"):
+        resolved = tiers(fmt, calibration=cal)
+        injector = DelayInjector([t.timing for t in resolved.tiers if t.timing is not None], cal)
+        with TieredKVCache(resolved, lay, capacities=CAPS, placement=Vector({"dram": 1.0}),
+                           injector=injector) as cache:
+            hook = TierCompression.attach(cache)
+            cache.add_sequence(0)
+            fill(cache, ContiguousKV(2, 2, 64, max_len=64), 40)  # 2 full blocks and a partial one
+            full, partial = cache.seqs[0].tables[0][0], cache.seqs[0].tables[0][2]
+            charged = injector.audits["cxl"].charged_bytes
+            down, down_partial = cache.pool.move(full, "cxl"), cache.pool.move(partial, "cxl")
+            charged_down = injector.audits["cxl"].charged_bytes - charged
+            up = cache.pool.move(full, "dram")
+            assert [m.bytes for m in cache.pool.moves] == [down.bytes, down_partial.bytes, up.bytes]
+            assert down_partial.bytes == lay.block_bytes and down_partial.compress_seconds == 0  # stays raw
+            if fmt == "none":
+                assert hook is None
+                assert down.bytes == up.bytes == down.raw_bytes == lay.block_bytes
+                assert down.compress_seconds == up.decompress_seconds == 0
+                assert charged_down == 2 * lay.block_bytes
+                continue
+            assert hook is not None
+            assert down.bytes == up.bytes == 2 * codec.compressed_bytes < lay.block_bytes / 1.8
+            assert down.raw_bytes == lay.block_bytes
+            assert down.compress_seconds > 0 and up.decompress_seconds > 0 and down.decompress_seconds == 0
+            assert down.seconds >= down.compress_seconds
+            assert charged_down == down.bytes + lay.block_bytes  # the written compressed block, the raw partial
+            assert not any(k[0] == full.id for k in hook.slices)  # promoted: held raw again
 
 
 def test_a_map_without_compression_attaches_nothing() -> None:

@@ -12,9 +12,10 @@ with the engine's forward pass).
 
 A tier whose map says `compression: fp8|int8|int4` holds its blocks compressed (tieremu.kv.compress_store's hook on
 the cache): a block put or moved into it is compressed there and then (each layer's K and V, by the compiled codec)
-and written at its compressed size (the tier's emulated write charge and its byte counts are the compressed bytes);
-a load from it reads the compressed bytes (charged at that size) and dequantizes them for the engine. Both times are
-measured, per tier (`StoreStats.compression`). A slot still has room for a raw block: capacity in blocks does not
+and written at its compressed size (the tier's emulated write charge and its byte counts are the compressed bytes;
+a move carries only those, kv/pool.py); a load from it reads the compressed bytes (charged at that size) and
+dequantizes them for the engine. Both times are measured, per tier (`StoreStats.compression`), a move's from its
+record. A slot still has room for a raw block: capacity in blocks does not
 grow with the ratio here (replay's accounting models that).
 """
 
@@ -146,6 +147,7 @@ class TierStore:
                     layout.block_bytes)
         self.lock = threading.RLock()  # the scheduler's lookups and the worker's loads and saves
         self._next_seq = 0
+        self._moves_seen = 0  # pool.moves counted into the compression figures
         self._t0 = time.monotonic()
 
     # -- the scheduler's questions ---------------------------------------------------------------------------
@@ -286,10 +288,24 @@ class TierStore:
         if hook is None:
             return
         with self.cache.lock:
+            self._count_moved()
             for block in list(self.cache.pool.blocks.values()):
                 have = hook.slices.get((block.id, 0))
                 if have is not hook.codecs.get(block.tier):
                     self._settle(block, have)
+
+    def _count_moved(self) -> None:
+        """Moves since the last count that compressed or decompressed their block on the way (the pool's copy-moves
+        into and out of compressed tiers): their measured time to the tier compressed into or restored out of."""
+        moves = self.cache.pool.moves
+        for rec in moves[self._moves_seen:]:
+            into, out_of = self.stats.compression.get(rec.target), self.stats.compression.get(rec.source)
+            if rec.ok and rec.compress_seconds and into is not None:
+                into.blocks_compressed += 1
+                into.compress_s += rec.compress_seconds
+            if rec.ok and rec.decompress_seconds and out_of is not None:
+                out_of.decompress_s += rec.decompress_seconds
+        self._moves_seen = len(moves)
 
     def _settle(self, block: Block, have: Codec | None) -> None:
         hook = self.compression

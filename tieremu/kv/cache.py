@@ -261,6 +261,8 @@ class TieredKVCache:
                 view[0, offset:offset + take].copy_(k[rows])
                 view[1, offset:offset + take].copy_(v[rows])
             self.pool.touch(block)
+            if self.compression is not None and offset + take == bt:
+                self.compression.filled(block, li)  # a full slice may be held compressed (and moved so)
             written = take * self.layout.layer_token_bytes
             self.stats.traffic[block.tier].bytes_written += written
             if self.injector is not None and self.injector.emulates(block.tier):

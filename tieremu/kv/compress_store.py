@@ -3,10 +3,15 @@
 `TierCompression.attach(cache)` gives a TieredKVCache its `compression` hook. From then on every layer slice of a
 full block (all block_tokens written) that sits on a tier whose map says `compression: fp8|int8|int4` is held in that
 tier's arena compressed: its compressed bytes overwrite the start of the slice in place, so reading it moves only
-compressed bytes out of the tier's memory. A slice is compressed at the first read after it fills or after its block
-was moved (demoted) into a compressed tier, whoever moved it (the daemon moves blocks through the pool, not the
-cache), and restored in place when its block moved to an uncompressed tier. A partly written block stays as written:
-its tokens are still arriving (KIVI likewise keeps the newest tokens in full precision).
+compressed bytes out of the tier's memory. A slice is compressed at the first read after it fills, and a block moved
+between tiers (whoever moved it: the daemon moves blocks through the pool, not the cache) is compressed or
+decompressed by the move itself, the hook being the pool's `codec` (kv/pool.py): a demotion into a compressed tier
+reads the raw slices out of the source and writes only their compressed bytes into the target; a promotion out of one
+reads the compressed bytes and writes the dequantized slices into the target. The move record counts the bytes that
+crossed (compressed slices at their compressed size) and the (de)compression time. A page migration between NUMA
+nodes moves whole pages and is not the hook's: the slices are compressed or restored in place at their next read.
+A partly written block stays as written: its tokens are still arriving (KIVI likewise keeps the newest tokens in
+full precision).
 
 Attention cannot read a compressed slice in place (the C attention kernel reads fp32 rows), so a read with any
 compressed block dequantizes those blocks (one kernel call per read) into a staging buffer, gathers the others beside
@@ -24,8 +29,9 @@ import numpy as np
 import torch
 
 from tieremu.errors import KVError
-from tieremu.kv.arena import DeviceArena, FileArena
+from tieremu.kv.arena import Arena, DeviceArena, FileArena, NumaArena
 from tieremu.kv.compress import Codec, codec_for
+from tieremu.kv.pool import CodecMove
 
 if TYPE_CHECKING:
     from tieremu.kv.cache import SequenceState, TableIndex, TieredKVCache
@@ -88,6 +94,7 @@ class TierCompression:
         self._by_index = [self.codecs.get(name) for name in cache.pool.order]
         self._compressed_tiers = np.array([i for i, c in enumerate(self._by_index) if c is not None], np.int16)
         self.slices: dict[tuple[int, int], Codec] = {}  # (block id, layer in block) -> codec it is held in
+        self.full: set[tuple[int, int]] = set()  # (block id, layer in block) of slices with every token written
         self.stats = CompressionStats(by_tier={t: c.describe() for t, c in self.codecs.items()})
         self._staging = torch.empty(0)
         self._read_bytes: dict[str, int] = {}
@@ -102,6 +109,7 @@ class TierCompression:
         if not hook.codecs:
             return None
         cache.compression = hook
+        cache.pool.codec = hook
         return hook
 
     # -- the cache's hooks --------------------------------------------------------------------------------------
@@ -204,6 +212,7 @@ class TierCompression:
         want = self.codecs.get(block.tier)
         with self.cache.lock:
             for li in range(1 if self.cache.layout.per_layer else self.cache.layout.layers):
+                self.full.add((block.id, li))  # a store's block is whole
                 have = self.slices.get((block.id, li))
                 if have is want:
                     continue
@@ -211,6 +220,80 @@ class TierCompression:
                     self._restore(block, li, have)
                 if want is not None:
                     self._compress([block], li, want)
+
+    def filled(self, block: Block, li: int) -> None:
+        """The cache's write path: every token of this layer slice is written (it may be held compressed now)."""
+        self.full.add((block.id, li))
+        if len(self.full) > 2 * self.cache.layout.layers * len(self.cache.pool.blocks) + 64:  # drop freed blocks'
+            live = self.cache.pool.blocks
+            self.full = {k for k in self.full if k[0] in live}
+
+    # -- the pool's hook (moves) --------------------------------------------------------------------------------
+
+    def _layers(self) -> range:
+        return range(1 if self.cache.layout.per_layer else self.cache.layout.layers)
+
+    def _wanted(self, block: Block, li: int, target: str) -> Codec | None:
+        return self.codecs.get(target) if (block.id, li) in self.full else None
+
+    def involves(self, block: Block, target: str) -> bool:
+        """Whether a copy-move of block to target changes how any of its slices is held, between memory arenas
+        (a file or GPU tier's blocks are copied raw, as the hook's kernels run over host memory)."""
+        arenas = self.cache.pool.arenas
+        if not (isinstance(arenas[block.arena], NumaArena) and isinstance(arenas[target], NumaArena)):
+            return False
+        return any(self.slices.get((block.id, li)) is not self._wanted(block, li, target) for li in self._layers())
+
+    def copy_move(self, block: Block, src: Arena, src_slot: int, dst: Arena, dst_slot: int,
+                  target: str) -> CodecMove:
+        """Copy block into (dst, dst_slot), each full slice in target's form: compressed by the kernel straight from
+        the source's raw slice into the target (a demotion), dequantized straight from the source's compressed bytes
+        into the target (a promotion), compressed bytes copied as they are (same format), raw copied raw. Bytes read,
+        written and crossed per the pool's docstring; (de)compression timed. Called by the pool under its lock."""
+        assert isinstance(src, NumaArena) and isinstance(dst, NumaArena)
+        raw = self.cache.layout.layer_slice_bytes
+        read = written = crossed = 0
+        c_ns = d_ns = 0
+        to_compress: dict[Codec, list[tuple[int, torch.Tensor, bool]]] = {}  # li, its raw slice, read from src
+        for li in self._layers():
+            have, want = self.slices.get((block.id, li)), self._wanted(block, li, target)
+            s_view, d_view = src.blocks[src_slot, li], dst.blocks[dst_slot, li]
+            if have is want:
+                n = raw if have is None else have.compressed_bytes
+                d_view.reshape(-1).view(torch.uint8)[:n].copy_(s_view.reshape(-1).view(torch.uint8)[:n])
+                read, written, crossed = read + n, written + n, crossed + n
+                continue
+            if have is None:
+                to_compress.setdefault(want, []).append((li, s_view, True))  # type: ignore[arg-type]
+                continue
+            # Read the compressed bytes, write the raw slice (a change of format compresses that again below).
+            t0 = time.perf_counter_ns()
+            have.decompress(s_view.reshape(-1).view(torch.uint8)[:have.compressed_bytes], d_view)
+            d_ns += time.perf_counter_ns() - t0
+            self.stats.slices_restored += 1
+            del self.slices[(block.id, li)]
+            read += have.compressed_bytes
+            if want is None:
+                written, crossed = written + raw, crossed + have.compressed_bytes
+            else:
+                to_compress.setdefault(want, []).append((li, d_view, False))
+                crossed += min(have.compressed_bytes, want.compressed_bytes)
+        for codec, items in to_compress.items():
+            t0 = time.perf_counter_ns()
+            kv = torch.stack([view for _, view, _ in items])  # the raw slices, read once (a copy: see _compress)
+            codec.compress_many(kv, np.fromiter((dst.blocks[dst_slot, li].data_ptr() for li, _, _ in items),
+                                                np.int64, len(items)))
+            c_ns += time.perf_counter_ns() - t0
+            self.stats.slices_compressed += len(items)
+            for li, _, from_src in items:
+                self.slices[(block.id, li)] = codec
+                written += codec.compressed_bytes
+                if from_src:
+                    read, crossed = read + raw, crossed + codec.compressed_bytes
+        self.stats.compress_ns += c_ns
+        self.stats.decompress_ns += d_ns
+        self._version += 1
+        return CodecMove(read, written, crossed, c_ns, d_ns)
 
     # -- internals ----------------------------------------------------------------------------------------------
 

@@ -8,6 +8,17 @@ in blocks per tier, wherever the block's slot is (see arena.py).
 Thread safety: `BlockPool.lock` (re-entrant) guards every block's tier, arena and slot. The cache's read, write,
 add and free paths hold it, the pool's own mutators take it, and a migration daemon holds it per block move, so
 a block is never read through a slot it is being moved out of.
+
+Compressed tiers: when the tier map compresses a tier, the cache's compression hook (kv/compress_store.py) is also
+the pool's `codec` and a copy-move (a new slot: emulated tiers, same node) into or out of a compressed tier goes
+through it. The block's full layer slices cross in compressed form: a demotion into a compressed tier reads the raw
+slice out of the source and writes only the compressed bytes into the target (the compiled compress kernel running
+between them); a promotion out of one reads only the compressed bytes and writes the raw, dequantized slice into the
+target. A move's `bytes` are the bytes that cross between the two tiers, each slice counted at its compressed size
+where either end holds it compressed (raw where neither does: a partly written slice, which stays raw); the emulated
+ends are charged for what each really reads or writes (the source its held form, the target its held form); the
+(de)compression time is measured and part of the move's seconds. A page migration (NUMA tiers on two nodes) moves
+whole pages, compressed slices included at their slot's full size, and is counted at the block's full size.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
 
 import torch
 
@@ -60,9 +72,40 @@ class MoveRecord:
     # not), and pages that were on the target already (moved on their own, e.g. by the kernel's tiering).
     pages_failed: dict[str, int] = field(default_factory=dict)
     pages_already: int = 0
+    # A move into or out of a compressed tier (see the module docstring): the block's size uncompressed (`bytes` is
+    # what crossed, compressed slices at their compressed size) and the measured (de)compression time, part of
+    # `seconds`.
+    raw_bytes: int = 0
+    compress_seconds: float = 0.0
+    decompress_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class CodecMove:
+    """What a move through the compression hook carried: bytes read out of the source and written into the target
+    (each in the form that end holds), the bytes that crossed between them, and the (de)compression nanoseconds."""
+
+    read_bytes: int
+    written_bytes: int
+    crossed_bytes: int
+    compress_ns: int = 0
+    decompress_ns: int = 0
+
+
+class MoveCodec(Protocol):
+    """The pool's side of the compression hook (kv/compress_store.py's TierCompression)."""
+
+    def involves(self, block: Block, target: str) -> bool:
+        """Whether moving block to target changes how any of its slices is held (compressed or restored)."""
+        ...
+
+    def copy_move(self, block: Block, src: Arena, src_slot: int, dst: Arena, dst_slot: int,
+                  target: str) -> CodecMove:
+        """Copy block's slices from (src, src_slot) into (dst, dst_slot), each in the form the target holds it."""
+        ...
 
 
 class BlockPool:
@@ -98,6 +141,7 @@ class BlockPool:
         self.evictions = 0
         self.moves: list[MoveRecord] = []
         self.generation = 0  # bumped by every move, under the lock
+        self.codec: MoveCodec | None = None  # set by the compression hook when the map compresses a tier
 
     def _arena(self, tier: ResolvedTier, layout: KVLayout, numa_total: int) -> Arena:
         if tier.spec.is_file:
@@ -239,21 +283,29 @@ class BlockPool:
         t0 = time.perf_counter()
         failed: dict[str, int] = {}
         already = 0
+        coded: CodecMove | None = None
         if self._can_migrate(block, target):
             kind = "migrate"
             result = self._migrate(block, target)
             pages, ok, failed, already = result.moved, result.ok, result.failed, result.already
             note = "" if ok else f"pages not moved: {failed}"
         else:
-            kind, pages, ok, note = "copy", *self._copy(block, target)
+            kind = "copy"
+            pages, ok, note, coded = self._copy(block, target)
         self.generation += 1  # a block's slot or node changed: readers' cached block tables are stale
         if ok:
             self._used[source] -= 1
             self._used[target] += 1
             block.tier = target
-        owed = self._owed(source, target)
-        return self._record(block, source, target, kind, pages, time.perf_counter() - t0, 0.0, ok, note,
-                            failed, already), owed
+        full = self.layout.block_bytes
+        read, written = (full, full) if coded is None else (coded.read_bytes, coded.written_bytes)
+        owed = self._owed(source, target, read, written, full if coded is None else coded.crossed_bytes)
+        record = self._record(block, source, target, kind, pages, time.perf_counter() - t0, 0.0, ok, note,
+                              failed, already)
+        if coded is not None:
+            record = replace(record, bytes=coded.crossed_bytes, raw_bytes=full,
+                             compress_seconds=coded.compress_ns / 1e9, decompress_seconds=coded.decompress_ns / 1e9)
+        return record, owed
 
     def _can_migrate(self, block: Block, target: str) -> bool:
         """Only pages of NUMA memory move between nodes: both ends must be NUMA arenas (an emulated cuda tier is
@@ -267,40 +319,45 @@ class BlockPool:
         assert isinstance(arena, NumaArena)
         return arena.migrate(block.slot, self.numa_node(target))
 
-    def _copy(self, block: Block, target: str) -> tuple[int, bool, str]:
+    def _copy(self, block: Block, target: str) -> tuple[int, bool, str, CodecMove | None]:
         src, dst = self.arenas[block.arena], self.arenas[target]
         slot = dst.take()
+        coded: CodecMove | None = None
         try:
-            copy_block(src, block.slot, dst, slot)
+            if self.codec is not None and self.codec.involves(block, target):
+                coded = self.codec.copy_move(block, src, block.slot, dst, slot, target)
+            else:
+                copy_block(src, block.slot, dst, slot)
         except BaseException:
             dst.give_back(slot)  # the block stays where it was
             raise
         src.give_back(block.slot)
         block.arena, block.slot = target, slot
-        return 0, True, ""  # no page moved: the data was copied
+        return 0, True, "", coded  # no page moved: the data was copied
 
-    def _owed(self, source: str, target: str) -> dict[str, float]:
-        """The emulated ends' extra time for one block: read out of source, written into target, and the host link
-        crossed when one end is an emulated GPU tier with a link model (the other end is host memory or a file)."""
+    def _owed(self, source: str, target: str, read: int, written: int, crossed: int) -> dict[str, float]:
+        """The emulated ends' extra time for one block: `read` bytes out of source, `written` into target (each
+        end's held form: compressed bytes at a compressed end), and the host link crossed by `crossed` bytes when
+        one end is an emulated GPU tier with a link model (the other end is host memory or a file)."""
         injector = self.injector
         if injector is None:
             return {}
         owed = {}
-        for tier, kind in ((source, "read"), (target, "write")):
+        for tier, kind, nbytes in ((source, "read", read), (target, "write", written)):
             if injector.emulates(tier):
-                owed[tier] = owed.get(tier, 0.0) + injector.owe(tier, self.layout.block_bytes, kind)
+                owed[tier] = owed.get(tier, 0.0) + injector.owe(tier, nbytes, kind)
         link = injector.link_tier
         if link is not None and (source == link) != (target == link):
-            key, ns = injector.owe_link(link, self.layout.block_bytes)
+            key, ns = injector.owe_link(link, crossed)
             owed[key] = ns
         return owed
 
     def _record(self, block: Block, source: str, target: str, kind: str, pages: int, seconds: float,
                 injected: float, ok: bool, note: str, failed: dict[str, int] | None = None,
                 already: int = 0) -> MoveRecord:
-        rec = MoveRecord(time.monotonic(), block.id, source, target, kind,
-                         self.layout.block_bytes if kind != "none" else 0, pages, seconds, injected, ok, note,
-                         dict(failed or {}), already)
+        nbytes = self.layout.block_bytes if kind != "none" else 0
+        rec = MoveRecord(time.monotonic(), block.id, source, target, kind, nbytes, pages, seconds, injected, ok, note,
+                         dict(failed or {}), already, raw_bytes=nbytes)
         return rec
 
     # -- inspection ------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ from rich.table import Table
 
 from tieremu.cli import units
 from tieremu.errors import ConfigError, WorkloadError
-from tieremu.kv.compress_tiers import capacity_blocks, effective_read_gbps
+from tieremu.kv.compress_tiers import TierCodec, capacity_blocks, effective_read_gbps, tier_codecs
 from tieremu.numbers import MAX_GBPS, MAX_MIB, MAX_RATIO, MAX_SECONDS, Range, number_problem
 from tieremu.policy.base import PolicyContext
 from tieremu.policy.registry import BUILTIN, get_policy, names
@@ -91,6 +91,7 @@ class ReadBandwidth:
     by_tier: dict[str, float]
     local_gbps: float
     local_source: str  # "--local-gbps" | "calibration" | "assumed"
+    codecs: dict[str, TierCodec] = field(default_factory=dict)  # compressed tiers: their moves carry fewer bytes
 
 
 def _pairs(values: Sequence[str], option: str) -> list[tuple[str, str]]:
@@ -152,8 +153,10 @@ def read_bandwidth(tier_map: TierMap, overrides: Mapping[str, float], local_gbps
             raise ConfigError(f"--read-gbps names tier {name!r}; tiers of {tier_map.name}: "
                               f"{', '.join(tier_map.names)}")
     by_tier = {spec.name: overrides.get(spec.name, _target_read(spec, local_gbps)) for spec in tier_map.tiers}
-    by_tier = effective_read_gbps({spec.name: spec for spec in tier_map.tiers}, by_tier)  # type: ignore[assignment]
-    return ReadBandwidth(by_tier, local_gbps, source)
+    specs = {spec.name: spec for spec in tier_map.tiers}
+    codecs = tier_codecs(specs, by_tier)  # type: ignore[arg-type]
+    by_tier = effective_read_gbps(specs, by_tier)  # type: ignore[assignment]
+    return ReadBandwidth(by_tier, local_gbps, source, codecs)
 
 
 def _target_read(spec: TierSpec, local_gbps: float) -> float:
@@ -264,7 +267,7 @@ def replay(trace: str, tier_file: str, policy: str, params: tuple[str, ...], mod
     bandwidths = {k: _number(v, float, "--read-gbps") for k, v in _pairs(read_gbps, "--read-gbps")}
     bandwidth = read_bandwidth(tier_map, bandwidths, local_gbps)
     settings = {"epoch_s": epoch_ms / 1e3, "block_bytes": block_bytes, "tier_read_gbps": bandwidth.by_tier,
-                "prefill_tokens_per_s": prefill_tokens_per_s}
+                "prefill_tokens_per_s": prefill_tokens_per_s, "tier_codecs": bandwidth.codecs}
     result = simulate(requests, tiers, chosen, params=policy_params, pin=not no_pin, budget_gbps=budget_gbps,
                       **settings)  # type: ignore[arg-type]
     bounds = check(requests, tiers, result, **settings)

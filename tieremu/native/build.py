@@ -54,7 +54,7 @@ i64 = ctypes.c_int64
 _REPLAY_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
     "replay_demand": (ctypes.c_int, (ctypes.c_int, i64, vp, i64, i64, vp, vp, vp, ctypes.c_int, vp, vp, vp,
                                      ctypes.c_double, i64, ctypes.c_double, i64, ctypes.c_int, vp, vp, vp, vp, vp,
-                                     vp, vp)),
+                                     vp, vp, vp)),
 }
 
 

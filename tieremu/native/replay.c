@@ -54,6 +54,7 @@ typedef struct {
     int64_t position;
     /* counts */
     int64_t *hits, misses, evictions, uncached, promotions, demotions, ping_pongs, waited, samples;
+    int64_t *pair_moves; /* moves from tier i to tier j at [i * n_tiers + j]: their bytes differ by pair */
     double strr_sum, *residency;
     entry *passed; int64_t passed_cap; /* rank_first's scratch: entries passed over, put back after */
     /* Entries of blocks pinned for the request, set aside until it ends (they cannot be victims before): a search
@@ -373,6 +374,7 @@ static void remove_block(state *s, int32_t b) {
 
 static void record_move(state *s, int32_t b, int source, int target, int promote) {
     if (promote) s->promotions++; else s->demotions++;
+    s->pair_moves[source * s->n_tiers + target]++;
     if (s->bk[b].lm_epoch >= 0 && s->bk[b].lm_src == target && s->bk[b].lm_dst == source &&
         s->epoch - s->bk[b].lm_epoch <= s->ping_pong_epochs)
         s->ping_pongs++;
@@ -452,13 +454,14 @@ static int by_value(const void *a, const void *b) {
 
 /* Replay. Returns 0, or 1 out of memory, 2 a lost block, 3 too many tiers. counts_out: misses, evictions,
  * uncached, promotions, demotions, ping_pongs, waited, samples, epochs; doubles_out: strr_sum, channel_free;
- * ttft_ms_out per request, ttft_sorted_out the same sorted. */
+ * ttft_ms_out per request, ttft_sorted_out the same sorted; pair_moves_out (n_tiers x n_tiers, zeroed by the
+ * caller) the moves from tier i to tier j. */
 int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blocks, int64_t n_requests,
                   const int64_t *request_start, const int64_t *input_length, const double *arrival,
                   int n_tiers, const int64_t *capacity, const double *read_s, const double *move_s,
                   double prefill, int64_t block_tokens, double epoch_s, int64_t ping_pong_epochs, int pin,
                   int64_t *hits_out, double *residency_out, int64_t *resident_out, int64_t *counts_out,
-                  double *doubles_out, double *ttft_ms_out, double *ttft_sorted_out) {
+                  double *doubles_out, double *ttft_ms_out, double *ttft_sorted_out, int64_t *pair_moves_out) {
     if (n_tiers < 1 || n_tiers > MAX_TIERS) return 3;
     state s;
     memset(&s, 0, sizeof s);
@@ -466,6 +469,7 @@ int replay_demand(int kind, int64_t n_refs, const int32_t *blocks, int64_t n_blo
     for (int t = 0; t < n_tiers; t++) s.cap[t] = capacity[t];
     s.read_s = read_s; s.move_s = move_s; s.prefill = prefill; s.epoch_s = epoch_s;
     s.ping_pong_epochs = ping_pong_epochs;
+    s.pair_moves = pair_moves_out;
     size_t nb = (size_t)(n_blocks ? n_blocks : 1);
     s.bk = calloc(nb, sizeof(block_state));
     int64_t *next = kind == BELADY ? malloc((size_t)(n_refs ? n_refs : 1) * sizeof(int64_t)) : NULL;

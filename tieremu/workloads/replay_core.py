@@ -53,6 +53,7 @@ def run(requests: Sequence[Request], settings: Settings, policy: Policy, params:
     move_s = array("d", [x for row in settings.move_s for x in row])
     hits, resident, counts = array("q", [0] * n), array("q", [0] * n), array("q", [0] * COUNTS)
     residency, doubles = array("d", [0.0] * n), array("d", [0.0] * 2)
+    pair_moves = array("q", [0] * (n * n))  # moves from tier i to tier j: a pair's moves carry its move_bytes
     ttft, ttft_sorted = array("d", bytes(8 * len(requests))), array("d", bytes(8 * len(requests)))
     arrival = array("d", arrivals)
     core_started = time.perf_counter()
@@ -60,7 +61,7 @@ def run(requests: Sequence[Request], settings: Settings, policy: Policy, params:
         KINDS[type(policy)], len(blocks), _ptr(blocks), len(ids), len(requests), _ptr(starts), _ptr(lengths),
         _ptr(arrival), n, _ptr(capacity), _ptr(read_s), _ptr(move_s), settings.prefill, settings.block_tokens,
         settings.epoch_s, settings.ping_pong_epochs, int(settings.pin), _ptr(hits), _ptr(residency), _ptr(resident),
-        _ptr(counts), _ptr(doubles), _ptr(ttft), _ptr(ttft_sorted))
+        _ptr(counts), _ptr(doubles), _ptr(ttft), _ptr(ttft_sorted), _ptr(pair_moves))
     core_s = time.perf_counter() - core_started
     if rc == 1:
         raise MemoryError("the compiled replay core ran out of memory")
@@ -71,7 +72,8 @@ def run(requests: Sequence[Request], settings: Settings, policy: Policy, params:
     result = Counts(hits=tuple(hits), misses=misses, resident=tuple(resident), residency=tuple(residency),
                     samples=samples, strr_sum=doubles[0], evictions=evictions, uncached=uncached,
                     promotions=promotions, demotions=demotions, prefetches=0, ping_pongs=ping_pongs, skipped=0,
-                    deferred=0, waited=waited, epochs=epochs, channel_free=doubles[1], ttft_ms=tuple(ttft))
+                    deferred=0, waited=waited, epochs=epochs, channel_free=doubles[1], ttft_ms=tuple(ttft),
+                    moved_bytes=sum(m * settings.bytes_of(k // n, k % n) for k, m in enumerate(pair_moves)))
     replayed = build_result(result, settings, policy, requests, arrivals, 0.0, core_s, params, core="native",
                             prepare_s=core_started - started, ttft_sorted=ttft_sorted.tolist())
     return replace(replayed, wall_s=time.perf_counter() - core_started)

@@ -162,14 +162,17 @@ def _capacities(params: ReplayParams, ctx: RunContext, requests: list[Any]) -> d
 
 
 def _simulate(params: ReplayParams, ctx: RunContext, requests: list[Any], policy: Any) -> list[MetricRow]:
-    from tieremu.kv.compress_tiers import effective_read_gbps
+    from tieremu.kv.compress_tiers import effective_read_gbps, tier_codecs
     from tieremu.workloads.bounds import check
     from tieremu.workloads.simulate import SimTier, simulate
 
     tiers = [SimTier(name, blocks) for name, blocks in _capacities(params, ctx, requests).items()]
     # A compressed tier's hit reads fewer bytes, then pays the dequantization (kv/compress_tiers.py).
-    read_gbps = effective_read_gbps({t.name: t.spec for t in ctx.resolved.tiers}, tier_read_gbps(ctx))
-    settings = {"epoch_s": params.epoch_s, "block_bytes": int(params.block_mib * MIB), "tier_read_gbps": read_gbps}
+    specs, raw_gbps = {t.name: t.spec for t in ctx.resolved.tiers}, tier_read_gbps(ctx)
+    read_gbps = effective_read_gbps(specs, raw_gbps)
+    # Its moves carry the compressed bytes over the raw rates, plus the (de)compression (kv/compress_tiers.py).
+    settings = {"epoch_s": params.epoch_s, "block_bytes": int(params.block_mib * MIB), "tier_read_gbps": read_gbps,
+                "tier_codecs": tier_codecs(specs, raw_gbps)}
     r = simulate(requests, tiers, policy, pin=params.pin, budget_gbps=params.budget_gbps,
                  **settings)  # type: ignore[arg-type]
     # 1 within the bound, 0 outside it: a result outside its bounds is a bug, and the report shows the row.

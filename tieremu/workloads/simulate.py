@@ -22,10 +22,12 @@ fall between them. Per request:
 Migrations cost. Every move (a promotion on access, a victim pushed down, a plan's move) takes block_bytes over the
 tier pair's bandwidth (the lower of the two tiers' read bandwidths, else DEFAULT_MOVE_GBPS), capped by the run's
 migration budget, on one migration channel that carries one block at a time: a move starts when the channel is
-free and the block is not readable at its target until it lands. A demand cache's moves always queue; a plan's
-move that could not start within its epoch is deferred (counted, not carried out). Migration GB/s is the bytes
-moved over the span from the first arrival to the later of the last arrival and the last landing, so it never
-exceeds the budget.
+free and the block is not readable at its target until it lands. A move into or out of a compressed tier
+(`tier_codecs`) carries the block's compressed bytes instead, over the tiers' raw read rates, plus the measured
+(de)compression of the block (kv/compress_tiers.move_cost), as the KV pool's moves do. A demand cache's moves always
+queue; a plan's move that could not start within its epoch is deferred (counted, not carried out). Migration bytes
+are what the moves carried (compressed where they were); migration GB/s is those bytes over the span from the first
+arrival to the later of the last arrival and the last landing, so it never exceeds the budget.
 
 Moves of a plan are carried out in order. A move takes its block out of the source first, so a promotion and
 the demotion it causes can swap two blocks between full tiers. A move into a full tier makes room there as an
@@ -48,6 +50,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 from tieremu.errors import ConfigError, PolicyError
+from tieremu.kv.compress_tiers import TierCodec, move_cost
 from tieremu.policy.base import (
     AccessEvent,
     Plan,
@@ -188,6 +191,12 @@ class Settings:
     ping_pong_epochs: int
     pin: bool
     budget_gbps: float | None
+    # The bytes a move from tier i to tier j carries (compressed where an end is compressed); () when every move
+    # carries block_bytes.
+    move_bytes: tuple[tuple[int, ...], ...] = ()
+
+    def bytes_of(self, source: int, target: int) -> int:
+        return self.move_bytes[source][target] if self.move_bytes else self.block_bytes
 
 
 def simulate(requests: Sequence[Request], tiers: Sequence[SimTier], policy: Policy, *,
@@ -196,13 +205,16 @@ def simulate(requests: Sequence[Request], tiers: Sequence[SimTier], policy: Poli
              prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
              block_tokens: int = MOONCAKE_BLOCK_TOKENS, upcoming: int = DEFAULT_UPCOMING,
              ping_pong_epochs: int = DEFAULT_PING_PONG_EPOCHS, params: Mapping[str, object] | None = None,
-             pin: bool = True, budget_gbps: float | None = None, core: str = "auto") -> ReplayResult:
+             pin: bool = True, budget_gbps: float | None = None, core: str = "auto",
+             tier_codecs: Mapping[str, TierCodec] | None = None) -> ReplayResult:
     """Replay `requests` against `tiers` (fastest first) under `policy`; see the module docstring. `core` picks
-    the compiled core (native: built-in demand caches only), this module's loop (python), or the first that can."""
+    the compiled core (native: built-in demand caches only), this module's loop (python), or the first that can.
+    `tier_codecs` (kv/compress_tiers.tier_codecs): the compressed tiers, whose moves carry compressed bytes (their
+    hits' rate is already in tier_read_gbps)."""
     _check(tiers, epoch_s, block_bytes, tier_read_gbps, prefill_tokens_per_s, block_tokens, upcoming, budget_gbps,
            core)
     settings = _settings(tiers, policy, epoch_s, block_bytes, tier_read_gbps or {}, prefill_tokens_per_s,
-                         block_tokens, ping_pong_epochs, pin, budget_gbps)
+                         block_tokens, ping_pong_epochs, pin, budget_gbps, tier_codecs or {})
     if core != "python":
         from tieremu.workloads import replay_core  # the compiled core's driver
 
@@ -247,16 +259,20 @@ def move_gbps(read_gbps: Sequence[float | None], source: int, target: int) -> fl
 
 def _settings(tiers: Sequence[SimTier], policy: Policy, epoch_s: float, block_bytes: int,
               tier_read_gbps: Mapping[str, float], prefill: float, block_tokens: int, ping_pong_epochs: int,
-              pin: bool, budget_gbps: float | None) -> Settings:
+              pin: bool, budget_gbps: float | None, codecs: Mapping[str, TierCodec]) -> Settings:
     names = tuple(t.name for t in tiers)
     read = tuple(tier_read_gbps.get(name) for name in names)
     n = len(names)
-    move_s = tuple(tuple(block_bytes / (min(move_gbps(read, i, j), budget_gbps or math.inf) * 1e9)
+    # A compressed tier's moves run at its raw read rate (its hits' rate in `read` includes the dequantization).
+    link = tuple(codecs[name].read_gbps if name in codecs else read[i] for i, name in enumerate(names))
+    cost = [[move_cost(block_bytes, codecs.get(names[i]), codecs.get(names[j])) for j in range(n)] for i in range(n)]
+    move_s = tuple(tuple(cost[i][j][0] / (min(move_gbps(link, i, j), budget_gbps or math.inf) * 1e9) + cost[i][j][1]
                          for j in range(n)) for i in range(n))
     return Settings(names=names,
                     capacity=tuple(None if policy.lifts_capacity else t.capacity_blocks for t in tiers),
                     epoch_s=epoch_s, block_bytes=block_bytes, read_gbps=read,
                     read_s=tuple(0.0 if g is None else block_bytes / (g * 1e9) for g in read), move_s=move_s,
+                    move_bytes=tuple(tuple(c[0] for c in row) for row in cost),
                     prefill=prefill, block_tokens=block_tokens, ping_pong_epochs=ping_pong_epochs, pin=pin,
                     budget_gbps=budget_gbps)
 
@@ -557,7 +573,7 @@ class _Replay:
 
     def _moved(self, block: int, source: int, target: int, reason: str) -> None:
         """A move carried out: on the ledger (ping-pongs in epochs), on the migration channel, told to the policy."""
-        self.ledger.record(block, source, target, reason, self.epoch)
+        self.ledger.record(block, source, target, reason, self.epoch, self.s.bytes_of(source, target))
         self.lands[block] = self.channel.carry(self.now, self.s.move_s[source][target])
         self._tell(block, source, target)
 
@@ -577,7 +593,7 @@ class _Replay:
             evictions=self.evictions, uncached=self.uncached, promotions=self.ledger.moved["promote"],
             demotions=self.ledger.moved["demote"], prefetches=self.ledger.moved["prefetch"],
             ping_pongs=self.ledger.ping_pongs, skipped=self.skipped, deferred=self.deferred, waited=self.waited,
-            epochs=self.epoch, channel_free=self.channel.free, ttft_ms=tuple(ttft)),
+            epochs=self.epoch, channel_free=self.channel.free, ttft_ms=tuple(ttft), moved_bytes=self.ledger.bytes),
             self.s, self.policy, requests, arrivals, wall_s, self.policy_s, params, core="python")
 
 
@@ -603,6 +619,7 @@ class Counts:
     epochs: int
     channel_free: float  # when the last move landed
     ttft_ms: tuple[float, ...]
+    moved_bytes: int  # what the moves carried (a move into or out of a compressed tier: its compressed bytes)
 
 
 def build_result(c: Counts, s: Settings, policy: Policy, requests: Sequence[Request], arrivals: Sequence[float],
@@ -612,7 +629,6 @@ def build_result(c: Counts, s: Settings, policy: Policy, requests: Sequence[Requ
     hits = sum(c.hits)
     references = hits + c.misses
     trace_s = arrivals[-1] - arrivals[0] if arrivals else 0.0
-    moves = c.promotions + c.demotions + c.prefetches
     # Moves still in flight after the last arrival stretch the span: the rate never exceeds the channel's.
     span = max(trace_s, c.channel_free - arrivals[0]) if arrivals else 0.0
     tiers = tuple(
@@ -627,8 +643,8 @@ def build_result(c: Counts, s: Settings, policy: Policy, requests: Sequence[Requ
         evictions=c.evictions, uncached=c.uncached,
         strr=c.strr_sum / c.samples if c.samples else 0.0,
         star=(hits - c.hits[0]) / hits if hits else 0.0,
-        ttft_ms=Tail.of(c.ttft_ms if ttft_sorted is None else ttft_sorted), migration_bytes=moves * s.block_bytes,
-        migration_gbps=moves * s.block_bytes / span / 1e9 if span > 0 else 0.0,
+        ttft_ms=Tail.of(c.ttft_ms if ttft_sorted is None else ttft_sorted), migration_bytes=c.moved_bytes,
+        migration_gbps=c.moved_bytes / span / 1e9 if span > 0 else 0.0,
         promotions=c.promotions, demotions=c.demotions, prefetches=c.prefetches,
         ping_pongs=c.ping_pongs, moves_skipped=c.skipped, epochs=c.epochs, trace_s=trace_s,
         wall_s=wall_s, policy_cpu_s=policy_s, block_bytes=s.block_bytes,

@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from tieremu.daemon.daemon import MigrationDaemon
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.compress import Codec
 from tieremu.kv.compress_store import TierCompression
 from tieremu.kv.layout import KVLayout
 from tieremu.kv.placement import Vector
 from tieremu.numa.topology import discover
+from tieremu.policy.registry import get_policy
 from tieremu.tiers.config import Compression, load_tier_map
 from tieremu.tiers.emulation import DelayInjector
 from tieremu.tiers.resolve import ResolvedTierMap, resolve
@@ -291,3 +293,20 @@ def test_decode_with_blocks_migrating_between_compressed_and_plain_tiers_mid_run
         result = run_decode(model, cache, spec, on_step=shuffle)
     assert hook.stats.slices_compressed > 0 and hook.stats.slices_restored > 0
     assert result.generated.shape == (2, 7) and result.moves > 0
+
+
+def test_the_daemons_moves_out_of_a_compressed_tier_are_counted_at_compressed_size() -> None:
+    # The daemon's executor, its report (bytes, migration_gbps) and the placement engine see the pool's records.
+    codec = Codec("int8", "block", 16, 2, 64)
+    with TieredKVCache(tiers("int8"), kv_layout(), capacities=CAPS, placement=Vector({"cxl": 1.0})) as cache:
+        hook = TierCompression.attach(cache)
+        assert hook is not None
+        cache.add_sequence(0)
+        fill(cache, ContiguousKV(2, 2, 64, max_len=64), 32)
+        cache.read(0, 0), cache.read(0, 1)  # both full blocks compressed in place in the cxl tier
+        daemon = MigrationDaemon(cache, get_policy("lru"))
+        for block in list(cache.seqs[0].tables[0]):
+            assert daemon.promote(block.id, "cxl", "dram").moved == 1
+        report = daemon.report()
+    assert report.moved == 2 and report.bytes == 2 * 2 * codec.compressed_bytes  # 2 blocks of 2 layer slices
+    assert all(r.bytes == 2 * codec.compressed_bytes and r.decompress_seconds > 0 for r in report.records)

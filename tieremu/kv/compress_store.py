@@ -45,7 +45,7 @@ class CompressionStats:
     """What compression cost and saved over a run (layer slices, nanoseconds, bytes)."""
 
     slices_compressed: int = 0
-    slices_restored: int = 0  # decompressed in place: moved out to an uncompressed tier
+    slices_restored: int = 0  # decompressed: moved out to an uncompressed tier (by the move, or in place)
     slices_dequantized: int = 0  # dequantized for a read
     compress_ns: int = 0
     decompress_ns: int = 0

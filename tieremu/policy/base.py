@@ -88,6 +88,12 @@ class AccessCounts:
     def accesses(self) -> int:
         return len(self.row)
 
+    def by_tier(self) -> list[tuple[str, np.ndarray]]:
+        """Per tier of last access: its rows, in row order."""
+        if len(self.tier) and (self.tier == self.tier[0]).all():
+            return [(self.tiers[int(self.tier[0])], np.arange(len(self.tier)))]
+        return [(self.tiers[t], np.flatnonzero(self.tier == t)) for t in np.unique(self.tier).tolist()]
+
     @property
     def last_time(self) -> np.ndarray:
         """Per row: the time of its last access."""
@@ -277,6 +283,32 @@ class RankedBlocks:
         if len(low) > 4 * len(self._score) + 1024:
             self._rebuild()
 
+    def scores(self, blocks: Iterable[int], default: float) -> list[float]:
+        """The scores of many blocks (`default` for a block not ranked)."""
+        get = self._score.get
+        return [get(b, default) for b in blocks]
+
+    def set_many(self, tier: str, blocks: Sequence[int], scores: Sequence[float]) -> None:
+        """set() of each block in turn, all in `tier` (later ones are the more recently scored on ties), with the
+        dictionary updates in C and the heaps pushed, or extended and re-heapified when that is cheaper. Stamps
+        only ever break ties within a tier, so a caller may set each tier's blocks in its own call."""
+        n = len(blocks)
+        if not n:
+            return
+        start = self._clock + 1
+        self._clock += n
+        stamps = range(start, start + n)
+        self._score.update(zip(blocks, scores, strict=True))
+        self._tier.update(zip(blocks, [tier] * n, strict=True))
+        self._stamp.update(zip(blocks, stamps, strict=True))
+        low = self._low.setdefault(tier, [])
+        _push_all(low, list(zip(scores, stamps, blocks, strict=True)))
+        if self._high is not None:
+            _push_all(self._high.setdefault(tier, []),
+                      list(zip([-x for x in scores], range(-start, -start - n, -1), blocks, strict=True)))
+        if len(low) > 4 * len(self._score) + 1024:
+            self._rebuild()
+
     def move(self, block: int, tier: str) -> None:
         """File a block under another tier, keeping its score."""
         score = self._score.get(block)
@@ -337,6 +369,16 @@ class RankedBlocks:
             for heap in high.values():
                 heapq.heapify(heap)
             self._high = high
+
+
+def _push_all(heap: list[tuple[float, int, int]], entries: list[tuple[float, int, int]]) -> None:
+    if 4 * len(entries) > len(heap):  # heapify is linear in the heap: cheaper than many pushes into a small one
+        heap.extend(entries)
+        heapq.heapify(heap)
+    else:
+        push = heapq.heappush
+        for entry in entries:
+            push(heap, entry)
 
 
 class RankedWalk:

@@ -103,12 +103,13 @@ class HotCold(Policy):
         if not len(counts):
             return
         self._changed = True
-        heat = (counts.time / self.half_life_s + np.log2(counts.count)).tolist()
-        names, ranked = counts.tiers, self.ranked
-        score, put = ranked.score, ranked.set
-        for block, tier, added in zip(counts.block.tolist(), counts.tier.tolist(), heat, strict=True):
-            old = score(block)
-            put(block, names[tier], added if old is None else log2_add(old, added))
+        blocks = counts.block.tolist()
+        added = counts.time / self.half_life_s + np.log2(counts.count)
+        # log2(2^old + 2^added) in numpy (a block never ranked, or never accessed, is -inf: it gets `added`)
+        old = np.array(self.ranked.scores(blocks, NEVER_ACCESSED), dtype=np.float64)
+        new = np.logaddexp2(old, added)
+        for tier, rows in counts.by_tier():
+            self.ranked.set_many(tier, [blocks[r] for r in rows.tolist()], new[rows].tolist())
 
     def victim(self, tier: str, view: BlockView) -> int:
         self._changed = True

@@ -63,9 +63,15 @@ class Ranked(Policy):
             Ranked.observe(self, counts.events)
             return
         names, ranked = counts.tiers, self.ranked
-        known, put = ranked.tier, ranked.set
+        known = ranked.tier
+        groups: dict[str, tuple[list[int], list[float]]] = {}
         for block, first, score in zip(counts.block.tolist(), counts.first_tier.tolist(), scores, strict=True):
-            put(block, known(block) or names[first], score)
+            tier = known(block) or names[first]
+            group = groups.get(tier) or groups.setdefault(tier, ([], []))
+            group[0].append(block)
+            group[1].append(score)
+        for tier, (blocks, tier_scores) in groups.items():
+            ranked.set_many(tier, blocks, tier_scores)
 
     def touched_scores(self, counts: AccessCounts) -> list[float] | None:
         """Per row of `counts`: the score after its accesses, as touched_score once per access would leave it;

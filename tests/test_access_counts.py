@@ -20,7 +20,7 @@ from tieremu.daemon.daemon import EventBatch, MigrationDaemon
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.numa.topology import discover
-from tieremu.policy.base import AccessCounts, AccessEvent, Policy, TierState, observes_counts
+from tieremu.policy.base import AccessCounts, AccessEvent, Policy, RankedBlocks, TierState, observes_counts
 from tieremu.policy.hotcold import HotCold
 from tieremu.policy.registry import get_policy
 from tieremu.tiers.config import load_tier_map
@@ -267,3 +267,24 @@ def test_the_daemon_moves_the_same_blocks_on_either_path(make_cache: Callable[..
     assert moved > 0
     for daemon in daemons:
         daemon.stop()
+
+
+def test_ranked_blocks_set_many_ranks_as_set_one_by_one() -> None:
+    rng = random.Random(7)
+    one, many = RankedBlocks(track_highest=True), RankedBlocks(track_highest=True)
+    view = FakeView((None, None, None))
+    for _ in range(80):
+        tier = rng.choice(NAMES)
+        blocks = rng.sample(range(300), rng.randrange(0, 40))
+        scores = [float(rng.randrange(6)) for _ in blocks]  # few values: ties are broken by stamps
+        for block, score in zip(blocks, scores, strict=True):
+            one.set(block, tier, score)
+            view.where[block] = tier
+        many.set_many(tier, blocks, scores)
+    for tier in NAMES:
+        for highest in (False, True):
+            walks = []
+            for ranked in (one, many):
+                with ranked.walk(tier, view, highest=highest) as walk:
+                    walks.append(list(iter(walk.next_block, None)))
+            assert walks[0] == walks[1] and len(walks[0]) == sum(1 for t in view.where.values() if t == tier)

@@ -6,11 +6,12 @@ spread over dram and cxl; no emulated delay, so that the decode is as fast, and 
 gets). Arms: no daemon; the daemon in its background thread (`thread`, epochs every --epoch-ms of wall time); the
 daemon between decode steps (`step`: MigrationDaemon.step in run_decode's on_step, an epoch when one is due, the
 steps' accesses counted in one batch in the decode's thread, no thread to wake). Each with a policy that ignores its
-events (the daemon then builds none) and one that observes every access as hotcold does, without planning
-(`+observe`: hotcold's own heat update, through the batched path the built-in policies use: the epoch's accesses
-counted per block with numpy, AccessCounts, one update per block). Two more step arms keep the old per-event path in
-view (`/event`, no goal): the same hotcold observation told one AccessEvent per access, and a policy that only walks
-the events (`+walk/event`, the observing arm of earlier versions). A step arm's TPOT includes the daemon's time
+events (the daemon then builds none) and one that keeps a count per block of every access (`+observe`), told them
+through the batched path the built-in policies use (the epoch's accesses counted per block with numpy,
+AccessCounts). `step+hotcold` observes as hotcold does (its heat per block and its rankings: the built-in
+observe_counts) but plans nothing. Two more step arms keep the old per-event path in view (`/event`, no goal):
+the same hotcold observation told one AccessEvent per access, and a policy that only walks the events
+(`+walk/event`, the observing arm of earlier versions). A step arm's TPOT includes the daemon's time
 before the step (run_decode leaves on_step out of its timing: it is added back), so its cost is not hidden between
 steps.
 
@@ -41,7 +42,7 @@ from tieremu.daemon.daemon import MigrationDaemon
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.layout import KVLayout
 from tieremu.numa.topology import discover
-from tieremu.policy.base import AccessEvent, BlockView, Plan, Policy
+from tieremu.policy.base import AccessCounts, AccessEvent, BlockView, Plan, Policy
 from tieremu.policy.hotcold import HotCold
 from tieremu.record.stats import LoadMeter, Stats, Summary, describe, percentile
 from tieremu.tiers.config import load_tier_map
@@ -82,6 +83,22 @@ class NoOpObserving(NoOp):
     def observe(self, events: Sequence[AccessEvent]) -> None:
         for _ in events:
             self.events += 1
+
+
+class Counting(NoOp):
+    """Plans nothing, but keeps a count of every block's accesses, told them through the batched path
+    (AccessCounts): the successor of the walk over every event."""
+
+    name = "noop-count"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[int, int] = {}
+
+    def observe_counts(self, counts: AccessCounts) -> None:
+        blocks, get = counts.block.tolist(), self.counts.get
+        self.counts.update(zip(blocks, [get(b, 0) + k for b, k in zip(blocks, counts.count.tolist(), strict=True)],
+                               strict=True))
 
 
 class ObserveOnly(HotCold):
@@ -170,9 +187,9 @@ def main() -> int:
     capacities = {"dram": blocks // 2, "cxl": blocks, "far": blocks}  # KV over dram and cxl
     resolved = resolve(load_tier_map(TIERS), discover("/"))
     arms = [Arm("no daemon", None), Arm("thread", NoOp, "thread", GOAL_NOOP),
-            Arm("thread+observe", ObserveOnly, "thread", GOAL_OBSERVE), Arm("step", NoOp, "step", GOAL_NOOP),
-            Arm("step+observe", ObserveOnly, "step", GOAL_OBSERVE),
-            Arm("step+observe/event", ObservePerEvent, "step"), Arm("step+walk/event", NoOpObserving, "step")]
+            Arm("thread+observe", Counting, "thread", GOAL_OBSERVE), Arm("step", NoOp, "step", GOAL_NOOP),
+            Arm("step+observe", Counting, "step", GOAL_OBSERVE), Arm("step+hotcold", ObserveOnly, "step", GOAL_OBSERVE),
+            Arm("step+hotcold/event", ObservePerEvent, "step"), Arm("step+walk/event", NoOpObserving, "step")]
     if args.arms:
         wanted = args.arms.split(",")
         unknown = [w for w in wanted if w not in {a.name for a in arms[1:]}]

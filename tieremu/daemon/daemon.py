@@ -1,10 +1,12 @@
 """The migration daemon: an epoch loop beside the workload that lets a policy place a live cache's KV blocks.
 
 An epoch reads the cache's access log since the last epoch and hands it to the policy as AccessEvents (tier names
-from the cache's tier order, time = the epoch's monotonic time, request = the sequence), asks the policy for a
-plan, and carries it out (executor.py) within the migration budget. The budget is a token bucket: `budget_gbps`
-accrues with elapsed time, at most one epoch's worth is saved up, and an epoch that overshoots (a whole block is
-the unit) is paid back by the next ones, so the long-run rate holds whatever the block size.
+from the cache's tier order, time = the epoch's monotonic time, request = the sequence), or, to a policy with its
+own `observe_counts` (the built-in observing ones: policy.base.observes_counts), counted per block with numpy
+(AccessCounts: batched access counting, no Python per access), asks the policy for a plan, and carries it out
+(executor.py) within the migration budget. The budget is a token bucket: `budget_gbps` accrues with elapsed time,
+at most one epoch's worth is saved up, and an epoch that overshoots (a whole block is the unit) is paid back by the
+next ones, so the long-run rate holds whatever the block size.
 
 `epoch()` runs one epoch in the calling thread; `start()` runs them every `epoch_s` in a background thread until
 `stop()`; `step()`, called by the workload between its steps (run_decode's on_step), runs an epoch there when one
@@ -40,7 +42,7 @@ from tieremu.errors import ConfigError, TieremuError
 from tieremu.kv.access_log import Accesses, AccessLog
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.pool import MoveRecord
-from tieremu.policy.base import AccessEvent, Move, Plan, Policy
+from tieremu.policy.base import AccessCounts, AccessEvent, Move, Plan, Policy, observes_counts
 from tieremu.policy.engine import TokenBucket
 
 
@@ -105,6 +107,7 @@ class MigrationDaemon:
         self._error: BaseException | None = None
         self._step_due: float | None = None  # step(): when the next epoch is due
         self._hooked = isinstance(policy, LayerAware)
+        self._batched = observes_counts(policy)  # batched access counting (see EventBatch.counts)
         if self._hooked:
             self._previous_hook = cache.on_layer_start
             cache.on_layer_start = self._layer_started
@@ -121,7 +124,10 @@ class MigrationDaemon:
             now = time.monotonic() if now is None else now
             events = self._collect(now)
             with self.policy_lock:
-                self.policy.observe(events)
+                if self._batched and isinstance(events, EventBatch):
+                    self.policy.observe_counts(events.counts())
+                else:
+                    self.policy.observe(events)
                 plan = self.policy.plan(self.view, now)
             budget = self.budget.allowance(now)
             if plan.moves or plan.evictions:
@@ -260,7 +266,8 @@ class MigrationDaemon:
 
 class EventBatch(Sequence[AccessEvent]):
     """The log's accesses of one epoch (`count` entries from chunk `start` on) as AccessEvents, read from the log
-    and built only when the policy first looks: a policy that ignores events costs nothing per access.
+    and built only when the policy first looks: a policy that ignores events costs nothing per access. `counts()`
+    gives the same accesses aggregated per block (AccessCounts) without building any event.
 
     All-layers blocks hold every layer, so reading a block's layers 0..L-1 in one step is one access: only the
     first read of a block per (step, sequence) becomes an event, with layer None. Per-layer blocks give one event
@@ -274,34 +281,64 @@ class EventBatch(Sequence[AccessEvent]):
         self._view = view
         self._now = now
         self._events: list[AccessEvent] | None = None
+        self._acc: Accesses | None = None
+        self._counts: AccessCounts | None = None
 
     def _built(self) -> list[AccessEvent]:
         if self._events is None:
             self._events = self._build()
         return self._events
 
+    def _accesses(self) -> Accesses:
+        """The epoch's accesses as the log's columns, one per event (all-layers: first read per step)."""
+        if self._acc is None:
+            # Chunks appended since the epoch's mark come after ours: the first `count` entries are the epoch's.
+            acc = _take(self._log.since(self._start), slice(0, self._count))
+            if not self._view.cache.layout.per_layer and len(acc):
+                acc = _take(acc, _first_per_step(acc))
+            self._acc = acc
+        return self._acc
+
     def _build(self) -> list[AccessEvent]:
         view, now = self._view, self._now
         if not self._count:
             return []
-        # Chunks appended since the epoch's mark come after ours: the first `count` entries are the epoch's.
-        acc = _take(self._log.since(self._start), slice(0, self._count))
+        acc = self._accesses()
         per_layer = view.cache.layout.per_layer
-        if not per_layer:
-            acc = _take(acc, _first_per_step(acc))
         names = view.pool.order
         tiers = list(map(names.__getitem__, acc.tier.tolist()))
         blocks = acc.block.tolist()
         seqs = acc.seq.tolist()
         layers = acc.layer.tolist() if per_layer else repeat(None)
         # Events are built with tuple.__new__ from zipped columns: half the time of AccessEvent(...) per event,
-        # which is most of what an observing policy costs the decode.
+        # which is most of what an observing policy costs the decode on this path (counts() avoids it).
         new, event = tuple.__new__, AccessEvent
         if view.ident == "key":
             known = view.pool.blocks
             keys = [getattr(known.get(b), "key", None) for b in blocks]
             return [new(event, e) for e in zip(keys, tiers, repeat(now), seqs, layers) if e[0] is not None]
         return [new(event, e) for e in zip(blocks, tiers, repeat(now), seqs, layers)]
+
+    def counts(self) -> AccessCounts:
+        """The same accesses aggregated per block with numpy (see AccessCounts): no Python per access, only per
+        distinct block under ident "key" (to look its key up). Its `events` is this batch."""
+        if self._counts is None:
+            view = self._view
+            acc = self._accesses()
+            block, tier, seq = acc.block, acc.tier, acc.seq
+            layer = acc.layer if view.cache.layout.per_layer else None
+            if view.ident == "key" and len(block):
+                ids, inverse = np.unique(block, return_inverse=True)
+                known = view.pool.blocks
+                keys = [getattr(known.get(b), "key", None) for b in ids.tolist()]
+                kept = np.array([k is not None for k in keys])[inverse]
+                try:
+                    by_id = np.array([0 if k is None else k for k in keys], dtype=np.int64)
+                except OverflowError:  # keys beyond int64 (a foreign hash): numpy sorts them as objects
+                    by_id = np.array([0 if k is None else k for k in keys], dtype=object)
+                block, tier, seq = by_id[inverse][kept], tier[kept], seq[kept]
+            self._counts = AccessCounts.of(view.pool.order, self._now, block, tier, seq, layer, self)
+        return self._counts
 
     def __len__(self) -> int:
         return len(self._built())

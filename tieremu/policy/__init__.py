@@ -1,6 +1,7 @@
 """KV-block placement policies behind one small interface (base.py), chosen by name (registry.py)."""
 
 from tieremu.policy.base import (
+    AccessCounts,
     AccessEvent,
     BlockView,
     Move,
@@ -13,6 +14,7 @@ from tieremu.policy.base import (
 from tieremu.policy.registry import get_policy, names
 
 __all__ = [
+    "AccessCounts",
     "AccessEvent",
     "BlockView",
     "Move",

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, NamedTuple, Protocol
 
+import numpy as np
+
 from tieremu.errors import PolicyError
 
 MOVE_REASONS = ("promote", "demote", "prefetch")
@@ -50,6 +52,73 @@ class AccessEvent(NamedTuple):
     time: float  # seconds (trace time in simulate; monotonic time in execute)
     request: int  # request index
     layer: int | None = None  # None when the block spans all layers, and always in simulate
+
+
+@dataclass(frozen=True)
+class AccessCounts:
+    """One batch of accesses (a daemon epoch's) aggregated per block, as numpy columns: what a policy that only
+    counts, or only wants the last access, needs, without one AccessEvent per access.
+
+    Rows are the distinct blocks read, ordered by their last access (the order a walk over the events would leave
+    them in). Every access is a read of a resident block, so every tier is a tier (never a miss), and all accesses
+    of a batch carry one time. The per-access columns keep the order of the events, so a policy can aggregate
+    further with numpy; `events` is the same batch as AccessEvents (built only if read), what `Policy.observe`
+    gets.
+    """
+
+    tiers: tuple[str, ...]  # tier names: the tier columns index into it (fastest first)
+    time: float  # seconds: the time of every access in the batch (AccessEvent.time)
+    block: np.ndarray  # per row: the block (int64, or object for keys beyond int64)
+    tier: np.ndarray  # per row: index of the tier of its last access
+    first_tier: np.ndarray  # per row: index of the tier of its first access
+    count: np.ndarray  # per row: accesses (int64)
+    first: np.ndarray  # per row: index of its first access in the batch
+    last: np.ndarray  # per row: index of its last access in the batch (increasing down the rows)
+    request: np.ndarray  # per row: the request of its last access
+    layer: np.ndarray | None  # per row: its layer (per-layer blocks); None when blocks span all layers
+    row: np.ndarray  # per access: its row
+    access_tier: np.ndarray  # per access: index of the tier that served it
+    access_request: np.ndarray  # per access: its request
+    events: Sequence[AccessEvent] = field(repr=False, default=())
+
+    def __len__(self) -> int:
+        return len(self.block)
+
+    @property
+    def accesses(self) -> int:
+        return len(self.row)
+
+    def by_tier(self) -> list[tuple[str, np.ndarray]]:
+        """Per tier of last access: its rows, in row order."""
+        if len(self.tier) and (self.tier == self.tier[0]).all():
+            return [(self.tiers[int(self.tier[0])], np.arange(len(self.tier)))]
+        return [(self.tiers[t], np.flatnonzero(self.tier == t)) for t in np.unique(self.tier).tolist()]
+
+    @property
+    def last_time(self) -> np.ndarray:
+        """Per row: the time of its last access."""
+        return np.full(len(self.block), self.time)
+
+    @classmethod
+    def of(cls, tiers: Sequence[str], time: float, block: np.ndarray, tier: np.ndarray, request: np.ndarray,
+           layer: np.ndarray | None = None, events: Sequence[AccessEvent] = ()) -> AccessCounts:
+        """Aggregate per-access columns (in access order) per block, with numpy only: one stable sort."""
+        n = len(block)
+        order = np.argsort(block, kind="stable")
+        ordered = block[order]
+        starts_run = np.empty(n, dtype=bool)
+        starts_run[:1] = True
+        np.not_equal(ordered[1:], ordered[:-1], out=starts_run[1:])
+        starts = np.flatnonzero(starts_run)
+        ends = np.append(starts[1:], n) if n else starts
+        by_last = np.argsort(order[ends - 1], kind="stable")
+        first, last, count = order[starts][by_last], order[ends - 1][by_last], (ends - starts)[by_last]
+        row_of_run = np.empty(len(starts), dtype=np.int64)
+        row_of_run[by_last] = np.arange(len(starts))
+        row = np.empty(n, dtype=np.int64)
+        row[order] = row_of_run[np.cumsum(starts_run) - 1]
+        return cls(tuple(tiers), time, block[last], tier[last], tier[first], count.astype(np.int64), first, last,
+                   request[last], None if layer is None else layer[last], row, tier, request, events)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +188,12 @@ class Policy(ABC):
     def observe(self, events: Sequence[AccessEvent]) -> None:  # noqa: B027 - optional hook
         """Accesses since the last call, in order."""
 
+    def observe_counts(self, counts: AccessCounts) -> None:
+        """Accesses since the last call, aggregated per block (the migration daemon's batched path: see
+        `observes_counts`). A policy whose state is a function of per-block counts and last accesses overrides it
+        to skip building and walking one event per access; the default hands the events to `observe`."""
+        self.observe(counts.events)
+
     @abstractmethod
     def victim(self, tier: str, view: BlockView) -> int:
         """A resident, unpinned block of `tier` to push one tier down (or out, from the last tier).
@@ -136,6 +211,16 @@ class Policy(ABC):
 
     def upcoming(self, requests: Sequence[UpcomingRequest]) -> None:  # noqa: B027 - optional hook
         """Scheduler hint: the request about to be served first, then the next arrivals."""
+
+
+def observes_counts(policy: Policy) -> bool:
+    """True when a driver should hand this policy its accesses as AccessCounts (observe_counts) rather than events:
+    its observe_counts is defined where its observe is, or in a subclass of that class. A subclass that overrides
+    only `observe` (a user policy deriving from a built-in one) keeps getting every event."""
+    mro = type(policy).__mro__
+    counts = next(c for c in mro if "observe_counts" in c.__dict__)
+    events = next(c for c in mro if "observe" in c.__dict__)
+    return counts is not Policy and issubclass(counts, events)
 
 
 def checked_victim(policy: Policy, tier: str, view: BlockView) -> int:
@@ -195,6 +280,32 @@ class RankedBlocks:
         heapq.heappush(low, (score, stamp, block))
         if self._high is not None:
             heapq.heappush(self._high.setdefault(tier, []), (-score, -stamp, block))
+        if len(low) > 4 * len(self._score) + 1024:
+            self._rebuild()
+
+    def scores(self, blocks: Iterable[int], default: float) -> list[float]:
+        """The scores of many blocks (`default` for a block not ranked)."""
+        get = self._score.get
+        return [get(b, default) for b in blocks]
+
+    def set_many(self, tier: str, blocks: Sequence[int], scores: Sequence[float]) -> None:
+        """set() of each block in turn, all in `tier` (later ones are the more recently scored on ties), with the
+        dictionary updates in C and the heaps pushed, or extended and re-heapified when that is cheaper. Stamps
+        only ever break ties within a tier, so a caller may set each tier's blocks in its own call."""
+        n = len(blocks)
+        if not n:
+            return
+        start = self._clock + 1
+        self._clock += n
+        stamps = range(start, start + n)
+        self._score.update(zip(blocks, scores, strict=True))
+        self._tier.update(zip(blocks, [tier] * n, strict=True))
+        self._stamp.update(zip(blocks, stamps, strict=True))
+        low = self._low.setdefault(tier, [])
+        _push_all(low, list(zip(scores, stamps, blocks, strict=True)))
+        if self._high is not None:
+            _push_all(self._high.setdefault(tier, []),
+                      list(zip([-x for x in scores], range(-start, -start - n, -1), blocks, strict=True)))
         if len(low) > 4 * len(self._score) + 1024:
             self._rebuild()
 
@@ -258,6 +369,16 @@ class RankedBlocks:
             for heap in high.values():
                 heapq.heapify(heap)
             self._high = high
+
+
+def _push_all(heap: list[tuple[float, int, int]], entries: list[tuple[float, int, int]]) -> None:
+    if 4 * len(entries) > len(heap):  # heapify is linear in the heap: cheaper than many pushes into a small one
+        heap.extend(entries)
+        heapq.heapify(heap)
+    else:
+        push = heapq.heappush
+        for entry in entries:
+            push(heap, entry)
 
 
 class RankedWalk:

@@ -8,7 +8,8 @@ target sheds its coldest blocks one tier down; a tier below its target pulls up 
 a tier at its target exchanges its coldest for the hottest beneath while those are clearly hotter (a hysteresis
 keeps blocks from bouncing). New blocks fill a tier only up to its target, so allocation finds headroom.
 
-Hotness is an access count that halves every `half_life_s` seconds. Because the decay is the same for every
+Hotness is an access count that halves every `half_life_s` seconds (the migration daemon hands it an epoch's
+accesses counted per block: AccessCounts, one update per block). Because the decay is the same for every
 block, it never reorders blocks that were not touched; the score is kept as log2 of the count expressed at time 0
 (each access at time t adds 2^(t / half_life)), so it changes only on access and the ranking stays in heaps.
 """
@@ -19,8 +20,11 @@ import itertools
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from tieremu.errors import PolicyError
 from tieremu.policy.base import (
+    AccessCounts,
     AccessEvent,
     BlockView,
     Move,
@@ -91,6 +95,21 @@ class HotCold(Policy):
             old = self.ranked.score(block)
             heat = event.time / self.half_life_s
             self.ranked.set(block, tier, heat if old is None else log2_add(old, heat))
+
+    def observe_counts(self, counts: AccessCounts) -> None:
+        """The batched form of observe: k accesses at time t add k * 2^(t / half_life), so each block's score
+        takes one log2_add of t / half_life + log2(k) (the per-event sum, equal within float rounding), set in
+        the order of the blocks' last accesses (the order per-event updates leave the tie-breaks in)."""
+        if not len(counts):
+            return
+        self._changed = True
+        blocks = counts.block.tolist()
+        added = counts.time / self.half_life_s + np.log2(counts.count)
+        # log2(2^old + 2^added) in numpy (a block never ranked, or never accessed, is -inf: it gets `added`)
+        old = np.array(self.ranked.scores(blocks, NEVER_ACCESSED), dtype=np.float64)
+        new = np.logaddexp2(old, added)
+        for tier, rows in counts.by_tier():
+            self.ranked.set_many(tier, [blocks[r] for r in rows.tolist()], new[rows].tolist())
 
     def victim(self, tier: str, view: BlockView) -> int:
         self._changed = True

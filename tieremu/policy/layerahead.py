@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 from tieremu.errors import PolicyError
-from tieremu.policy.base import AccessEvent, BlockView, Move, Plan, PolicyContext
+from tieremu.policy.base import AccessCounts, AccessEvent, BlockView, Move, Plan, PolicyContext
 from tieremu.policy.recency import LRUEpoch
 
 
@@ -61,6 +63,28 @@ class LayerAhead(LRUEpoch):
         for key, blocks in reads.items():
             self._tables[key] = (seen[key], list(blocks))  # a read returns the whole table: the latest is current
             self._layers = max(self._layers, key[1] + 1)
+
+    def observe_counts(self, counts: AccessCounts) -> None:
+        """The batched form of observe: each (sequence, layer)'s blocks in the order first read, found with
+        numpy; Python only per distinct (sequence, layer, block)."""
+        super().observe_counts(counts)
+        if counts.layer is None or not counts.accesses:
+            return
+        layer = counts.layer[counts.row]
+        # The first access of each (sequence, layer, row), in access order: one sort of a combined key.
+        request, row = counts.access_request, counts.row
+        key = np.stack([request - request.min(), layer.astype(np.int64), row])
+        _, first = np.unique(key, axis=1, return_index=True)
+        first.sort()
+        reads: dict[tuple[int, int], dict[int, None]] = {}
+        blocks = counts.block[row[first]].tolist()
+        for seq, lay, block in zip(request[first].tolist(), layer[first].tolist(), blocks, strict=True):
+            reads.setdefault((seq, lay), {})[block] = None
+        self._layer_of.update(zip(counts.block.tolist(), counts.layer.tolist(), strict=True))
+        now = counts.time
+        for key_, found in reads.items():
+            self._tables[key_] = (now, list(found))
+            self._layers = max(self._layers, key_[1] + 1)
 
     def plan(self, view: BlockView, now: float) -> Plan:
         moves = super().plan(view, now).moves

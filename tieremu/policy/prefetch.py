@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tieremu.errors import PolicyError
-from tieremu.policy.base import AccessEvent, BlockView, Move, Plan, PolicyContext, UpcomingRequest, first_unpinned
+from tieremu.policy.base import (
+    AccessCounts,
+    AccessEvent,
+    BlockView,
+    Move,
+    Plan,
+    PolicyContext,
+    UpcomingRequest,
+    first_unpinned,
+)
 from tieremu.policy.recency import LRUEpoch
 
 
@@ -43,6 +52,11 @@ class Lookahead(LRUEpoch):
         super().observe(events)
         if events:
             self._served = max(self._served, max(e.request for e in events))
+
+    def observe_counts(self, counts: AccessCounts) -> None:
+        super().observe_counts(counts)
+        if counts.accesses:
+            self._served = max(self._served, int(counts.access_request.max()))
 
     def choose_victim(self, tier: str, view: BlockView) -> int:
         wanted = self._wanted

@@ -16,8 +16,20 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Sequence
 
+import numpy as np
+
 from tieremu.errors import PolicyError
-from tieremu.policy.base import AccessEvent, BlockView, Move, Plan, Policy, PolicyContext, RankedBlocks, first_unpinned
+from tieremu.policy.base import (
+    AccessCounts,
+    AccessEvent,
+    BlockView,
+    Move,
+    Plan,
+    Policy,
+    PolicyContext,
+    RankedBlocks,
+    first_unpinned,
+)
 
 
 class Ranked(Policy):
@@ -41,6 +53,30 @@ class Ranked(Policy):
             if tier is None:
                 continue  # created and already pushed out of the last tier
             self.ranked.set(block, tier, self.touched_score(block))
+
+    def observe_counts(self, counts: AccessCounts) -> None:
+        """The batched form of observe, when the scores allow it (touched_scores); else the events one by one.
+        Blocks are set in the order of their last accesses, with the tier they were first seen in when the
+        ranking did not know them (what a walk over the events gives)."""
+        scores = self.touched_scores(counts)
+        if scores is None:
+            Ranked.observe(self, counts.events)
+            return
+        names, ranked = counts.tiers, self.ranked
+        known = ranked.tier
+        groups: dict[str, tuple[list[int], list[float]]] = {}
+        for block, first, score in zip(counts.block.tolist(), counts.first_tier.tolist(), scores, strict=True):
+            tier = known(block) or names[first]
+            group = groups.get(tier) or groups.setdefault(tier, ([], []))
+            group[0].append(block)
+            group[1].append(score)
+        for tier, (blocks, tier_scores) in groups.items():
+            ranked.set_many(tier, blocks, tier_scores)
+
+    def touched_scores(self, counts: AccessCounts) -> list[float] | None:
+        """Per row of `counts`: the score after its accesses, as touched_score once per access would leave it;
+        None when the scores cannot be had in a batch (observe_counts then walks the events)."""
+        return None
 
     def victim(self, tier: str, view: BlockView) -> int:
         block = self.choose_victim(tier, view)
@@ -86,6 +122,14 @@ class Recency:
         self._clock += 1
         return self._clock
 
+    def touched_scores(self, counts: AccessCounts) -> list[float] | None:
+        """The clock ticks once per access: a block's score is the clock at its last access."""
+        if type(self).touched_score is not Recency.touched_score:
+            return None  # a subclass scores accesses its own way
+        clock = self._clock
+        self._clock = clock + counts.accesses
+        return (counts.last + (clock + 1)).astype(np.float64).tolist()
+
 
 class LRU(Recency, DemandCache):
     """Demand cache, least recently used pushed down first (textbook LRU per tier)."""
@@ -104,6 +148,12 @@ class LFU(DemandCache):
 
     def touched_score(self, block: int) -> float:
         return (self.ranked.score(block) or 0.0) + 1.0
+
+    def touched_scores(self, counts: AccessCounts) -> list[float] | None:
+        if type(self).touched_score is not LFU.touched_score:
+            return None
+        score = self.ranked.score
+        return [(score(b) or 0.0) + k for b, k in zip(counts.block.tolist(), counts.count.tolist(), strict=True)]
 
 
 class DemotionChain(Ranked):
@@ -131,6 +181,24 @@ class DemotionChain(Ranked):
             if event.tier is not None and event.tier != fastest:
                 self._slow_hits.pop(event.block, None)
                 self._slow_hits[event.block] = None
+
+    def observe_counts(self, counts: AccessCounts) -> None:
+        Ranked.observe_counts(self, counts)
+        if not counts.accesses:
+            return
+        # Slow hits in the order of each block's last access in a slower tier, as observe's re-insertions leave them.
+        fastest = counts.tiers.index(self._order[0]) if self._order else -1
+        slow = np.flatnonzero(counts.access_tier != fastest)
+        if not len(slow):
+            return
+        rows = counts.row[slow]
+        last = np.full(len(counts), -1, dtype=np.int64)
+        np.maximum.at(last, rows, slow)  # each row's last slow access
+        hit = np.flatnonzero(last >= 0)
+        hits = self._slow_hits
+        for block in counts.block[hit[np.argsort(last[hit])]].tolist():
+            hits.pop(block, None)
+            hits[block] = None
 
     def plan(self, view: BlockView, now: float) -> Plan:
         return Plan(self.promotions(view, set()))

@@ -5,7 +5,6 @@ that scripts/bootstrap.sh installs: without it these tests skip, except under CI
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,16 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-
-try:
-    import ray
-    from ray.cluster_utils import Cluster
-except ImportError as exc:
-    if os.environ.get("CI") == "true":
-        raise ImportError(f"CI=true and Ray cannot be imported ({exc}): scripts/bootstrap.sh installs the ray "
-                          "extra") from exc
-    pytest.skip(f"Ray cannot be imported ({exc}): pip install 'tieremu[ray]' (scripts/bootstrap.sh does)",
-                allow_module_level=True)
+from ray_guard import require_ray
 
 from tieremu.cli.run import run as run_cmd
 from tieremu.lab import active_profiles
@@ -34,6 +24,9 @@ from tieremu.runner.ray_backend import RayBackend
 from tieremu.runner.spec import load_experiment
 from tieremu.runner.sweep import PlannedRun
 
+# After the imports: a missing Ray is a stated skip here, an error under CI.
+ray = require_ray()
+Cluster = ray.cluster_utils.Cluster
 REPO = Path(__file__).resolve().parents[1]
 SMALL = REPO / "configs" / "experiments" / "small.yaml"
 TIERS = REPO / "configs" / "tiers" / "cxl-expander.yaml"

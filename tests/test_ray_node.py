@@ -12,19 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_guard import require_ray
 
 from tieremu.runner.spec import load_experiment
 from tieremu.runner.sweep import expand
 
-try:
-    import ray  # noqa: F401  (only whether it is installed)
-except ImportError as exc:
-    if os.environ.get("CI") == "true":
-        raise ImportError(f"CI=true and Ray cannot be imported ({exc}): scripts/bootstrap.sh installs the ray "
-                          "extra") from exc
-    pytest.skip(f"Ray cannot be imported ({exc}): pip install 'tieremu[ray]' (scripts/bootstrap.sh does)",
-                allow_module_level=True)
-
+# After the imports: a missing Ray is a stated skip here, an error under CI.
+require_ray()
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMALL = REPO / "configs" / "experiments" / "small.yaml"

@@ -26,8 +26,8 @@ def _blocks(base: int) -> list[int]:
 
 
 def _run(trace: Path, fault: str, index: str = "broadcast", lease_s: float = 1.5, whole: bool = True) -> ClusterResult:
-    result = cluster_replay(ClusterSpec(trace=trace, tiers=TIERS, instances=3, sharing="p2p", index=index,
-                                        faults=(fault,), block_kib=16, time_scale=1.0, lease_s=lease_s))
+    result = cluster_replay(ClusterSpec(trace=trace, tiers=TIERS, instances=3, sharing="p2p", pull="always",
+                                        index=index, faults=(fault,), block_kib=16, time_scale=1.0, lease_s=lease_s))
     assert result.completed == result.requests, result.notes
     assert result.corrupted_blocks == 0
     # Healed: no live entry names a holder that lacks the block, and every held block is listed where it should be.

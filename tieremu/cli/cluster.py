@@ -21,14 +21,14 @@ from rich.table import Table
 from tieremu.cli.cluster_simulate import fit_servtime, simulate
 from tieremu.cluster.faults import FAULT_KINDS
 from tieremu.cluster.link import parse_link
-from tieremu.cluster.replay import SHARING, TRANSPORTS, ClusterSpec, cluster_replay
+from tieremu.cluster.replay import PULL_RULES, SHARING, TRANSPORTS, ClusterSpec, cluster_replay
 from tieremu.cluster.result import ClusterResult
 from tieremu.cluster.ring import INDEXES
 from tieremu.errors import ConfigError, WorkloadError
 
 MODES = ("execute", "simulate")
 # Options that mean something in one mode only: given in the other, they are refused rather than ignored.
-EXECUTE_ONLY = ("index", "transport", "link_text", "faults", "namespaces", "capacity_blocks", "block_kib",
+EXECUTE_ONLY = ("pull", "index", "transport", "link_text", "faults", "namespaces", "capacity_blocks", "block_kib",
                 "time_scale")
 SIMULATE_ONLY = ("pd_text", "slo_ms", "servtime", "token_budget", "max_batch")
 
@@ -48,6 +48,9 @@ def cluster() -> None:
               help="Serving instances: processes (execute, default 3) or simulated ones (simulate, default 8).")
 @click.option("--sharing", type=click.Choice(SHARING), default="p2p", show_default=True,
               help="none recomputes (prefills) every block missing locally; p2p pulls it from a peer that holds it.")
+@click.option("--pull", type=click.Choice(PULL_RULES), default="estimate", show_default=True,
+              help="execute, p2p: pull a peer-held block when the estimate says it beats recomputing it, or always "
+                   "(the estimator's error is measured either way).")
 @click.option("--index", default="broadcast", show_default=True, help=f"{' | '.join(INDEXES)}: every instance "
               "keeps a replica fed by ZeroMQ pub-sub events, or each block's home instances (consistent hashing) "
               "know its holders.")
@@ -86,8 +89,8 @@ def cluster() -> None:
 @click.option("--namespaces/--no-namespaces", default=None,
               help="Run instances in network namespaces (root) or on loopback (default: namespaces when root).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def replay(trace: str, tier_file: str | None, instances: int | None, sharing: str, index: str, transport: str,
-           link_text: str | None, max_requests: int | None, faults: tuple[str, ...], mode: str,
+def replay(trace: str, tier_file: str | None, instances: int | None, sharing: str, pull: str, index: str,
+           transport: str, link_text: str | None, max_requests: int | None, faults: tuple[str, ...], mode: str,
            router_specs: tuple[str, ...], pd_text: str | None, slo_ms: float | None, servtime: str,
            token_budget: int, max_batch: int, policy: str, capacity_blocks: int, block_kib: int, time_scale: float,
            namespaces: bool | None, as_json: bool) -> None:
@@ -106,8 +109,8 @@ def replay(trace: str, tier_file: str | None, instances: int | None, sharing: st
         raise ConfigError(f"--router {', '.join(router_specs)}: --mode execute routes round-robin; the other routers "
                           "run in --mode simulate")
     instances = instances or 3
-    spec = ClusterSpec(trace=Path(trace), tiers=Path(tier_file), instances=instances, sharing=sharing, index=index,
-                       transport=transport, link=None if link_text is None else parse_link(link_text),
+    spec = ClusterSpec(trace=Path(trace), tiers=Path(tier_file), instances=instances, sharing=sharing, pull=pull,
+                       index=index, transport=transport, link=None if link_text is None else parse_link(link_text),
                        max_requests=max_requests, faults=faults, mode=mode, namespaces=namespaces, policy=policy,
                        capacity_blocks=capacity_blocks, block_kib=block_kib, time_scale=time_scale)
     result = cluster_replay(spec)

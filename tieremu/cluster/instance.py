@@ -216,7 +216,7 @@ class PeerRun(_Run):
         # once: the pulls queued at the source.
         predicted = sum(self.link.seconds(nbytes) + self.overhead.get(p, DEFAULT_OVERHEAD_S) + self.index.lag_of(p)
                         for p in source.values()) + max(self.index.queue_of(p) for p in set(source.values()))
-        if predicted >= len(source) * self.prefill_s:
+        if self.s["pull"] == "estimate" and predicted >= len(source) * self.prefill_s:
             self.c.recompute += 1
             return {}
         self.c.pull += 1

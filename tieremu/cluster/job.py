@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tieremu.cluster.link import LinkSpec, parse_link
-from tieremu.cluster.replay import SHARING, TRANSPORTS, ClusterSpec, cluster_replay
+from tieremu.cluster.replay import PULL_RULES, SHARING, TRANSPORTS, ClusterSpec, cluster_replay
 from tieremu.cluster.ring import INDEXES
 from tieremu.configfile import Section, positive
 from tieremu.errors import ConfigError
@@ -28,6 +28,7 @@ class ClusterParams:
     max_requests: int | None
     instances: int
     sharing: str
+    pull: str
     index: str
     transport: str
     link: LinkSpec
@@ -59,6 +60,7 @@ class ClusterJob(Job):
             trace=str(trace), max_requests=section.get("max_requests", int, None, check=positive),
             instances=section.get("instances", int, 3, check=positive),
             sharing=section.get("sharing", str, "p2p", choices=SHARING),
+            pull=section.get("pull", str, "estimate", choices=PULL_RULES),
             index=section.get("index", str, "broadcast", choices=INDEXES),
             transport=section.get("transport", str, "tcp", choices=TRANSPORTS), link=link,
             faults=tuple(str(f) for f in faults), policy=section.get("policy", str, "lru"),
@@ -84,6 +86,7 @@ class ClusterJob(Job):
             raise ConfigError("cluster job: the tier map has no file, and the instances read it from one")
         r = cluster_replay(ClusterSpec(
             trace=Path(params.trace), tiers=Path(source), instances=params.instances, sharing=params.sharing,
+            pull=params.pull,
             index=params.index, transport=params.transport, link=params.link, max_requests=params.max_requests,
             faults=params.faults, namespaces=params.namespaces, policy=params.policy,
             capacity_blocks=params.capacity_blocks, block_kib=params.block_kib, time_scale=params.time_scale))

@@ -34,6 +34,9 @@ from tieremu.tiers.config import load_tier_map
 from tieremu.workloads.trace import Request, read_trace
 
 SHARING = ("none", "p2p")
+# estimate: pull a peer-held block only when the estimate says it beats recomputing it; always: pull whenever a
+# peer holds it (the estimator still predicts, so its error is still measured).
+PULL_RULES = ("estimate", "always")
 TRANSPORTS = ("tcp", "shm", "mooncake")
 BUILT_TRANSPORTS = ("tcp",)
 MODES = ("execute",)
@@ -53,6 +56,7 @@ class ClusterSpec:
     tiers: Path
     instances: int = 3
     sharing: str = "p2p"
+    pull: str = "estimate"
     index: str = "broadcast"
     transport: str = "tcp"
     link: LinkSpec | None = None  # None: the peer tier's link in the tier map
@@ -84,6 +88,8 @@ def check(spec: ClusterSpec) -> Checked:
                           "cluster simulator adds simulate)")
     if spec.sharing not in SHARING:
         raise ConfigError(f"--sharing {spec.sharing!r}: valid: {', '.join(SHARING)}")
+    if spec.pull not in PULL_RULES:
+        raise ConfigError(f"--pull {spec.pull!r}: valid: {', '.join(PULL_RULES)}")
     if spec.index not in INDEXES:
         raise ConfigError(f"--index {spec.index!r}: unknown index design; valid: {', '.join(INDEXES)}")
     if spec.transport not in TRANSPORTS:
@@ -172,6 +178,7 @@ class Cluster:
             "me": i, "incarnation": incarnation, "tiers": str(self.spec.tiers), "policy": self.spec.policy,
             "capacity_blocks": self.spec.capacity_blocks, "block_kib": self.spec.block_kib,
             "time_scale": self.spec.time_scale, "epoch_s": self.spec.epoch_s, "sharing": self.spec.sharing,
+            "pull": self.spec.pull,
             "index": self.spec.index, "link": self.c.link.to_json(), "pace": self.mesh is None,
             "peers": peers, "peer_hosts": [p["host"] for p in peers.values()], "mine": self.ports_of(i),
             "bind": "0.0.0.0" if self.mesh is not None else "127.0.0.1", "lease_s": self.spec.lease_s,

@@ -325,6 +325,8 @@ JOB_HELP: dict[str, dict[str, str]] = {
         "max_requests": "Replay only the first N requests.",
         "instances": "Serving instances, each its own process with its own tiers and policy.",
         "sharing": "`none` recomputes every block missing locally; `p2p` pulls it from a peer that holds it.",
+        "pull": "`estimate` pulls a peer-held block only when the estimate says it beats recomputing it; `always` "
+                "pulls whenever a peer holds it.",
         "index": "`broadcast` (every instance keeps a replica fed by ZeroMQ events) or `hash` (each block's home "
                  "instances know its holders).",
         "transport": "`tcp` (namespaces joined by veth pairs when root, else loopback).",

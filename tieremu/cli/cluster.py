@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tieremu.cli.cluster_simulate import fit_servtime, simulate
+from tieremu.cli.cluster_validate import validate
 from tieremu.cluster.faults import FAULT_KINDS
 from tieremu.cluster.link import parse_link
 from tieremu.cluster.replay import PULL_RULES, SHARING, TRANSPORTS, ClusterSpec, cluster_replay
@@ -135,6 +136,7 @@ def _refuse_other_mode(ctx: click.Context, mode: str) -> None:
 
 
 cluster.add_command(fit_servtime)
+cluster.add_command(validate)
 
 
 def _table(r: ClusterResult) -> Table:

@@ -385,10 +385,14 @@ def main() -> None:
 
     run.daemon.start()
     served = 0
+    log: list[tuple[int, int, int, int, float, float]] = []  # per request: i, local, peer, miss, serve s, pull s
     try:
         while (item := inbox.next(due_of)) is not None:
             i, request, due = item
+            before, pulls, t0 = (run.c.local, run.c.peer, run.c.miss), len(run.pull_ms), time.perf_counter()
             run.serve(i, request)
+            log.append((i, run.c.local - before[0], run.c.peer - before[1], run.c.miss - before[2],
+                        time.perf_counter() - t0, sum(run.pull_ms[pulls:]) / 1e3))
             served += 1
             out.send(ev="done", i=i, ttft_ms=(time.time() - due) * 1e3)
         out.send(ev="drained")
@@ -409,7 +413,7 @@ def main() -> None:
              decisions={"pull": c.pull, "recompute": c.recompute}, entries={str(k): v for k, v in entries.items()},
              held=held, prefill_ms=run.prefill_s * 1e3, overhead_ms={str(p): s * 1e3 for p, s in run.overhead.items()},
              backings={t.name: t.backing.value for t in run.resolved.tiers}, uncached=run.uncached,
-             incarnation=settings["incarnation"])
+             incarnation=settings["incarnation"], served=log)
 
 
 if __name__ == "__main__":

@@ -123,8 +123,11 @@ def reference() -> ServingTimeModel:
                             source="assumed: 10,000 prefill tokens/s, 12 ms per step, KV read at 1.5 TB/s")
 
 
-def fit(samples: Sequence[Sample], *, name: str, kv_bytes_per_token: int, source: str = "") -> ServingTimeModel:
-    """Non-negative least squares over the samples (see the module docstring), with the fit's error."""
+def fit(samples: Sequence[Sample], *, name: str, kv_bytes_per_token: int, source: str = "",
+        relative: bool = True) -> ServingTimeModel:
+    """Non-negative least squares over the samples (see the module docstring), with the fit's error. `relative`
+    weights each sample by 1 / its time (short and long iterations alike); else seconds count as they are (the long
+    samples, which make the queues, dominate: `cluster validate` fits requests so)."""
     import numpy as np
 
     slow = sorted({name for s in samples for name, _ in s.tier_bytes})
@@ -138,7 +141,7 @@ def fit(samples: Sequence[Sample], *, name: str, kv_bytes_per_token: int, source
     coef = np.zeros(columns)
     while active:
         # Relative error matters (short and long iterations alike): weight each row by 1 / its time.
-        w = 1.0 / np.maximum(y, 1e-9)
+        w = 1.0 / np.maximum(y, 1e-9) if relative else np.ones_like(y)
         solution, *_ = np.linalg.lstsq((x[:, active] / scale[active]) * w[:, None], y * w, rcond=None)
         if (solution >= 0).all():
             coef[:] = 0

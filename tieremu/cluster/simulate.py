@@ -20,6 +20,13 @@ link's and the source tier's bandwidth), the prefill waiting for them to land. W
 only prefill and the other D only decode: after its prefill a request's KV (input tokens x bytes per token) moves to
 the decode instance with the fewest decode blocks over the same kind of link. SLO-aware admission rejects at arrival.
 
+With `serving="serial"` an instance serves the way an executed cluster instance (tieremu.cluster.instance) does:
+one request at a time in arrival order, its blocks looked up when it starts, each resident block read (the fastest
+tier at the model's kv_byte_s, slower ones at their read cost), each block a peer holds pulled one after the other
+(latency + bytes over the link per block) when pulling them all beats computing them (or always, `pull="always"`),
+the rest computed; its first token is its end (no decode). `tieremu cluster validate` compares this against the
+executed cluster on the same requests and arrival times.
+
 Every figure is `simulated`.
 """
 
@@ -31,6 +38,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 from tieremu.cluster.economics import Prices, economics
@@ -50,6 +58,8 @@ DEFAULT_TOKEN_BUDGET = 8192  # tokens per iteration (vLLM's max_num_batched_toke
 DEFAULT_MAX_BATCH = 256  # requests in one iteration
 MAX_INSTANCES = 4096
 CACHES = ("auto", "replay")
+SERVING = ("batch", "serial")  # continuous batching, or one request at a time (the executed instances' way)
+PULLS = ("cheaper", "always")  # serial serving: pull peer-held blocks when cheaper than computing them, or always
 
 
 @dataclass(frozen=True)
@@ -128,11 +138,22 @@ class SimSettings:
     block_tokens: int = MOONCAKE_BLOCK_TOKENS
     policy: str = "lru"  # each instance's cache policy (a name or label of tieremu.policy.registry)
     cache: str = "auto"  # auto: lru runs in TieredLRU, others in simulate's replay state; replay: always the latter
+    serving: str = "batch"  # see SERVING and the module docstring
+    pull: str = "cheaper"  # see PULLS (serial serving; batch serving pulls where the router's estimate says)
 
     def __post_init__(self) -> None:
         check_settings(self.instances, self.sharing, self.pd, self.slo_ms, self.token_budget, self.max_batch)
         if self.cache not in CACHES:
             raise ConfigError(f"cache={self.cache!r}; valid: {', '.join(CACHES)}")
+        if self.serving not in SERVING:
+            raise ConfigError(f"serving={self.serving!r}; valid: {', '.join(SERVING)}")
+        if self.pull not in PULLS:
+            raise ConfigError(f"pull={self.pull!r}; valid: {', '.join(PULLS)}")
+        if self.serving == "serial" and self.pd is not None:
+            raise ConfigError("serving=serial has no decode phase: it cannot split prefill and decode (pd)")
+        if self.serving == "batch" and self.pull != "cheaper":
+            raise ConfigError(f"pull={self.pull!r} needs serving=serial (batch serving pulls where the router's "
+                              "estimate says)")
         get_policy(self.policy)  # an unknown or offline policy is refused here, before any work
 
 
@@ -370,6 +391,7 @@ class ClusterSim:
         self.events: list[tuple[float, int, int, int, int]] = []  # time, seq, kind, instance, version
         self.seq = 0
         self.count = 0
+        self.reqs: list[_Req] = []  # after run(): every request, with its simulated times
 
     def _cache(self, capacity: list[int | None], owner: int) -> TieredLRU | PolicyCache:
         if self.s.policy == "lru" and self.s.cache == "auto":
@@ -385,10 +407,17 @@ class ClusterSim:
         self.seq += 1
         heapq.heappush(self.events, (at, self.seq, kind, instance, version))
 
-    def run(self, requests: Sequence[Request]) -> ClusterResult:
+    def run(self, requests: Sequence[Request], arrivals: Sequence[float] | None = None) -> ClusterResult:
+        """Simulate the requests, arriving at `arrivals` (seconds, non-decreasing; default: from their timestamps).
+        Each request's state stays in `self.reqs` (per-request comparisons)."""
         started = time.perf_counter()
-        arrivals = arrival_times(requests)
-        reqs = [_Req(i, r, a) for i, (r, a) in enumerate(zip(requests, arrivals, strict=True))]
+        if arrivals is None:
+            arrivals = arrival_times(requests)
+        elif len(arrivals) != len(requests) or any(b < a for a, b in pairwise(arrivals)):
+            raise ConfigError(f"{len(arrivals)} arrival times for {len(requests)} requests: give one per request, "
+                              "in non-decreasing order")
+        arrivals = list(arrivals)
+        reqs = self.reqs = [_Req(i, r, a) for i, (r, a) in enumerate(zip(requests, arrivals, strict=True))]
         admission = Admission(self.s.slo_ms) if self.s.slo_ms is not None else None
         next_arrival = 0
         n = len(reqs)
@@ -420,7 +449,7 @@ class ClusterSim:
         inst.routed += 1
         req.instance = choice
         req.ready_at = now
-        if predicted.pulled_blocks:
+        if predicted.pulled_blocks and self.s.serving == "batch":
             pulled: set[int] = set()
             for source, tier, blocks in predicted.pull_from:
                 nbytes = blocks * self.block_bytes
@@ -453,6 +482,9 @@ class ClusterSim:
             self._push(t0 + _span_s(k, alpha, beta), 0, inst.index, inst.version)
 
     def _start(self, inst: _Instance, now: float) -> None:
+        if self.s.serving == "serial":
+            self._start_serial(inst, now)
+            return
         m, s = self.model, self.s
         if inst.incoming:
             landed = [q for q in inst.incoming if q.ready_at <= now]
@@ -501,6 +533,53 @@ class ClusterSim:
         inst.iter_start = now
         self._push(now + seconds, 0, inst.index, inst.version)
 
+    def _start_serial(self, inst: _Instance, now: float) -> None:
+        """Serial serving (see the module docstring): the next waiting request, whole, as one iteration."""
+        if not inst.waiting:
+            inst.busy = False
+            return
+        req = inst.waiting.popleft()
+        r, m = req.request, self.model
+        # Peers holding a block this instance lacks, looked up before its own lookup makes it a holder.
+        source: dict[int, int] = {}
+        for block in r.hash_ids:
+            if block not in source and inst.cache.where.get(block) is None:
+                holders = [h for h in self.holders.get(block, ()) if h != inst.index]
+                if holders:
+                    source[block] = min(holders)
+        missing, hits = inst.cache.serve(req.index, r, now)
+        read = hits[0] * self.block_bytes * m.kv_byte_s + math.fsum(
+            self.read_s[t] * count for t, count in enumerate(hits) if t)
+        for tier, count in enumerate(hits):
+            inst.hits[tier] += count
+        tokens_of = block_tokens_of(RouteRequest(r.hash_ids, r.input_length, 0), self.s.block_tokens)
+        pullable = [p for p in missing if r.hash_ids[p] in source]
+        pull_s = math.fsum(self.link_latency_s + self.pull_block_s[self._tier_at(source[r.hash_ids[p]], r.hash_ids[p])]
+                           for p in pullable)
+        pull_tokens = sum(tokens_of[p] for p in pullable)
+        if pullable and self.s.sharing == "p2p" and (self.s.pull == "always"
+                                                      or pull_s < pull_tokens * m.prefill_token_s):
+            pulled = set(pullable)
+            for p in pullable:
+                self.inst[source[r.hash_ids[p]]].peer_out += self.block_bytes
+            inst.peer_in += self.block_bytes * len(pullable)
+            inst.peer_hits += len(pullable)
+        else:
+            pulled, pull_s = set(), 0.0
+        computed = max(0, r.input_length - len(r.hash_ids) * self.s.block_tokens)
+        for p in missing:
+            if p not in pulled:
+                inst.misses += 1
+                computed += tokens_of[p]
+        inst.queued_tokens -= r.input_length
+        inst.busy, inst.span, inst.iter_start = True, None, now
+        inst.pending = [(req, 0)]
+        inst.version += 1
+        self._push(now + m.base_s + read + pull_s + max(1, computed) * m.prefill_token_s, 0, inst.index, inst.version)
+
+    def _tier_at(self, instance: int, block: int) -> int:
+        return self.inst[instance].cache.where.get(block, 0)
+
     def _lookup(self, inst: _Instance, req: _Req, now: float) -> float:
         """The request's blocks at its prefill start: hits by tier, peer hits, misses; returns the slower tiers' read
         time. A block missing locally that was pulled for the request is a peer hit, its tokens not computed."""
@@ -526,6 +605,13 @@ class ClusterSim:
 
     def _iteration_end(self, inst: _Instance, now: float) -> None:
         inst.iterations += 1
+        if self.s.serving == "serial":  # the request's first token is its end
+            inst.busy_s += now - inst.iter_start
+            for req, _ in inst.pending:
+                req.first_token = req.finish = now
+            inst.pending = []
+            self._start(inst, now)
+            return
         if inst.span is not None:
             t0, k, _, _ = inst.span
             inst.busy_s += now - t0
@@ -665,8 +751,8 @@ def _iterations_by(elapsed: float, alpha: float, beta: float, k: int) -> int:
 
 
 def simulate_cluster(requests: Sequence[Request], spec: ClusterSpec, settings: SimSettings,
-                     model: ServingTimeModel) -> ClusterResult:
+                     model: ServingTimeModel, arrivals: Sequence[float] | None = None) -> ClusterResult:
     """Simulate the cluster over the requests; see the module docstring."""
     if not requests:
         raise ConfigError("the trace holds no requests")
-    return ClusterSim(spec, settings, model).run(requests)
+    return ClusterSim(spec, settings, model).run(requests, arrivals)

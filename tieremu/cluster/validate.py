@@ -1,16 +1,40 @@
 """Simulated against executed: the relative errors of TTFT p50, p99 and throughput on the same configuration and
-trace prefix (the `cluster validate` of the scheduling issue; the executed side is the executed cluster's result).
+trace prefix (`tieremu cluster validate SPEC`).
 
-An error is (simulated - executed) / executed; the check passes when |TTFT p50 error| < 10% and |p99 error| < 20%.
+`run_validation` runs the executed cluster (tieremu.cluster.replay: real instance processes, real prefill, real
+pulls), fits the serving-time model to what its instances measured in that run (each request's serve time against
+its local and computed blocks; the mean time of a pull), then simulates the same requests with the same arrival
+times (scaled by time_scale), round-robin routing, instance count, capacities and sharing on the cluster simulator's
+serial serving (tieremu.cluster.simulate: one request at a time per instance, as an executed instance serves), and
+compares. An error is (simulated - executed) / executed; the check passes when |TTFT p50 error| < 10% and |p99
+error| < 20%.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from tieremu.errors import ConfigError
+from tieremu.cluster.instance import DEFAULT_OVERHEAD_S, local_tiers
+from tieremu.cluster.job import ClusterJob, ClusterParams
+from tieremu.cluster.netns import cleanup_stale
+from tieremu.cluster.replay import Checked, Cluster, _result, _signals_raise, check
+from tieremu.cluster.replay import ClusterSpec as ReplaySpec
+from tieremu.cluster.result import ClusterResult
+from tieremu.cluster.routers import RoundRobin
+from tieremu.cluster.servtime import FEATURES, Sample, ServingTimeModel, fit
+from tieremu.cluster.simulate import ClusterSim, Link, SimSettings, SimTierSpec
+from tieremu.cluster.simulate import ClusterSpec as SimClusterSpec
+from tieremu.configfile import load_yaml
+from tieremu.errors import ConfigError, WorkloadError
+from tieremu.record.origin import Origin
+from tieremu.tiers.config import load_tier_map
+from tieremu.workloads.execute import scaled_layout
+from tieremu.workloads.simulate import Tail
+from tieremu.workloads.trace import Request
 
 P50_LIMIT = 0.10
 P99_LIMIT = 0.20
@@ -59,3 +83,228 @@ def compare(simulated: Mapping[str, object], executed: Mapping[str, object]) -> 
         throughput = _error(sim["throughput_tokens_per_s"], exe["throughput_tokens_per_s"])
     return Validation(ttft_p50_error=p50, ttft_p99_error=p99, throughput_error=throughput, simulated=sim,
                       executed=exe, passed=abs(p50) < P50_LIMIT and abs(p99) < P99_LIMIT)
+
+
+# -- `tieremu cluster validate SPEC` -----------------------------------------------------------------------------
+
+MAX_VALIDATE_REQUESTS = 5000  # the executed side runs in real time
+
+
+@dataclass(frozen=True)
+class ValidateSpec:
+    """A validation: one small executed configuration (the keys of a `kind: cluster` job) and its tier map."""
+
+    name: str
+    source: str
+    tiers: str
+    params: ClusterParams
+
+    def cluster_spec(self) -> ReplaySpec:
+        p = self.params
+        return ReplaySpec(trace=Path(p.trace), tiers=Path(self.tiers), instances=p.instances, sharing=p.sharing,
+                          pull=p.pull, index=p.index, transport=p.transport, link=p.link, max_requests=p.max_requests,
+                          namespaces=p.namespaces, policy=p.policy, capacity_blocks=p.capacity_blocks,
+                          block_kib=p.block_kib, time_scale=p.time_scale)
+
+
+def load_validate_spec(path: str | Path) -> ValidateSpec:
+    """A validation spec (configs/cluster/validate-*.yaml): `name`, `tiers` (one instance's tier map) and the keys of
+    a `kind: cluster` job (tieremu.cluster.job); no faults (the simulator has none), `max_requests` required."""
+    doc = load_yaml(path)
+    name = doc.get("name", str, Path(path).stem)
+    tiers = doc.relative_path(doc.get("tiers", str))
+    if not tiers.is_file():
+        raise doc.error("tiers", f"{tiers}: no such tier map file")
+    params = ClusterJob.parse(doc)  # the job's keys, checked; any other key is refused there
+    if params.faults:
+        raise doc.error("faults", "a validation runs without faults (the simulator injects none); remove the key")
+    if params.max_requests is None or params.max_requests > MAX_VALIDATE_REQUESTS:
+        raise doc.error("max_requests", f"give 1..{MAX_VALIDATE_REQUESTS}: the executed cluster replays the prefix "
+                                        "in real time")
+    return ValidateSpec(name=name, source=str(path), tiers=str(tiers), params=params)
+
+
+@dataclass(frozen=True)
+class RequestPair:
+    """One request on both sides: where to look for a model gap."""
+
+    index: int
+    instance: int
+    executed_ms: float
+    simulated_ms: float
+    serve_ms: float  # the executed instance's own time on it (its TTFT less its wait)
+    local: int
+    peer: int
+    miss: int
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What `cluster validate` prints: both sides' figures, their errors, the model the simulation used."""
+
+    spec: str
+    requests: int
+    completed_executed: int
+    completed_simulated: int
+    instances: int
+    sharing: str
+    pull: str
+    time_scale: float
+    namespaces: bool
+    validation: Validation
+    per_request_error_p50: float  # median over requests of |simulated - executed| / executed TTFT
+    per_request_error_p90: float
+    model: dict[str, object]  # the serving-time model fitted from the executed instances' per-request times
+    pull_block_ms: float  # per pulled block, measured in the run (or the probe's figure when nothing was pulled)
+    pull_measured: bool
+    executed_hits: dict[str, float]  # local / peer / miss shares of block references
+    simulated_hits: dict[str, float]
+    executed_origin: str
+    simulated_origin: str
+    executed_wall_s: float
+    notes: tuple[str, ...]
+    per_request: tuple[RequestPair, ...] = ()
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Served:
+    """One request as an executed instance served it (the instance's `served` log)."""
+
+    instance: int
+    index: int
+    local: int
+    peer: int
+    miss: int
+    serve_s: float
+    pull_s: float
+
+
+def run_validation(spec: ValidateSpec) -> ValidationReport:
+    """Execute the spec's cluster, fit the serving-time model to its instances' per-request times, simulate the same
+    requests (same arrival times, round-robin, instances, capacities, sharing) serially, and compare."""
+    checked = check(spec.cluster_spec())  # every input checked before any process or namespace exists
+    layout = scaled_layout(spec.params.block_kib, layers=1)
+    cluster, executed = _execute(checked)
+    served = [_Served(p.me, *row) for p in cluster.procs.values() if p.result is not None
+              for row in p.result["served"]]
+    if len(served) < len(FEATURES):
+        raise WorkloadError(f"cluster validate: {len(served)} requests served; the fit needs {len(FEATURES)} or more "
+                            "(raise max_requests)")
+    model = fit_executed(served, layout.block_bytes, layout.block_tokens)
+    pull_s, measured = _pull_block_s(cluster, checked, layout.block_bytes)
+    requests = checked.requests
+    trace0 = requests[0].arrival_s
+    arrivals = [(r.arrival_s - trace0) * checked.spec.time_scale for r in requests]
+    sim = _simulate(checked, model, pull_s, layout.block_bytes, layout.block_tokens, arrivals)
+    exe_ttft = {i: ms for i, ms in cluster.ttft.items()}
+    sim_ttft = {q.index: (q.first_token - q.arrival) * 1e3 for q in sim.reqs if q.first_token >= 0}
+    tokens = [r.input_length for r in requests]
+    validation = compare(_side(sim_ttft, arrivals, tokens), _side(exe_ttft, arrivals, tokens))
+    both = set(exe_ttft) & set(sim_ttft)
+    per_request = sorted(abs(sim_ttft[i] - exe_ttft[i]) / exe_ttft[i] for i in both if exe_ttft[i] > 0)
+    hits = [sum(getattr(s, k) for s in served) for k in ("local", "peer", "miss")]
+    inst = sim.inst
+    sim_hits = [sum(sum(i.hits) for i in inst), sum(i.peer_hits for i in inst), sum(i.misses for i in inst)]
+    notes = list(executed.notes)
+    if not measured and spec.params.sharing == "p2p":
+        notes.append("no block was pulled in the executed run: the simulated pull cost is the link's plus the "
+                     "instances' probed overhead")
+    return ValidationReport(
+        spec=spec.name, requests=len(requests), completed_executed=len(exe_ttft), completed_simulated=len(sim_ttft),
+        instances=checked.spec.instances, sharing=checked.spec.sharing, pull=checked.spec.pull,
+        time_scale=checked.spec.time_scale, namespaces=executed.namespaces, validation=validation,
+        per_request_error_p50=_quantile(per_request, 0.5), per_request_error_p90=_quantile(per_request, 0.9),
+        model=model.to_dict(), pull_block_ms=pull_s * 1e3, pull_measured=measured,
+        executed_hits=_shares(hits), simulated_hits=_shares(sim_hits), executed_origin=executed.origin,
+        simulated_origin=Origin.SIMULATED.value, executed_wall_s=executed.wall_s, notes=tuple(notes),
+        per_request=tuple(RequestPair(s.index, s.instance, exe_ttft[s.index], sim_ttft[s.index], s.serve_s * 1e3,
+                                      s.local, s.peer, s.miss)
+                          for s in sorted(served, key=lambda s: s.index) if s.index in both))
+
+
+def fit_executed(served: Sequence[_Served], block_bytes: int, block_tokens: int) -> ServingTimeModel:
+    """The serving-time model of the executed instances, fitted (tieremu.cluster.servtime.fit) to each request's
+    serve time less its pulls: base + per computed token (the misses' blocks, whole) + per byte read locally."""
+    samples = [Sample(prefill_tokens=s.miss * block_tokens, decode_seqs=0, kv_bytes=s.local * block_bytes,
+                      seconds=max(s.serve_s - s.pull_s, 1e-9)) for s in served]
+    return fit(samples, name="executed-instances", kv_bytes_per_token=max(1, block_bytes // block_tokens),
+               relative=False,
+               source=f"measured: {len(samples)} requests served by this run's executed instances (serve time less "
+                      "pulls against local and computed blocks; shared vCPUs)")
+
+
+def _execute(checked: Checked) -> tuple[Cluster, ClusterResult]:
+    """cluster_replay's run, keeping the instances' own reports (their per-request logs)."""
+    if checked.namespaces:
+        cleanup_stale()
+    cluster = Cluster(checked)
+    if not checked.namespaces and checked.spec.namespaces is None:
+        cluster.notes.append("not root: instances on loopback TCP, rate paced by the transport")
+    started = time.time()
+    with _signals_raise():
+        try:
+            if cluster.mesh is not None:
+                cluster.mesh.create()
+            cluster.start()
+            cluster.dispatch()
+            cluster.finish()
+        finally:
+            try:
+                cluster.stop()
+            finally:
+                if cluster.mesh is not None:
+                    cluster.mesh.destroy()
+    return cluster, _result(cluster, checked, time.time() - started)
+
+
+def _pull_block_s(cluster: Cluster, checked: Checked, block_bytes: int) -> tuple[float, bool]:
+    """Seconds per pulled block: the mean measured in the run, else the link's time plus the probed overhead."""
+    results = [p.result for p in cluster.procs.values() if p.result is not None]
+    pulls = [ms for r in results for ms in r["pull_ms"]]
+    if pulls:
+        return math.fsum(pulls) / len(pulls) / 1e3, True
+    overheads = sorted(v for r in results for v in r["overhead_ms"].values())
+    overhead_s = overheads[len(overheads) // 2] / 1e3 if overheads else DEFAULT_OVERHEAD_S
+    return checked.link.seconds(block_bytes) + overhead_s, False
+
+
+def _simulate(checked: Checked, model: ServingTimeModel, pull_s: float, block_bytes: int, block_tokens: int,
+              arrivals: Sequence[float]) -> ClusterSim:
+    """The same requests on the simulator's serial serving: every block whole (the executed prefill computes whole
+    blocks), the link at the measured per-block pull time, every local tier at the fitted local read cost."""
+    spec = checked.spec
+    link_gbps = min(1e5, block_bytes / pull_s / 1e9)
+    local_gbps = min(1e5, 1 / (model.kv_byte_s * 1e9)) if model.kv_byte_s > 0 else 1e5
+    tiers = tuple(SimTierSpec(t.name, spec.capacity_blocks, max(link_gbps, local_gbps))
+                  for t in local_tiers(load_tier_map(spec.tiers)).tiers)
+    sim_spec = SimClusterSpec(name=f"validate:{spec.tiers.name}", tiers=tiers, link=Link(0.0, link_gbps))
+    settings = SimSettings(instances=spec.instances, router=RoundRobin(), sharing=spec.sharing,
+                           block_tokens=block_tokens, policy=spec.policy, serving="serial",
+                           pull="always" if spec.pull == "always" else "cheaper")
+    requests = [Request(r.timestamp_ms, len(r.hash_ids) * block_tokens, 1, r.hash_ids) for r in checked.requests]
+    sim = ClusterSim(sim_spec, settings, model)
+    sim.run(requests, arrivals)
+    return sim
+
+
+def _side(ttft_ms: Mapping[int, float], arrivals: Sequence[float], tokens: Sequence[int]) -> dict[str, object]:
+    """One side's figures: TTFT p50/p99 and throughput (prompt tokens of the completed requests over the time from
+    the first arrival to the last first token), computed the same way for both sides."""
+    values = sorted(ttft_ms.values())
+    end = max((arrivals[i] + ms / 1e3 for i, ms in ttft_ms.items()), default=0.0)
+    span = max(end - arrivals[0], 1e-9)
+    tail = Tail.of(values)
+    return {"ttft_ms": {"p50": tail.p50, "p99": tail.p99},
+            "throughput_tokens_per_s": sum(tokens[i] for i in ttft_ms) / span}
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else math.nan
+
+
+def _shares(counts: Sequence[int]) -> dict[str, float]:
+    total = sum(counts) or 1
+    return dict(zip(("local", "peer", "miss"), (c / total for c in counts), strict=True))

@@ -342,3 +342,71 @@ def test_cluster_replay_refuses_an_option_of_the_other_mode(tmp_path) -> None:
         result = runner.invoke(main, ["cluster", "replay", missing, *args])
         assert result.exit_code == 2, result.output
         assert message in result.output
+
+
+def _reference_serial(requests: list[Request], arrivals: list[float], n: int, m: ServingTimeModel,
+                      block_bytes: int, block_tokens: int, pull_block_s: float, share: bool) -> list[float]:
+    """Textbook serial servers (Lindley's recursion per instance, requests round-robin), instances advanced in order
+    of their next start: each block a local hit (seen on that instance; no eviction), else pulled when another
+    instance has started a request holding it (share), else computed. Every request's first-token time."""
+    queues = [[k for k in range(len(requests)) if k % n == i] for i in range(n)]
+    free = [0.0] * n
+    seen: list[set[int]] = [set() for _ in range(n)]
+    first = [math.nan] * len(requests)
+    while any(queues):
+        i = min((j for j in range(n) if queues[j]), key=lambda j: (max(free[j], arrivals[queues[j][0]]), j))
+        k = queues[i].pop(0)
+        start = max(free[i], arrivals[k])
+        service = m.base_s
+        for block in requests[k].hash_ids:
+            if block in seen[i]:
+                service += block_bytes * m.kv_byte_s
+            elif share and any(block in seen[j] for j in range(n) if j != i):
+                service += pull_block_s
+            else:
+                service += block_tokens * m.prefill_token_s
+            seen[i].add(block)
+        free[i] = first[k] = start + service
+    return first
+
+
+@pytest.mark.parametrize("sharing", ["none", "p2p"])
+def test_serial_serving_matches_textbook_serial_servers(trace: list[Request], sharing: str) -> None:
+    """Serial serving (the executed instances' way, `cluster validate`) against the textbook: same TTFT for every
+    request, to the float."""
+    m = ServingTimeModel("serial", "assumed", base_s=0.002, prefill_token_s=5e-6, decode_seq_s=0.0, kv_byte_s=1e-9,
+                         kv_bytes_per_token=128)
+    bt = 512
+    requests = [Request(r.timestamp_ms, len(r.hash_ids) * bt, 1, r.hash_ids) for r in trace[:200]]
+    arrivals = [a * 0.3 for a in arrival_times(requests)]
+    spec = ClusterSpec("serial", (SimTierSpec("dram", None, 1e5),), Link(0.0, 0.5))
+    settings = SimSettings(instances=3, router=make_router("round-robin"), sharing=sharing, block_tokens=bt,
+                           serving="serial", pull="always")
+    sim = simulate_cluster(requests, spec, settings, m, arrivals)
+    want = _reference_serial(requests, arrivals, 3, m, 128 * bt, bt, 128 * bt / 0.5e9, sharing == "p2p")
+    got = sorted(want[k] - arrivals[k] for k in range(len(requests)))
+    assert sim.ttft_ms.p50 == pytest.approx(percentile([g * 1e3 for g in got], 50), rel=1e-9)
+    assert sim.ttft_ms.max == pytest.approx(got[-1] * 1e3, rel=1e-9)
+    assert sim.completed == len(requests)
+    assert (sim.hit_ratio["peer"] > 0) == (sharing == "p2p")
+
+
+def test_serial_serving_per_request_times_and_bad_settings(trace: list[Request]) -> None:
+    m = ServingTimeModel("serial", "assumed", base_s=0.001, prefill_token_s=1e-5, decode_seq_s=0.0, kv_byte_s=0.0,
+                         kv_bytes_per_token=128)
+    requests = [Request(r.timestamp_ms, len(r.hash_ids) * 512, 1, r.hash_ids) for r in trace[:50]]
+    arrivals = [a * 0.1 for a in arrival_times(requests)]
+    spec = ClusterSpec("serial", (SimTierSpec("dram", None, 1e5),))
+    settings = SimSettings(instances=2, router=make_router("round-robin"), serving="serial")
+    from tieremu.cluster.simulate import ClusterSim
+
+    sim = ClusterSim(spec, settings, m)
+    sim.run(requests, arrivals)
+    assert [q.arrival for q in sim.reqs] == arrivals
+    assert all(q.first_token >= q.arrival + m.base_s for q in sim.reqs)
+    with pytest.raises(ConfigError, match="arrival times"):
+        ClusterSim(spec, settings, m).run(requests, arrivals[::-1])
+    with pytest.raises(ConfigError, match="serving"):
+        SimSettings(instances=2, router=make_router("round-robin"), serving="fifo")
+    with pytest.raises(ConfigError, match="serving=serial"):
+        SimSettings(instances=2, router=make_router("round-robin"), pull="always")

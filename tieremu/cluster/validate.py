@@ -28,7 +28,7 @@ from tieremu.cluster.routers import RoundRobin
 from tieremu.cluster.servtime import FEATURES, Sample, ServingTimeModel, fit
 from tieremu.cluster.simulate import ClusterSim, Link, SimSettings, SimTierSpec
 from tieremu.cluster.simulate import ClusterSpec as SimClusterSpec
-from tieremu.configfile import load_yaml
+from tieremu.configfile import Section, load_yaml
 from tieremu.errors import ConfigError, WorkloadError
 from tieremu.record.origin import Origin
 from tieremu.tiers.config import load_tier_map
@@ -108,10 +108,14 @@ class ValidateSpec:
 
 
 def load_validate_spec(path: str | Path) -> ValidateSpec:
-    """A validation spec (configs/cluster/validate-*.yaml): `name`, `tiers` (one instance's tier map) and the keys of
-    a `kind: cluster` job (tieremu.cluster.job); no faults (the simulator has none), `max_requests` required."""
-    doc = load_yaml(path)
-    name = doc.get("name", str, Path(path).stem)
+    """A validation spec file (configs/cluster/validate-*.yaml); see `parse_validate_spec`."""
+    return parse_validate_spec(load_yaml(path))
+
+
+def parse_validate_spec(doc: Section) -> ValidateSpec:
+    """`name`, `tiers` (one instance's tier map) and the keys of a `kind: cluster` job (tieremu.cluster.job); no
+    faults (the simulator has none), `max_requests` required. Every key checked, nothing started."""
+    name = doc.get("name", str, doc.source.stem)
     tiers = doc.relative_path(doc.get("tiers", str))
     if not tiers.is_file():
         raise doc.error("tiers", f"{tiers}: no such tier map file")
@@ -121,7 +125,7 @@ def load_validate_spec(path: str | Path) -> ValidateSpec:
     if params.max_requests is None or params.max_requests > MAX_VALIDATE_REQUESTS:
         raise doc.error("max_requests", f"give 1..{MAX_VALIDATE_REQUESTS}: the executed cluster replays the prefix "
                                         "in real time")
-    return ValidateSpec(name=name, source=str(path), tiers=str(tiers), params=params)
+    return ValidateSpec(name=name, source=str(doc.source), tiers=str(tiers), params=params)
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,20 @@ def _record_spec() -> _Recording:
     return recording
 
 
+VALIDATE_EXAMPLE = {"tiers": "../tiers/cluster-peer.yaml", "trace": "../traces/small.jsonl", "max_requests": 10}
+
+
+def _record_validate() -> _Recording:
+    from tieremu.cluster.validate import parse_validate_spec
+
+    recording = _Recording()
+    recording.example = "validate"
+    section = _Recorder(VALIDATE_EXAMPLE, "", EXAMPLE_SOURCE, recording)
+    parse_validate_spec(section)
+    section.done()
+    return recording
+
+
 def _record_job(kind: str) -> _Recording:
     from tieremu.runner.jobs import default_registry
 
@@ -215,7 +229,8 @@ SPEC_HELP = {
     "jobs[].requires": "`--backend ray`: resource names a host must declare (`tieremu ray-node --resource NAME`).",
 }
 DEFAULTS = {("spec", "repetitions"): "the job's own", ("spec", "jobs[].repetitions"): "the spec's, else the job's",
-            ("spec", "jobs[].policies"): "required where the kind takes policies"}
+            ("spec", "jobs[].policies"): "required where the kind takes policies",
+            ("cluster validate", "name"): "the file's stem", ("cluster validate", "max_requests"): "required"}
 TIER_MAP_HELP = {
     "name": "The tier map's name (shown with every tier).",
     "description": "One line about the map.",
@@ -350,6 +365,17 @@ JOB_HELP: dict[str, dict[str, str]] = {
         "crash_unless": "...unless this file exists.",
     },
 }
+VALIDATE_ABOUT = ("`tieremu cluster validate SPEC` (`configs/cluster/validate-*.yaml`): the executed cluster, then the "
+                  "cluster simulator on the same requests and arrival times, TTFT p50/p99 and throughput errors "
+                  "printed (pass: |p50| < 10%, |p99| < 20%). The keys of a `cluster` job, plus `name` and `tiers`; "
+                  "no faults.")
+VALIDATE_HELP = {
+    **{k: v for k, v in JOB_HELP["cluster"].items() if k not in ("max_requests", "faults")},
+    "name": "The validation's name, shown in its report (unset: the file's stem).",
+    "tiers": "One instance's tier map (relative to the spec); a peer tier in it is ignored (the link is `link`).",
+    "max_requests": "The trace prefix both sides replay (required: the executed cluster runs in real time).",
+    "faults": "Refused if given: the simulator injects no faults.",
+}
 JOB_ABOUT = {
     "probe": "A quick per-tier probe (latency, bandwidth, loaded latency) through each tier's own path. "
              "`probe: true` at the top level adds it; as a job it takes these params.",
@@ -406,6 +432,8 @@ def groups(*, strict: bool = True) -> list[Group]:
                 raise
             keys = []  # a new kind whose example is not written yet: its section says so
         out.append(Group(f"Job `{kind}`", JOB_ABOUT.get(kind, UNWRITTEN), keys, dict(JOB_HELP.get(kind, {})), kind))
+    out.append(Group("Cluster validation spec", VALIDATE_ABOUT, list(_record_validate().keys.values()),
+                     dict(VALIDATE_HELP), "cluster validate"))
     for group in out:
         asked = {k.path for k in group.keys}
         missing, stale = sorted(asked - set(group.help)), sorted(set(group.help) - asked)

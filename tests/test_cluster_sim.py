@@ -410,3 +410,21 @@ def test_serial_serving_per_request_times_and_bad_settings(trace: list[Request])
         SimSettings(instances=2, router=make_router("round-robin"), serving="fifo")
     with pytest.raises(ConfigError, match="serving=serial"):
         SimSettings(instances=2, router=make_router("round-robin"), pull="always")
+
+
+def test_serial_contention_shares_the_cpus_as_processor_sharing() -> None:
+    """Two instances, contention 1 (two busy instances each run at half speed), worked by hand: A (1 s of work)
+    starts at 0 and runs alone to 0.5 s; B (1 s) arrives at 0.5 s; both at half speed until A's last 0.5 s of work
+    ends at 1.5 s, B having done 0.5 s; B alone ends at 2.0 s."""
+    m = ServingTimeModel("cpu", "assumed", base_s=0.0, prefill_token_s=1.0 / 512, decode_seq_s=0.0, kv_byte_s=0.0,
+                         kv_bytes_per_token=1)
+    requests = [Request(0, 512, 1, (1,)), Request(500, 512, 1, (2,))]
+    spec = ClusterSpec("cpu", (SimTierSpec("dram", None, 1e5),))
+    settings = SimSettings(instances=2, router=make_router("round-robin"), serving="serial", contention=1.0)
+    from tieremu.cluster.simulate import ClusterSim
+
+    sim = ClusterSim(spec, settings, m)
+    sim.run(requests, [0.0, 0.5])
+    assert [q.first_token for q in sim.reqs] == pytest.approx([1.5, 2.0])
+    with pytest.raises(ConfigError, match="contention"):
+        SimSettings(instances=2, router=make_router("round-robin"), contention=0.5)

@@ -140,6 +140,9 @@ class SimSettings:
     cache: str = "auto"  # auto: lru runs in TieredLRU, others in simulate's replay state; replay: always the latter
     serving: str = "batch"  # see SERVING and the module docstring
     pull: str = "cheaper"  # see PULLS (serial serving; batch serving pulls where the router's estimate says)
+    # Serial serving: instances share the machine's CPUs (as executed instances do): each other busy instance slows
+    # an instance's work by this fraction (its rate is 1 / (1 + contention x others busy); 0: independent).
+    contention: float = 0.0
 
     def __post_init__(self) -> None:
         check_settings(self.instances, self.sharing, self.pd, self.slo_ms, self.token_budget, self.max_batch)
@@ -151,6 +154,9 @@ class SimSettings:
             raise ConfigError(f"pull={self.pull!r}; valid: {', '.join(PULLS)}")
         if self.serving == "serial" and self.pd is not None:
             raise ConfigError("serving=serial has no decode phase: it cannot split prefill and decode (pd)")
+        if not (math.isfinite(self.contention) and self.contention >= 0) or (self.contention and
+                                                                             self.serving != "serial"):
+            raise ConfigError(f"contention={self.contention!r} must be a number >= 0, used by serving=serial only")
         if self.serving == "batch" and self.pull != "cheaper":
             raise ConfigError(f"pull={self.pull!r} needs serving=serial (batch serving pulls where the router's "
                               "estimate says)")
@@ -289,6 +295,9 @@ class _Instance:
     iterations: int = 0
     pending: list[tuple[_Req, int]] = field(default_factory=list)  # the iteration's prefill chunks
     iter_start: float = 0.0
+    work: float = 0.0  # serial serving with contention: uncontended seconds left of the request in service
+    rate: float = 1.0
+    updated: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -470,6 +479,8 @@ class ClusterSim:
         """New work for inst: start an iteration if idle; cut a decode span short at its next iteration boundary."""
         if not inst.busy:
             self._start(inst, now)
+            if self.s.contention and inst.busy:
+                self._contend(now)
             return
         if inst.span is None:
             return
@@ -574,8 +585,23 @@ class ClusterSim:
         inst.queued_tokens -= r.input_length
         inst.busy, inst.span, inst.iter_start = True, None, now
         inst.pending = [(req, 0)]
+        work = m.base_s + read + pull_s + max(1, computed) * m.prefill_token_s
+        if self.s.contention:
+            inst.work, inst.updated = work, now  # _contend schedules its end
+            return
         inst.version += 1
-        self._push(now + m.base_s + read + pull_s + max(1, computed) * m.prefill_token_s, 0, inst.index, inst.version)
+        self._push(now + work, 0, inst.index, inst.version)
+
+    def _contend(self, now: float) -> None:
+        """Serial serving with contention: the busy instances' work done so far at their old rate, their ends
+        rescheduled at the rate the new number of busy instances gives."""
+        busy = [i for i in self.inst if i.busy]
+        rate = 1.0 / (1.0 + self.s.contention * (len(busy) - 1)) if busy else 1.0
+        for i in busy:
+            i.work = max(0.0, i.work - (now - i.updated) * i.rate)
+            i.updated, i.rate = now, rate
+            i.version += 1
+            self._push(now + i.work / rate, 0, i.index, i.version)
 
     def _tier_at(self, instance: int, block: int) -> int:
         return self.inst[instance].cache.where.get(block, 0)
@@ -611,6 +637,8 @@ class ClusterSim:
                 req.first_token = req.finish = now
             inst.pending = []
             self._start(inst, now)
+            if self.s.contention:
+                self._contend(now)
             return
         if inst.span is not None:
             t0, k, _, _ = inst.span

@@ -159,6 +159,7 @@ class ValidationReport:
     per_request_error_p50: float  # median over requests of |simulated - executed| / executed TTFT
     per_request_error_p90: float
     model: dict[str, object]  # the serving-time model fitted from the executed instances' per-request times
+    contention: float  # fitted: the slowdown each other busy instance causes (instances share the CPUs)
     pull_block_ms: float  # per pulled block, measured in the run (or the probe's figure when nothing was pulled)
     pull_measured: bool
     executed_hits: dict[str, float]  # local / peer / miss shares of block references
@@ -197,12 +198,13 @@ def run_validation(spec: ValidateSpec) -> ValidationReport:
     if len(served) < len(FEATURES):
         raise WorkloadError(f"cluster validate: {len(served)} requests served; the fit needs {len(FEATURES)} or more "
                             "(raise max_requests)")
-    model = fit_executed(served, layout.block_bytes, layout.block_tokens)
-    pull_s, measured = _pull_block_s(cluster, checked, layout.block_bytes)
     requests = checked.requests
     trace0 = requests[0].arrival_s
     arrivals = [(r.arrival_s - trace0) * checked.spec.time_scale for r in requests]
-    sim = _simulate(checked, model, pull_s, layout.block_bytes, layout.block_tokens, arrivals)
+    overlap = _overlap(served, cluster.ttft, arrivals)
+    model, contention = fit_executed(served, overlap, layout.block_bytes, layout.block_tokens)
+    pull_s, measured = _pull_block_s(cluster, checked, layout.block_bytes)
+    sim = _simulate(checked, model, contention, pull_s, layout.block_bytes, layout.block_tokens, arrivals)
     exe_ttft = {i: ms for i, ms in cluster.ttft.items()}
     sim_ttft = {q.index: (q.first_token - q.arrival) * 1e3 for q in sim.reqs if q.first_token >= 0}
     tokens = [r.input_length for r in requests]
@@ -221,7 +223,7 @@ def run_validation(spec: ValidateSpec) -> ValidationReport:
         instances=checked.spec.instances, sharing=checked.spec.sharing, pull=checked.spec.pull,
         time_scale=checked.spec.time_scale, namespaces=executed.namespaces, validation=validation,
         per_request_error_p50=_quantile(per_request, 0.5), per_request_error_p90=_quantile(per_request, 0.9),
-        model=model.to_dict(), pull_block_ms=pull_s * 1e3, pull_measured=measured,
+        model=model.to_dict(), contention=contention, pull_block_ms=pull_s * 1e3, pull_measured=measured,
         executed_hits=_shares(hits), simulated_hits=_shares(sim_hits), executed_origin=executed.origin,
         simulated_origin=Origin.SIMULATED.value, executed_wall_s=executed.wall_s, notes=tuple(notes),
         per_request=tuple(RequestPair(s.index, s.instance, exe_ttft[s.index], sim_ttft[s.index], s.serve_s * 1e3,
@@ -229,15 +231,44 @@ def run_validation(spec: ValidateSpec) -> ValidationReport:
                           for s in sorted(served, key=lambda s: s.index) if s.index in both))
 
 
-def fit_executed(served: Sequence[_Served], block_bytes: int, block_tokens: int) -> ServingTimeModel:
-    """The serving-time model of the executed instances, fitted (tieremu.cluster.servtime.fit) to each request's
-    serve time less its pulls: base + per computed token (the misses' blocks, whole) + per byte read locally."""
-    samples = [Sample(prefill_tokens=s.miss * block_tokens, decode_seqs=0, kv_bytes=s.local * block_bytes,
-                      seconds=max(s.serve_s - s.pull_s, 1e-9)) for s in served]
-    return fit(samples, name="executed-instances", kv_bytes_per_token=max(1, block_bytes // block_tokens),
-               relative=False,
-               source=f"measured: {len(samples)} requests served by this run's executed instances (serve time less "
-                      "pulls against local and computed blocks; shared vCPUs)")
+CONTENTION_GRID = tuple(k / 20 for k in range(41))  # 0 to 2 in steps of 0.05
+
+
+def fit_executed(served: Sequence[_Served], overlap: Mapping[int, float], block_bytes: int,
+                 block_tokens: int) -> tuple[ServingTimeModel, float]:
+    """The serving-time model of the executed instances and their CPU contention. Each request's serve time less its
+    pulls is (base + per computed token (the misses' blocks, whole) + per byte read locally) x (1 + contention x the
+    mean number of other instances busy while it was served): for each contention on a grid the model is fitted
+    (tieremu.cluster.servtime.fit, on seconds) to the serve times divided by that factor, and the contention whose
+    fit leaves the least squared error in seconds wins."""
+    best: tuple[float, ServingTimeModel, float] | None = None
+    for contention in CONTENTION_GRID:
+        factor = [1 + contention * overlap.get(s.index, 0.0) for s in served]
+        samples = [Sample(prefill_tokens=s.miss * block_tokens, decode_seqs=0, kv_bytes=s.local * block_bytes,
+                          seconds=max(s.serve_s - s.pull_s, 1e-9) / f) for s, f in zip(served, factor, strict=True)]
+        model = fit(samples, name="executed-instances", kv_bytes_per_token=max(1, block_bytes // block_tokens),
+                    relative=False,
+                    source=f"measured: {len(samples)} requests served by this run's executed instances (serve time "
+                           f"less pulls against local and computed blocks, CPU contention {contention:.2f} per other "
+                           "busy instance; shared vCPUs)")
+        error = math.fsum((model.predict(x) * f - x.seconds * f) ** 2 for x, f in zip(samples, factor, strict=True))
+        if best is None or error < best[0]:
+            best = (error, model, contention)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _overlap(served: Sequence[_Served], ttft_ms: Mapping[int, float], arrivals: Sequence[float]) -> dict[int, float]:
+    """Per request: the mean number of other instances serving while the executed instance served it."""
+    spans = [(s.instance, arrivals[s.index] + ttft_ms[s.index] / 1e3 - s.serve_s, arrivals[s.index]
+              + ttft_ms[s.index] / 1e3, s.index) for s in served if s.index in ttft_ms]
+    out = {}
+    for me, start, end, index in spans:
+        if end <= start:
+            continue
+        busy = math.fsum(max(0.0, min(end, e) - max(start, b)) for other, b, e, _ in spans if other != me)
+        out[index] = busy / (end - start)
+    return out
 
 
 def _execute(checked: Checked) -> tuple[Cluster, ClusterResult]:
@@ -275,8 +306,8 @@ def _pull_block_s(cluster: Cluster, checked: Checked, block_bytes: int) -> tuple
     return checked.link.seconds(block_bytes) + overhead_s, False
 
 
-def _simulate(checked: Checked, model: ServingTimeModel, pull_s: float, block_bytes: int, block_tokens: int,
-              arrivals: Sequence[float]) -> ClusterSim:
+def _simulate(checked: Checked, model: ServingTimeModel, contention: float, pull_s: float, block_bytes: int,
+              block_tokens: int, arrivals: Sequence[float]) -> ClusterSim:
     """The same requests on the simulator's serial serving: every block whole (the executed prefill computes whole
     blocks), the link at the measured per-block pull time, every local tier at the fitted local read cost."""
     spec = checked.spec
@@ -287,7 +318,7 @@ def _simulate(checked: Checked, model: ServingTimeModel, pull_s: float, block_by
     sim_spec = SimClusterSpec(name=f"validate:{spec.tiers.name}", tiers=tiers, link=Link(0.0, link_gbps))
     settings = SimSettings(instances=spec.instances, router=RoundRobin(), sharing=spec.sharing,
                            block_tokens=block_tokens, policy=spec.policy, serving="serial",
-                           pull="always" if spec.pull == "always" else "cheaper")
+                           pull="always" if spec.pull == "always" else "cheaper", contention=contention)
     requests = [Request(r.timestamp_ms, len(r.hash_ids) * block_tokens, 1, r.hash_ids) for r in checked.requests]
     sim = ClusterSim(sim_spec, settings, model)
     sim.run(requests, arrivals)

@@ -67,7 +67,8 @@ def _table(r: ValidationReport, p50_limit: float, p99_limit: float) -> Table:
                      f"p90 {r.per_request_error_p90:.1%}; hit ratio executed/simulated: {hits}; model "
                      f"{r.model['name']} fitted on {fit.get('samples', 0)} requests (mean error "
                      f"{fit.get('mean_rel', math.nan):.1%}): {r.model['base_s'] * 1e3:.2f} ms + "
-                     f"{r.model['prefill_token_s'] * 1e6:.2f} us per computed token; pull "
+                     f"{r.model['prefill_token_s'] * 1e6:.2f} us per computed token, CPU contention "
+                     f"{r.contention:.2f} per other busy instance; pull "
                      f"{r.pull_block_ms:.2f} ms per block ({'measured' if r.pull_measured else 'link + probe'}); "
                      f"executed wall {r.executed_wall_s:.1f} s")
     return table

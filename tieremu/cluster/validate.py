@@ -204,7 +204,11 @@ def run_validation(spec: ValidateSpec) -> ValidationReport:
     overlap = _overlap(served, cluster.ttft, arrivals)
     model, contention = fit_executed(served, overlap, layout.block_bytes, layout.block_tokens)
     pull_s, measured = _pull_block_s(cluster, checked, layout.block_bytes)
-    sim = _simulate(checked, model, contention, pull_s, layout.block_bytes, layout.block_tokens, arrivals)
+    # The executed instances decided pull or recompute per request; when they never pulled, neither does the
+    # simulation (its own cost comparison decides only where they did both).
+    never = executed.decisions.get("pull", 0) == 0
+    sim = _simulate(checked, model, contention, pull_s, layout.block_bytes, layout.block_tokens, arrivals,
+                    "none" if never else checked.spec.sharing)
     exe_ttft = {i: ms for i, ms in cluster.ttft.items()}
     sim_ttft = {q.index: (q.first_token - q.arrival) * 1e3 for q in sim.reqs if q.first_token >= 0}
     tokens = [r.input_length for r in requests]
@@ -215,7 +219,10 @@ def run_validation(spec: ValidateSpec) -> ValidationReport:
     inst = sim.inst
     sim_hits = [sum(sum(i.hits) for i in inst), sum(i.peer_hits for i in inst), sum(i.misses for i in inst)]
     notes = list(executed.notes)
-    if not measured and spec.params.sharing == "p2p":
+    if never and spec.params.sharing == "p2p":
+        notes.append("the executed instances recomputed every peer-held block (their estimate said so): the "
+                     "simulation does too")
+    elif not measured and spec.params.sharing == "p2p":
         notes.append("no block was pulled in the executed run: the simulated pull cost is the link's plus the "
                      "instances' probed overhead")
     return ValidationReport(
@@ -307,7 +314,7 @@ def _pull_block_s(cluster: Cluster, checked: Checked, block_bytes: int) -> tuple
 
 
 def _simulate(checked: Checked, model: ServingTimeModel, contention: float, pull_s: float, block_bytes: int,
-              block_tokens: int, arrivals: Sequence[float]) -> ClusterSim:
+              block_tokens: int, arrivals: Sequence[float], sharing: str) -> ClusterSim:
     """The same requests on the simulator's serial serving: every block whole (the executed prefill computes whole
     blocks), the link at the measured per-block pull time, every local tier at the fitted local read cost."""
     spec = checked.spec
@@ -316,7 +323,7 @@ def _simulate(checked: Checked, model: ServingTimeModel, contention: float, pull
     tiers = tuple(SimTierSpec(t.name, spec.capacity_blocks, max(link_gbps, local_gbps))
                   for t in local_tiers(load_tier_map(spec.tiers)).tiers)
     sim_spec = SimClusterSpec(name=f"validate:{spec.tiers.name}", tiers=tiers, link=Link(0.0, link_gbps))
-    settings = SimSettings(instances=spec.instances, router=RoundRobin(), sharing=spec.sharing,
+    settings = SimSettings(instances=spec.instances, router=RoundRobin(), sharing=sharing,
                            block_tokens=block_tokens, policy=spec.policy, serving="serial",
                            pull="always" if spec.pull == "always" else "cheaper", contention=contention)
     requests = [Request(r.timestamp_ms, len(r.hash_ids) * block_tokens, 1, r.hash_ids) for r in checked.requests]

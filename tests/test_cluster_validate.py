@@ -50,6 +50,21 @@ def test_validate_runs_both_modes_and_reports_finite_errors(tmp_path: Path) -> N
     exe, sim = report["executed_hits"], report["simulated_hits"]
     assert exe["local"] == pytest.approx(sim["local"])
     assert exe["peer"] + exe["miss"] == pytest.approx(sim["peer"] + sim["miss"])
+    # The report is a serving-time model for simulate mode, whose results then show the validation's errors.
+    saved = tmp_path / "validated.json"
+    saved.write_text(json.dumps(report))
+    args = ["cluster", "replay", str(MOONCAKE_TRACE), "--mode", "simulate", "--servtime", str(saved),
+            "--max-requests", "40", "--instances", "4"]
+    table = CliRunner().invoke(cli_main, args)
+    assert table.exit_code == 0, table.output
+    assert f"validated: {v['ttft_p50_error']:+.1%} / {v['ttft_p99_error']:+.1%}" in table.output
+    simulated = json.loads(CliRunner().invoke(cli_main, [*args, "--json"]).output)
+    assert simulated["validation"]["ttft_p99_error"] == v["ttft_p99_error"]
+    assert simulated["servtime"]["name"] == "executed-instances"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"model": report["model"], "validation": {}}))
+    out = CliRunner().invoke(cli_main, [*args[:-4], "--servtime", str(broken)])
+    assert out.exit_code != 0 and "without TTFT errors" in out.output
 
 
 @pytest.mark.parametrize(("change", "match"), [

@@ -74,7 +74,8 @@ def cluster() -> None:
 @click.option("--slo-ms", type=float, default=None,
               help="simulate: TTFT SLO in ms; a request predicted to miss it is rejected (counted).")
 @click.option("--servtime", default="reference", show_default=True,
-              help="simulate: the serving-time model, a JSON file from `cluster fit-servtime`, or `reference` "
+              help="simulate: the serving-time model, a JSON file from `cluster fit-servtime` or `cluster validate "
+                   "--json` (its TTFT and throughput errors are then shown beside the results), or `reference` "
                    "(assumed A100-class).")
 @click.option("--token-budget", type=click.IntRange(min=1), default=8192, show_default=True,
               help="simulate: tokens per continuous-batching iteration.")

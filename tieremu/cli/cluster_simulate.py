@@ -32,8 +32,9 @@ def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text:
     rejected requests, load imbalance (max/mean requests per instance), hit ratios (local by tier, peer, miss), link
     bytes and, with prices in the spec, cost per million tokens."""
     from tieremu.cluster.routers import parse_router
-    from tieremu.cluster.servtime import ServingTimeModel, reference
+    from tieremu.cluster.servtime import reference
     from tieremu.cluster.simulate import SimSettings, check_settings, load_cluster_spec, parse_pd, simulate_cluster
+    from tieremu.cluster.validate import load_servtime
     from tieremu.policy.registry import get_policy
     from tieremu.workloads.trace import read_trace
 
@@ -42,7 +43,7 @@ def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text:
     check_settings(instances, sharing, pd, slo_ms, token_budget, max_batch)
     get_policy(policy)  # an unknown or offline policy is refused before the trace is read
     spec = load_cluster_spec(tiers_file or _shipped("cluster", "sim-hbm-dram.yaml"))
-    model = reference() if servtime == "reference" else ServingTimeModel.load(servtime)
+    model, validation = (reference(), None) if servtime == "reference" else load_servtime(servtime)
     requests = read_trace(trace)
     if max_requests is not None:
         requests = requests[:max_requests]
@@ -50,7 +51,10 @@ def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text:
     for router in routers:
         settings = SimSettings(instances=instances, router=router, sharing=sharing, pd=pd, slo_ms=slo_ms,
                                token_budget=token_budget, max_batch=max_batch, policy=policy)
-        results.append(simulate_cluster(requests, spec, settings, model).to_dict())
+        result = simulate_cluster(requests, spec, settings, model).to_dict()
+        if validation is not None:  # the model's validation against the executed cluster, beside every result
+            result["validation"] = validation
+        results.append(result)
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=_jsonable))
         return
@@ -70,16 +74,22 @@ def _table(d: dict) -> Table:
     table.add_column("figure")
     table.add_column("value", justify="right")
     hr = d["hit_ratio"]
+    v = d.get("validation")
+    ttft_error = throughput_error = ""
+    if v is not None:  # what the validation of this serving-time model found, beside the figures it bears on
+        ttft_error = f" (validated: {v['ttft_p50_error']:+.1%} / {v['ttft_p99_error']:+.1%})"
+        if v.get("throughput_error") is not None:
+            throughput_error = f" (validated: {v['throughput_error']:+.1%})"
     rows = [
         ("requests (completed / rejected)", f"{d['requests']} ({d['completed']} / {d['rejected']})"),
-        ("TTFT p50 / p99 ms", f"{d['ttft_ms']['p50']:.1f} / {d['ttft_ms']['p99']:.1f}"),
+        ("TTFT p50 / p99 ms", f"{d['ttft_ms']['p50']:.1f} / {d['ttft_ms']['p99']:.1f}{ttft_error}"),
         ("TPOT p50 / p99 ms", f"{d['tpot_ms']['p50']:.2f} / {d['tpot_ms']['p99']:.2f}"),
         ("SLO attainment", "-" if d["slo_attainment"] is None else f"{d['slo_attainment']:.3f}"),
         ("load imbalance (max/mean)", f"{d['load_imbalance']:.2f}"),
         ("hit ratio local / peer / miss", f"{hr['local']:.3f} / {hr['peer']:.3f} / {hr['miss']:.3f}"),
         ("local hits by tier", ", ".join(f"{k} {v:.3f}" for k, v in hr["by_tier"].items())),
         ("peer / P-D link GB", f"{d['peer_bytes'] / 1e9:.2f} / {d['pd_bytes'] / 1e9:.2f}"),
-        ("throughput tokens/s", f"{d['throughput_tokens_per_s']:.0f}"),
+        ("throughput tokens/s", f"{d['throughput_tokens_per_s']:.0f}{throughput_error}"),
         ("cost per Mtok / tokens per $", "-" if d["cost_per_mtok"] is None else
          f"${d['cost_per_mtok']:.4f} / {d['tokens_per_dollar']:.0f}"),
         ("serving-time model", f"{d['servtime']['name']} ({d['servtime']['origin']})"),

@@ -107,13 +107,19 @@ class ServingTimeModel:
             raise ConfigError(f"{path}: serving-time model file not found") from None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path}: not a serving-time model JSON ({exc})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: object, where: str) -> ServingTimeModel:
+        """A model from its JSON object (`to_dict`); ConfigError naming `where` for anything else."""
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a serving-time model is a JSON object with keys {', '.join(FEATURES)}")
+            raise ConfigError(f"{where}: a serving-time model is a JSON object with keys {', '.join(FEATURES)}")
+        data = dict(data)
         fit = data.pop("fit", None)
         try:
             return cls(**data, fit=FitError(**fit) if isinstance(fit, dict) else None)
         except TypeError as exc:
-            raise ConfigError(f"{path}: not a serving-time model ({exc})") from None
+            raise ConfigError(f"{where}: not a serving-time model ({exc})") from None
 
 
 def reference() -> ServingTimeModel:

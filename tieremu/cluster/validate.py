@@ -12,6 +12,7 @@ error| < 20%.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -341,6 +342,26 @@ def _side(ttft_ms: Mapping[int, float], arrivals: Sequence[float], tokens: Seque
     tail = Tail.of(values)
     return {"ttft_ms": {"p50": tail.p50, "p99": tail.p99},
             "throughput_tokens_per_s": sum(tokens[i] for i in ttft_ms) / span}
+
+
+def load_servtime(path: str | Path) -> tuple[ServingTimeModel, dict[str, object] | None]:
+    """A serving-time model file (`cluster fit-servtime`), or a `cluster validate --json` report: its fitted model
+    and its validation (the errors, to show beside simulated results), else None."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: serving-time model file not found") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a serving-time model or validation report JSON ({exc})") from None
+    if isinstance(data, dict) and "validation" in data and "model" in data:
+        v = data["validation"]
+        if not isinstance(v, dict) or not all(isinstance(v.get(k), int | float) for k in ("ttft_p50_error",
+                                                                                          "ttft_p99_error")):
+            raise ConfigError(f"{path}: a validation report without TTFT errors; rerun `tieremu cluster validate`")
+        return ServingTimeModel.from_dict(data["model"], str(path)), {
+            "spec": data.get("spec"), "ttft_p50_error": v["ttft_p50_error"], "ttft_p99_error": v["ttft_p99_error"],
+            "throughput_error": v.get("throughput_error"), "passed": v.get("passed")}
+    return ServingTimeModel.from_dict(data, str(path)), None
 
 
 def _quantile(ordered: Sequence[float], q: float) -> float:

@@ -4,7 +4,7 @@ connector, sharing KV blocks through the peer index and the block transport.
 The crafted trace (6 requests, round-robin over 2 instances, 64-token blocks) makes blocks computed on one instance
 needed by the other: request 1 (instance 1) shares its first 4 blocks with request 0 (instance 0); request 2
 (instance 0) has a block only request 1 computed; request 4 (instance 0) repeats request 3's (instance 1) 5 blocks.
-The gaps between arrivals (0.75 s of wall time) let each request finish before the next arrives, so the expected
+The gaps between arrivals (1.5 s of wall time) let each request finish before the next arrives, so the expected
 counts below do not depend on the machine's speed. The same trace is replayed with --sharing none: greedy outputs
 must be identical, and vLLM must have computed exactly the pulled blocks' tokens fewer with sharing.
 
@@ -63,7 +63,7 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _replay(trace: Path, *args: str) -> dict:
     result = CliRunner().invoke(main, ["cluster", "replay", str(trace), "--tiers", str(TIERS), "--instances", "2",
-                                       "--engine", "vllm", "--time-scale", "0.5", "--capacity-blocks", "64",
+                                       "--engine", "vllm", "--time-scale", "1", "--capacity-blocks", "64",
                                        "--json", *args])
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
@@ -138,6 +138,24 @@ def test_an_interrupt_leaves_no_engine(trace: Path) -> None:
     deadline = time.monotonic() + 10
     while _instances() and time.monotonic() < deadline:
         time.sleep(0.1)  # SIGKILLed process groups: the kernel is tearing them down
+    assert _instances() == []
+
+
+def test_an_engine_that_fails_to_start_is_a_clear_error_and_leaves_no_engine(trace: Path, tmp_path: Path) -> None:
+    _need_vllm()
+    from tieremu.cluster.replay import ClusterSpec
+    from tieremu.cluster.vllm_replay import VllmOptions, vllm_cluster_replay
+    from tieremu.engines.models import tiny_model
+    from tieremu.engines.procs import EngineError
+
+    model = tmp_path / "broken"
+    model.mkdir()
+    (model / "config.json").write_text((tiny_model() / "config.json").read_text())
+    (model / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    # One instance (no sharing): the start-up path is the same, and one engine's import is the test's cost.
+    spec = ClusterSpec(trace=trace, tiers=TIERS, instances=1, sharing="none", capacity_blocks=64, time_scale=1.0)
+    with pytest.raises(EngineError, match=r"vLLM instance 0 exited \(1\): SafetensorError"):
+        vllm_cluster_replay(spec, VllmOptions(model=model))
     assert _instances() == []
 
 

@@ -6,6 +6,8 @@ Each instance replays the requests routed to it (round-robin) in execute mode ag
 a block missing locally is pulled from the peer that holds it (or recomputed, if the estimate says that is
 faster). As root the instances run in network namespaces joined by veth pairs, rate shaped by tbf; otherwise on
 loopback, rate paced by the transport. Namespaces and qdiscs are removed at the end, on error and on Ctrl-C.
+`--engine vllm`: each instance is vLLM's CPU build with tieremu's KV connector, pulling from peers what its own
+store lacks (tieremu/cluster/vllm_replay.py).
 """
 
 from __future__ import annotations

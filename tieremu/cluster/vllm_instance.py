@@ -36,6 +36,7 @@ from tieremu.cluster.link import LinkSpec
 from tieremu.cluster.wire import BlockClient, BlockServer, LinkState, PullError
 from tieremu.engines.prompts import build_prompts
 from tieremu.engines.store import TierStore
+from tieremu.errors import KVError
 from tieremu.workloads.trace import Request
 
 PULL_TIMEOUT_S = 2.0  # beyond the link's time: the holder answers from a thread that shares its CPU with an engine
@@ -176,20 +177,36 @@ def _due_now(inbox: Inbox, due_of: Any) -> list[tuple[int, Request, float]]:
 
 
 def main() -> None:
-    from tieremu.engines import vllm as connector
     from tieremu.engines.procs import die_with_parent
 
     die_with_parent()  # killed with the orchestrator even if it is killed outright
     # The protocol keeps the real stdout; everything else written to fd 1 (vLLM logs to stdout) goes to the log.
     out = ProtocolOut(os.fdopen(os.dup(1), "w"))
     os.dup2(2, 1)
-    settings = json.loads(sys.stdin.readline())
+    try:
+        serve(out, json.loads(sys.stdin.readline()))
+    except Exception as exc:  # the orchestrator quotes this line (and the log's last lines) in its error
+        import traceback
+
+        traceback.print_exc()
+        print(f"tieremu-engine-error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+    out.stream.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # vLLM's teardown of an in-process engine adds seconds and nothing the result needs
+
+
+def serve(out: ProtocolOut, settings: dict[str, Any]) -> None:
+    """Build the engine, say ready, serve what arrives until the end, report."""
+    from tieremu.engines import vllm as connector
+
     t0 = time.monotonic()
     llm = _build_engine(settings)
     construct_s = time.monotonic() - t0
     shared = connector.current()
     if shared is None:
-        raise RuntimeError("vLLM built the engine without tieremu's connector")
+        raise KVError("vLLM built the engine without tieremu's connector")
     store = shared.store
     hook = PeerHook(settings, store) if settings["sharing"] == "p2p" else None
     connector.set_peer_source(hook)
@@ -246,10 +263,6 @@ def main() -> None:
         connector.set_peer_source(None)
         if hook is not None:
             hook.close()
-    out.stream.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # vLLM's teardown of an in-process engine adds seconds and nothing the result needs
 
 
 def _report(out: Output, settings: dict[str, Any], hook: PeerHook | None, store: TierStore, finished: list[Served],

@@ -12,6 +12,7 @@ killed on the way out, on success, error or Ctrl-C (the instances also die with 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -28,7 +29,7 @@ import yaml
 from tieremu.cluster.replay import Checked, Cluster, ClusterSpec, Proc, _result, check
 from tieremu.cluster.result import ClusterResult
 from tieremu.engines.models import DTYPE_BYTES, model_info, tiny_model
-from tieremu.engines.procs import EngineError, terminate_raises
+from tieremu.engines.procs import EngineError, kill_group, terminate_raises
 from tieremu.engines.prompts import build_prompts
 from tieremu.engines.server import engine_env, reason, tail
 from tieremu.engines.store import check_capacities
@@ -145,10 +146,14 @@ class VllmCluster(Cluster):
         for i in range(self.n):
             self.spawn(i, 0)
         deadline = time.time() + self.opts.start_timeout_s
-        self.pump(until=deadline, want=lambda: all(p.ready or not p.alive for p in self.procs.values()))
-        for proc in self.procs.values():
+        # Until every engine is ready, or one has died (its error is the run's: the others are killed).
+        self.pump(until=deadline, want=lambda: all(p.ready for p in self.procs.values())
+                  or any(not p.alive for p in self.procs.values()))
+        for proc in sorted(self.procs.values(), key=lambda p: p.alive):  # a dead one first: its log says why
             if not proc.ready:
-                proc.popen.poll()
+                if not proc.alive:  # its stdout closed: it is exiting
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.popen.wait(timeout=5)
                 what = (f"exited ({proc.popen.returncode})" if proc.popen.returncode is not None
                         else f"was not ready within {self.opts.start_timeout_s:g} s")
                 log = self.logs[proc.me]
@@ -157,6 +162,17 @@ class VllmCluster(Cluster):
         self.t0 = time.time() + 0.2
         for proc in self.procs.values():
             self._write(proc, {"op": "start", "t0_wall": self.t0, "trace0_s": self.trace0})
+
+    def stop(self) -> None:
+        """Every instance's process group gone (not merely signalled) when this returns: those that reported get a
+        moment to exit by themselves, then each group is killed and waited for (tieremu.engines.procs)."""
+        deadline = time.time() + 5
+        for proc in self.procs.values():
+            if proc.result is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.popen.wait(timeout=max(0.0, deadline - time.time()))
+        for proc in self.procs.values():
+            kill_group(proc.popen)
 
     def close_logs(self) -> None:
         for f in self._files:

@@ -12,6 +12,11 @@ timing model) into vLLM's paged KV tensor before the forward pass; after it, new
 out of the paged tensor and admitted to the store where the policy says. Loads and saves are synchronous: the step
 waits for them, so the time they take is in the engine's TTFT.
 
+A peer source (`set_peer_source`, installed by tieremu.cluster's vLLM instances) extends the lookup across engines:
+the blocks after the leading locally resident ones are asked of it (another engine's store, through the peer index
+and the block transport), and those it returns are saved into this store before the scheduler is answered, so the
+load path reads them like its own (the pull's time is in the request's TTFT).
+
 Both sides live in vLLM's engine-core process (the scheduler and, with one worker, the model runner), so they share
 one store per process, created by whichever side comes first (`shared_store`).
 

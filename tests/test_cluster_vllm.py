@@ -177,3 +177,17 @@ def test_what_vllm_instances_do_not_do_is_refused_before_anything_starts(trace: 
 def test_engine_is_an_execute_option(trace: Path) -> None:
     result = CliRunner().invoke(main, ["cluster", "replay", str(trace), "--mode", "simulate", "--engine", "vllm"])
     assert result.exit_code == 2 and "--engine" in result.output
+
+
+def test_the_connectors_tier_map_is_the_local_tiers_with_room_for_the_blocks(tmp_path: Path) -> None:
+    from tieremu.cluster.vllm_replay import local_tier_file
+    from tieremu.tiers.config import load_tier_map
+
+    given = tmp_path / "given.yaml"
+    given.write_text("name: x\ntiers:\n  - name: dram\n    nodes: [0]\n  - name: ssd\n    kind: file\n"
+                     "    path: blocks\n    capacity_mib: 8\n  - name: peer\n    kind: peer\n    link: {latency_us: 10, gbps: 10}\n")
+    out = local_tier_file(given, 64, 256 * 1024, tmp_path / "local.yaml")
+    tiers = load_tier_map(out)
+    assert tiers.names == ("dram", "ssd")
+    assert [t.capacity_mib for t in tiers.tiers] == [16, 8]  # 64 blocks of 256 KiB; a given capacity is kept
+    assert tiers.tiers[1].path == tmp_path / "blocks"

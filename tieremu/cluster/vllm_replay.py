@@ -99,7 +99,8 @@ def check_vllm(spec: ClusterSpec, opts: VllmOptions) -> Checked:
 
 def local_tier_file(tiers: Path, capacity_blocks: int, block_bytes: int, out: Path) -> Path:
     """The connector's tier map: `tiers` without its peer tier(s), each tier lacking capacity_mib given room for
-    capacity_blocks blocks (the --capacity-blocks of tieremu's instances), written to `out`."""
+    capacity_blocks blocks (the --capacity-blocks of tieremu's instances), written to `out` (a file tier's relative
+    path made absolute)."""
     doc = yaml.safe_load(tiers.read_text())
     local = []
     for tier in doc["tiers"]:
@@ -107,6 +108,8 @@ def local_tier_file(tiers: Path, capacity_blocks: int, block_bytes: int, out: Pa
             continue
         tier = dict(tier)
         tier.setdefault("capacity_mib", max(1, -(-capacity_blocks * block_bytes // MIB)))
+        if "path" in tier:  # a file tier's directory, relative to the map it was given in
+            tier["path"] = str((tiers.resolve().parent / str(tier["path"])).resolve())
         local.append(tier)
     doc["tiers"] = local
     out.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -185,7 +185,8 @@ def test_the_connectors_tier_map_is_the_local_tiers_with_room_for_the_blocks(tmp
 
     given = tmp_path / "given.yaml"
     given.write_text("name: x\ntiers:\n  - name: dram\n    nodes: [0]\n  - name: ssd\n    kind: file\n"
-                     "    path: blocks\n    capacity_mib: 8\n  - name: peer\n    kind: peer\n    link: {latency_us: 10, gbps: 10}\n")
+                     "    path: blocks\n    capacity_mib: 8\n"
+                     "  - name: peer\n    kind: peer\n    link: {latency_us: 10, gbps: 10}\n")
     out = local_tier_file(given, 64, 256 * 1024, tmp_path / "local.yaml")
     tiers = load_tier_map(out)
     assert tiers.names == ("dram", "ssd")

@@ -8,8 +8,9 @@ The gaps between arrivals (1.5 s of wall time) let each request finish before th
 counts below do not depend on the machine's speed. The same trace is replayed with --sharing none: greedy outputs
 must be identical, and vLLM must have computed exactly the pulled blocks' tokens fewer with sharing.
 
-Two runs of two engines each take ~50 s apiece here (vLLM's import and engine build, ~12 s, run in both processes at
-once on two busy cores); the project has no slow-test marker, so they run in the suite.
+Time here (2 vCPUs, load average ~8): the two runs of two engines ~75 s together (vLLM's import and engine build run
+in both processes at once), the failed start ~40 s (one engine's import), the interrupt ~12 s; 125 s for the module,
+265 s at load 18. The project has no slow-test marker, so they run in the suite.
 """
 
 from __future__ import annotations

@@ -6,11 +6,14 @@ Each instance replays the requests routed to it (round-robin) in execute mode ag
 a block missing locally is pulled from the peer that holds it (or recomputed, if the estimate says that is
 faster). As root the instances run in network namespaces joined by veth pairs, rate shaped by tbf; otherwise on
 loopback, rate paced by the transport. Namespaces and qdiscs are removed at the end, on error and on Ctrl-C.
+`--engine vllm`: each instance is vLLM's CPU build with tieremu's KV connector, pulling from peers what its own
+store lacks (tieremu/cluster/vllm_replay.py).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -25,12 +28,13 @@ from tieremu.cluster.link import parse_link
 from tieremu.cluster.replay import PULL_RULES, SHARING, TRANSPORTS, ClusterSpec, cluster_replay
 from tieremu.cluster.result import ClusterResult
 from tieremu.cluster.ring import INDEXES
+from tieremu.cluster.vllm_replay import ENGINES, VllmOptions, vllm_cluster_replay
 from tieremu.errors import ConfigError, WorkloadError
 
 MODES = ("execute", "simulate")
 # Options that mean something in one mode only: given in the other, they are refused rather than ignored.
 EXECUTE_ONLY = ("pull", "index", "transport", "link_text", "faults", "namespaces", "capacity_blocks", "block_kib",
-                "time_scale")
+                "time_scale", "engine")
 SIMULATE_ONLY = ("pd_text", "slo_ms", "servtime", "token_budget", "max_batch")
 
 
@@ -90,12 +94,16 @@ def cluster() -> None:
               help="Wall seconds per trace second.")
 @click.option("--namespaces/--no-namespaces", default=None,
               help="Run instances in network namespaces (root) or on loopback (default: namespaces when root).")
+@click.option("--engine", type=click.Choice(ENGINES), default="tieremu", show_default=True,
+              help="execute: tieremu's own decode instances, or vLLM's CPU build (the tiny Llama, 64-token blocks, "
+                   "outputs capped at 16 tokens) with tieremu's KV connector, whose misses are pulled from peers "
+                   "(loopback only; always pulls; no faults).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replay(trace: str, tier_file: str | None, instances: int | None, sharing: str, pull: str, index: str,
            transport: str, link_text: str | None, max_requests: int | None, faults: tuple[str, ...], mode: str,
            router_specs: tuple[str, ...], pd_text: str | None, slo_ms: float | None, servtime: str,
            token_budget: int, max_batch: int, policy: str, capacity_blocks: int, block_kib: int, time_scale: float,
-           namespaces: bool | None, as_json: bool) -> None:
+           namespaces: bool | None, engine: str, as_json: bool) -> None:
     """Replay TRACE on N instances sharing KV blocks peer to peer (execute), or simulate it over a cluster under a
     KV-aware router (simulate): TTFT/TPOT tails, hit ratios local / peer / miss, link bytes, and per mode the
     pull-or-recompute estimator's error (execute) or SLO attainment, load imbalance and cost (simulate)."""
@@ -115,13 +123,24 @@ def replay(trace: str, tier_file: str | None, instances: int | None, sharing: st
                        index=index, transport=transport, link=None if link_text is None else parse_link(link_text),
                        max_requests=max_requests, faults=faults, mode=mode, namespaces=namespaces, policy=policy,
                        capacity_blocks=capacity_blocks, block_kib=block_kib, time_scale=time_scale)
-    result = cluster_replay(spec)
-    for note in result.notes:
+    if engine == "vllm":
+        ctx = click.get_current_context()
+        if ctx.get_parameter_source("block_kib") is ParameterSource.COMMANDLINE:
+            raise ConfigError("--block-kib with --engine vllm: a vLLM block's size is the model's KV per token x "
+                              "64 tokens")
+        if ctx.get_parameter_source("pull") is not ParameterSource.COMMANDLINE:
+            spec = replace(spec, pull="always")
+        run = vllm_cluster_replay(spec, VllmOptions())
+        result, doc = run.cluster, run.to_json()
+    else:
+        result = cluster_replay(spec)
+        doc = {"engine": "tieremu", **result.to_json()}
+    for note in doc["notes"]:
         click.echo(f"note: {note}", err=True)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
+        click.echo(json.dumps(doc, indent=2))
     else:
-        Console(width=max(120, Console().width)).print(_table(result))
+        Console(width=max(120, Console().width)).print(_table(result, engine))
     if result.corrupted_blocks:
         raise WorkloadError(f"{result.corrupted_blocks} corrupted blocks were detected (and not used)")
 
@@ -140,9 +159,9 @@ cluster.add_command(fit_servtime)
 cluster.add_command(validate)
 
 
-def _table(r: ClusterResult) -> Table:
+def _table(r: ClusterResult, engine: str = "tieremu") -> Table:
     where = "namespaces (tbf)" if r.namespaces else "loopback"
-    table = Table(title=f"cluster replay: {r.instances_n} instances, sharing {r.sharing}, index {r.index}, "
+    table = Table(title=f"cluster replay: {r.instances_n} {engine} instances, sharing {r.sharing}, index {r.index}, "
                   f"{r.transport} over {where}, {r.completed}/{r.requests} requests [{r.origin}]")
     for column in ("instance", "requests", "local", "peer", "miss", "TTFT p50 ms", "TTFT p99 ms", "pulled MiB",
                    "stale", "failed", "corrupt"):

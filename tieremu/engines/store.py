@@ -169,6 +169,39 @@ class TierStore:
         with self.lock:
             self.view.unpin(keys)
 
+    def resident_prefix(self, keys: Sequence[int]) -> int:
+        """How many of keys, from the first, are resident (nothing pinned, nothing counted: a look before a peer
+        is asked for the rest)."""
+        with self.lock, self.cache.lock:
+            count = 0
+            for key in keys:
+                if self.view.tier_of(key) is None:
+                    break
+                count += 1
+            return count
+
+    # -- what peers ask of this store (tieremu.cluster's vLLM instances) ---------------------------------------
+
+    def held(self) -> set[int]:
+        """The keys of every resident block."""
+        with self.lock, self.cache.lock:
+            return {b.key for b in self.cache.pool.blocks.values() if b.key is not None}
+
+    def peek(self, key: int) -> bytes | None:
+        """A resident block's bytes as save() takes them ([layers, 2, block_tokens, kv_heads, head_dim] of the
+        layout's dtype), copied out of its tier's memory under the lock, for a peer that pulls it; None if it is not
+        resident or is held in a form that is not those bytes (a compressed or file tier). Not counted as a load:
+        the peer's pull is counted by the transport."""
+        with self.lock, self.cache.lock:
+            block = self.cache.pool.by_key(key)
+            if block is None or (self.compression is not None and block.tier in self.compression.codecs):
+                return None
+            arena = self.cache.pool.arenas[block.arena]
+            blocks = getattr(arena, "blocks", None)
+            if not isinstance(blocks, torch.Tensor) or blocks.device.type != "cpu":
+                return None
+            return blocks[block.slot].contiguous().view(torch.uint8).numpy().tobytes()
+
     # -- the worker's loads and saves ------------------------------------------------------------------------
 
     def load(self, keys: Sequence[int], request: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

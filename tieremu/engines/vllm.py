@@ -12,6 +12,11 @@ timing model) into vLLM's paged KV tensor before the forward pass; after it, new
 out of the paged tensor and admitted to the store where the policy says. Loads and saves are synchronous: the step
 waits for them, so the time they take is in the engine's TTFT.
 
+A peer source (`set_peer_source`, installed by tieremu.cluster's vLLM instances) extends the lookup across engines:
+the blocks after the leading locally resident ones are asked of it (another engine's store, through the peer index
+and the block transport), and those it returns are saved into this store before the scheduler is answered, so the
+load path reads them like its own (the pull's time is in the request's TTFT).
+
 Both sides live in vLLM's engine-core process (the scheduler and, with one worker, the model runner), so they share
 one store per process, created by whichever side comes first (`shared_store`).
 
@@ -37,11 +42,11 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -153,6 +158,26 @@ def shared_store(config: StoreConfig, layout: KVLayout) -> Shared:
             raise KVError(f"one process, two engines with different KV layouts: {_shared.store.layout.describe()} "
                           f"and {layout.describe()}")
         return _shared
+
+
+class PeerSource(Protocol):
+    """Where the connector asks for blocks its own store lacks: other engines' stores (tieremu.cluster's vLLM
+    instances install one with `set_peer_source`; this layer knows nothing of indexes or links)."""
+
+    def fetch(self, keys: Sequence[int], request_id: str) -> list[torch.Tensor]:
+        """Blocks for the leading keys that peers hold, in order, stopping at the first one not obtained; each
+        [layers, 2, block_tokens, kv_heads, head_dim] in the store's dtype, already checked end to end."""
+        ...
+
+
+_peer: PeerSource | None = None
+
+
+def set_peer_source(source: PeerSource | None) -> None:
+    """Install (or, with None, remove) this process's peer source: from then on, the prompt blocks after the
+    leading locally resident ones are asked of it before the scheduler is told how many tokens it can load."""
+    global _peer
+    _peer = source
 
 
 def current() -> Shared | None:
@@ -269,9 +294,22 @@ class TieredKVConnector(KVConnectorBase_V1):
         keys = [block_key(h) for h in request.block_hashes[first:limit]]
         if tracked.load_keys:
             self.store.release(tracked.load_keys)  # asked again (not scheduled last time): promise afresh
+        if _peer is not None:
+            self._pull_from_peers(keys, tracked)
         found = self.store.matched(keys, tracked.index)
         tracked.load_from, tracked.load_keys = first, tuple(keys[:found])
         return found * self.block_size, False
+
+    def _pull_from_peers(self, keys: list[int], tracked: _Tracked) -> None:
+        """The blocks after the leading resident ones, if peers hold them: pulled now (the scheduler's step waits:
+        the time is in the request's TTFT) and saved into this store, so the load path reads them like its own."""
+        assert _peer is not None
+        local = self.store.resident_prefix(keys)
+        if local == len(keys):
+            return
+        for key, block in zip(keys[local:], _peer.fetch(keys[local:], tracked.request.request_id), strict=False):
+            if self.store.save(key, block, tracked.index) is None and self.store.resident_prefix([key]) == 0:
+                break  # no tier could take it: the blocks after it would not be a leading run either
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         tracked = self._track(request)

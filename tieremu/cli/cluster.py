@@ -28,8 +28,8 @@ from tieremu.errors import ConfigError, WorkloadError
 
 MODES = ("execute", "simulate")
 # Options that mean something in one mode only: given in the other, they are refused rather than ignored.
-EXECUTE_ONLY = ("pull", "index", "transport", "link_text", "faults", "namespaces", "capacity_blocks", "block_kib",
-                "time_scale")
+EXECUTE_ONLY = ("pull", "index", "transport", "shm_node", "link_text", "faults", "namespaces", "capacity_blocks",
+                "block_kib", "time_scale")
 SIMULATE_ONLY = ("pd_text", "slo_ms", "servtime", "token_budget", "max_batch")
 
 
@@ -55,7 +55,11 @@ def cluster() -> None:
               "keeps a replica fed by ZeroMQ pub-sub events, or each block's home instances (consistent hashing) "
               "know its holders.")
 @click.option("--transport", default="tcp", show_default=True,
-              help=f"{' | '.join(TRANSPORTS)} (shm and mooncake are not built yet).")
+              help=f"{' | '.join(TRANSPORTS)}: blocks cross TCP sockets, or a shared-memory pool bound to --shm-node "
+                   "and mapped by every instance (a CXL pool; emulated by a node with CPUs; instances on loopback, "
+                   "rate paced by the transport); mooncake is not built yet.")
+@click.option("--shm-node", type=int, default=0, show_default=True,
+              help="--transport shm: the memory node the shared pool is bound to (mbind, checked with move_pages).")
 @click.option("--link", "link_text", default=None, metavar="LATENCY_US,GBPS",
               help="Every link: one-way latency in microseconds and bandwidth in Gb/s (default: the peer tier's).")
 @click.option("--max-requests", type=int, default=None, help="Replay only the trace's first N requests.")
@@ -90,7 +94,8 @@ def cluster() -> None:
               help="Run instances in network namespaces (root) or on loopback (default: namespaces when root).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replay(trace: str, tier_file: str | None, instances: int | None, sharing: str, pull: str, index: str,
-           transport: str, link_text: str | None, max_requests: int | None, faults: tuple[str, ...], mode: str,
+           transport: str, shm_node: int, link_text: str | None, max_requests: int | None, faults: tuple[str, ...],
+           mode: str,
            router_specs: tuple[str, ...], pd_text: str | None, slo_ms: float | None, servtime: str,
            token_budget: int, max_batch: int, policy: str, capacity_blocks: int, block_kib: int, time_scale: float,
            namespaces: bool | None, as_json: bool) -> None:
@@ -112,7 +117,7 @@ def replay(trace: str, tier_file: str | None, instances: int | None, sharing: st
     spec = ClusterSpec(trace=Path(trace), tiers=Path(tier_file), instances=instances, sharing=sharing, pull=pull,
                        index=index, transport=transport, link=None if link_text is None else parse_link(link_text),
                        max_requests=max_requests, faults=faults, mode=mode, namespaces=namespaces, policy=policy,
-                       capacity_blocks=capacity_blocks, block_kib=block_kib, time_scale=time_scale)
+                       capacity_blocks=capacity_blocks, block_kib=block_kib, time_scale=time_scale, shm_node=shm_node)
     result = cluster_replay(spec)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
@@ -139,6 +144,8 @@ cluster.add_command(fit_servtime)
 
 def _table(r: ClusterResult) -> Table:
     where = "namespaces (tbf)" if r.namespaces else "loopback"
+    if r.transport == "shm":
+        where = f"a pool on node {r.shaping.get('pool_node', '?')} ({r.shaping.get('pool_memory', '?')})"
     table = Table(title=f"cluster replay: {r.instances_n} instances, sharing {r.sharing}, index {r.index}, "
                   f"{r.transport} over {where}, {r.completed}/{r.requests} requests [{r.origin}]")
     for column in ("instance", "requests", "local", "peer", "miss", "TTFT p50 ms", "TTFT p99 ms", "pulled MiB",

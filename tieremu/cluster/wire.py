@@ -1,50 +1,90 @@
 """The block transport: TCP between instances, every block checksummed end to end, the link shaped per message.
 
-A pull is one request (op, hash id) and one reply (status, hash id, length, BLAKE2b-128 of the payload, payload).
-The server reads the block from its tier's memory under the cache's lock, hashes it there, and sends it after the
-link's latency (plus uniform jitter), dropping the reply with the link's loss probability; where the kernel does
-not shape the rate (loopback) it also paces the payload at the link's bandwidth in 16 KiB slices. The client
-verifies the checksum before anything is stored: a block that fails it is counted as corrupted and recomputed.
+A pull is one request (op, hash id) and one reply: a head (status, hash id, length), the payload, and a trailer
+holding the CRC-32 of the payload (the checksum iSCSI and RoCE carry for the same job: catching corrupted bytes,
+not attackers). The server reads the block from its tier's memory under the cache's lock (one copy: the slot may
+be reused once the lock is let go), waits out the link's latency (plus uniform jitter), and drops the reply with
+the link's loss probability. It then streams the payload in slices, extending the checksum over each slice just
+before that slice goes out, so hashing overlaps the wire instead of adding to it; where the kernel does not shape
+the rate (loopback) it also paces the slices at the link's bandwidth, each slice sized to ~50 us of the rate. The
+client receives into a buffer it keeps (no allocation, no page faults per pull), extends its own checksum over
+each piece as it arrives, and compares with the trailer before anything is stored: a block that fails is counted
+as corrupted and recomputed.
 
-The delays are paid by a precise wait (sleep to within 200 us, then spin), the way a NIC's latency is paid by
-waiting for it: that is the emulated link's behaviour, not work stood in for.
+The delays are paid by a precise wait (sleep with the thread's timer slack cut to 1 us, then spin the last
+80 us), the way a NIC's latency is paid by waiting for it: that is the emulated link's behaviour, not work stood
+in for. Nagle is off on both ends (TCP_NODELAY): a pull is a request-reply exchange.
+
+`ShmClient` (tieremu.cluster.shm) speaks the same request-reply exchange but takes the payload from a shared
+memory pool instead of the socket.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import random
 import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tieremu.cluster.link import LinkSpec
+from tieremu.cluster.shm import ShmPool
 
 OP_GET = 1
+OP_GET_SHM = 2  # the payload goes through the shared-memory pool, not the socket (tieremu.cluster.shm)
 OK, NOT_HELD = 0, 1
-_REQ = struct.Struct("!BQ")
-_REPLY = struct.Struct("!BQQ16s")
-SLICE = 16 * 1024
-SPIN_S = 200e-6
+_REQ = struct.Struct("!BQH")  # op, hash id, the puller's instance number (its slot in a shared-memory pool)
+_HEAD = struct.Struct("!BQQ")  # status, hash id, payload length
+_TRAILER = struct.Struct("!I")  # CRC-32 of the payload
+SLICE = 256 * 1024  # unpaced: checksum one slice while the kernel drains the one before
+MIN_PACED_SLICE = 16 * 1024
+PACE_QUANTUM_S = 50e-6  # a paced slice holds this long of the link's rate (16 KiB at least)
+SPIN_S = 80e-6
+PR_SET_TIMERSLACK = 29
+
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # not Linux: sleeps keep the default slack
+    _libc = None
 
 
 def digest(data: bytes | memoryview) -> bytes:
-    """The end-to-end checksum of a block's bytes (16-byte BLAKE2b)."""
+    """A block's 16-byte BLAKE2b, the digest the instances keep to check resident blocks at the end of a run."""
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
+def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """The wire's end-to-end checksum (CRC-32), extended from `value` over `data`."""
+    return zlib.crc32(data, value)
+
+
+def precise_sleeps() -> None:
+    """Cut this thread's timer slack to 1 us (default 50 us), so a sleep wakes within ~20 us of its due time and
+    wait_until spins less."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
+
+
 def wait_until(due: float) -> None:
-    """Wait until time.perf_counter() reaches `due`: sleep the bulk, spin the last 200 us."""
+    """Wait until time.perf_counter() reaches `due`: sleep the bulk, spin the last 80 us."""
     while True:
         left = due - time.perf_counter()
         if left <= 0:
             return
         if left > SPIN_S:
             time.sleep(left - SPIN_S)
+
+
+def paced_slice(gbps: float) -> int:
+    """Bytes per paced slice: PACE_QUANTUM_S of the rate, at least 16 KiB, a multiple of 4 KiB."""
+    nbytes = int(gbps * 1e9 / 8 * PACE_QUANTUM_S)
+    return max(MIN_PACED_SLICE, nbytes - nbytes % 4096)
 
 
 @dataclass
@@ -56,15 +96,41 @@ class LinkState:
     partitioned: bool = False
 
 
-BlockReader = Callable[[int], "bytes | None"]  # hash id -> the block's bytes, None if not held
+Payload = bytes | bytearray | memoryview
+BlockReader = Callable[[int], "Payload | None"]  # hash id -> the block's bytes, None if not held
+
+
+def _tune(sock: socket.socket) -> None:
+    """Nagle off. The buffer sizes are left to the kernel's autotuning (tcp_rmem reaches 32 MiB here): setting
+    SO_SNDBUF/SO_RCVBUF pins them at net.core.*mem_max (4 MiB) and was no faster in the link benchmark."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _put(conn: socket.socket, *pieces: Payload) -> None:
+    """Hand bytes to the kernel (the wire), gathering several buffers in one call without joining them."""
+    if len(pieces) == 1:
+        conn.sendall(pieces[0])
+        return
+    views = [memoryview(p).cast("B") for p in pieces]
+    total = sum(len(v) for v in views)
+    sent = conn.sendmsg(views)
+    if sent < total:  # rare: the socket buffer was full; send the rest in order
+        skip = sent
+        for v in views:
+            if skip >= len(v):
+                skip -= len(v)
+                continue
+            conn.sendall(v[skip:])
+            skip = 0
 
 
 class BlockServer:
     """Serves pulls of this instance's blocks on (host, port), one thread per connection."""
 
     def __init__(self, host: str, port: int, read: BlockReader, links: Callable[[str], LinkState],
-                 seed: int = 0) -> None:
+                 seed: int = 0, pool: ShmPool | None = None, me: int = 0) -> None:
         self.read = read
+        self.pool, self.me = pool, me  # with a pool: OP_GET_SHM pulls are answered through it
         self.links = links  # the peer's address -> the link the reply goes out on
         self.sock = socket.create_server((host, port), reuse_port=False)
         self.served_bytes = 0
@@ -84,23 +150,24 @@ class BlockServer:
                 conn, addr = self.sock.accept()
             except OSError:
                 return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _tune(conn)
             threading.Thread(target=self._serve, args=(conn, addr[0]), daemon=True).start()
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
+        precise_sleeps()
+        head = bytearray(_REQ.size)
         with conn:
             while True:
                 try:
-                    head = _recv_exact(conn, _REQ.size)
+                    if _recv_into(conn, memoryview(head)) is None:
+                        return
                 except OSError:
-                    return
-                if head is None:
                     return
                 start = time.perf_counter()
                 with self._lock:
                     self.inflight += 1
                 try:
-                    if not self._reply(conn, peer, head, start):
+                    if not self._reply(conn, peer, bytes(head), start):
                         return
                 finally:
                     with self._lock:
@@ -114,7 +181,9 @@ class BlockServer:
 
     def _reply(self, conn: socket.socket, peer: str, head: bytes, start: float) -> bool:
         """Answer one pull; False when the connection is gone."""
-        _op, key = _REQ.unpack(head)
+        op, key, puller = _REQ.unpack(head)
+        if op == OP_GET_SHM and self.pool is None:
+            return False  # a client that expects a pool this server does not have: hang up
         payload = self.read(key)
         link = self.links(peer)
         with self._lock:
@@ -128,30 +197,44 @@ class BlockServer:
         try:
             if payload is None:
                 wait_until(due)
-                conn.sendall(_REPLY.pack(NOT_HELD, key, 0, bytes(16)))
+                _put(conn, _HEAD.pack(NOT_HELD, key, 0))
                 return True
-            header = _REPLY.pack(OK, key, len(payload), digest(payload))
+            view = memoryview(payload).cast("B")
+            into = self.pool.slot_view(self.me, puller, len(view)) if op == OP_GET_SHM and self.pool else None
             wait_until(due)
-            self._send(conn, header, payload, link, due)
+            self._send(conn, _HEAD.pack(OK, key, len(view)), view, link, due, into)
         except OSError:
             return False
         with self._lock:
             self.served += 1
-            self.served_bytes += len(payload)
+            self.served_bytes += len(view)
         return True
 
     @staticmethod
-    def _send(conn: socket.socket, header: bytes, payload: bytes, link: LinkState, start: float) -> None:
-        if not link.pace:
-            conn.sendall(header + payload)
-            return
-        conn.sendall(header)
-        view = memoryview(payload)
+    def _send(conn: socket.socket, head: bytes, view: memoryview, link: LinkState, start: float,
+              into: memoryview | None = None) -> None:
+        """Head, payload slices (each checksummed just before it goes), trailer; paced from `start` if asked. With
+        `into` (a pool slot) the slices are copied there and only the head and trailer go on the socket."""
+        step = paced_slice(link.spec.gbps) if link.pace else SLICE
         per_byte = 8 / (link.spec.gbps * 1e9)
-        for offset in range(0, len(view), SLICE):
-            piece = view[offset:offset + SLICE]
-            conn.sendall(piece)
-            wait_until(start + (offset + len(piece)) * per_byte)  # the slice has left when the link says so
+        value = 0
+        first = into is None
+        for offset in range(0, len(view), step):
+            piece = view[offset:offset + step]
+            value = checksum(piece, value)
+            if into is not None:
+                into[offset:offset + len(piece)] = piece
+            elif first:
+                _put(conn, head, piece)
+                first = False
+            else:
+                _put(conn, piece)
+            if link.pace:
+                wait_until(start + (offset + len(piece)) * per_byte)  # the slice has left when the link says so
+        if first or into is not None:  # an empty block, or one in the pool: the head goes with the trailer
+            _put(conn, head, _TRAILER.pack(value))
+        else:
+            _put(conn, _TRAILER.pack(value))
 
     def close(self) -> None:
         self._closed = True
@@ -172,35 +255,48 @@ class PullError(Exception):
 @dataclass(frozen=True)
 class Pulled:
     key: int
-    payload: bytes | None  # None: the peer does not hold the block (a stale index entry)
+    # None: the peer does not hold the block (a stale index entry). A view of the client's receive buffer: valid
+    # until the next pull on the same client (copy it to keep it).
+    payload: memoryview | None
     seconds: float
 
 
 class BlockClient:
     """Pulls blocks from one peer over a persistent connection (reopened after any failure)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, pool: ShmPool | None = None, me: int = 0, holder: int = 0) -> None:
+        """With `pool`, pulls ask `holder` to put the block in the pool's (holder, me) slot and copy it out."""
         self.host, self.port = host, port
+        self.pool, self.me, self.holder = pool, me, holder
         self.sock: socket.socket | None = None
+        self._head = bytearray(_HEAD.size)
+        self._buf = bytearray(0)  # grows to the largest block pulled, then reused
 
     def pull(self, key: int, timeout_s: float) -> Pulled:
         start = time.perf_counter()
         try:
             if self.sock is None:
                 self.sock = socket.create_connection((self.host, self.port), timeout=timeout_s)
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _tune(self.sock)
             self.sock.settimeout(timeout_s)
-            self.sock.sendall(_REQ.pack(OP_GET, key))
-            head = _recv_exact(self.sock, _REPLY.size)
-            if head is None:
+            self.sock.sendall(_REQ.pack(OP_GET if self.pool is None else OP_GET_SHM, key, self.me))
+            if _recv_into(self.sock, memoryview(self._head)) is None:
                 raise ConnectionResetError("peer closed the connection")
-            status, got, length, check = _REPLY.unpack(head)
+            status, got, length = _HEAD.unpack(self._head)
             if got != key:
                 raise PullError("corrupt", f"asked for block {key}, got {got}")
             if status == NOT_HELD:
                 return Pulled(key, None, time.perf_counter() - start)
-            payload = _recv_exact(self.sock, length)
-            if payload is None:
+            need = length + _TRAILER.size
+            if len(self._buf) < need:
+                self._buf = bytearray(need)
+            view = memoryview(self._buf)[:need]
+            if self.pool is None:
+                value = _recv_into(self.sock, view, checked=length)
+            elif (value := _recv_into(self.sock, view[length:])) is not None:  # the trailer; the block is in the pool
+                view[:length] = self.pool.slot_view(self.holder, self.me, length)
+                value = checksum(view[:length])
+            if value is None:
                 raise ConnectionResetError("peer closed the connection mid-block")
         except TimeoutError as exc:
             self.close()
@@ -215,9 +311,10 @@ class BlockClient:
             self.close()  # no route (a link down): like a lost reply, the peer may still be alive
             raise PullError("unreachable", f"{self.host}:{self.port}: {exc}") from exc
         seconds = time.perf_counter() - start
-        if digest(payload) != check:
+        (sent,) = _TRAILER.unpack(view[length:])
+        if value != sent:
             raise PullError("corrupt", f"block {key} from {self.host}:{self.port} failed its checksum")
-        return Pulled(key, payload, seconds)
+        return Pulled(key, view[:length], seconds)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -225,13 +322,17 @@ class BlockClient:
             self.sock = None
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
+def _recv_into(sock: socket.socket, view: memoryview, checked: int = 0) -> int | None:
+    """Fill `view` from the socket; None if the peer closed first, else the CRC-32 of its first `checked` bytes,
+    extended over each piece as it lands (the checksum overlaps the receive)."""
+    n = len(view)
     got = 0
+    value = 0
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             return None
+        if got < checked:
+            value = checksum(view[got:min(got + k, checked)], value)
         got += k
-    return bytes(buf)
+    return value

@@ -13,10 +13,12 @@ as corrupted and recomputed.
 
 The delays are paid by a precise wait (sleep with the thread's timer slack cut to 1 us, then spin the last
 80 us), the way a NIC's latency is paid by waiting for it: that is the emulated link's behaviour, not work stood
-in for. Nagle is off on both ends (TCP_NODELAY): a pull is a request-reply exchange.
+in for; a paced slice other than the last only sleeps. Nagle is off on both ends (TCP_NODELAY): a pull is a
+request-reply exchange.
 
-`ShmClient` (tieremu.cluster.shm) speaks the same request-reply exchange but takes the payload from a shared
-memory pool instead of the socket.
+With a shared-memory pool (tieremu.cluster.shm, `--transport shm`) the exchange is the same but the payload goes
+through the pool: the server copies each checksummed slice into the (holder, puller) slot, the reply carries only
+the head and the trailer, and the client copies the slot out and checks it.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ SLICE = 256 * 1024  # unpaced: checksum one slice while the kernel drains the on
 MIN_PACED_SLICE = 16 * 1024
 PACE_QUANTUM_S = 50e-6  # a paced slice holds this long of the link's rate (16 KiB at least)
 SPIN_S = 80e-6
+RECV_LOWAT = 256 * 1024  # wake the receiver per 256 KiB of a block, not per packet: fewer wake-ups to wait for
 PR_SET_TIMERSLACK = 29
 
 try:
@@ -71,11 +74,16 @@ def precise_sleeps() -> None:
         _libc.prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
 
 
-def wait_until(due: float) -> None:
-    """Wait until time.perf_counter() reaches `due`: sleep the bulk, spin the last 80 us."""
+def wait_until(due: float, spin: bool = True) -> None:
+    """Wait until time.perf_counter() reaches `due`: sleep the bulk, spin the last 80 us. Without `spin`, only
+    sleep (a wake-up may be ~20 us late): for a paced slice that is not the last, whose lateness the next slice
+    makes up, so the CPU is left to the receiver instead of being burnt."""
     while True:
         left = due - time.perf_counter()
         if left <= 0:
+            return
+        if not spin:
+            time.sleep(left)
             return
         if left > SPIN_S:
             time.sleep(left - SPIN_S)
@@ -229,8 +237,8 @@ class BlockServer:
                 first = False
             else:
                 _put(conn, piece)
-            if link.pace:
-                wait_until(start + (offset + len(piece)) * per_byte)  # the slice has left when the link says so
+            if link.pace:  # the slice has left when the link says so; only the last one's end must be exact
+                wait_until(start + (offset + len(piece)) * per_byte, spin=offset + step >= len(view))
         if first or into is not None:  # an empty block, or one in the pool: the head goes with the trailer
             _put(conn, head, _TRAILER.pack(value))
         else:
@@ -328,11 +336,18 @@ def _recv_into(sock: socket.socket, view: memoryview, checked: int = 0) -> int |
     n = len(view)
     got = 0
     value = 0
+    lowat = 1
     while got < n:
+        want = min(n - got, RECV_LOWAT) if checked else 1
+        if want != lowat:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            lowat = want
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             return None
         if got < checked:
             value = checksum(view[got:min(got + k, checked)], value)
         got += k
+    if lowat != 1:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
     return value

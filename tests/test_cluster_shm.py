@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +108,28 @@ def test_a_killed_replays_pool_is_removed_by_the_next(tmp_path: Path, monkeypatc
     mine.write_bytes(b"x")
     assert shm.cleanup_stale_pools() == [str(dead)]
     assert not dead.exists() and mine.exists()
+
+
+def test_ctrl_c_removes_the_pool(tmp_path: Path) -> None:
+    rows = [(t * 50, list(range(6 * t, 6 * t + 6))) for t in range(400)]  # long enough to be interrupted
+    trace = tmp_path / "long.jsonl"
+    trace.write_text("".join(json.dumps({"timestamp": t, "input_length": 512 * len(ids), "output_length": 1,
+                                         "hash_ids": ids}) + "\n" for t, ids in rows))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tieremu", "cluster", "replay", str(trace), "--tiers", str(TIERS),
+                             "--transport", "shm", "--link", "10,10", "--block-kib", "16", "--time-scale", "1"],
+                            env={**os.environ, "PYTHONPATH": str(root)}, cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not shm.pools_of(proc.pid):
+            time.sleep(0.05)
+        assert shm.pools_of(proc.pid), "no pool appeared"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert shm.pools_of(proc.pid) == []

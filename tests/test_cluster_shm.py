@@ -61,6 +61,11 @@ def test_the_pool_is_bound_to_its_node_and_a_pull_through_it_is_checked(monkeypa
             with pytest.raises(PullError) as err:
                 client.pull(5, 1.0)
             assert err.value.kind == "corrupt"
+            # A pull the puller gave up on (timeout) stops writing once a newer pull claims the slot.
+            old = pool.claim(0, 1)
+            new = pool.claim(0, 1)
+            assert not pool.write(0, 1, old, 0, memoryview(b"stale"))
+            assert pool.write(0, 1, new, 0, memoryview(b"fresh")) and bytes(pool.slot_view(0, 1, 5)) == b"fresh"
         finally:
             client.close()
             server.close()

@@ -29,6 +29,7 @@ import mmap
 import os
 import re
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,10 @@ class ShmPool:
         finally:
             os.close(fd)
         self.view = memoryview(self._map)
+        # A holder's writes into a slot: the newest pull for a slot owns it (see claim).
+        self._lock = threading.Lock()
+        self._owner: dict[int, int] = {}
+        self._claims = 0
         first = ctypes.c_char.from_buffer(self._map)
         self.addr = ctypes.addressof(first)
         del first  # its buffer export would keep close() from unmapping
@@ -158,6 +163,24 @@ class ShmPool:
                                  "slots")
         start = self.spec.slot(holder, puller) * self.spec.slot_bytes
         return self.view[start:start + nbytes]
+
+    def claim(self, holder: int, puller: int) -> int:
+        """Make the slot this pull's: a pull for it still being served (one the puller gave up on: a timeout) writes
+        nothing more, so it never mixes its bytes into the new block. A token for write()."""
+        with self._lock:
+            self._claims += 1
+            self._owner[self.spec.slot(holder, puller)] = self._claims
+            return self._claims
+
+    def write(self, holder: int, puller: int, token: int, offset: int, data: memoryview) -> bool:
+        """Copy `data` to the slot at `offset` if the claim `token` still owns it; False if it was superseded."""
+        slot = self.spec.slot(holder, puller)
+        with self._lock:
+            if self._owner.get(slot) != token:
+                return False
+            start = slot * self.spec.slot_bytes + offset
+            self.view[start:start + len(data)] = data
+        return True
 
     def close(self) -> None:
         self.view.release()

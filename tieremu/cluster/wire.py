@@ -106,6 +106,7 @@ class LinkState:
 
 Payload = bytes | bytearray | memoryview
 BlockReader = Callable[[int], "Payload | None"]  # hash id -> the block's bytes, None if not held
+SlotWrite = Callable[[int, memoryview], bool]  # (offset, slice) -> copied into the pool slot (False: superseded)
 
 
 def _tune(sock: socket.socket) -> None:
@@ -208,9 +209,17 @@ class BlockServer:
                 _put(conn, _HEAD.pack(NOT_HELD, key, 0))
                 return True
             view = memoryview(payload).cast("B")
-            into = self.pool.slot_view(self.me, puller, len(view)) if op == OP_GET_SHM and self.pool else None
+            into: SlotWrite | None = None
+            if op == OP_GET_SHM and self.pool is not None:
+                pool = self.pool
+                pool.slot_view(self.me, puller, len(view))  # the block fits a slot (else PlacementError)
+                token = pool.claim(self.me, puller)
+
+                def into(offset: int, piece: memoryview) -> bool:
+                    return pool.write(self.me, puller, token, offset, piece)
             wait_until(due)
-            self._send(conn, _HEAD.pack(OK, key, len(view)), view, link, due, into)
+            if not self._send(conn, _HEAD.pack(OK, key, len(view)), view, link, due, into):
+                return False  # a newer pull took the slot: the puller gave up on this one and hung up
         except OSError:
             return False
         with self._lock:
@@ -220,9 +229,10 @@ class BlockServer:
 
     @staticmethod
     def _send(conn: socket.socket, head: bytes, view: memoryview, link: LinkState, start: float,
-              into: memoryview | None = None) -> None:
+              into: SlotWrite | None = None) -> bool:
         """Head, payload slices (each checksummed just before it goes), trailer; paced from `start` if asked. With
-        `into` (a pool slot) the slices are copied there and only the head and trailer go on the socket."""
+        `into` (a pool slot's writer) the slices are copied there and only the head and trailer go on the socket;
+        False if the slot was taken by a newer pull meanwhile."""
         step = paced_slice(link.spec.gbps) if link.pace else SLICE
         per_byte = 8 / (link.spec.gbps * 1e9)
         value = 0
@@ -231,7 +241,8 @@ class BlockServer:
             piece = view[offset:offset + step]
             value = checksum(piece, value)
             if into is not None:
-                into[offset:offset + len(piece)] = piece
+                if not into(offset, piece):
+                    return False
             elif first:
                 _put(conn, head, piece)
                 first = False
@@ -243,6 +254,7 @@ class BlockServer:
             _put(conn, head, _TRAILER.pack(value))
         else:
             _put(conn, _TRAILER.pack(value))
+        return True
 
     def close(self) -> None:
         self._closed = True

@@ -50,22 +50,24 @@ def test_the_pool_is_bound_to_its_node_and_a_pull_through_it_is_checked(monkeypa
             assert bytes(other.slot_view(0, 1, len(block))) == block  # it crossed the pool, in the pair's slot
             assert got.seconds >= LinkSpec(10, 1).seconds(len(block)) * 0.9  # paced: ~170 us
             assert client.pull(6, 1.0).payload is None
-            # A byte flipped in the pool after the holder's checksum: refused, never returned.
-            real = other.slot_view
+            # A byte flipped on its way into the pool, after the holder's checksum: refused, never returned.
+            real = pool.write
 
-            def flipped(holder: int, puller: int, nbytes: int) -> memoryview:
-                view = real(holder, puller, nbytes)
-                view[0] ^= 1
-                return view
-            monkeypatch.setattr(other, "slot_view", flipped)
+            def flipped(holder: int, puller: int, token: int, offset: int, data: memoryview) -> bool:
+                if offset == 0:
+                    data = memoryview(bytes([data[0] ^ 1]) + bytes(data[1:]))
+                return real(holder, puller, token, offset, data)
+            monkeypatch.setattr(pool, "write", flipped)
             with pytest.raises(PullError) as err:
                 client.pull(5, 1.0)
             assert err.value.kind == "corrupt"
             # A pull the puller gave up on (timeout) stops writing once a newer pull claims the slot.
-            old = pool.claim(0, 1)
-            new = pool.claim(0, 1)
+            monkeypatch.undo()
+            old = pool.claim(0, 1, 7)
+            new = pool.claim(0, 1, 8)
             assert not pool.write(0, 1, old, 0, memoryview(b"stale"))
-            assert pool.write(0, 1, new, 0, memoryview(b"fresh")) and bytes(pool.slot_view(0, 1, 5)) == b"fresh"
+            assert pool.write(0, 1, new, 0, memoryview(b"fresh")) and bytes(other.slot_view(0, 1, 5)) == b"fresh"
+            assert other.progress(0, 1) == (8, 5)  # the puller's mapping sees the holder's progress
         finally:
             client.close()
             server.close()

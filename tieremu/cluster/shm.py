@@ -5,14 +5,18 @@ Design (the simplest honest one): the pool is the medium a block crosses, not a 
 one file in /dev/shm (tmpfs: shared memory that every instance process opens by name), created by the replay,
 bound with mbind(MPOL_BIND) to the chosen node before any page exists, faulted in, and checked by asking the kernel
 where each page is (move_pages in query mode): every page on the node, or the run is refused. It holds one slot of
-one block per ordered pair of instances (holder, puller), so a pull never waits for another pair's.
+one block per ordered pair of instances (holder, puller), so a pull never waits for another pair's, and in its
+first page one progress word per slot: the pull's sequence number and the bytes written so far.
 
 A pull keeps the TCP transport's control exchange (tieremu.cluster.wire: request, reply head, CRC-32 trailer), so
 the peer index, the holder's lock, a dead peer (refused), a partition and loss (no reply: timeout) behave exactly
 as over TCP; only the payload moves through the pool. The holder waits out the link's latency, copies the block
 from its tier into the pair's slot, extending the CRC-32 over each slice as it goes (paced at the link's rate
-when a link is given), and replies with the head and the checksum. The puller copies the slot out of the pool
-and checks the CRC over the bytes it read: a block corrupted in the pool is refused like a corrupted TCP block.
+when a link is given), and replies with the head and the checksum. The puller copies each slice out of the pool as
+soon as the progress word says it is there (so its copy and checksum overlap the paced transfer, as a NIC's DMA
+overlaps the wire), the rest when the reply comes, and checks the CRC over the bytes it read: a block corrupted in
+the pool is refused like a corrupted TCP block. (A progress word is one aligned 8-byte store and load, which x86
+makes atomic and orders after the slice's own stores.)
 
 The pool's file is removed by the replay when it ends, on error and on Ctrl-C; its name carries the replay's
 process id, so a replay that was killed (SIGKILL) is cleaned up by the next one (`cleanup_stale_pools`).
@@ -33,6 +37,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tieremu.errors import ConfigError, NodeFullError, PlacementError
 from tieremu.numa import pages, syscalls
 from tieremu.numa.syscalls import Policy
@@ -42,6 +48,10 @@ SHM_DIR = Path(os.environ.get("TIEREMU_SHM_DIR", "/dev/shm"))
 PREFIX = "tieremu-pool-"
 _NAME = re.compile(rf"^{PREFIX}(\d+)-[0-9a-f]+$")
 MADV_POPULATE_READ, MADV_POPULATE_WRITE = 22, 23  # Linux 5.14
+
+SEQ_SHIFT = 40  # a progress word: the pull's sequence number (24 bits) above the bytes written (40 bits)
+SEQ_MASK = (1 << (64 - SEQ_SHIFT)) - 1
+BYTES_MASK = (1 << SEQ_SHIFT) - 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -75,8 +85,13 @@ class PoolSpec:
     node: int
 
     @property
+    def header_bytes(self) -> int:
+        """The progress words, one per slot, rounded up to whole pages."""
+        return -(-self.instances * self.instances * 8 // pages.PAGE_SIZE) * pages.PAGE_SIZE
+
+    @property
     def nbytes(self) -> int:
-        return self.instances * self.instances * self.slot_bytes
+        return self.header_bytes + self.instances * self.instances * self.slot_bytes
 
     def slot(self, holder: int, puller: int) -> int:
         """The slot a block crosses from `holder` to `puller`."""
@@ -98,8 +113,9 @@ class ShmPool:
         self.view = memoryview(self._map)
         # A holder's writes into a slot: the newest pull for a slot owns it (see claim).
         self._lock = threading.Lock()
-        self._owner: dict[int, int] = {}
+        self._owner: dict[int, tuple[int, int]] = {}  # slot -> (claim token, the pull's sequence number)
         self._claims = 0
+        self._progress: np.ndarray | None = np.frombuffer(self._map, dtype=np.uint64, count=spec.instances ** 2)
         first = ctypes.c_char.from_buffer(self._map)
         self.addr = ctypes.addressof(first)
         del first  # its buffer export would keep close() from unmapping
@@ -161,28 +177,43 @@ class ShmPool:
         if nbytes > self.spec.slot_bytes:
             raise PlacementError(f"a block of {nbytes} bytes does not fit the pool's {self.spec.slot_bytes}-byte "
                                  "slots")
-        start = self.spec.slot(holder, puller) * self.spec.slot_bytes
+        start = self.spec.header_bytes + self.spec.slot(holder, puller) * self.spec.slot_bytes
         return self.view[start:start + nbytes]
 
-    def claim(self, holder: int, puller: int) -> int:
-        """Make the slot this pull's: a pull for it still being served (one the puller gave up on: a timeout) writes
-        nothing more, so it never mixes its bytes into the new block. A token for write()."""
+    def progress(self, holder: int, puller: int) -> tuple[int, int]:
+        """(sequence number of the pull being written into the slot, bytes of it written so far)."""
+        assert self._progress is not None
+        word = int(self._progress[self.spec.slot(holder, puller)])
+        return word >> SEQ_SHIFT, word & BYTES_MASK
+
+    def claim(self, holder: int, puller: int, seq: int) -> int:
+        """Make the slot the pull numbered `seq`'s: a pull for it still being served (one the puller gave up on: a
+        timeout) writes nothing more, so it never mixes its bytes into the new block. A token for write()."""
+        slot = self.spec.slot(holder, puller)
         with self._lock:
             self._claims += 1
-            self._owner[self.spec.slot(holder, puller)] = self._claims
+            self._owner[slot] = (self._claims, seq)
+            self._set_progress(slot, seq, 0)
             return self._claims
 
     def write(self, holder: int, puller: int, token: int, offset: int, data: memoryview) -> bool:
         """Copy `data` to the slot at `offset` if the claim `token` still owns it; False if it was superseded."""
         slot = self.spec.slot(holder, puller)
         with self._lock:
-            if self._owner.get(slot) != token:
+            owner = self._owner.get(slot)
+            if owner is None or owner[0] != token:
                 return False
-            start = slot * self.spec.slot_bytes + offset
+            start = self.spec.header_bytes + slot * self.spec.slot_bytes + offset
             self.view[start:start + len(data)] = data
+            self._set_progress(slot, owner[1], offset + len(data))  # after the bytes: a reader never runs ahead
         return True
 
+    def _set_progress(self, slot: int, seq: int, done: int) -> None:
+        assert self._progress is not None
+        self._progress[slot] = (seq & SEQ_MASK) << SEQ_SHIFT | done
+
     def close(self) -> None:
+        self._progress = None
         self.view.release()
         with contextlib.suppress(BufferError):
             self._map.close()

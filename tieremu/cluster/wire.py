@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import hashlib
 import random
+import select
 import socket
 import struct
 import threading
@@ -36,18 +37,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tieremu.cluster.link import LinkSpec
-from tieremu.cluster.shm import ShmPool
+from tieremu.cluster.shm import SEQ_MASK, ShmPool
 
 OP_GET = 1
 OP_GET_SHM = 2  # the payload goes through the shared-memory pool, not the socket (tieremu.cluster.shm)
 OK, NOT_HELD = 0, 1
-_REQ = struct.Struct("!BQH")  # op, hash id, the puller's instance number (its slot in a shared-memory pool)
+# op, hash id; for a shared-memory pull the puller's instance number (its slot) and the pull's sequence number
+_REQ = struct.Struct("!BQHI")
 _HEAD = struct.Struct("!BQQ")  # status, hash id, payload length
 _TRAILER = struct.Struct("!I")  # CRC-32 of the payload
 SLICE = 256 * 1024  # unpaced: checksum one slice while the kernel drains the one before
 MIN_PACED_SLICE = 16 * 1024
 PACE_QUANTUM_S = 50e-6  # a paced slice holds this long of the link's rate (16 KiB at least)
 SPIN_S = 80e-6
+POLL_S = 50e-6  # a shared-memory pull looks at the holder's progress this often while it waits for the reply
 RECV_LOWAT = 256 * 1024  # wake the receiver per 256 KiB of a block, not per packet: fewer wake-ups to wait for
 PR_SET_TIMERSLACK = 29
 
@@ -190,7 +193,7 @@ class BlockServer:
 
     def _reply(self, conn: socket.socket, peer: str, head: bytes, start: float) -> bool:
         """Answer one pull; False when the connection is gone."""
-        op, key, puller = _REQ.unpack(head)
+        op, key, puller, seq = _REQ.unpack(head)
         if op == OP_GET_SHM and self.pool is None:
             return False  # a client that expects a pool this server does not have: hang up
         payload = self.read(key)
@@ -213,7 +216,7 @@ class BlockServer:
             if op == OP_GET_SHM and self.pool is not None:
                 pool = self.pool
                 pool.slot_view(self.me, puller, len(view))  # the block fits a slot (else PlacementError)
-                token = pool.claim(self.me, puller)
+                token = pool.claim(self.me, puller, seq)
 
                 def into(offset: int, piece: memoryview) -> bool:
                     return pool.write(self.me, puller, token, offset, piece)
@@ -288,6 +291,9 @@ class BlockClient:
         """With `pool`, pulls ask `holder` to put the block in the pool's (holder, me) slot and copy it out."""
         self.host, self.port = host, port
         self.pool, self.me, self.holder = pool, me, holder
+        # Pull numbers start at random, so a restarted instance never takes its old incarnation's progress words
+        # (still in the pool) for its own.
+        self._seq = random.getrandbits(24)
         self.sock: socket.socket | None = None
         self._head = bytearray(_HEAD.size)
         self._buf = bytearray(0)  # grows to the largest block pulled, then reused
@@ -299,7 +305,9 @@ class BlockClient:
                 self.sock = socket.create_connection((self.host, self.port), timeout=timeout_s)
                 _tune(self.sock)
             self.sock.settimeout(timeout_s)
-            self.sock.sendall(_REQ.pack(OP_GET if self.pool is None else OP_GET_SHM, key, self.me))
+            self._seq = (self._seq + 1) & SEQ_MASK
+            self.sock.sendall(_REQ.pack(OP_GET if self.pool is None else OP_GET_SHM, key, self.me, self._seq))
+            early = self._copy_while_waiting(start + timeout_s) if self.pool is not None else (0, 0)
             if _recv_into(self.sock, memoryview(self._head)) is None:
                 raise ConnectionResetError("peer closed the connection")
             status, got, length = _HEAD.unpack(self._head)
@@ -313,9 +321,13 @@ class BlockClient:
             view = memoryview(self._buf)[:need]
             if self.pool is None:
                 value = _recv_into(self.sock, view, checked=length)
-            elif (value := _recv_into(self.sock, view[length:])) is not None:  # the trailer; the block is in the pool
-                view[:length] = self.pool.slot_view(self.holder, self.me, length)
-                value = checksum(view[:length])
+            elif _recv_into(self.sock, view[length:]) is not None:  # the trailer; the block is in the pool
+                done, value = early
+                if done < length:  # what came after the last look at the progress word
+                    view[done:length] = self.pool.slot_view(self.holder, self.me, length)[done:]
+                    value = checksum(view[done:length], value)
+            else:
+                value = None
             if value is None:
                 raise ConnectionResetError("peer closed the connection mid-block")
         except TimeoutError as exc:
@@ -335,6 +347,28 @@ class BlockClient:
         if value != sent:
             raise PullError("corrupt", f"block {key} from {self.host}:{self.port} failed its checksum")
         return Pulled(key, view[:length], seconds)
+
+    def _copy_while_waiting(self, deadline: float) -> tuple[int, int]:
+        """Until the reply is readable: copy out of the pool each slice the holder has finished for this pull,
+        extending the checksum; (bytes copied, their CRC-32)."""
+        assert self.pool is not None and self.sock is not None
+        pool, sock = self.pool, self.sock
+        size = pool.spec.slot_bytes
+        if len(self._buf) < size + _TRAILER.size:
+            self._buf = bytearray(size + _TRAILER.size)
+        buf = memoryview(self._buf)
+        done = value = 0
+        while True:
+            readable, _, _ = select.select([sock], [], [], POLL_S)
+            seq, upto = pool.progress(self.holder, self.me)
+            if seq == self._seq and upto > done:
+                buf[done:upto] = pool.slot_view(self.holder, self.me, upto)[done:]
+                value = checksum(buf[done:upto], value)
+                done = upto
+            if readable:
+                return done, value
+            if time.perf_counter() > deadline:
+                raise TimeoutError("no reply in time")
 
     def close(self) -> None:
         if self.sock is not None:

@@ -294,6 +294,8 @@ class BlockClient:
         # Pull numbers start at random, so a restarted instance never takes its old incarnation's progress words
         # (still in the pool) for its own.
         self._seq = random.getrandbits(24)
+        if pool is not None:
+            precise_sleeps()  # the wait for the reply looks at the holder's progress every 50 us, not every 100
         self.sock: socket.socket | None = None
         self._head = bytearray(_HEAD.size)
         self._buf = bytearray(0)  # grows to the largest block pulled, then reused

@@ -6,10 +6,11 @@ not attackers). The server reads the block from its tier's memory under the cach
 be reused once the lock is let go), waits out the link's latency (plus uniform jitter), and drops the reply with
 the link's loss probability. It then streams the payload in slices, extending the checksum over each slice just
 before that slice goes out, so hashing overlaps the wire instead of adding to it; where the kernel does not shape
-the rate (loopback) it also paces the slices at the link's bandwidth, each slice sized to ~50 us of the rate. The
-client receives into a buffer it keeps (no allocation, no page faults per pull), extends its own checksum over
-each piece as it arrives, and compares with the trailer before anything is stored: a block that fails is counted
-as corrupted and recomputed.
+the rate (loopback) it also paces the slices at the link's bandwidth, each slice ~50 us of the rate and at least
+64 KiB (tbf's smallest bucket here: the same burstiness). The client receives into a buffer it keeps (no
+allocation, no page faults per pull), woken per 256 KiB rather than per packet (SO_RCVLOWAT), extends its own
+checksum over each piece as it arrives, and compares with the trailer before anything is stored: a block that
+fails is counted as corrupted and recomputed.
 
 The delays are paid by a precise wait (sleep with the thread's timer slack cut to 1 us, then spin the last
 80 us), the way a NIC's latency is paid by waiting for it: that is the emulated link's behaviour, not work stood
@@ -47,10 +48,10 @@ _REQ = struct.Struct("!BQHI")
 _HEAD = struct.Struct("!BQQ")  # status, hash id, payload length
 _TRAILER = struct.Struct("!I")  # CRC-32 of the payload
 SLICE = 256 * 1024  # unpaced: checksum one slice while the kernel drains the one before
-MIN_PACED_SLICE = 16 * 1024
-PACE_QUANTUM_S = 50e-6  # a paced slice holds this long of the link's rate (16 KiB at least)
+MIN_PACED_SLICE = 64 * 1024  # tbf's smallest bucket here (netns.burst_bytes): the same burstiness
+PACE_QUANTUM_S = 50e-6  # a paced slice holds this long of the link's rate (64 KiB at least)
 SPIN_S = 80e-6
-POLL_S = 50e-6  # a shared-memory pull looks at the holder's progress this often while it waits for the reply
+POLL_S = 100e-6  # a shared-memory pull looks at the holder's progress this often while it waits for the reply
 RECV_LOWAT = 256 * 1024  # wake the receiver per 256 KiB of a block, not per packet: fewer wake-ups to wait for
 PR_SET_TIMERSLACK = 29
 
@@ -93,7 +94,7 @@ def wait_until(due: float, spin: bool = True) -> None:
 
 
 def paced_slice(gbps: float) -> int:
-    """Bytes per paced slice: PACE_QUANTUM_S of the rate, at least 16 KiB, a multiple of 4 KiB."""
+    """Bytes per paced slice: PACE_QUANTUM_S of the rate, at least 64 KiB, a multiple of 4 KiB."""
     nbytes = int(gbps * 1e9 / 8 * PACE_QUANTUM_S)
     return max(MIN_PACED_SLICE, nbytes - nbytes % 4096)
 
@@ -295,7 +296,7 @@ class BlockClient:
         # (still in the pool) for its own.
         self._seq = random.getrandbits(24)
         if pool is not None:
-            precise_sleeps()  # the wait for the reply looks at the holder's progress every 50 us, not every 100
+            precise_sleeps()  # the wait for the reply looks at the holder's progress every 100 us, not every 150
         self.sock: socket.socket | None = None
         self._head = bytearray(_HEAD.size)
         self._buf = bytearray(0)  # grows to the largest block pulled, then reused

@@ -15,7 +15,7 @@ The client pulls the block `--repeats` times (2 ms apart, as between a request's
 refilled). Printed per cell: the model, the median pull time with a distribution-free 95% confidence interval
 (order statistics), the error of the median against the model, and whether it is within 20% (the issue's
 target), beside the machine's load: a noisy run is flagged, not hidden. Pull time is what the instance measures:
-request sent to last byte received and its CRC-32 checked. Namespaces and qdiscs are removed at the end, also on
+request sent to last byte received and its CRC-32C checked. Namespaces and qdiscs are removed at the end, also on
 Ctrl-C.
 
 The default block is 4 MiB: a real KV block is bigger still (a 512-token block of a 7B model in fp16 is 256 MiB),

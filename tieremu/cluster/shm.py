@@ -8,10 +8,10 @@ where each page is (move_pages in query mode): every page on the node, or the ru
 one block per ordered pair of instances (holder, puller), so a pull never waits for another pair's, and in its
 first page one progress word per slot: the pull's sequence number and the bytes written so far.
 
-A pull keeps the TCP transport's control exchange (tieremu.cluster.wire: request, reply head, CRC-32 trailer), so
+A pull keeps the TCP transport's control exchange (tieremu.cluster.wire: request, reply head, CRC-32C trailer), so
 the peer index, the holder's lock, a dead peer (refused), a partition and loss (no reply: timeout) behave exactly
 as over TCP; only the payload moves through the pool. The holder waits out the link's latency, copies the block
-from its tier into the pair's slot, extending the CRC-32 over each slice as it goes (paced at the link's rate
+from its tier into the pair's slot, extending the CRC-32C over each slice as it goes (paced at the link's rate
 when a link is given), and replies with the head and the checksum. The puller copies each slice out of the pool as
 soon as the progress word says it is there (so its copy and checksum overlap the paced transfer, as a NIC's DMA
 overlaps the wire), the rest when the reply comes, and checks the CRC over the bytes it read: a block corrupted in

@@ -1,16 +1,17 @@
 """The block transport: TCP between instances, every block checksummed end to end, the link shaped per message.
 
 A pull is one request (op, hash id) and one reply: a head (status, hash id, length), the payload, and a trailer
-holding the CRC-32 of the payload (the checksum iSCSI and RoCE carry for the same job: catching corrupted bytes,
-not attackers). The server reads the block from its tier's memory under the cache's lock (one copy: the slot may
-be reused once the lock is let go), waits out the link's latency (plus uniform jitter), and drops the reply with
-the link's loss probability. It then streams the payload in slices, extending the checksum over each slice just
-before that slice goes out, so hashing overlaps the wire instead of adding to it; where the kernel does not shape
-the rate (loopback) it also paces the slices at the link's bandwidth, each slice ~50 us of the rate and at least
-64 KiB (tbf's smallest bucket here: the same burstiness). The client receives into a buffer it keeps (no
-allocation, no page faults per pull), woken per 256 KiB rather than per packet (SO_RCVLOWAT), extends its own
-checksum over each piece as it arrives, and compares with the trailer before anything is stored: a block that
-fails is counted as corrupted and recomputed.
+holding the CRC-32C of the payload (the checksum iSCSI and SCTP carry for the same job: catching corrupted bytes,
+not attackers; the SSE4.2 instruction in tieremu/native/checksum.c, ~8 GB/s here against zlib's CRC-32 at ~3.4).
+The server reads the block from its tier's memory under the cache's lock (one copy: the slot may be reused once
+the lock is let go), waits out the link's latency (plus uniform jitter), and drops the reply with the link's loss
+probability. It then streams the payload in slices, extending the checksum over each slice just before that
+slice goes out, so hashing overlaps the wire instead of adding to it; where the kernel does not shape the rate
+(loopback) it also paces the slices at the link's bandwidth, each slice ~50 us of the rate and at least 64 KiB
+(tbf's smallest bucket here: the same burstiness). The client receives into a buffer it keeps (no allocation, no
+page faults per pull), woken per 256 KiB rather than per packet (SO_RCVLOWAT), extends its own checksum over each
+piece as it arrives, and compares with the trailer before anything is stored: a block that fails is counted as
+corrupted and recomputed.
 
 The delays are paid by a precise wait (sleep with the thread's timer slack cut to 1 us, then spin the last
 80 us), the way a NIC's latency is paid by waiting for it: that is the emulated link's behaviour, not work stood
@@ -33,12 +34,15 @@ import socket
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from tieremu.cluster.link import LinkSpec
 from tieremu.cluster.shm import SEQ_MASK, ShmPool
+from tieremu.native.build import checksum_kernels
 
 OP_GET = 1
 OP_GET_SHM = 2  # the payload goes through the shared-memory pool, not the socket (tieremu.cluster.shm)
@@ -46,7 +50,7 @@ OK, NOT_HELD = 0, 1
 # op, hash id; for a shared-memory pull the puller's instance number (its slot) and the pull's sequence number
 _REQ = struct.Struct("!BQHI")
 _HEAD = struct.Struct("!BQQ")  # status, hash id, payload length
-_TRAILER = struct.Struct("!I")  # CRC-32 of the payload
+_TRAILER = struct.Struct("!I")  # CRC-32C of the payload
 SLICE = 256 * 1024  # unpaced: checksum one slice while the kernel drains the one before
 MIN_PACED_SLICE = 64 * 1024  # tbf's smallest bucket here (netns.burst_bytes): the same burstiness
 PACE_QUANTUM_S = 50e-6  # a paced slice holds this long of the link's rate (64 KiB at least)
@@ -67,8 +71,13 @@ def digest(data: bytes | memoryview) -> bytes:
 
 
 def checksum(data: bytes | bytearray | memoryview, value: int = 0) -> int:
-    """The wire's end-to-end checksum (CRC-32), extended from `value` over `data`."""
-    return zlib.crc32(data, value)
+    """The wire's end-to-end checksum (CRC-32C), extended from `value` over `data`."""
+    view = np.frombuffer(data, dtype=np.uint8)  # no copy; read-only buffers too
+    return int(_crc32c()(value, view.ctypes.data, view.size))
+
+
+def _crc32c() -> Any:
+    return checksum_kernels().crc32c_update
 
 
 def precise_sleeps() -> None:
@@ -353,7 +362,7 @@ class BlockClient:
 
     def _copy_while_waiting(self, deadline: float) -> tuple[int, int]:
         """Until the reply is readable: copy out of the pool each slice the holder has finished for this pull,
-        extending the checksum; (bytes copied, their CRC-32)."""
+        extending the checksum; (bytes copied, their CRC-32C)."""
         assert self.pool is not None and self.sock is not None
         pool, sock = self.pool, self.sock
         size = pool.spec.slot_bytes
@@ -380,7 +389,7 @@ class BlockClient:
 
 
 def _recv_into(sock: socket.socket, view: memoryview, checked: int = 0) -> int | None:
-    """Fill `view` from the socket; None if the peer closed first, else the CRC-32 of its first `checked` bytes,
+    """Fill `view` from the socket; None if the peer closed first, else the CRC-32C of its first `checked` bytes,
     extended over each piece as it lands (the checksum overlaps the receive)."""
     n = len(view)
     got = 0

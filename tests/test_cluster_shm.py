@@ -103,6 +103,12 @@ def test_a_node_that_does_not_exist_is_refused_before_any_work(tmp_path: Path) -
     with pytest.raises(ConfigError, match="drop --namespaces"):
         check(ClusterSpec(trace=_trace(tmp_path), tiers=TIERS, transport="shm", namespaces=True,
                           link=LinkSpec(10, 10)))
+    from click.testing import CliRunner
+
+    from tieremu.cli.root import main as cli_main
+    out = CliRunner().invoke(cli_main, ["cluster", "replay", str(_trace(tmp_path)), "--tiers", str(TIERS),
+                                        "--shm-node", "0", "--link", "10,10"])
+    assert out.exit_code == 2 and "only used with --transport shm" in out.output
     with pytest.raises(ConfigError, match="mooncake: not built yet"):
         check(ClusterSpec(trace=_trace(tmp_path), tiers=TIERS, transport="mooncake", link=LinkSpec(10, 10)))
 

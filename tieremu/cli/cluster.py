@@ -114,6 +114,9 @@ def replay(trace: str, tier_file: str | None, instances: int | None, sharing: st
         raise ConfigError(f"--router {', '.join(router_specs)}: --mode execute routes round-robin; the other routers "
                           "run in --mode simulate")
     instances = instances or 3
+    if transport != "shm" and click.get_current_context().get_parameter_source("shm_node") is \
+            ParameterSource.COMMANDLINE:
+        raise ConfigError(f"--shm-node {shm_node}: only used with --transport shm (this run uses {transport})")
     spec = ClusterSpec(trace=Path(trace), tiers=Path(tier_file), instances=instances, sharing=sharing, pull=pull,
                        index=index, transport=transport, link=None if link_text is None else parse_link(link_text),
                        max_requests=max_requests, faults=faults, mode=mode, namespaces=namespaces, policy=policy,

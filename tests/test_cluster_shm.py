@@ -98,8 +98,6 @@ def test_a_node_that_does_not_exist_is_refused_before_any_work(tmp_path: Path) -
     with pytest.raises(ConfigError, match=f"--shm-node {bad}: no such memory node.*nodes with memory: 0"):
         cluster_replay(spec)
     assert shm.pools_of(os.getpid()) == []
-    with pytest.raises(ConfigError, match="needs --sharing p2p"):
-        check(ClusterSpec(trace=_trace(tmp_path), tiers=TIERS, transport="shm", sharing="none"))
     with pytest.raises(ConfigError, match="drop --namespaces"):
         check(ClusterSpec(trace=_trace(tmp_path), tiers=TIERS, transport="shm", namespaces=True,
                           link=LinkSpec(10, 10)))

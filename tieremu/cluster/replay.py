@@ -101,8 +101,6 @@ def check(spec: ClusterSpec) -> Checked:
         raise ConfigError(f"--transport {spec.transport}: not built yet (the Mooncake transport is open work); use "
                           f"{', '.join(BUILT_TRANSPORTS)}")
     if spec.transport == "shm":
-        if spec.sharing != "p2p":
-            raise ConfigError("--transport shm carries pulls between peers: it needs --sharing p2p")
         if spec.namespaces:
             raise ConfigError("--transport shm runs the instances on loopback (the pool, not a veth, carries the "
                               "blocks; the transport paces them): drop --namespaces")
@@ -396,7 +394,7 @@ def cluster_replay(spec: ClusterSpec) -> ClusterResult:
     started = time.time()
     with _signals_raise():
         try:
-            if spec.transport == "shm":
+            if spec.transport == "shm" and spec.sharing == "p2p":  # (without sharing nothing crosses it)
                 cluster.pool = ShmPool.create(cluster.n, spec.block_kib * 1024, spec.shm_node)
                 cluster.notes.append(_pool_note(cluster.pool))
             if cluster.mesh is not None:
@@ -457,7 +455,7 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
     shaped = c.spec.sharing == "p2p"
     origin = "emulated" if shaped or "emulated" in backings or "shaped" in backings else "measured"
     shaping = Shaping(rate="kernel-tbf" if cluster.mesh is not None else "transport-pacing").to_json()
-    if c.spec.transport == "shm":
+    if cluster.pool is not None:
         node = c.spec.shm_node
         shaping |= {"medium": "shm-pool", "pool_node": str(node), "pool_memory": pool_backing(node)}
     completed = len(cluster.ttft)

@@ -147,11 +147,13 @@ def test_pull_verifies_the_checksum_and_reports_stale_and_lost_replies(monkeypat
         assert client.pull(8, 1.0).payload is None  # not held: the caller counts a stale miss
         # A byte flipped after the sender's checksum (a bad link or memory): refused, never returned.
         import tieremu.cluster.wire as wire
-        real = wire.BlockServer._send
+        real = wire._put
 
-        def flip(conn, header, payload, link, start):
-            real(conn, header, bytes([payload[0] ^ 1]) + payload[1:], link, start)
-        monkeypatch.setattr(wire.BlockServer, "_send", staticmethod(flip))
+        def flip(conn, *pieces):  # the head and the first slice, already checksummed: flip the slice's first byte
+            if len(pieces) == 2 and len(pieces[1]) > wire._TRAILER.size:
+                pieces = (pieces[0], bytes([pieces[1][0] ^ 1]) + bytes(pieces[1][1:]))
+            real(conn, *pieces)
+        monkeypatch.setattr(wire, "_put", flip)
         with pytest.raises(PullError) as err:
             client.pull(7, 1.0)
         assert err.value.kind == "corrupt"

@@ -165,6 +165,7 @@ def test_an_engine_that_fails_to_start_is_a_clear_error_and_leaves_no_engine(tra
     (("--pull", "estimate"), "--pull estimate with --engine vllm"),
     (("--block-kib", "32"), "--block-kib with --engine vllm"),
     (("--namespaces",), "--namespaces with --engine vllm"),
+    (("--transport", "shm"), "--transport shm with --engine vllm"),
 ])
 def test_what_vllm_instances_do_not_do_is_refused_before_anything_starts(trace: Path, args: tuple[str, ...],
                                                                         message: str) -> None:

@@ -33,8 +33,8 @@ from tieremu.errors import ConfigError, WorkloadError
 
 MODES = ("execute", "simulate")
 # Options that mean something in one mode only: given in the other, they are refused rather than ignored.
-EXECUTE_ONLY = ("pull", "index", "transport", "link_text", "faults", "namespaces", "capacity_blocks", "block_kib",
-                "time_scale", "engine")
+EXECUTE_ONLY = ("pull", "index", "transport", "shm_node", "link_text", "faults", "namespaces", "capacity_blocks",
+                "block_kib", "time_scale", "engine")
 SIMULATE_ONLY = ("pd_text", "slo_ms", "servtime", "token_budget", "max_batch")
 
 
@@ -60,7 +60,11 @@ def cluster() -> None:
               "keeps a replica fed by ZeroMQ pub-sub events, or each block's home instances (consistent hashing) "
               "know its holders.")
 @click.option("--transport", default="tcp", show_default=True,
-              help=f"{' | '.join(TRANSPORTS)} (shm and mooncake are not built yet).")
+              help=f"{' | '.join(TRANSPORTS)}: blocks cross TCP sockets, or a shared-memory pool bound to --shm-node "
+                   "and mapped by every instance (a CXL pool; emulated by a node with CPUs; instances on loopback, "
+                   "rate paced by the transport); mooncake is not built yet.")
+@click.option("--shm-node", type=int, default=0, show_default=True,
+              help="--transport shm: the memory node the shared pool is bound to (mbind, checked with move_pages).")
 @click.option("--link", "link_text", default=None, metavar="LATENCY_US,GBPS",
               help="Every link: one-way latency in microseconds and bandwidth in Gb/s (default: the peer tier's).")
 @click.option("--max-requests", type=int, default=None, help="Replay only the trace's first N requests.")
@@ -100,7 +104,8 @@ def cluster() -> None:
                    "(loopback only; always pulls; no faults).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def replay(trace: str, tier_file: str | None, instances: int | None, sharing: str, pull: str, index: str,
-           transport: str, link_text: str | None, max_requests: int | None, faults: tuple[str, ...], mode: str,
+           transport: str, shm_node: int, link_text: str | None, max_requests: int | None, faults: tuple[str, ...],
+           mode: str,
            router_specs: tuple[str, ...], pd_text: str | None, slo_ms: float | None, servtime: str,
            token_budget: int, max_batch: int, policy: str, capacity_blocks: int, block_kib: int, time_scale: float,
            namespaces: bool | None, engine: str, as_json: bool) -> None:
@@ -119,10 +124,13 @@ def replay(trace: str, tier_file: str | None, instances: int | None, sharing: st
         raise ConfigError(f"--router {', '.join(router_specs)}: --mode execute routes round-robin; the other routers "
                           "run in --mode simulate")
     instances = instances or 3
+    if transport != "shm" and click.get_current_context().get_parameter_source("shm_node") is \
+            ParameterSource.COMMANDLINE:
+        raise ConfigError(f"--shm-node {shm_node}: only used with --transport shm (this run uses {transport})")
     spec = ClusterSpec(trace=Path(trace), tiers=Path(tier_file), instances=instances, sharing=sharing, pull=pull,
                        index=index, transport=transport, link=None if link_text is None else parse_link(link_text),
                        max_requests=max_requests, faults=faults, mode=mode, namespaces=namespaces, policy=policy,
-                       capacity_blocks=capacity_blocks, block_kib=block_kib, time_scale=time_scale)
+                       capacity_blocks=capacity_blocks, block_kib=block_kib, time_scale=time_scale, shm_node=shm_node)
     if engine == "vllm":
         ctx = click.get_current_context()
         if ctx.get_parameter_source("block_kib") is ParameterSource.COMMANDLINE:
@@ -161,6 +169,8 @@ cluster.add_command(validate)
 
 def _table(r: ClusterResult, engine: str = "tieremu") -> Table:
     where = "namespaces (tbf)" if r.namespaces else "loopback"
+    if r.transport == "shm":
+        where = f"a pool on node {r.shaping.get('pool_node', '?')} ({r.shaping.get('pool_memory', '?')})"
     table = Table(title=f"cluster replay: {r.instances_n} {engine} instances, sharing {r.sharing}, index {r.index}, "
                   f"{r.transport} over {where}, {r.completed}/{r.requests} requests [{r.origin}]")
     for column in ("instance", "requests", "local", "peer", "miss", "TTFT p50 ms", "TTFT p99 ms", "pulled MiB",

@@ -29,6 +29,7 @@ import torch
 from tieremu.cluster.index import Endpoints, PeerIndex
 from tieremu.cluster.link import LinkSpec
 from tieremu.cluster.prefill import PrefillData, tensor_digest
+from tieremu.cluster.shm import PoolSpec, ShmPool
 from tieremu.cluster.wire import BlockClient, BlockServer, LinkState, PullError
 from tieremu.daemon.daemon import DaemonReport
 from tieremu.kv.arena import NumaArena
@@ -101,17 +102,23 @@ class PeerRun(_Run):
         self.index: PeerIndex | None = None
         self.server: BlockServer | None = None
         self.clients: dict[int, BlockClient] = {}
+        self.pool: ShmPool | None = None  # --transport shm: the shared pool blocks cross (tieremu.cluster.shm)
         self.prefill_s = self._warm_prefill()
         self.overhead: dict[int, float] = {}  # peer -> a pull's time beyond the link model (probed, then learned)
         if self.p2p:
             peers = {int(j): Endpoints(p["host"], p["events"], p["queries"]) for j, p in settings["peers"].items()}
             mine = settings["mine"]
+            if settings.get("pool"):
+                self.pool = ShmPool.attach(PoolSpec(**settings["pool"]))
+                self.pool.require_on_node()
+                self.pool.slot_view(0, 0, self.layout.block_bytes)  # a block fits a slot, or refuse now
             self.server = BlockServer(settings["bind"], mine["blocks"], self._read_block, self._link_for,
-                                      seed=self.me)
+                                      seed=self.me, pool=self.pool, me=self.me)
             self.index = PeerIndex(settings["index"], self.me, settings["incarnation"], peers, settings["bind"],
                                    Endpoints(settings["bind"], mine["events"], mine["queries"]), self._held,
                                    self.server.queue_s, lease_s=settings["lease_s"])
-            self.clients = {int(j): BlockClient(p["host"], p["blocks"]) for j, p in settings["peers"].items()}
+            self.clients = {int(j): BlockClient(p["host"], p["blocks"], self.pool, self.me, int(j))
+                            for j, p in settings["peers"].items()}
 
     def probe(self) -> None:
         """Time a few empty pulls from each peer: the estimator's first figure for a pull's cost beyond the link."""
@@ -276,6 +283,8 @@ class PeerRun(_Run):
                 self.server.close()
             for client in self.clients.values():
                 client.close()
+            if self.pool is not None:
+                self.pool.close()
             self.daemon.stop()
             if not self._finished:
                 self.final_check = self.check_resident()

@@ -3,7 +3,8 @@
 The spec's tier map is each instance's own tiers (no peer tier: the runner resolves it on this machine); the link
 between instances is the job's `link: {latency_us, gbps}` (or `LATENCY_US,GBPS`). Keys: `trace`, `max_requests`,
 `instances`, `sharing`, `index`, `transport`, `link`, `faults`, `policy`, `capacity_blocks`, `block_kib`,
-`time_scale`, `namespaces` (default: when root).
+`time_scale`, `namespaces` (default: when root), `shm_node` (`transport: shm`: the node the shared pool is bound
+to; rows then carry `pool_node` and `pool_memory`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ClusterParams:
     block_kib: int
     time_scale: float
     namespaces: bool | None
+    shm_node: int = 0
 
 
 class ClusterJob(Job):
@@ -67,7 +69,7 @@ class ClusterJob(Job):
             capacity_blocks=section.get("capacity_blocks", int, 4096, check=positive),
             block_kib=section.get("block_kib", int, 64, check=positive),
             time_scale=section.get("time_scale", float, 0.05, check=positive),
-            namespaces=section.get("namespaces", bool, None))
+            namespaces=section.get("namespaces", bool, None), shm_node=section.get("shm_node", int, 0))
         section.done()
         return params
 
@@ -89,7 +91,8 @@ class ClusterJob(Job):
             pull=params.pull,
             index=params.index, transport=params.transport, link=params.link, max_requests=params.max_requests,
             faults=params.faults, namespaces=params.namespaces, policy=params.policy,
-            capacity_blocks=params.capacity_blocks, block_kib=params.block_kib, time_scale=params.time_scale))
+            capacity_blocks=params.capacity_blocks, block_kib=params.block_kib, time_scale=params.time_scale,
+            shm_node=params.shm_node))
         o = r.origin
         rows = [ctx.row("ttft_ms", v, "ms", o, sample=i) for i, v in enumerate(r.ttft_samples_ms)]
         for where, value in (("local", r.hit_ratio.local), ("peer", r.hit_ratio.peer), ("miss", r.hit_ratio.miss)):
@@ -102,6 +105,7 @@ class ClusterJob(Job):
             ("completed_requests", r.completed, "requests")]
         if r.estimator_error is not None:
             figures.append(("estimator_error", r.estimator_error, "fraction"))
-        rows += [ctx.row(name, float(value), unit, o, sharing=r.sharing, index=r.index, transport=r.transport)
+        pool = {k: r.shaping[k] for k in ("pool_node", "pool_memory") if k in r.shaping}  # transport shm
+        rows += [ctx.row(name, float(value), unit, o, sharing=r.sharing, index=r.index, transport=r.transport, **pool)
                  for name, value, unit in figures]
         return rows

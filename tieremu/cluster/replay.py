@@ -29,6 +29,8 @@ from tieremu.cluster.link import LinkSpec, Shaping
 from tieremu.cluster.netns import MAX_INSTANCES, Mesh, cleanup_stale, have_root, require_root
 from tieremu.cluster.result import ClusterResult, HitRatio, InstanceRow, Percentiles
 from tieremu.cluster.ring import INDEXES, LEASE_S, ring_homes
+from tieremu.cluster.shm import ShmPool, check_node, cleanup_stale_pools, pool_backing
+from tieremu.cluster.shm import remove as shm_remove
 from tieremu.errors import ConfigError, TraceError, WorkloadError
 from tieremu.tiers.config import load_tier_map
 from tieremu.workloads.trace import Request, read_trace
@@ -38,7 +40,7 @@ SHARING = ("none", "p2p")
 # peer holds it (the estimator still predicts, so its error is still measured).
 PULL_RULES = ("estimate", "always")
 TRANSPORTS = ("tcp", "shm", "mooncake")
-BUILT_TRANSPORTS = ("tcp",)
+BUILT_TRANSPORTS = ("tcp", "shm")
 MODES = ("execute",)
 READY_TIMEOUT_S = 120.0
 QUIESCE_S = 0.5  # after the last request, for events in flight to land before the index is checked
@@ -70,6 +72,7 @@ class ClusterSpec:
     time_scale: float = 0.05  # wall seconds per trace second
     epoch_s: float = 0.05
     lease_s: float = LEASE_S
+    shm_node: int = 0  # --transport shm: the memory node the shared pool is bound to
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,13 @@ def check(spec: ClusterSpec) -> Checked:
     if spec.transport not in TRANSPORTS:
         raise ConfigError(f"--transport {spec.transport!r}: unknown transport; valid: {', '.join(TRANSPORTS)}")
     if spec.transport not in BUILT_TRANSPORTS:
-        raise ConfigError(f"--transport {spec.transport}: not built yet (shared-memory and Mooncake transports are "
-                          f"open work); use {', '.join(BUILT_TRANSPORTS)}")
+        raise ConfigError(f"--transport {spec.transport}: not built yet (the Mooncake transport is open work); use "
+                          f"{', '.join(BUILT_TRANSPORTS)}")
+    if spec.transport == "shm":
+        if spec.namespaces:
+            raise ConfigError("--transport shm runs the instances on loopback (the pool, not a veth, carries the "
+                              "blocks; the transport paces them): drop --namespaces")
+        check_node(spec.shm_node)
     if not 1 <= spec.instances <= MAX_INSTANCES:
         raise ConfigError(f"--instances {spec.instances}: give 1..{MAX_INSTANCES}")
     if spec.sharing == "p2p" and spec.instances < 2:
@@ -127,7 +135,7 @@ def check(spec: ClusterSpec) -> Checked:
     faults = tuple(parse_fault(f, spec.instances, len(requests)) for f in spec.faults)
     if faults and spec.sharing != "p2p":
         raise ConfigError("--fault needs --sharing p2p (faults strike peers, links and the index)")
-    namespaces = have_root() if spec.namespaces is None else spec.namespaces
+    namespaces = (have_root() if spec.namespaces is None else spec.namespaces) and spec.transport != "shm"
     if namespaces:
         require_root()
     return Checked(spec, requests, link, faults, namespaces)
@@ -163,6 +171,7 @@ class Cluster:
         self.trace0 = c.requests[0].arrival_s
         self.t0 = 0.0
         self.notes: list[str] = []
+        self.pool: ShmPool | None = None  # --transport shm: created in cluster_replay, always removed there
 
     def host(self, i: int, seen_from: int) -> str:
         return "127.0.0.1" if self.mesh is None else self.mesh.address(i, seen_from)
@@ -183,6 +192,7 @@ class Cluster:
             "peers": peers, "peer_hosts": [p["host"] for p in peers.values()], "mine": self.ports_of(i),
             "bind": "0.0.0.0" if self.mesh is not None else "127.0.0.1", "lease_s": self.spec.lease_s,
             "share": [[r.timestamp_ms, list(r.hash_ids)] for r in share],
+            "pool": None if self.pool is None else self.pool.spec.to_json(),
         }
 
     def spawn(self, i: int, incarnation: int) -> Proc:
@@ -376,13 +386,17 @@ def cluster_replay(spec: ClusterSpec) -> ClusterResult:
     checked = check(spec)
     if checked.namespaces:
         cleanup_stale()
+    cleanup_stale_pools()
     cluster = Cluster(checked)
-    if not checked.namespaces and spec.namespaces is None:
+    if not checked.namespaces and spec.namespaces is None and spec.transport == "tcp":
         cluster.notes.append("not root: instances on loopback TCP, rate paced by the transport (network namespaces "
                              "with tbf-shaped veth links need root)")
     started = time.time()
     with _signals_raise():
         try:
+            if spec.transport == "shm" and spec.sharing == "p2p":  # (without sharing nothing crosses it)
+                cluster.pool = ShmPool.create(cluster.n, spec.block_kib * 1024, spec.shm_node)
+                cluster.notes.append(_pool_note(cluster.pool))
             if cluster.mesh is not None:
                 cluster.mesh.create()
             cluster.start()
@@ -392,9 +406,23 @@ def cluster_replay(spec: ClusterSpec) -> ClusterResult:
             try:
                 cluster.stop()
             finally:
-                if cluster.mesh is not None:
-                    cluster.mesh.destroy()
+                try:
+                    if cluster.mesh is not None:
+                        cluster.mesh.destroy()
+                finally:
+                    if cluster.pool is not None:
+                        cluster.pool.close()
+                        shm_remove(cluster.pool.spec.path)
     return _result(cluster, checked, time.time() - started)
+
+
+def _pool_note(pool: ShmPool) -> str:
+    node = pool.spec.node
+    memory = ("a CPU-less memory node" if pool_backing(node) == "cpuless" else
+              "emulated: a node with CPUs (DRAM) stands in for CXL memory")
+    return (f"transport shm: blocks cross a {pool.spec.nbytes / 2**20:.1f} MiB shared pool in {pool.spec.path} bound "
+            f"to node {node} ({memory}); the kernel reports {pool.placement().describe()}; control messages on "
+            "loopback TCP, rate paced by the transport")
 
 
 def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
@@ -427,6 +455,9 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
     shaped = c.spec.sharing == "p2p"
     origin = "emulated" if shaped or "emulated" in backings or "shaped" in backings else "measured"
     shaping = Shaping(rate="kernel-tbf" if cluster.mesh is not None else "transport-pacing").to_json()
+    if cluster.pool is not None:
+        node = c.spec.shm_node
+        shaping |= {"medium": "shm-pool", "pool_node": str(node), "pool_memory": pool_backing(node)}
     completed = len(cluster.ttft)
     notes = list(cluster.notes)
     if completed < len(c.requests):

@@ -81,6 +81,8 @@ def check_vllm(spec: ClusterSpec, opts: VllmOptions) -> Checked:
     """ClusterSpec's checks, and what vLLM instances refuse, before any process exists."""
     if spec.faults:
         raise ConfigError("--fault with --engine vllm: fault injection is built for tieremu's own instances only")
+    if spec.transport != "tcp":
+        raise ConfigError(f"--transport {spec.transport} with --engine vllm: vLLM instances pull over tcp only")
     if spec.namespaces:
         raise ConfigError("--namespaces with --engine vllm: vLLM instances run on loopback (the link's latency and "
                           "bandwidth paid by the transport); use --no-namespaces")

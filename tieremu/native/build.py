@@ -22,6 +22,7 @@ from tieremu.safefile import check_destination
 SOURCE = Path(__file__).with_name("kernels.c")
 REPLAY_SOURCE = Path(__file__).with_name("replay.c")
 COMPRESS_SOURCE = Path(__file__).with_name("compress.c")
+CHECKSUM_SOURCE = Path(__file__).with_name("checksum.c")
 CFLAGS = ("-O2", "-march=native", "-fno-tree-loop-distribute-patterns", "-shared", "-fPIC")
 CACHE_ENV = "TIEREMU_CACHE_DIR"
 
@@ -65,6 +66,11 @@ _COMPRESS_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
 }
 
 
+_CHECKSUM_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
+    "crc32c_update": (ctypes.c_uint32, (ctypes.c_uint32, vp, u64)),
+}
+
+
 def cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tieremu"
     return Path(root) / "native"
@@ -86,6 +92,12 @@ def replay_core() -> ctypes.CDLL:
 def compress_kernels() -> ctypes.CDLL:
     """The compiled KV compression kernels (compress.c): int8, int4 and fp8 with per-group scales."""
     return _library(COMPRESS_SOURCE, _COMPRESS_SIGNATURES)
+
+
+@cache
+def checksum_kernels() -> ctypes.CDLL:
+    """The compiled CRC-32C (checksum.c): the cluster block transport's end-to-end checksum."""
+    return _library(CHECKSUM_SOURCE, _CHECKSUM_SIGNATURES)
 
 
 def _library(path: Path, signatures: dict[str, tuple[type, tuple[type, ...]]]) -> ctypes.CDLL:

@@ -344,7 +344,9 @@ JOB_HELP: dict[str, dict[str, str]] = {
                 "pulls whenever a peer holds it.",
         "index": "`broadcast` (every instance keeps a replica fed by ZeroMQ events) or `hash` (each block's home "
                  "instances know its holders).",
-        "transport": "`tcp` (namespaces joined by veth pairs when root, else loopback).",
+        "transport": "`tcp` (namespaces joined by veth pairs when root, else loopback) or `shm` (a shared-memory "
+                     "pool bound to `shm_node`, mapped by every instance: a CXL pool, emulated by a node with CPUs; "
+                     "instances on loopback, rate paced by the transport).",
         "link": "Every link: `LATENCY_US,GBPS` or `{latency_us, gbps, jitter_us, loss}`.",
         "faults": "Faults as `KIND@N` (kill-peer, restart-peer, drop-events, partition) at request N.",
         "policy": "Each instance's placement policy.",
@@ -352,6 +354,8 @@ JOB_HELP: dict[str, dict[str, str]] = {
         "block_kib": "Memory one block takes here, KiB (the trace's 512-token block, scaled down).",
         "time_scale": "Wall seconds per trace second.",
         "namespaces": "Run in network namespaces (root) or on loopback (unset: namespaces when root).",
+        "shm_node": "`transport: shm`: the memory node the shared pool is bound to (mbind, checked with "
+                    "move_pages).",
     },
     "synthetic": {
         "tokens": "TPOT samples per run.",

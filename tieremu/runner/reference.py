@@ -331,7 +331,7 @@ JOB_HELP: dict[str, dict[str, str]] = {
                  "instances know its holders).",
         "transport": "`tcp` (namespaces joined by veth pairs when root, else loopback).",
         "link": "Every link: `LATENCY_US,GBPS` or `{latency_us, gbps, jitter_us, loss}`.",
-        "faults": "Faults as `KIND@N` (kill-peer, restart-peer, drop-events, partition) at request N.",
+        "faults": "Faults as `KIND@N` (kill-peer, restart-peer, drop-events, reorder-events, partition) at request N.",
         "policy": "Each instance's placement policy.",
         "capacity_blocks": "Blocks each local tier of each instance holds.",
         "block_kib": "Memory one block takes here, KiB (the trace's 512-token block, scaled down).",

@@ -323,15 +323,14 @@ class Cluster:
             victim.kill_by = time.time() + KILL_WAIT_S
         elif fault.kind == "restart-peer":
             self._kill(victim)
-            if fault.kind == "restart-peer":
-                proc = self.spawn(fault.victim, victim.incarnation + 1)
-                proc.sent, proc.done = set(), set()
-                self.pump(until=time.time() + READY_TIMEOUT_S, want=lambda: proc.ready or not proc.alive)
-                self._write(proc, {"op": "start", "t0_wall": self.t0, "trace0_s": self.trace0})
-                # What the old process had been sent and not finished, the new one serves.
-                for index in sorted(victim.sent - victim.done):
-                    self.send_request(index, self.c.requests[index], proc.me)
-                victim.sent = set(victim.done)
+            proc = self.spawn(fault.victim, victim.incarnation + 1)
+            proc.sent, proc.done = set(), set()
+            self.pump(until=time.time() + READY_TIMEOUT_S, want=lambda: proc.ready or not proc.alive)
+            self._write(proc, {"op": "start", "t0_wall": self.t0, "trace0_s": self.trace0})
+            # What the old process had been sent and not finished, the new one serves.
+            for index in sorted(victim.sent - victim.done):
+                self.send_request(index, self.c.requests[index], proc.me)
+            victim.sent = set(victim.done)
         elif fault.kind == "drop-events":
             self._write(victim, {"op": "drop-events", "count": DROPPED_EVENTS})
         elif fault.kind == "reorder-events":

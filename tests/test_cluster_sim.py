@@ -271,6 +271,11 @@ def test_bad_settings_are_refused_before_any_work(tmp_path) -> None:
     bad.write_text("name: x\ntiers:\n  - {name: hbm, read_gbps: 0}\n")
     with pytest.raises(ConfigError, match="read_gbps"):
         load_cluster_spec(bad)
+    # Execute mode's tier map, with its peer tier, is not silently half-read: the simulator models peers through
+    # --sharing p2p over the spec's link, and says so.
+    tier_map = MOONCAKE_TRACE.parents[1] / "configs" / "tiers" / "cluster-peer.yaml"
+    with pytest.raises(ConfigError, match=r"tiers\[1\]: is a `kind: peer` tier: this file is a tier map"):
+        load_cluster_spec(tier_map)
 
 
 def test_cli_prints_json(tmp_path) -> None:

@@ -2,9 +2,14 @@
 instances chosen by consistent hashing (hash).
 
 Every instance numbers the events it sends on each stream (stored / evicted, with the hash ids) and sends a
-heartbeat carrying the stream's current number. A receiver that sees a number jump (events dropped, a late
-subscriber) or a new incarnation of the sender (a restart) re-reads the sender's holdings from it (a snapshot
-over the query socket) and carries on from the snapshot's number. Every entry holds a lease that each event or
+heartbeat carrying the stream's current number. A receiver applies a stream's events in number order, the way a
+TCP receiver reassembles segments: an event that arrives ahead of its turn (reordered) waits in a reorder buffer
+and is applied once the ones before it have come; one that arrives after its turn was already passed (a late
+event, overtaken by a snapshot) is dropped, never applied, so a stale 'stored' can never undo a later 'evicted'.
+A gap that lasts REORDER_HOLD_S (the missing events were dropped, not delayed: a heartbeat shows a higher number,
+or later events sit in the buffer), or a buffer past MAX_PENDING events, or a new incarnation of the sender (a
+restart) makes the receiver re-read the sender's holdings from it (a snapshot over the query socket) and carry on
+from the snapshot's number, applying what it buffered beyond it. Every entry holds a lease that each event or
 heartbeat from its sender renews: the entries of a sender that went silent expire. Nothing here trusts an entry
 absolutely: a pull from a holder that no longer has the block is a stale miss the caller counts, never an error.
 
@@ -29,6 +34,10 @@ from tieremu.errors import ConfigError
 
 HEARTBEAT_S = 0.2
 QUERY_TIMEOUT_S = 0.25
+# A gap in a stream is given this long to fill (reordered events arriving late) before it is taken for loss and
+# healed by a snapshot: two heartbeats, so a reordering shorter than that costs no snapshot.
+REORDER_HOLD_S = 2 * HEARTBEAT_S
+MAX_PENDING = 1024  # events buffered ahead of a gap before the receiver stops waiting and resyncs
 
 
 @dataclass
@@ -39,6 +48,18 @@ class Holdings:
     seq: int = 0
     keys: set[int] = field(default_factory=set)
     lease_until: float = 0.0
+    pending: dict[int, tuple[str, list[int]]] = field(default_factory=dict)  # seq -> (kind, keys), ahead of a gap
+    gap_since: float | None = None  # when the current gap was first seen
+
+
+def apply_in_order(h: Holdings) -> None:
+    """Apply the buffered events that are next in number order (the reorder buffer's drain)."""
+    for seq in sorted(s for s in h.pending if s <= h.seq):  # overtaken by a snapshot: already in its holdings
+        del h.pending[seq]
+    while h.seq + 1 in h.pending:
+        kind, keys = h.pending.pop(h.seq + 1)
+        h.seq += 1
+        (h.keys.update if kind == "stored" else h.keys.difference_update)(keys)
 
 
 @dataclass
@@ -46,6 +67,9 @@ class IndexStats:
     events_sent: int = 0
     events_received: int = 0
     events_dropped: int = 0  # fault injection: numbered but never sent
+    events_reordered: int = 0  # fault injection: held back and sent after the next event on its stream
+    out_of_order: int = 0  # received ahead of their turn and buffered until the gap before them filled
+    late_ignored: int = 0  # received after their turn had passed (a snapshot covered them): not applied
     resyncs: int = 0
     lookups: int = 0
     lookup_failures: int = 0  # a hash lookup no home answered
@@ -76,6 +100,10 @@ class PeerIndex:
         self.queues: dict[int, float] = {}  # sender -> its backlog at its last heartbeat, seconds
         self.lags: dict[int, float] = {}  # sender -> its wake-up lateness at its last heartbeat, seconds
         self.drop_next = 0
+        # Fault injection: hold back this many events, each sent right after the next event on its stream (however
+        # late that is: on an idle stream the receivers see the gap in heartbeats and resync first).
+        self.reorder_next = 0
+        self._held_back: dict[int, bytes] = {}  # stream -> the message held back
         self.lag_s = 0.0  # how late this process's receiving thread wakes: its share of a busy CPU, per wake-up
         self._seq: dict[int, int] = {}  # stream (destination, -1: broadcast) -> last number sent
         self._lock = threading.Lock()  # guards known/queues
@@ -139,6 +167,16 @@ class PeerIndex:
                 return
         msg = json.dumps({"o": self.me, "inc": self.inc, "seq": self._seq.get(stream, 0), "k": kind, "keys": keys,
                           "q": self.queue_s(), "lag": self.lag_s}).encode()
+        if count and self.reorder_next > 0 and stream not in self._held_back:
+            self.reorder_next -= 1  # fault injection: this event goes out after the next one on its stream
+            self.stats.events_reordered += 1
+            self._held_back[stream] = msg
+            return
+        self._send(stream, msg, count)
+        if count and stream in self._held_back:
+            self._send(stream, self._held_back.pop(stream), True)
+
+    def _send(self, stream: int, msg: bytes, count: bool) -> None:
         try:
             if stream == -1:
                 self.pub.send(msg, zmq.NOBLOCK)
@@ -197,26 +235,36 @@ class PeerIndex:
                     self.router.send_multipart([ident, b"", json.dumps(self._answer(json.loads(body))).encode()])
 
     def _on_event(self, msg: dict) -> None:
-        origin, inc, seq = msg["o"], msg["inc"], msg["seq"]
+        origin, inc, seq, kind = msg["o"], msg["inc"], msg["seq"], msg["k"]
         self.stats.events_received += 1
+        now = time.monotonic()
         with self._lock:
             h = self.known.setdefault(origin, Holdings())
             self.queues[origin] = float(msg.get("q", 0.0))
             self.lags[origin] = float(msg.get("lag", 0.0))
+            h.lease_until = now + self.lease_s
             if inc != h.inc:  # a new process (or the first word from this sender): start from a snapshot
-                h.inc, h.seq, h.keys = inc, 0, set()
-                gap = True
-            elif msg["k"] == "hb":
-                gap = seq > h.seq
+                h.inc, h.seq, h.keys, h.pending, h.gap_since = inc, 0, set(), {}, None
+                resync = True
             else:
-                gap = seq > h.seq + 1
-            h.lease_until = time.monotonic() + self.lease_s
-            if not gap:
-                if msg["k"] != "hb" and seq == h.seq + 1:
-                    h.seq = seq
-                    (h.keys.update if msg["k"] == "stored" else h.keys.difference_update)(msg["keys"])
-                return
-        self._resync(origin)
+                if kind != "hb":
+                    if seq <= h.seq:
+                        self.stats.late_ignored += 1  # its turn has passed: a snapshot already covered it
+                    elif seq == h.seq + 1:
+                        h.seq = seq
+                        (h.keys.update if kind == "stored" else h.keys.difference_update)(msg["keys"])
+                        apply_in_order(h)
+                    else:
+                        self.stats.out_of_order += 1
+                        h.pending[seq] = (kind, msg["keys"])
+                behind = bool(h.pending) or (kind == "hb" and seq > h.seq)
+                if not behind:
+                    h.gap_since = None
+                elif h.gap_since is None:
+                    h.gap_since = now
+                resync = behind and (now - h.gap_since >= REORDER_HOLD_S or len(h.pending) > MAX_PENDING)
+        if resync:
+            self._resync(origin)
 
     def _resync(self, origin: int) -> None:
         """Re-read `origin`'s holdings (those homed here, for hash) and its stream's number."""
@@ -230,6 +278,8 @@ class PeerIndex:
                 return
             h.inc, h.seq, h.keys = reply["inc"], reply["seq"], set(reply["keys"])
             h.lease_until = time.monotonic() + self.lease_s
+            apply_in_order(h)  # what was buffered beyond the snapshot's number still applies
+            h.gap_since = time.monotonic() if h.pending else None
 
     def _answer(self, query: dict) -> dict:
         if query["op"] == "snapshot":

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
+import signal
 import sys
 import threading
 import time
@@ -94,11 +96,12 @@ class PeerRun(_Run):
         self.suspect: dict[int, float] = {}
         self.final_check = BlockCheck(0, ())
         self.stored: list[int] = []
-        self.evicted: list[int] = []
+        self.announced: set[int] = set()  # what the index has been told this instance holds
         self.p2p = settings["sharing"] == "p2p"
         self.link = LinkSpec(**settings["link"])
         self.links = {host: LinkState(self.link, pace=settings["pace"]) for host in settings["peer_hosts"]}
         self.backlog = 0
+        self.die_mid_transfer = False  # fault kill-peer: die while serving the next pull
         self.index: PeerIndex | None = None
         self.server: BlockServer | None = None
         self.clients: dict[int, BlockClient] = {}
@@ -151,7 +154,11 @@ class PeerRun(_Run):
             arena = self.cache.pool.arenas[block.arena]
             if not isinstance(arena, NumaArena):
                 return None
-            return arena.blocks[block.slot].contiguous().view(torch.uint8).numpy().tobytes()
+            data = arena.blocks[block.slot].contiguous().view(torch.uint8).numpy().tobytes()
+        if self.die_mid_transfer:  # fault kill-peer: the pull is taken and the block read; its reply never comes
+            self.out.send(ev="dying", key=key)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return data
 
     def _held(self) -> set[int]:
         with self.cache.lock:
@@ -199,15 +206,24 @@ class PeerRun(_Run):
             cache.free_sequence(seq)
         view.unpin()
         if self.index is not None:
-            self.index.publish("evicted", self.evicted)
-            self.index.publish("stored", self.stored)
-        self.stored, self.evicted = [], []
+            self._publish()
+        self.stored = []
 
-    def _tell(self, ident: int, source: str, target: str | None) -> None:
-        super()._tell(ident, source, target)
-        if target is None:
-            self.evicted.append(ident)
-            self.digests.pop(ident, None)
+    def _publish(self) -> None:
+        """Tell the index what changed since the last request, as net changes against what is resident now: blocks
+        announced before and gone now (evicted by this request's admissions, or by the daemon since) are 'evicted';
+        blocks stored by this request and still resident are 'stored' (one both stored and evicted by this request
+        is neither)."""
+        assert self.index is not None
+        resident = self._held()
+        evicted = sorted(self.announced - resident)
+        stored = [k for k in dict.fromkeys(self.stored) if k in resident and k not in self.announced]
+        for key in evicted:
+            self.digests.pop(key, None)
+        self.announced.difference_update(evicted)
+        self.announced.update(stored)
+        self.index.publish("evicted", evicted)
+        self.index.publish("stored", stored)
 
     def _pull(self, missing: list[int]) -> dict[int, torch.Tensor]:
         """Pull the peer-held blocks of `missing` if the estimate says it beats recomputing them."""
@@ -347,6 +363,11 @@ class Inbox:
                 self.report.set()
             elif op == "drop-events" and self.run_ref and self.run_ref[0].index is not None:
                 self.run_ref[0].index.drop_next += int(msg["count"])
+            elif op == "reorder-events" and self.run_ref and self.run_ref[0].index is not None:
+                self.run_ref[0].index.reorder_next += int(msg["count"])
+            elif op == "kill-mid-transfer" and self.run_ref:
+                self.run_ref[0].die_mid_transfer = True
+                self.run_ref[0].out.send(ev="armed")
             elif op == "partition" and self.run_ref:
                 run = self.run_ref[0]
                 for host in msg["hosts"]:  # replies to that peer are dropped from now on (100% loss)
@@ -418,7 +439,9 @@ def main() -> None:
              stale=c.stale, corrupted=c.corrupted + len(run.final_check.corrupted),
              blocks_checked=run.final_check.checked,
              resyncs=stats.resyncs if stats else 0, events_sent=stats.events_sent if stats else 0,
-             events_dropped=stats.events_dropped if stats else 0, pull_ms=run.pull_ms, estimates=run.estimates,
+             events_dropped=stats.events_dropped if stats else 0,
+             events_reordered=stats.events_reordered if stats else 0, out_of_order=stats.out_of_order if stats else 0,
+             late_ignored=stats.late_ignored if stats else 0, pull_ms=run.pull_ms, estimates=run.estimates,
              decisions={"pull": c.pull, "recompute": c.recompute}, entries={str(k): v for k, v in entries.items()},
              held=held, prefill_ms=run.prefill_s * 1e3, overhead_ms={str(p): s * 1e3 for p, s in run.overhead.items()},
              backings={t.name: t.backing.value for t in run.resolved.tiers}, uncached=run.uncached,

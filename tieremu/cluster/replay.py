@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tieremu.cluster.faults import DROPPED_EVENTS, Fault, parse_fault
+from tieremu.cluster.faults import DROPPED_EVENTS, KILL_WAIT_S, REORDERED_EVENTS, Fault, parse_fault
 from tieremu.cluster.link import LinkSpec, Shaping
 from tieremu.cluster.netns import MAX_INSTANCES, Mesh, cleanup_stale, have_root, require_root
 from tieremu.cluster.result import ClusterResult, HitRatio, InstanceRow, Percentiles
@@ -151,6 +151,8 @@ class Proc:
     incarnation: int = 0
     ready: bool = False
     alive: bool = True
+    armed: bool = False  # fault kill-peer: it has been told to die in its next served pull, and said so
+    kill_by: float | None = None  # fault kill-peer: the wall time it is killed at if no pull reached it
     drained: bool = False
     result: dict[str, Any] | None = None
     sent: set[int] = field(default_factory=set)
@@ -227,6 +229,7 @@ class Cluster:
     def pump(self, until: float | None = None, want: Any = None) -> None:
         """Handle messages from the instances until `until` (wall time) or until `want()` is true."""
         while True:
+            self._overdue_kills()
             if want is not None and want():
                 return
             timeout = 0.05 if until is None else max(0.0, min(0.05, until - time.time()))
@@ -253,8 +256,13 @@ class Cluster:
             proc.drained = True
         elif ev == "result":
             proc.result = msg
+        elif ev == "armed":
+            proc.armed = True
+        elif ev == "dying":
+            self.notes.append(f"kill-peer: instance {me} died mid-transfer (serving block {msg['key']} to a peer)")
         elif ev == "exit" and proc.result is None:
-            proc.alive = False
+            proc.alive = False  # it died on its own (kill-peer's mid-transfer death) or crashed
+            self._record_dead(proc)
 
     def live(self) -> list[int]:
         return [i for i, p in sorted(self.procs.items()) if p.alive and p.ready]
@@ -306,21 +314,37 @@ class Cluster:
             for n, index in enumerate(orphans):
                 self.send_request(index, self.c.requests[index], live[n % len(live)])
 
+    def _overdue_kills(self) -> None:
+        """kill-peer: an armed victim no pull reached in KILL_WAIT_S is killed from here."""
+        for proc in list(self.procs.values()):
+            if proc.kill_by is not None and time.time() >= proc.kill_by:
+                proc.kill_by = None
+                if proc.alive:
+                    self.notes.append(f"kill-peer: no pull reached instance {proc.me} within {KILL_WAIT_S:.0f} s; "
+                                      "killed idle")
+                    self._kill(proc)
+
     def strike(self, fault: Fault) -> None:
         victim = self.procs[fault.victim]
-        if fault.kind in ("kill-peer", "restart-peer"):
+        if fault.kind == "kill-peer":
+            # Armed before request N is sent (and acknowledged, so a pull that request makes finds it armed).
+            self._write(victim, {"op": "kill-mid-transfer"})
+            self.pump(until=time.time() + READY_TIMEOUT_S, want=lambda: victim.armed or not victim.alive)
+            victim.kill_by = time.time() + KILL_WAIT_S
+        elif fault.kind == "restart-peer":
             self._kill(victim)
-            if fault.kind == "restart-peer":
-                proc = self.spawn(fault.victim, victim.incarnation + 1)
-                proc.sent, proc.done = set(), set()
-                self.pump(until=time.time() + READY_TIMEOUT_S, want=lambda: proc.ready or not proc.alive)
-                self._write(proc, {"op": "start", "t0_wall": self.t0, "trace0_s": self.trace0})
-                # What the old process had been sent and not finished, the new one serves.
-                for index in sorted(victim.sent - victim.done):
-                    self.send_request(index, self.c.requests[index], proc.me)
-                victim.sent = set(victim.done)
+            proc = self.spawn(fault.victim, victim.incarnation + 1)
+            proc.sent, proc.done = set(), set()
+            self.pump(until=time.time() + READY_TIMEOUT_S, want=lambda: proc.ready or not proc.alive)
+            self._write(proc, {"op": "start", "t0_wall": self.t0, "trace0_s": self.trace0})
+            # What the old process had been sent and not finished, the new one serves.
+            for index in sorted(victim.sent - victim.done):
+                self.send_request(index, self.c.requests[index], proc.me)
+            victim.sent = set(victim.done)
         elif fault.kind == "drop-events":
             self._write(victim, {"op": "drop-events", "count": DROPPED_EVENTS})
+        elif fault.kind == "reorder-events":
+            self._write(victim, {"op": "reorder-events", "count": REORDERED_EVENTS})
         elif fault.kind == "partition":
             if self.mesh is not None:
                 self.mesh.cut(0, fault.victim)
@@ -332,20 +356,31 @@ class Cluster:
             os.killpg(proc.popen.pid, signal.SIGKILL)
         proc.popen.wait(timeout=10)
         proc.alive = False
-        self.rows_dead.append({"me": proc.me, "incarnation": proc.incarnation, "requests": len(proc.done)})
+        self._record_dead(proc)
         self.pump(until=time.time() + 0.05)
 
+    def _record_dead(self, proc: Proc) -> None:
+        if not any(d["me"] == proc.me and d["incarnation"] == proc.incarnation for d in self.rows_dead):
+            self.rows_dead.append({"me": proc.me, "incarnation": proc.incarnation, "requests": len(proc.done)})
+
     def finish(self) -> None:
+        # An armed kill-peer victim dies (mid-transfer, or killed idle) before the run ends.
+        self.pump(until=time.time() + KILL_WAIT_S + 1,
+                  want=lambda: all(p.kill_by is None or not p.alive for p in self.procs.values()))
         self._reroute_orphans()
         for proc in self.procs.values():
             self._write(proc, {"op": "end"})
-        self.pump(until=time.time() + 600, want=lambda: self._all("drained"))
+        self.pump(until=time.time() + 600, want=self._drained)
         # Entries of a dead sender last until their lease runs out: wait for it before the index is checked.
         wait = self.spec.lease_s + QUIESCE_S if any(not p.alive for p in self.procs.values()) else QUIESCE_S
         self.pump(until=time.time() + wait)
         for proc in self.procs.values():
             self._write(proc, {"op": "report"})
         self.pump(until=time.time() + 120, want=lambda: self._all("result"))
+
+    def _drained(self) -> bool:
+        self._reroute_orphans()  # an instance that died while the others drain leaves its requests to them
+        return self._all("drained")
 
     def _all(self, what: str) -> bool:
         procs = [p for p in self.procs.values() if p.alive]
@@ -439,6 +474,7 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
             served_bytes=r["served_bytes"], pulls=r["pulls"], pulls_failed=r["pulls_failed"], stale_misses=r["stale"],
             corrupted_blocks=r["corrupted"], resyncs=r["resyncs"], events_sent=r["events_sent"],
             events_dropped=r["events_dropped"], blocks_checked=r["blocks_checked"], incarnation=r["incarnation"],
+            events_reordered=r["events_reordered"], out_of_order=r["out_of_order"], late_ignored=r["late_ignored"],
             estimates_ms=tuple((p * 1e3, m * 1e3) for p, m in r["estimates"])))
     for dead in cluster.rows_dead:
         rows.append(InstanceRow(instance=dead["me"], requests=dead["requests"], local=0, peer=0, miss=0,

@@ -60,6 +60,9 @@ class InstanceRow:
     blocks_checked: int
     incarnation: int  # 0 for the first process; a restarted instance counts up
     killed: bool = False
+    events_reordered: int = 0  # fault injection: held back and sent after their successor
+    out_of_order: int = 0  # peers' events received ahead of their turn, buffered, applied in number order
+    late_ignored: int = 0  # peers' events received after a snapshot had covered them: not applied
     # The pull-or-recompute log: (predicted ms, measured ms) of every request whose peer-held blocks were pulled.
     estimates_ms: tuple[tuple[float, float], ...] = ()
 

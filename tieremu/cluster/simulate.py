@@ -110,7 +110,17 @@ def load_cluster_spec(path: str | Path) -> ClusterSpec:
                     gbps=s.get("gbps", float, 25.0, valid=Range(0, 1e5, lo_closed=False)))
         s.done()
     tiers = []
-    for s in doc.sections("tiers"):
+    sections = doc.sections("tiers")
+    # A tier map (execute mode's) where a cluster spec is wanted: say so, naming its peer tier if it has one.
+    foreign = [(i, s) for i, s in enumerate(sections) if s.has("kind") or s.has("nodes")]
+    if foreign:
+        i, s = next(((i, s) for i, s in foreign if s.data.get("kind") == "peer"), foreign[0])
+        what = "is a `kind: peer` tier" if s.data.get("kind") == "peer" else "has tier-map keys (kind, nodes)"
+        raise doc.error(f"tiers[{i}]", f"{what}: this file is a tier map for --mode execute. --mode simulate takes a "
+                        "cluster spec (e.g. configs/cluster/sim-hbm-dram.yaml: each instance's own tiers with "
+                        "capacity_blocks and read_gbps, and a `link`); the peers are simulated by --sharing p2p over "
+                        "that link, not by a peer tier")
+    for s in sections:
         blocks = Range(1, 2**40, integer=True)
         tiers.append(SimTierSpec(name=s.get("name", str),
                                  capacity_blocks=s.get("capacity_blocks", int, None, valid=blocks),

@@ -348,7 +348,7 @@ JOB_HELP: dict[str, dict[str, str]] = {
                      "pool bound to `shm_node`, mapped by every instance: a CXL pool, emulated by a node with CPUs; "
                      "instances on loopback, rate paced by the transport).",
         "link": "Every link: `LATENCY_US,GBPS` or `{latency_us, gbps, jitter_us, loss}`.",
-        "faults": "Faults as `KIND@N` (kill-peer, restart-peer, drop-events, partition) at request N.",
+        "faults": "Faults as `KIND@N` (kill-peer, restart-peer, drop-events, reorder-events, partition) at request N.",
         "policy": "Each instance's placement policy.",
         "capacity_blocks": "Blocks each local tier of each instance holds.",
         "block_kib": "Memory one block takes here, KiB (the trace's 512-token block, scaled down).",

@@ -7,8 +7,9 @@
  * residency samples, the same floating-point operations in the same order. Change one, change both; the test
  * tests/test_replay_core.py replays the shared trace through both and compares every figure.
  *
- * Blocks are dense ids 0..n_blocks-1 (the driver maps hash ids). A tier's ranking is a binary heap with lazy
- * deletion: an entry is live while its stamp is the block's stamp and the block is filed under that tier. */
+ * Blocks are dense ids 0..n_blocks-1 (the driver maps hash ids). belady's ranking of a tier is a 4-ary heap with lazy
+ * deletion: an entry is live while its stamp is the block's stamp and the block is filed under that tier. lru's and
+ * lfu's are ordered lists (lfu's indexed by count: the last block of each count and a bitmap of the counts present). */
 /* Python rounds every multiply and add on its own: no fused multiply-add here, or sums differ in the last bit. */
 #pragma GCC optimize("fp-contract=off")
 #include <math.h>
@@ -27,13 +28,15 @@ typedef struct {
     int64_t score, stamp;  /* its ranking: filed under `filed` with this score, set at this stamp */
     int64_t lm_epoch;      /* its last move: epoch (-1: none), from lm_src to lm_dst */
     double lands;          /* when its latest move lands (-inf: none) */
-    int32_t where;         /* tier, -1: none */
-    int32_t filed;         /* tier the ranking files it under, -1: not ranked */
     int32_t prev, next_in; /* lru, lfu: neighbours in its tier's list */
+    int8_t where;          /* tier, -1: none (MAX_TIERS fits a byte: 48 bytes a block, not 56, at 10x the blocks
+                            * the records outgrow the caches) */
+    int8_t filed;          /* tier the ranking files it under, -1: not ranked */
     uint8_t pinned;        /* 1: pinned for the request, 2: while its own victim is chosen */
-    uint8_t set_aside;     /* out of its list until the request ends */
+    uint8_t set_aside;     /* out of its list until the request ends (or, lru and lfu, until its observe) */
     int8_t lm_src, lm_dst;
 } block_state;
+_Static_assert(sizeof(block_state) == 48, "one record a block, 48 bytes");
 
 typedef struct {
     /* settings */
@@ -75,6 +78,21 @@ static inline int less(const entry *a, const entry *b) {
     return a->k1 < b->k1 || (a->k1 == b->k1 && a->k2 < b->k2);
 }
 
+/* A 4-ary heap: half a binary heap's levels, and a node's children share cache lines; at 10x the blocks the heap
+ * outgrows the L2 cache, where each level is a miss. Which entry is on top depends on the keys alone (a live
+ * block's (score, stamp) is unique), so the shape changes no decision. */
+#define ARITY 4
+
+static inline void sift_up(entry *e, int64_t i, entry x) {
+    while (i > 0) {
+        int64_t p = (i - 1) / ARITY;
+        if (!less(&x, &e[p])) break;
+        e[i] = e[p];
+        i = p;
+    }
+    e[i] = x;
+}
+
 static void heap_push(state *s, heap *h, entry x) {
     if (h->n == h->cap) {
         int64_t cap = h->cap ? 2 * h->cap : 1024;
@@ -82,14 +100,7 @@ static void heap_push(state *s, heap *h, entry x) {
         if (!e) { s->failed = 1; return; }
         h->e = e; h->cap = cap;
     }
-    int64_t i = h->n++;
-    while (i > 0) {
-        int64_t p = (i - 1) / 2;
-        if (!less(&x, &h->e[p])) break;
-        h->e[i] = h->e[p];
-        i = p;
-    }
-    h->e[i] = x;
+    sift_up(h->e, h->n++, x);
 }
 
 static void heap_append(state *s, heap *h, entry x) {
@@ -106,12 +117,13 @@ static entry heap_pop(heap *h) {
     entry top = h->e[0], x = h->e[--h->n];
     int64_t i = 0, n = h->n;
     for (;;) {
-        int64_t c = 2 * i + 1;
+        int64_t c = ARITY * i + 1, last = c + ARITY < n ? c + ARITY : n;
         if (c >= n) break;
-        if (c + 1 < n && less(&h->e[c + 1], &h->e[c])) c++;
-        if (!less(&h->e[c], &x)) break;
-        h->e[i] = h->e[c];
-        i = c;
+        int64_t m = c;
+        for (int64_t j = c + 1; j < last; j++) if (less(&h->e[j], &h->e[m])) m = j;
+        if (!less(&h->e[m], &x)) break;
+        h->e[i] = h->e[m];
+        i = m;
     }
     if (n) h->e[i] = x;
     return top;
@@ -140,17 +152,7 @@ static void heap_compact(state *s, int tier) {
     entry *e = h->e;
     int64_t count = n;
     /* re-heapify in place: push each back (entries are already in e[0..count)) */
-    for (int64_t i = 0; i < count; i++) {
-        entry x = e[i];
-        int64_t j = h->n++;
-        while (j > 0) {
-            int64_t p = (j - 1) / 2;
-            if (!less(&x, &e[p])) break;
-            e[j] = e[p];
-            j = p;
-        }
-        e[j] = x;
-    }
+    for (int64_t i = 0; i < count; i++) sift_up(e, h->n++, e[i]);
 }
 
 /* ---- RankedBlocks ------------------------------------------------------------------------------------------ */
@@ -218,10 +220,16 @@ static void rank_set_(state *s, int32_t b, int tier, int64_t score, int push) {
     if (listed(s, b)) list_unlink(s, s->bk[b].filed, b);
     s->bk[b].set_aside = 0;
     s->bk[b].score = score;
-    s->bk[b].filed = tier;
+    s->bk[b].filed = (int8_t)tier;
     s->bk[b].stamp = ++s->stamp_clock;
     if (s->kind != BELADY) {
-        if (s->cap[tier] >= 0) list_insert(s, tier, b);
+        /* push = 0: out of the list (set aside, not in `aside`) until the observe re-files it, so a miss or a
+         * promotion costs one insertion, not two; the list stays ordered by (score, stamp), so where the block goes
+         * at the observe is where it would be had it been inserted here and moved then. */
+        if (s->cap[tier] >= 0) {
+            if (push) list_insert(s, tier, b);
+            else s->bk[b].set_aside = 1;
+        }
         return;
     }
     if (!push || s->cap[tier] < 0) return; /* an unlimited tier is never asked for a victim: no heap */
@@ -360,7 +368,7 @@ static int32_t policy_victim(state *s, int tier) {
 /* ---- the driver (simulate.py's _Replay) -------------------------------------------------------------------- */
 
 static void place(state *s, int32_t b, int t) {
-    s->bk[b].where = t;
+    s->bk[b].where = (int8_t)t;
     s->used[t]++;
     if (s->bk[b].pinned) s->pinned_in[t]++;
 }

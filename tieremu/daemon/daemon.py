@@ -42,6 +42,7 @@ from tieremu.errors import ConfigError, TieremuError
 from tieremu.kv.access_log import Accesses, AccessLog
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.pool import MoveRecord
+from tieremu.native.build import count_kernels
 from tieremu.policy.base import AccessCounts, AccessEvent, Move, Plan, Policy, observes_counts
 from tieremu.policy.engine import TokenBucket
 
@@ -167,7 +168,7 @@ class MigrationDaemon:
             return ()
         with self.cache.lock:  # the workload appends under this lock: the mark and the count agree
             end, entries = log.mark, len(log)
-        batch = EventBatch(log, self._mark, entries - self._entries_at_mark, self.view, now)
+        batch = EventBatch(log, self._mark, end, entries - self._entries_at_mark, self.view, now)
         self._mark, self._entries_at_mark = end, entries
         return batch
 
@@ -274,9 +275,10 @@ class EventBatch(Sequence[AccessEvent]):
     per read, with its layer. Under ident "key", accesses of blocks without a key, or gone since, are left out.
     """
 
-    def __init__(self, log: AccessLog, start: int, count: int, view: PoolView, now: float) -> None:
+    def __init__(self, log: AccessLog, start: int, end: int, count: int, view: PoolView, now: float) -> None:
         self._log = log
         self._start = start
+        self._end = end  # the log's mark at the epoch's end: chunks start..end hold its `count` entries
         self._count = count
         self._view = view
         self._now = now
@@ -320,8 +322,11 @@ class EventBatch(Sequence[AccessEvent]):
         return [new(event, e) for e in zip(blocks, tiers, repeat(now), seqs, layers)]
 
     def counts(self) -> AccessCounts:
-        """The same accesses aggregated per block with numpy (see AccessCounts): no Python per access, only per
-        distinct block under ident "key" (to look its key up). Its `events` is this batch."""
+        """The same accesses aggregated per block (see AccessCounts): under ident "id" in one compiled pass over
+        the log's chunks (tieremu/native/counts.c), under ident "key" with numpy and Python per distinct block (to
+        look its key up); no Python per access either way. Its `events` is this batch."""
+        if self._counts is None and self._view.ident == "id" and self._count < 1 << 31:
+            self._counts = self._compiled_counts()
         if self._counts is None:
             view = self._view
             acc = self._accesses()
@@ -339,6 +344,28 @@ class EventBatch(Sequence[AccessEvent]):
                 block, tier, seq = by_id[inverse][kept], tier[kept], seq[kept]
             self._counts = AccessCounts.of(view.pool.order, self._now, block, tier, seq, layer, self)
         return self._counts
+
+    def _compiled_counts(self) -> AccessCounts:
+        """counts() by counts.c: deduplication (all-layers blocks: first read per step and sequence) and the
+        aggregation per block in one pass, into two preallocated column buffers; equal to the numpy path
+        (AccessCounts.of over _accesses(), tests/test_daemon_counts.py)."""
+        chunks = self._log.chunks(self._start, self._end)
+        n = len(chunks.block)
+        per_layer = self._view.cache.layout.per_layer
+        out64 = np.empty((8, n), dtype=np.int64)
+        out16 = np.empty((3, n), dtype=np.int16)
+        packed = count_kernels().count_accesses(chunks.meta.ctypes.data, len(chunks.meta), chunks.block.ctypes.data,
+                                                chunks.tier.ctypes.data, n, 0 if per_layer else 1,
+                                                out64.ctypes.data, out16.ctypes.data)
+        if packed < 0:
+            raise MemoryError(f"counting an epoch's {n} block reads: the counter's tables could not be allocated")
+        kept, rows = packed & 0xFFFFFFFF, packed >> 32
+        block, count, first, last, request, layer, row, access_request = out64
+        tier, first_tier, access_tier = out16
+        return AccessCounts(tuple(self._view.pool.order), self._now, block[:rows], tier[:rows], first_tier[:rows],
+                            count[:rows], first[:rows], last[:rows], request[:rows],
+                            layer[:rows].astype(np.int32) if per_layer else None, row[:kept], access_tier[:kept],
+                            access_request[:kept], self)
 
     def __len__(self) -> int:
         return len(self._built())

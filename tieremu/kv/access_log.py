@@ -25,6 +25,17 @@ class Accesses:
         return len(self.block)
 
 
+@dataclass(frozen=True)
+class Chunks:
+    """A range of the log's chunks (each one read of a sequence's blocks at one layer) as three arrays: `meta` is
+    (step, layer, seq, length) per chunk (int64, shape [chunks, 4]); `block` (int64) and `tier` (int16) are the
+    chunks' reads back to back in log order. What a compiled reader takes (tieremu/native/counts.c)."""
+
+    meta: np.ndarray
+    block: np.ndarray
+    tier: np.ndarray
+
+
 class AccessLog:
     def __init__(self) -> None:
         self._chunks: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []
@@ -41,6 +52,15 @@ class AccessLog:
     def mark(self) -> int:
         """A position to read from later with since()."""
         return len(self._chunks)
+
+    def chunks(self, start: int = 0, end: int | None = None) -> Chunks:
+        """Chunks start..end (end: the log's mark now) as contiguous arrays (see Chunks)."""
+        chunks = self._chunks[start:end]
+        if not chunks:
+            return Chunks(np.empty((0, 4), dtype=np.int64), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int16))
+        return Chunks(np.array([(c[0], c[1], c[2], len(c[3])) for c in chunks], dtype=np.int64),
+                      np.concatenate([c[3] for c in chunks]).astype(np.int64, copy=False),
+                      np.concatenate([c[4] for c in chunks]).astype(np.int16, copy=False))
 
     def since(self, mark: int = 0) -> Accesses:
         chunks = self._chunks[mark:]

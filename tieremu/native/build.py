@@ -22,6 +22,7 @@ from tieremu.safefile import check_destination
 SOURCE = Path(__file__).with_name("kernels.c")
 REPLAY_SOURCE = Path(__file__).with_name("replay.c")
 COMPRESS_SOURCE = Path(__file__).with_name("compress.c")
+COUNTS_SOURCE = Path(__file__).with_name("counts.c")
 CFLAGS = ("-O2", "-march=native", "-fno-tree-loop-distribute-patterns", "-shared", "-fPIC")
 CACHE_ENV = "TIEREMU_CACHE_DIR"
 
@@ -65,6 +66,11 @@ _COMPRESS_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
 }
 
 
+_COUNTS_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
+    "count_accesses": (i64, (vp, i64, vp, vp, i64, ctypes.c_int, vp, vp)),
+}
+
+
 def cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tieremu"
     return Path(root) / "native"
@@ -86,6 +92,12 @@ def replay_core() -> ctypes.CDLL:
 def compress_kernels() -> ctypes.CDLL:
     """The compiled KV compression kernels (compress.c): int8, int4 and fp8 with per-group scales."""
     return _library(COMPRESS_SOURCE, _COMPRESS_SIGNATURES)
+
+
+@cache
+def count_kernels() -> ctypes.CDLL:
+    """The compiled access counter (counts.c): the migration daemon's batched access counting."""
+    return _library(COUNTS_SOURCE, _COUNTS_SIGNATURES)
 
 
 def _library(path: Path, signatures: dict[str, tuple[type, tuple[type, ...]]]) -> ctypes.CDLL:

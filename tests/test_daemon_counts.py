@@ -69,7 +69,9 @@ def textbook(log: AccessLog, start: int, end: int, per_layer: bool) -> dict[str,
     rows in the order of their last access."""
     reads = []
     seen = set()
-    for step, layer, seq, blocks, tiers in log._chunks[start:end]:
+    chunks = log.chunks(start, end)
+    for i, (blocks, tiers) in enumerate(zip(chunks.block, chunks.tier, strict=True)):
+        step, layer, seq, _ = chunks.meta[4 * i:4 * i + 4]
         for block, tier in zip(blocks.tolist(), tiers.tolist(), strict=True):
             if not per_layer:
                 if (step, seq, block) in seen:
@@ -92,7 +94,7 @@ def textbook(log: AccessLog, start: int, end: int, per_layer: bool) -> dict[str,
 
 
 def batch(log: AccessLog, start: int, end: int, per_layer: bool) -> EventBatch:
-    count = sum(len(c[3]) for c in log._chunks[start:end])
+    count = sum(len(b) for b in log.chunks(start, end).block)
     return EventBatch(log, start, end, count, View(Cache(Layout(per_layer)), Pool(TIERS)), 7.5)  # type: ignore[arg-type]
 
 
@@ -146,8 +148,11 @@ def test_an_empty_epoch_counts_nothing() -> None:
 
 def test_chunks_read_what_since_reads() -> None:
     log = stream(random.Random(4), steps=6, seqs=3, layers=2, ids=list(range(20)))
-    chunks, acc = log.chunks(3, log.mark - 2), log.since(3)
-    n = int(chunks.meta[:, 3].sum())
-    assert chunks.block.tolist() == acc.block[:n].tolist() and chunks.tier.tolist() == acc.tier[:n].tolist()
-    assert np.repeat(chunks.meta[:, 0], chunks.meta[:, 3]).tolist() == acc.step[:n].tolist()
-    assert chunks.meta.dtype == np.int64 and chunks.block.dtype == np.int64 and chunks.tier.dtype == np.int16
+    chunks, acc, part = log.chunks(3, log.mark - 2), log.since(3), log.since(3, log.mark - 2)
+    n = sum(chunks.meta[3::4])
+    assert len(chunks) == log.mark - 5 and len(part) == n and sum(len(b) for b in chunks.block) == n
+    assert np.concatenate(chunks.block).tolist() == acc.block[:n].tolist() == part.block.tolist()
+    assert np.concatenate(chunks.tier).tolist() == acc.tier[:n].tolist() == part.tier.tolist()
+    assert np.repeat(chunks.meta[0::4], chunks.meta[3::4]).tolist() == acc.step[:n].tolist() == part.step.tolist()
+    assert part.layer.dtype == np.int32 and part.block.dtype == np.int64 and part.tier.dtype == np.int16
+    assert len(log.since(log.mark)) == 0 and len(log) == len(acc) + sum(len(b) for b in log.chunks(0, 3).block)

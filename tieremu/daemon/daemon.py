@@ -2,11 +2,12 @@
 
 An epoch reads the cache's access log since the last epoch and hands it to the policy as AccessEvents (tier names
 from the cache's tier order, time = the epoch's monotonic time, request = the sequence), or, to a policy with its
-own `observe_counts` (the built-in observing ones: policy.base.observes_counts), counted per block with numpy
-(AccessCounts: batched access counting, no Python per access), asks the policy for a plan, and carries it out
-(executor.py) within the migration budget. The budget is a token bucket: `budget_gbps` accrues with elapsed time,
-at most one epoch's worth is saved up, and an epoch that overshoots (a whole block is the unit) is paid back by the
-next ones, so the long-run rate holds whatever the block size.
+own `observe_counts` (the built-in observing ones: policy.base.observes_counts), counted per block in one compiled
+pass over the log's chunks (AccessCounts from tieremu/native/counts.c: batched access counting, no Python per
+access), asks the policy for a plan, and carries it out (executor.py) within the migration budget. The budget is a
+token bucket: `budget_gbps` accrues with elapsed time, at most one epoch's worth is saved up, and an epoch that
+overshoots (a whole block is the unit) is paid back by the next ones, so the long-run rate holds whatever the block
+size.
 
 `epoch()` runs one epoch in the calling thread; `start()` runs them every `epoch_s` in a background thread until
 `stop()`; `step()`, called by the workload between its steps (run_decode's on_step), runs an epoch there when one

@@ -351,7 +351,7 @@ class EventBatch(Sequence[AccessEvent]):
         output columns]) and one int16 buffer ([tiers | three output columns]): two allocations and two pointers
         per epoch. Equal to the numpy path (AccessCounts.of over _accesses(), tests/test_daemon_counts.py)."""
         chunks = self._log.chunks(self._start, self._end)
-        k, n = len(chunks), self._count
+        k, n = len(chunks), sum(chunks.meta[3::4])  # the chunks' own lengths (a racing len(log) may lag a chunk)
         per_layer = self._view.cache.layout.per_layer
         buf64 = np.empty(4 * k + 9 * n, dtype=np.int64)
         buf16 = np.empty(4 * n, dtype=np.int16)

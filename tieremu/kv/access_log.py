@@ -49,6 +49,9 @@ class AccessLog:
         self._count = 0
 
     def record(self, step: int, layer: int, seq: int, blocks: np.ndarray, tiers: np.ndarray) -> None:
+        # Some reads record outside the cache's lock (its attention kernel): a reader in another thread may come
+        # between these lines. The tier list is appended last and is what `mark` counts, so a chunk is seen only
+        # once it is whole; `len()` may lag a chunk behind `mark` for a moment.
         n = len(blocks)
         self._meta += (step, layer, seq, n)
         self._block.append(blocks)
@@ -60,13 +63,14 @@ class AccessLog:
 
     @property
     def mark(self) -> int:
-        """A position to read from later with since() or chunks()."""
-        return len(self._block)
+        """A position to read from later with since() or chunks(): the chunks recorded whole so far."""
+        return len(self._tier)
 
     def chunks(self, start: int = 0, end: int | None = None) -> Chunks:
-        """Chunks start..end (end: the log's mark now). The lists only grow, so a range read while another thread
-        appends is whole."""
-        end = len(self._block) if end is None else end
+        """Chunks start..end (end: the log's mark now). The lists only grow and a chunk's tiers are appended last,
+        so a range up to a mark is whole even while another thread records."""
+        mark = len(self._tier)
+        end = mark if end is None else min(end, mark)
         return Chunks(self._meta[4 * start:4 * end], self._block[start:end], self._tier[start:end])
 
     def since(self, mark: int = 0, end: int | None = None) -> Accesses:

@@ -2,11 +2,12 @@
 
 An epoch reads the cache's access log since the last epoch and hands it to the policy as AccessEvents (tier names
 from the cache's tier order, time = the epoch's monotonic time, request = the sequence), or, to a policy with its
-own `observe_counts` (the built-in observing ones: policy.base.observes_counts), counted per block with numpy
-(AccessCounts: batched access counting, no Python per access), asks the policy for a plan, and carries it out
-(executor.py) within the migration budget. The budget is a token bucket: `budget_gbps` accrues with elapsed time,
-at most one epoch's worth is saved up, and an epoch that overshoots (a whole block is the unit) is paid back by the
-next ones, so the long-run rate holds whatever the block size.
+own `observe_counts` (the built-in observing ones: policy.base.observes_counts), counted per block in one compiled
+pass over the log's chunks (AccessCounts from tieremu/native/counts.c: batched access counting, no Python per
+access), asks the policy for a plan, and carries it out (executor.py) within the migration budget. The budget is a
+token bucket: `budget_gbps` accrues with elapsed time, at most one epoch's worth is saved up, and an epoch that
+overshoots (a whole block is the unit) is paid back by the next ones, so the long-run rate holds whatever the block
+size.
 
 `epoch()` runs one epoch in the calling thread; `start()` runs them every `epoch_s` in a background thread until
 `stop()`; `step()`, called by the workload between its steps (run_decode's on_step), runs an epoch there when one
@@ -42,6 +43,7 @@ from tieremu.errors import ConfigError, TieremuError
 from tieremu.kv.access_log import Accesses, AccessLog
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.pool import MoveRecord
+from tieremu.native.build import count_kernels
 from tieremu.policy.base import AccessCounts, AccessEvent, Move, Plan, Policy, observes_counts
 from tieremu.policy.engine import TokenBucket
 
@@ -167,7 +169,7 @@ class MigrationDaemon:
             return ()
         with self.cache.lock:  # the workload appends under this lock: the mark and the count agree
             end, entries = log.mark, len(log)
-        batch = EventBatch(log, self._mark, entries - self._entries_at_mark, self.view, now)
+        batch = EventBatch(log, self._mark, end, entries - self._entries_at_mark, self.view, now)
         self._mark, self._entries_at_mark = end, entries
         return batch
 
@@ -274,9 +276,10 @@ class EventBatch(Sequence[AccessEvent]):
     per read, with its layer. Under ident "key", accesses of blocks without a key, or gone since, are left out.
     """
 
-    def __init__(self, log: AccessLog, start: int, count: int, view: PoolView, now: float) -> None:
+    def __init__(self, log: AccessLog, start: int, end: int, count: int, view: PoolView, now: float) -> None:
         self._log = log
         self._start = start
+        self._end = end  # the log's mark at the epoch's end: chunks start..end hold its `count` entries
         self._count = count
         self._view = view
         self._now = now
@@ -292,8 +295,7 @@ class EventBatch(Sequence[AccessEvent]):
     def _accesses(self) -> Accesses:
         """The epoch's accesses as the log's columns, one per event (all-layers: first read per step)."""
         if self._acc is None:
-            # Chunks appended since the epoch's mark come after ours: the first `count` entries are the epoch's.
-            acc = _take(self._log.since(self._start), slice(0, self._count))
+            acc = self._log.since(self._start, self._end)  # chunks appended since the epoch's end are left out
             if not self._view.cache.layout.per_layer and len(acc):
                 acc = _take(acc, _first_per_step(acc))
             self._acc = acc
@@ -320,8 +322,11 @@ class EventBatch(Sequence[AccessEvent]):
         return [new(event, e) for e in zip(blocks, tiers, repeat(now), seqs, layers)]
 
     def counts(self) -> AccessCounts:
-        """The same accesses aggregated per block with numpy (see AccessCounts): no Python per access, only per
-        distinct block under ident "key" (to look its key up). Its `events` is this batch."""
+        """The same accesses aggregated per block (see AccessCounts): under ident "id" in one compiled pass over
+        the log's chunks (tieremu/native/counts.c), under ident "key" with numpy and Python per distinct block (to
+        look its key up); no Python per access either way. Its `events` is this batch."""
+        if self._counts is None and self._view.ident == "id" and self._count < 1 << 31:
+            self._counts = self._compiled_counts()
         if self._counts is None:
             view = self._view
             acc = self._accesses()
@@ -339,6 +344,33 @@ class EventBatch(Sequence[AccessEvent]):
                 block, tier, seq = by_id[inverse][kept], tier[kept], seq[kept]
             self._counts = AccessCounts.of(view.pool.order, self._now, block, tier, seq, layer, self)
         return self._counts
+
+    def _compiled_counts(self) -> AccessCounts:
+        """counts() by counts.c: deduplication (all-layers blocks: first read per step and sequence) and the
+        aggregation per block in one pass. Input and output share one int64 buffer ([meta | block ids | eight
+        output columns]) and one int16 buffer ([tiers | three output columns]): two allocations and two pointers
+        per epoch. Equal to the numpy path (AccessCounts.of over _accesses(), tests/test_daemon_counts.py)."""
+        chunks = self._log.chunks(self._start, self._end)
+        k, n = len(chunks), sum(chunks.meta[3::4])  # the chunks' own lengths (a racing len(log) may lag a chunk)
+        per_layer = self._view.cache.layout.per_layer
+        buf64 = np.empty(4 * k + 9 * n, dtype=np.int64)
+        buf16 = np.empty(4 * n, dtype=np.int16)
+        if k:
+            buf64[:4 * k] = chunks.meta
+            np.concatenate(chunks.block, out=buf64[4 * k:4 * k + n])
+            np.concatenate(chunks.tier, out=buf16[:n])
+        p64, p16 = buf64.ctypes.data, buf16.ctypes.data
+        packed = count_kernels().count_accesses(p64, k, p64 + 32 * k, p16, n, 0 if per_layer else 1,
+                                                p64 + 8 * (4 * k + n), p16 + 2 * n)
+        if packed < 0:
+            raise MemoryError(f"counting an epoch's {n} block reads: the counter's tables could not be allocated")
+        kept, rows = packed & 0xFFFFFFFF, packed >> 32
+        block, count, first, last, request, layer, row, access_request = buf64[4 * k + n:].reshape(8, n)
+        tier, first_tier, access_tier = buf16[n:].reshape(3, n)
+        return AccessCounts(tuple(self._view.pool.order), self._now, block[:rows], tier[:rows], first_tier[:rows],
+                            count[:rows], first[:rows], last[:rows], request[:rows],
+                            layer[:rows].astype(np.int32) if per_layer else None, row[:kept], access_tier[:kept],
+                            access_request[:kept], self)
 
     def __len__(self) -> int:
         return len(self._built())

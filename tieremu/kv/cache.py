@@ -392,23 +392,26 @@ class TieredKVCache:
         if not self._in_place or self.layout.dtype != torch.float32 or q.dtype != torch.float32 \
                 or self.layout.head_dim % 8:
             return None
-        state = self._seq(seq)
-        index = self._index(state, layer)
-        if not index.direct:
-            return None  # a block is in device memory the CPU cannot address
-        if self.compression is not None and self.compression.prepare(state, layer, index):
-            return None  # compressed blocks are dequantized through a staging buffer by read()
-        length = state.lengths[layer]
-        lay = self.layout
-        q = q.contiguous()
-        out = torch.empty_like(q)
-        group = q.shape[0] // lay.kv_heads
-        scores = torch.empty(q.shape[0] * max(1, length), dtype=torch.float32)
-        kernels().paged_decode_attention(
-            index.k_addrs.ctypes.data, lay.block_tokens * lay.kv_heads * lay.head_dim, length, lay.block_tokens,
-            lay.kv_heads, group, lay.head_dim, q.data_ptr(), scale, out.data_ptr(), scores.data_ptr())
-        self._account_read(seq, layer, index)
-        return out
+        # Under the lock, as read() is: the kernel reads the blocks where they lie, and the daemon's thread must
+        # not move one (and reuse its slot) between the index lookup and the last row read.
+        with self.lock:
+            state = self._seq(seq)
+            index = self._index(state, layer)
+            if not index.direct:
+                return None  # a block is in device memory the CPU cannot address
+            if self.compression is not None and self.compression.prepare(state, layer, index):
+                return None  # compressed blocks are dequantized through a staging buffer by read()
+            length = state.lengths[layer]
+            lay = self.layout
+            q = q.contiguous()
+            out = torch.empty_like(q)
+            group = q.shape[0] // lay.kv_heads
+            scores = torch.empty(q.shape[0] * max(1, length), dtype=torch.float32)
+            kernels().paged_decode_attention(
+                index.k_addrs.ctypes.data, lay.block_tokens * lay.kv_heads * lay.head_dim, length, lay.block_tokens,
+                lay.kv_heads, group, lay.head_dim, q.data_ptr(), scale, out.data_ptr(), scores.data_ptr())
+            self._account_read(seq, layer, index)
+            return out
 
     def layer_start(self, layer: int) -> None:
         """Pay the emulated tiers' delay owed so far: once per layer, so the bookkeeping stays cheap. Then tell

@@ -23,6 +23,7 @@ SOURCE = Path(__file__).with_name("kernels.c")
 REPLAY_SOURCE = Path(__file__).with_name("replay.c")
 COMPRESS_SOURCE = Path(__file__).with_name("compress.c")
 CHECKSUM_SOURCE = Path(__file__).with_name("checksum.c")
+COUNTS_SOURCE = Path(__file__).with_name("counts.c")
 CFLAGS = ("-O2", "-march=native", "-fno-tree-loop-distribute-patterns", "-shared", "-fPIC")
 CACHE_ENV = "TIEREMU_CACHE_DIR"
 
@@ -71,6 +72,11 @@ _CHECKSUM_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
 }
 
 
+_COUNTS_SIGNATURES: dict[str, tuple[type, tuple[type, ...]]] = {
+    "count_accesses": (i64, (vp, i64, vp, vp, i64, ctypes.c_int, vp, vp)),
+}
+
+
 def cache_dir() -> Path:
     root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "tieremu"
     return Path(root) / "native"
@@ -98,6 +104,12 @@ def compress_kernels() -> ctypes.CDLL:
 def checksum_kernels() -> ctypes.CDLL:
     """The compiled CRC-32C (checksum.c): the cluster block transport's end-to-end checksum."""
     return _library(CHECKSUM_SOURCE, _CHECKSUM_SIGNATURES)
+
+
+@cache
+def count_kernels() -> ctypes.CDLL:
+    """The compiled access counter (counts.c): the migration daemon's batched access counting."""
+    return _library(COUNTS_SOURCE, _COUNTS_SIGNATURES)
 
 
 def _library(path: Path, signatures: dict[str, tuple[type, tuple[type, ...]]]) -> ctypes.CDLL:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import ClassVar, NamedTuple, Protocol
 
 import numpy as np
@@ -90,9 +92,11 @@ class AccessCounts:
 
     def by_tier(self) -> list[tuple[str, np.ndarray]]:
         """Per tier of last access: its rows, in row order."""
-        if len(self.tier) and (self.tier == self.tier[0]).all():
-            return [(self.tiers[int(self.tier[0])], np.arange(len(self.tier)))]
-        return [(self.tiers[t], np.flatnonzero(self.tier == t)) for t in np.unique(self.tier).tolist()]
+        tier = self.tier
+        present = np.flatnonzero(np.bincount(tier)).tolist() if len(tier) else []  # a few tiers: cheaper than unique
+        if len(present) == 1:
+            return [(self.tiers[present[0]], np.arange(len(tier)))]
+        return [(self.tiers[t], np.flatnonzero(tier == t)) for t in present]
 
     @property
     def last_time(self) -> np.ndarray:
@@ -375,10 +379,8 @@ def _push_all(heap: list[tuple[float, int, int]], entries: list[tuple[float, int
     if 4 * len(entries) > len(heap):  # heapify is linear in the heap: cheaper than many pushes into a small one
         heap.extend(entries)
         heapq.heapify(heap)
-    else:
-        push = heapq.heappush
-        for entry in entries:
-            push(heap, entry)
+    else:  # the pushes driven by map() in C: half the time of a Python loop over them
+        deque(map(heapq.heappush, repeat(heap, len(entries)), entries), maxlen=0)
 
 
 class RankedWalk:

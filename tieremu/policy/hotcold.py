@@ -108,8 +108,12 @@ class HotCold(Policy):
         # log2(2^old + 2^added) in numpy (a block never ranked, or never accessed, is -inf: it gets `added`)
         old = np.array(self.ranked.scores(blocks, NEVER_ACCESSED), dtype=np.float64)
         new = np.logaddexp2(old, added)
-        for tier, rows in counts.by_tier():
-            self.ranked.set_many(tier, [blocks[r] for r in rows.tolist()], new[rows].tolist())
+        tiers = counts.by_tier()
+        if len(tiers) == 1:  # every row in one tier (a decode's epoch, often): no gather
+            self.ranked.set_many(tiers[0][0], blocks, new.tolist())
+            return
+        for tier, rows in tiers:
+            self.ranked.set_many(tier, counts.block[rows].tolist(), new[rows].tolist())
 
     def victim(self, tier: str, view: BlockView) -> int:
         self._changed = True

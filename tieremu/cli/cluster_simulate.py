@@ -52,8 +52,8 @@ def simulate(trace: str, router_specs: tuple[str, ...], instances: int, pd_text:
         settings = SimSettings(instances=instances, router=router, sharing=sharing, pd=pd, slo_ms=slo_ms,
                                token_budget=token_budget, max_batch=max_batch, policy=policy)
         result = simulate_cluster(requests, spec, settings, model).to_dict()
-        if validation is not None:  # the model's validation against the executed cluster, beside every result
-            result["validation"] = validation
+        # The model's validation against the executed cluster, beside every result; null says it had none.
+        result["validation"] = validation
         results.append(result)
     if as_json:
         click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=_jsonable))
@@ -75,11 +75,10 @@ def _table(d: dict) -> Table:
     table.add_column("value", justify="right")
     hr = d["hit_ratio"]
     v = d.get("validation")
-    ttft_error = throughput_error = ""
+    ttft_error = throughput_error = " (not validated: `tieremu cluster validate`)"
     if v is not None:  # what the validation of this serving-time model found, beside the figures it bears on
         ttft_error = f" (validated: {v['ttft_p50_error']:+.1%} / {v['ttft_p99_error']:+.1%})"
-        if v.get("throughput_error") is not None:
-            throughput_error = f" (validated: {v['throughput_error']:+.1%})"
+        throughput_error = "" if v.get("throughput_error") is None else f" (validated: {v['throughput_error']:+.1%})"
     rows = [
         ("requests (completed / rejected)", f"{d['requests']} ({d['completed']} / {d['rejected']})"),
         ("TTFT p50 / p99 ms", f"{d['ttft_ms']['p50']:.1f} / {d['ttft_ms']['p99']:.1f}{ttft_error}"),

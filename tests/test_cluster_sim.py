@@ -285,6 +285,7 @@ def test_cli_prints_json(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["router"] == {"router": "cost"} and data["pd"] == [1, 3] and data["requests"] == 100
+    assert data["validation"] is None  # the reference model: nothing validated it here, and the result says so
     shipped = load_cluster_spec(MOONCAKE_TRACE.parents[1] / "configs" / "cluster" / "sim-hbm-dram.yaml")
     assert shipped.prices is not None and len(shipped.tiers) == 2
 
@@ -301,6 +302,7 @@ def test_cli_compares_several_routers_on_one_trace() -> None:
     table = CliRunner().invoke(main, ["cluster", "replay", str(MOONCAKE_TRACE), "--mode", "simulate",
                                       "--max-requests", "50"])
     assert table.exit_code == 0 and "load imbalance" in table.output and "simulated" in table.output
+    assert "not validated" in table.output
 
 
 def test_a_fitted_slower_tier_cost_is_recovered_and_charged_by_the_simulator(trace: list[Request]) -> None:

@@ -657,7 +657,7 @@ def test_a_full_fast_tier_pushes_the_policys_victims_down_deepest_first_and_a_mo
     summary = daemon.finish("stopped").summary()
     assert [m.chunk for m in result.migrations] == [2, 1, 3, 3, 3] and numa.nodes_of(3) == {0}
     assert (summary["ping_pongs"], summary["ping_pong_epochs"], summary["migrations"]) == (1, PING_PONG_EPOCHS, 5)
-    assert result.to_dict()["ping_pongs"] == 1
+    assert result.to_dict()["ping_pongs"] == 1 and "ping-pongs 1" in attach_cli.summary_text(result)
 
 
 def test_a_push_the_kernel_refuses_stops_the_chain_and_the_view_says_where_chunks_are(tmp_path: Path) -> None:
@@ -849,7 +849,7 @@ def test_command_prints_json_with_every_migration_and_the_summary_when_the_targe
     assert (data["pid"], data["epochs"], data["migrations"], data["ended"]) == (4242, 2, 2, "target exited")
     assert [(m["chunk"], m["source_node"], m["target_node"], m["bytes"]) for m in data["migration_records"]] == [
         (7, 0, 1, CHUNK), (8, 0, 1, CHUNK)]
-    assert data["kernel"]["knobs"]["ready"] is True and data["origin"] == "measured"
+    assert data["kernel"]["knobs"]["ready"] is True and data["origin"] == "measured" and data["ping_pongs"] == 0
 
 
 def test_command_refuses_a_pid_that_does_not_exist() -> None:

@@ -590,9 +590,9 @@ class AttachedDaemon:
             where = self.view.tier_of(chunk)
             if self._admissions.get(chunk) != wanted:
                 continue  # pushed down as a victim meanwhile: the policy has moved on
-            if where is None or where == wanted or self._relocate(Move(chunk, where, wanted, _reason(self.view,
-                                                                                                      where, wanted))):
-                del self._admissions[chunk]
+            if where is None or where == wanted or self._relocate(Move(chunk, where, wanted,
+                                                                       _reason(self.view, where, wanted))):
+                self._admissions.pop(chunk, None)  # gone, moved there by others, or moved there now
         names = self.view.names
         for chunk, state in self._states.items():
             physical = state.tier

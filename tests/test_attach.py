@@ -21,6 +21,7 @@ from fixture_paths import fixture_root
 from tieremu.cli import daemon as attach_cli
 from tieremu.configfile import Section
 from tieremu.daemon.attach import (
+    PING_PONG_EPOCHS,
     AttachConfig,
     AttachedDaemon,
     AttachTier,
@@ -47,7 +48,7 @@ from tieremu.daemon.proctrack import (
 from tieremu.errors import NodeFullError, PolicyError
 from tieremu.numa.pages import PAGE_SIZE
 from tieremu.numa.topology import discover
-from tieremu.policy.base import BlockView, Plan, Policy
+from tieremu.policy.base import BlockView, Move, Plan, Policy, first_unpinned
 from tieremu.policy.registry import get_policy
 from tieremu.tiers.config import parse_tier_map
 
@@ -596,6 +597,136 @@ def test_a_policy_naming_an_unknown_tier_or_evicting_is_handled(tmp_path: Path) 
     assert result.skipped == {"eviction": 4} and result.migrations == []
 
 
+class Scripted(Policy):
+    """Admits each chunk to the tier given, pushes out the oldest chunk of a tier, plans the moves given for each
+    epoch, and records the victims it was asked for and the moves it was told of."""
+
+    name = "scripted"
+
+    def __init__(self, admits: dict[int, str], plans: dict[int, list[Move]]) -> None:
+        super().__init__()
+        self.admits, self.plans, self.epochs = admits, plans, 0
+        self.asked: list[str] = []
+        self.told: list[tuple[int, str, str | None]] = []
+
+    def admit(self, block: int, view: BlockView) -> str:
+        return self.admits[block]
+
+    def victim(self, tier: str, view: BlockView) -> int:
+        self.asked.append(tier)
+        return first_unpinned(view, tier)
+
+    def plan(self, view: BlockView, now: float) -> Plan:
+        self.epochs += 1
+        return Plan(moves=self.plans.get(self.epochs, []))
+
+    def moved(self, block: int, source: str, target: str | None) -> None:
+        self.told.append((block, source, target))
+
+
+THREE_TIERS = (AttachTier("fast", 0, (0,), 1), AttachTier("mid", 1, (1,), 1), AttachTier("slow", 2, (2,), None))
+
+
+def test_a_full_fast_tier_pushes_the_policys_victims_down_deepest_first_and_a_move_back_is_a_ping_pong(
+        tmp_path: Path) -> None:
+    numa = FakeNuma()
+    for chunk, node in ((1, 0), (2, 1), (3, 2)):
+        numa.put(chunk, node)
+    back = 3 + PING_PONG_EPOCHS + 1  # one epoch past the window after chunk 3's move down
+    policy = Scripted({1: "fast", 2: "mid", 3: "slow"}, {
+        2: [Move(3, "slow", "fast", "promote")], 3: [Move(3, "fast", "slow", "demote")],
+        back: [Move(3, "slow", "fast", "promote")]})
+    daemon = daemon_for(tmp_path, policy, ScriptedTracker([1, 2, 3]), numa, tiers=THREE_TIERS)
+    daemon.start()
+    assert daemon.epoch().migrations == 0  # each admitted where it is: fast and mid exactly full
+    second = daemon.epoch()
+    result = daemon.result
+    # fast is full: its victim (1) must go to mid, which is full too: mid's victim (2) goes to slow first
+    assert policy.asked == ["fast", "mid"]
+    assert [(m.chunk, m.reason, m.source_tier, m.target_tier, m.source_node, m.target_node)
+            for m in result.migrations] == [(2, "demote", "mid", "slow", 1, 2), (1, "demote", "fast", "mid", 0, 1),
+                                            (3, "promote", "slow", "fast", 2, 0)]
+    assert policy.told == [(2, "mid", "slow"), (1, "fast", "mid"), (3, "slow", "fast")]
+    assert second.chunks_by_tier == {"fast": 1, "mid": 1, "slow": 1} and result.ping_pongs == 0
+    assert {c: numa.nodes_of(c) for c in (1, 2, 3)} == {1: {1}, 2: {2}, 3: {0}}
+
+    daemon.epoch()  # 3 goes back down one epoch after it came up: a ping-pong
+    assert result.ping_pongs == 1 and numa.nodes_of(3) == {2}
+    while daemon.epoch().epoch < back:  # up again, but past the window: not one
+        pass
+    summary = daemon.finish("stopped").summary()
+    assert [m.chunk for m in result.migrations] == [2, 1, 3, 3, 3] and numa.nodes_of(3) == {0}
+    assert (summary["ping_pongs"], summary["ping_pong_epochs"], summary["migrations"]) == (1, PING_PONG_EPOCHS, 5)
+    assert result.to_dict()["ping_pongs"] == 1 and "ping-pongs 1" in attach_cli.summary_text(result)
+
+
+def test_a_push_the_kernel_refuses_stops_the_chain_and_the_view_says_where_chunks_are(tmp_path: Path) -> None:
+    numa = FakeNuma()
+    for chunk, node in ((1, 0), (2, 1), (3, 2)):
+        numa.put(chunk, node)
+    promote = [Move(3, "slow", "fast", "promote")]
+    policy = Scripted({1: "fast", 2: "mid", 3: "slow"}, {2: promote, 3: promote})
+    daemon = daemon_for(tmp_path, policy, ScriptedTracker([1, 2, 3]), numa, tiers=THREE_TIERS)
+    daemon.start()
+    daemon.epoch()
+    numa.full = {1}  # 2 goes down to slow, then 1 cannot go to mid: 3 has no room in fast
+    second = daemon.epoch()
+    result = daemon.result
+    assert [(m.chunk, m.target_tier, m.outcome) for m in result.migrations] == [(2, "slow", "moved"),
+                                                                                 (1, "mid", "failed")]
+    assert second.chunks_by_tier == {"fast": 1, "mid": 0, "slow": 2} and policy.told == [(2, "mid", "slow")]
+    assert daemon.view.tier_of(1) == "fast" and daemon.view.tier_of(3) == "slow"
+    numa.full.clear()
+    assert daemon.epoch().chunks_by_tier == {"fast": 1, "mid": 1, "slow": 1}  # planned again: mid has room now
+    assert policy.asked == ["fast", "mid", "fast"] and policy.told[1:] == [(1, "fast", "mid"), (3, "slow", "fast")]
+    assert {c: numa.nodes_of(c) for c in (1, 2, 3)} == {1: {1}, 2: {2}, 3: {0}}
+
+
+class Bouncer(Policy):
+    """Admits every chunk to the fastest tier, then plans to move every chunk to the other tier each epoch."""
+
+    name = "bouncer"
+
+    def admit(self, block: int, view: BlockView) -> str:
+        return view.tiers[0].name
+
+    def victim(self, tier: str, view: BlockView) -> int:
+        return first_unpinned(view, tier)
+
+    def plan(self, view: BlockView, now: float) -> Plan:
+        fast, slow = (t.name for t in view.tiers)
+        return Plan(moves=[Move(b, fast, slow, "demote") for b in view.blocks_in(fast)]
+                    + [Move(b, slow, fast, "promote") for b in view.blocks_in(slow)])
+
+
+@pytest.mark.parametrize("chunks_per_epoch", [0.4, 1.5, 2.5])
+def test_the_budget_is_never_exceeded(tmp_path: Path, chunks_per_epoch: float) -> None:
+    tiers = (AttachTier("fast", 0, (0,)), AttachTier("slow", 1, (1,)))
+    epoch_s, epochs = 0.5, 12
+    daemon = daemon_for(tmp_path, Bouncer(), ScriptedTracker(range(50, 56)), FakeNuma(), tiers=tiers,
+                        budget_gbps=chunks_per_epoch * CHUNK / epoch_s / 1e9, epoch_s=epoch_s)
+    daemon.start()
+    moved = [daemon.epoch().moved_bytes // CHUNK for _ in range(epochs)]
+
+    # the textbook bucket, in chunks: full at the start, refilled by the budget each epoch, holding an epoch's
+    # worth or one chunk, whichever is more; a chunk moves only when the bucket holds it
+    cap, tokens, expected = max(chunks_per_epoch, 1.0), max(chunks_per_epoch, 1.0), []
+    for epoch in range(epochs):
+        if epoch:
+            tokens = min(cap, tokens + chunks_per_epoch)
+        n = 0
+        while tokens >= 1 and n < 6:
+            tokens, n = tokens - 1, n + 1
+        expected.append(n)
+    assert moved == expected
+    for k in range(1, epochs + 1):
+        assert sum(moved[:k]) <= cap + (k - 1) * chunks_per_epoch
+    result = daemon.finish("stopped")
+    assert result.moved_bytes == sum(expected) * CHUNK and result.skipped["budget"] > 0
+    # every move after a chunk's first brings it back where it was, within the window
+    assert result.ping_pongs == len(result.migrations) - len({m.chunk for m in result.migrations})
+
+
 def test_run_paces_epochs_and_a_target_that_exits_ends_it_with_what_was_done(tmp_path: Path) -> None:
     clock = FakeClock()
     tracker = ScriptedTracker([5, 6], hot={6})
@@ -718,7 +849,7 @@ def test_command_prints_json_with_every_migration_and_the_summary_when_the_targe
     assert (data["pid"], data["epochs"], data["migrations"], data["ended"]) == (4242, 2, 2, "target exited")
     assert [(m["chunk"], m["source_node"], m["target_node"], m["bytes"]) for m in data["migration_records"]] == [
         (7, 0, 1, CHUNK), (8, 0, 1, CHUNK)]
-    assert data["kernel"]["knobs"]["ready"] is True and data["origin"] == "measured"
+    assert data["kernel"]["knobs"]["ready"] is True and data["origin"] == "measured" and data["ping_pongs"] == 0
 
 
 def test_command_refuses_a_pid_that_does_not_exist() -> None:

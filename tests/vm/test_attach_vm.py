@@ -82,7 +82,8 @@ def test_hotcold_moves_a_childs_hot_region_to_node_0_and_its_cold_region_to_node
                    for m in result.migrations if m.reason == "promote")
         assert last_target_by_chunk(result) == {**{c: 1 for c in cold}, **{c: 0 for c in hot}}
         assert result.moved_pages == (len(cold) + 2 * len(hot)) * PAGES_PER_CHUNK
-        assert [e.migrations for e in result.epochs[1:]] == [0, 0, 0]  # settled: no ping-pong
+        assert [e.migrations for e in result.epochs[1:]] == [0, 0, 0]  # settled: no ping-pong after the first epoch
+        assert result.ping_pongs == len(hot)  # but each hot chunk, admitted down to cxl, came back up within it
         assert result.epochs[-1].chunks_by_tier == {"dram": len(hot), "cxl": len(cold)}
     finally:
         stop_child(child)

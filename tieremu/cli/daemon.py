@@ -111,7 +111,8 @@ def summary_text(result: AttachResult) -> str:
         f"migrations {len(r.migrations):,} (promotions {r.count('promote'):,}, demotions {r.count('demote'):,})  "
         f"moved {units.amount(r.moved_bytes)} at {units.rate(r.gbps)} in move_pages, {units.rate(r.rate_gbps)} over "
         f"the run" + ("" if r.budget_gbps is None else f" (budget {units.rate(r.budget_gbps)})"),
-        f"failed pages by reason: {failed}  skipped moves: {skipped}  chunks moved by others: {r.moved_by_others:,}",
+        f"failed pages by reason: {failed}  skipped moves: {skipped}  chunks moved by others: {r.moved_by_others:,}  "
+        f"ping-pongs {r.ping_pongs:,}",
         f"tracking: {r.tracking}",
     ]
     if r.kernel is not None:

@@ -8,19 +8,26 @@ the tier whose nodes hold most of its pages, asked of the kernel with move_pages
 1. sample the process (accessed chunks since the last epoch) and where its chunks are;
 2. chunks that vanished leave the view; admitted chunks found in another tier than last seen moved on their own
    (the kernel's tiering, or the process's own mbind) and are counted;
-3. new chunks are admitted in address order: the policy names a tier; if it is not where the chunk is, room is made
-   there (the policy's victims pushed one tier down) and the chunk is moved. An admission that could not be carried
-   out (budget, a tier that cannot be made room in, a failed move) is retried every epoch until the chunk is there;
-4. the policy observes one access event per referenced chunk, then plans; its moves are carried out in order. A
-   move whose chunk is not in its source any more, or whose target is full, is skipped and counted; evictions are
-   skipped (another process's memory cannot be dropped);
-5. a tier above its capacity pushes victims down until it fits.
+Placement is decided by the placement engine (tieremu.policy.engine) that simulate mode, execute mode and the
+in-process daemon drive too, on a Board over the chunks (ChunkView), and carried out here with real page moves:
 
-Moves run within the migration budget (a token bucket refilled by budget x epoch each epoch, holding at least one
-chunk so a budget below a chunk per epoch still moves one now and then); a move the budget cannot pay for is
-skipped until a later epoch. Pages reported EBUSY are asked again (with THP the kernel reports a subpage busy
-although its huge page moved). Every migration is recorded (time, chunk, pages, source and target node, bytes,
-duration, outcome, failed pages by errno); failures never stop the loop, except losing the process.
+3. admissions not carried out yet (budget, no room could be made, a failed move) are retried; then new chunks are
+   admitted in address order (engine.admit): the policy names a tier; room is made there (the policy's victims
+   pushed one tier down, deepest first) and the chunk is moved in if it is elsewhere;
+4. the policy observes one access event per referenced chunk, then plans; its moves are checked (engine.check_move)
+   and carried out in order, room made in a full target as for an admission. A move whose chunk is not in its
+   source any more, or whose room would push a chunk out of the last tier, is skipped and counted; evictions are
+   skipped (another process's memory cannot be dropped);
+5. a tier above its capacity (chunks that appeared in it, or that others moved there) pushes victims down.
+
+Every move carried out is told to the policy (Policy.moved) and recorded on the engine's move ledger, which counts
+ping-pongs (a chunk moved back within PING_PONG_EPOCHS). Moves run within the migration budget (the engine's token
+bucket on the epoch clock: budget x epoch per epoch, holding at least one chunk so a budget below a chunk per epoch
+still moves one now and then); a move the budget cannot pay for is skipped until a later epoch, so the bytes moved
+over any run of epochs never exceed what the budget allowed. Pages reported EBUSY are asked again (with THP the
+kernel reports a subpage busy although its huge page moved). Every migration is recorded (time, chunk, pages,
+source and target node, bytes, duration, outcome, failed pages by errno); failures never stop the loop, except
+losing the process.
 
 The pseudo-policy `kernel` moves nothing: it watches the process while the kernel's own tiering (numa_balancing=2
 with demotion) places its pages, and reports the kernel's counters beside the chunks that moved on their own.
@@ -29,10 +36,12 @@ with demotion) places its pages, and reports the kernel's counters beside the ch
 from __future__ import annotations
 
 import errno as errno_mod
+import itertools
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -48,13 +57,14 @@ from tieremu.daemon.proctrack import (
     Sample,
     TargetGoneError,
 )
-from tieremu.errors import CapabilityError, InvalidNodeError, NumaError, PolicyError
+from tieremu.errors import CapabilityError, InvalidNodeError, NumaError
 from tieremu.numa import syscalls
 from tieremu.numa.pages import PAGE_SIZE
 from tieremu.numa.sysfs import format_list
 from tieremu.numa.topology import Topology, discover
 from tieremu.numbers import MAX_SECONDS, Range, number_problem
-from tieremu.policy.base import AccessEvent, Move, Plan, Policy, PolicyContext, TierState
+from tieremu.policy.base import AccessEvent, Move, Plan, Policy, PolicyContext, TierState, checked_victim
+from tieremu.policy.engine import MoveLedger, Step, TokenBucket, admit, check_move, make_room, rank_in
 from tieremu.policy.registry import get_policy
 from tieremu.tiers.config import GBPS, TierMap, load_tier_map
 from tieremu.tiers.resolve import in_vm
@@ -62,6 +72,8 @@ from tieremu.tiers.resolve import in_vm
 DEFAULT_EPOCH_S = 0.5
 DEFAULT_SAMPLE_PAGES = 64
 KERNEL_POLICY = "kernel"
+PING_PONG_EPOCHS = 20  # a chunk moved back where it came from within this many epochs is a ping-pong (as simulate's)
+
 
 class TargetExitedError(TargetGoneError):
     """The process exited during a run; `result` holds what was done until then."""
@@ -233,6 +245,7 @@ class AttachResult:
     migrations: list[MigrationRecord] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)  # moves not attempted, by reason
     moved_by_others: int = 0
+    ping_pongs: int = 0  # chunks moved back where they came from within PING_PONG_EPOCHS of their last move
     chunks_seen: set[int] = field(default_factory=set)
     kernel: TieringDelta | None = None
     knobs_at_start: TieringKnobs | None = None
@@ -288,7 +301,8 @@ class AttachResult:
             "demotions": self.count("demote"), "moved_pages": self.moved_pages, "moved_bytes": self.moved_bytes,
             "migration_gbps": self.gbps, "rate_gbps": self.rate_gbps,
             "failed_pages": dict(self.failed_pages), "skipped_moves": dict(self.skipped),
-            "moved_by_others": self.moved_by_others,
+            "moved_by_others": self.moved_by_others, "ping_pongs": self.ping_pongs,
+            "ping_pong_epochs": PING_PONG_EPOCHS,
             "kernel": self.kernel.to_dict() if self.kernel else None,
             "origin": "measured", "vm": self.vm,
         }
@@ -311,25 +325,42 @@ class ChunkState:
 
 
 class ChunkView:
-    """The BlockView of the attached process: admitted chunks by tier, insertion-ordered (oldest first)."""
+    """The attached process's admitted chunks by tier, insertion-ordered (oldest first): the BlockView the policy
+    reads, and the placement engine's Board (tieremu.policy.engine) it decides on. While the engine tries to make
+    room (`trial`), chunks are shown where they are headed (`stage`); `place` and `drop` say where they really are.
+    Nothing is pinned but the engine's newcomer: nothing is known of which requests the process is serving."""
 
     def __init__(self, tiers: Sequence[AttachTier]) -> None:
         self._tiers = tuple(tiers)
+        self.names: Sequence[str] = [t.name for t in tiers]
+        self.rank = {t.name: t.rank for t in tiers}
         self.members: dict[str, dict[int, None]] = {t.name: {} for t in tiers}
         self.where: dict[int, str] = {}
+        self._staged: dict[int, str | None] = {}  # chunk -> tier shown during a trial (None: in no tier)
+        self._pins: set[int] = set()
+        self._delta: dict[str, int] = {}  # staged change of each tier's chunk count
+
+    # -- BlockView -----------------------------------------------------------------------------------------------
 
     @property
     def tiers(self) -> Sequence[TierState]:
-        return [TierState(t.name, t.rank, t.capacity_chunks, len(self.members[t.name])) for t in self._tiers]
+        return [TierState(t.name, t.rank, t.capacity_chunks, self.used(t.name)) for t in self._tiers]
 
     def tier_of(self, block: int) -> str | None:
-        return self.where.get(block)
+        return self._staged[block] if block in self._staged else self.where.get(block)
 
     def blocks_in(self, tier: str) -> Iterator[int]:
-        return iter(list(self.members.get(tier, {})))
+        staged = self._staged
+        real = [b for b in self.members.get(tier, {}) if b not in staged]
+        return iter(real + [b for b, t in staged.items() if t == tier] if staged else real)
 
     def pinned(self, block: int) -> bool:
-        return False  # nothing is known of which requests the process is serving
+        return block in self._pins
+
+    def used(self, tier: str) -> int:
+        return len(self.members[tier]) + self._delta.get(tier, 0)
+
+    # -- where chunks really are ---------------------------------------------------------------------------------
 
     def place(self, block: int, tier: str) -> None:
         old = self.where.get(block)
@@ -345,29 +376,50 @@ class ChunkView:
         if tier is not None:
             del self.members[tier][block]
 
-    def used(self, tier: str) -> int:
-        return len(self.members[tier])
+    # -- the engine's Board --------------------------------------------------------------------------------------
 
+    def stage(self, block: int, tier: str | None, *, pinned: bool = False) -> None:
+        """Show a chunk in tier (None: in no tier) until the trial ends."""
+        old = self.tier_of(block)
+        if old is not None:
+            self._delta[old] = self._delta.get(old, 0) - 1
+        if tier is not None:
+            self._delta[tier] = self._delta.get(tier, 0) + 1
+        self._staged[block] = tier
+        if pinned:
+            self._pins.add(block)
+        else:
+            self._pins.discard(block)
 
-class Budget:
-    """Migration bytes allowed: a token bucket refilled each epoch, holding at least one chunk."""
+    @contextmanager
+    def trial(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._staged.clear()
+            self._pins.clear()
+            self._delta.clear()
 
-    def __init__(self, gbps: float | None, epoch_s: float, chunk_bytes: int) -> None:
-        self.per_epoch = None if gbps is None else gbps * 1e9 * epoch_s
-        self.cap = None if self.per_epoch is None else max(self.per_epoch, float(chunk_bytes))
-        self.tokens = 0.0
+    def used_in(self, rank: int) -> int:
+        return self.used(self.names[rank])
 
-    def refill(self) -> None:
-        if self.per_epoch is not None and self.cap is not None:
-            self.tokens = min(self.cap, self.tokens + self.per_epoch)
+    def capacity_of(self, rank: int) -> int | None:
+        return self._tiers[rank].capacity_chunks
 
-    def take(self, nbytes: int) -> bool:
-        if self.per_epoch is None:
-            return True
-        if nbytes > self.tokens:
-            return False
-        self.tokens -= nbytes
-        return True
+    def pinned_count(self, rank: int) -> int:
+        return sum(1 for b in self._pins if self.tier_of(b) == self.names[rank])
+
+    def show(self, block: int, rank: int) -> None:
+        self.stage(block, self.names[rank], pinned=True)
+
+    def hide(self, block: int) -> None:
+        self.stage(block, None)
+
+    def pick_victim(self, policy: Policy, rank: int, newcomer: int) -> int:
+        return checked_victim(policy, self.names[rank], self)
+
+    def droppable(self, block: int) -> bool:
+        return False  # out of the last tier would mean dropping another process's memory: never
 
 
 # -- the daemon ----------------------------------------------------------------------------------------------
@@ -402,11 +454,17 @@ class AttachedDaemon:
         self.pages = pages
         self.kernel = kernel
         self.view = ChunkView(tiers)
-        self.budget = Budget(config.budget_gbps, config.epoch_s, tracker.chunk_bytes)
+        # Bytes per epoch, saved up to an epoch's worth or one chunk, whichever is more, so that a budget below a
+        # chunk per epoch still moves one now and then (a byte more than a chunk: float rounding must not leave the
+        # bucket a byte short of one). Its clock is the epoch count: epoch x epoch_s.
+        burst_s = config.epoch_s if config.budget_gbps is None else max(
+            config.epoch_s, (tracker.chunk_bytes + 1) / (config.budget_gbps * 1e9))
+        self.budget = TokenBucket(config.budget_gbps, burst_s)
+        self.ledger = MoveLedger(PING_PONG_EPOCHS)  # in epochs, as simulate counts them
         self._clock = clock
         self._sleep = sleep
         self._states: dict[int, ChunkState] = {}
-        self._admissions: dict[int, str] = {}  # chunk -> the tier its admission put it in, until it is there
+        self._admissions: dict[int, str] = {}  # chunk -> the tier the policy admitted it to, until it is there
         self._epoch = 0
         self._t0 = 0.0
         self._cpu0 = 0.0
@@ -459,7 +517,6 @@ class AttachedDaemon:
     def epoch(self) -> EpochRecord:
         """One epoch: sample, reconcile, admit, observe, plan, carry out, enforce capacities."""
         self._epoch += 1
-        self.budget.refill()
         t_start = self._clock()
         sample = self.tracker.sample()
         self._states = self._place(sample.chunks)
@@ -514,6 +571,8 @@ class AttachedDaemon:
             state = self._states.get(chunk)
             if state is None or state.tier is None:
                 self.view.drop(chunk)
+                self.ledger.forget(chunk)
+                self._admissions.pop(chunk, None)
         moved = 0
         for chunk, state in self._states.items():
             seen = self.view.tier_of(chunk)
@@ -523,26 +582,35 @@ class AttachedDaemon:
         return moved
 
     def _admit_new(self) -> None:
-        """Admit new chunks, then carry out admissions not done yet (budget, full tiers, failures: retried)."""
+        """Carry out admissions not done yet (budget, no room, failures: retried every epoch), then admit new chunks
+        through the placement engine: where the policy admits it (or the first tier below with room), room made
+        there (victims pushed down, deepest first), the chunk moved in."""
         assert self.policy is not None
-        for chunk, state in self._states.items():
-            if state.tier is None or self.view.tier_of(chunk) is not None:
-                continue
-            wanted = self._tier_named(self.policy.admit(chunk, self.view), "admit")
-            self.view.place(chunk, state.tier)
-            if wanted.name != state.tier:
-                self._admissions[chunk] = wanted.name
         for chunk, wanted in list(self._admissions.items()):
             where = self.view.tier_of(chunk)
             if self._admissions.get(chunk) != wanted:
                 continue  # pushed down as a victim meanwhile: the policy has moved on
-            if where is None or where == wanted:
-                del self._admissions[chunk]
+            if where is None or where == wanted or self._relocate(Move(chunk, where, wanted,
+                                                                       _reason(self.view, where, wanted))):
+                self._admissions.pop(chunk, None)  # gone, moved there by others, or moved there now
+        names = self.view.names
+        for chunk, state in self._states.items():
+            physical = state.tier
+            if physical is None or self.view.tier_of(chunk) is not None:
                 continue
-            tier = self._tier[wanted]
-            reason = "promote" if tier.rank < self._tier[where].rank else "demote"
-            if self._make_room(tier) and self._migrate(Move(chunk, where, wanted, reason)):
-                self._admissions.pop(chunk, None)
+            wanted = rank_in(self.view.rank, self.policy.admit(chunk, self.view), f"policy {self.policy.name}: admit")
+            admission = admit(self.view, self.policy, chunk, wanted)
+            target = names[wanted if admission.rank is None else admission.rank]
+            if admission.rank is None:
+                self.result.skipped["target full"] += 1
+            elif self._carry_out_chain(admission.chain) and target != physical:
+                self._migrate(Move(chunk, physical, target, _reason(self.view, physical, target)))
+            if self.view.tier_of(chunk) is None:  # not moved (budget, a failed push): it is where it was
+                self.view.place(chunk, physical)
+            if self.view.tier_of(chunk) != target:
+                self._admissions[chunk] = target
+            if self.view.tier_of(chunk) != names[wanted]:  # told, as the other drivers tell it
+                self.policy.moved(chunk, names[wanted], self.view.tier_of(chunk))
 
     def _observe(self, sample: Sample, now: float) -> None:
         assert self.policy is not None
@@ -552,41 +620,59 @@ class AttachedDaemon:
             self.policy.observe(events)
 
     def _carry_out(self, plan: Plan) -> None:
+        assert self.policy is not None
         for move in plan.moves:
-            self._tier_named(move.source, "plan")
-            target = self._tier_named(move.target, "plan")
+            check_move(move.block, move.source, move.target, move.reason, self.view.rank, f"policy {self.policy.name}")
             self._admissions.pop(move.block, None)  # the policy's newer word on where the chunk belongs
             if self.view.tier_of(move.block) != move.source:
                 self.result.skipped["not in source"] += 1
-            elif not self._has_room(target):
-                self.result.skipped["target full"] += 1
             else:
-                self._migrate(move)
+                self._relocate(move)
         if plan.evictions:
             self.result.skipped["eviction"] += len(plan.evictions)
 
     def _enforce_capacity(self) -> None:
-        for tier in self.tiers[:-1]:
-            while tier.capacity_chunks is not None and self.view.used(tier.name) > tier.capacity_chunks:
-                if not self._push_down(tier):
+        """A tier above its capacity (chunks that appeared in it, or that others moved there) pushes the policy's
+        victims one tier down, room made below by the engine, until it fits or a push fails."""
+        assert self.policy is not None
+        for upper, lower in itertools.pairwise(self.tiers):
+            while upper.capacity_chunks is not None and self.view.used(upper.name) > upper.capacity_chunks:
+                victim = self.view.pick_victim(self.policy, upper.rank, newcomer=-1)
+                self._admissions.pop(victim, None)
+                if not self._relocate(Move(victim, upper.name, lower.name, "demote")):
                     break
 
-    def _make_room(self, tier: AttachTier) -> bool:
-        """Free one slot in tier by pushing victims down the chain; False when that could not be done now."""
-        while tier.capacity_chunks is not None and self.view.used(tier.name) >= tier.capacity_chunks:
-            if tier.rank + 1 >= len(self.tiers) or not self._push_down(tier):
-                return False
+    def _relocate(self, move: Move) -> bool:
+        """Move a chunk shown in move.source to move.target, room made there by the engine first (its victims pushed
+        down); True when it is there. The chunk leaves its source, so the chain may use that slot (as in simulate
+        and the executor); the source is one over its capacity until the chunk has left."""
+        assert self.policy is not None
+        chain: list[Step] = []
+        with self.view.trial():
+            self.view.hide(move.block)
+            why = make_room(self.view, self.policy, move.block, self.view.rank[move.target], chain)
+        if why is not None:
+            self.result.skipped["target full"] += 1  # the chain would push a chunk out of the last tier
+            return False
+        if not (self._carry_out_chain(chain) and self._migrate(move)):
+            return False
+        self.policy.moved(move.block, move.source, move.target)
         return True
 
-    def _push_down(self, tier: AttachTier) -> bool:
+    def _carry_out_chain(self, chain: list[Step]) -> bool:
+        """Push the engine's victims down, deepest first, so each has room; every push is told to the policy. A push
+        that fails (budget, the kernel) stops the chain: that victim is where the kernel says it is (the view is
+        settled from its answer) and the steps above would have no room; the move that needed the room is retried
+        (an admission) or planned again."""
         assert self.policy is not None
-        lower = self.tiers[tier.rank + 1]
-        victim = self.policy.victim(tier.name, self.view)
-        if self.view.tier_of(victim) != tier.name:
-            raise PolicyError(f"policy {self.config.policy}: victim({tier.name!r}) returned chunk {victim}, which is "
-                              f"in {self.view.tier_of(victim)!r}, not {tier.name!r}")
-        self._admissions.pop(victim, None)
-        return self._make_room(lower) and self._migrate(Move(victim, tier.name, lower.name, "demote"))
+        names = self.view.names
+        for victim, source, target in chain:
+            assert target is not None, "droppable() is never true here: the engine pushes no chunk out"
+            if not self._migrate(Move(victim, names[source], names[target], "demote")):
+                return False
+            self._admissions.pop(victim, None)
+            self.policy.moved(victim, names[source], names[target])
+        return True
 
     # -- one migration ---------------------------------------------------------------------------------------
 
@@ -607,9 +693,12 @@ class AttachedDaemon:
             self._settle(move.block, state, status)
             self.result.skipped["already there"] += 1
             return self.view.tier_of(move.block) == move.target
-        if not self.budget.take(int(todo.size) * PAGE_SIZE):
+        asked = int(todo.size) * PAGE_SIZE
+        allowance = self.budget.allowance(self._epoch * self.config.epoch_s)
+        if allowance is not None and asked > allowance:  # never overshoot: it waits for a later epoch's bytes
             self.result.skipped["budget"] += 1
             return False
+        self.budget.spend(asked)
         t0 = time.perf_counter()
         result = self._move(pages[todo], node)
         seconds = time.perf_counter() - t0
@@ -632,7 +721,11 @@ class AttachedDaemon:
             bytes=moved * PAGE_SIZE, seconds=seconds,
             outcome="moved" if moved == todo.size else "partial" if moved else "failed",
             failed=dict(failed), busy_rechecked=rechecked))
-        return self.view.tier_of(move.block) == move.target
+        if self.view.tier_of(move.block) != move.target:
+            return False
+        self.ledger.record(move.block, move.source, move.target, move.reason, self._epoch, moved * PAGE_SIZE)
+        self.result.ping_pongs = self.ledger.ping_pongs
+        return True
 
     def _settle(self, chunk: int, state: ChunkState, status: np.ndarray) -> None:
         """Record where a chunk's pages are after a move (or a query that found them moved)."""
@@ -673,15 +766,9 @@ class AttachedDaemon:
             return None
         return max(per_tier, key=lambda name: (per_tier[name], -self._tier[name].rank))
 
-    def _has_room(self, tier: AttachTier) -> bool:
-        return tier.capacity_chunks is None or self.view.used(tier.name) < tier.capacity_chunks
 
-    def _tier_named(self, name: str, call: str) -> AttachTier:
-        tier = self._tier.get(name)
-        if tier is None:
-            raise PolicyError(f"policy {self.config.policy}: {call} named tier {name!r}; tiers: "
-                              f"{', '.join(self._tier)}")
-        return tier
+def _reason(view: ChunkView, source: str, target: str) -> str:
+    return "promote" if view.rank[target] < view.rank[source] else "demote"
 
 
 def sample_indices(n: int, k: int) -> np.ndarray:

@@ -21,7 +21,6 @@ from fixture_paths import fixture_root
 from tieremu.cli import daemon as attach_cli
 from tieremu.configfile import Section
 from tieremu.daemon.attach import (
-    PING_PONG_EPOCHS,
     AttachConfig,
     AttachedDaemon,
     AttachTier,
@@ -49,6 +48,7 @@ from tieremu.errors import NodeFullError, PolicyError
 from tieremu.numa.pages import PAGE_SIZE
 from tieremu.numa.topology import discover
 from tieremu.policy.base import BlockView, Move, Plan, Policy, first_unpinned
+from tieremu.policy.engine import DEFAULT_PING_PONG_EPOCHS
 from tieremu.policy.registry import get_policy
 from tieremu.tiers.config import parse_tier_map
 
@@ -632,7 +632,7 @@ def test_a_full_fast_tier_pushes_the_policys_victims_down_deepest_first_and_a_mo
     numa = FakeNuma()
     for chunk, node in ((1, 0), (2, 1), (3, 2)):
         numa.put(chunk, node)
-    back = 3 + PING_PONG_EPOCHS + 1  # one epoch past the window after chunk 3's move down
+    back = 3 + DEFAULT_PING_PONG_EPOCHS + 1  # one epoch past the window after chunk 3's move down
     policy = Scripted({1: "fast", 2: "mid", 3: "slow"}, {
         2: [Move(3, "slow", "fast", "promote")], 3: [Move(3, "fast", "slow", "demote")],
         back: [Move(3, "slow", "fast", "promote")]})
@@ -656,7 +656,8 @@ def test_a_full_fast_tier_pushes_the_policys_victims_down_deepest_first_and_a_mo
         pass
     summary = daemon.finish("stopped").summary()
     assert [m.chunk for m in result.migrations] == [2, 1, 3, 3, 3] and numa.nodes_of(3) == {0}
-    assert (summary["ping_pongs"], summary["ping_pong_epochs"], summary["migrations"]) == (1, PING_PONG_EPOCHS, 5)
+    assert (summary["ping_pongs"], summary["ping_pong_epochs"], summary["migrations"]) == \
+        (1, DEFAULT_PING_PONG_EPOCHS, 5)
     assert result.to_dict()["ping_pongs"] == 1 and "ping-pongs 1" in attach_cli.summary_text(result)
 
 

@@ -21,7 +21,7 @@ in-process daemon drive too, on a Board over the chunks (ChunkView), and carried
 5. a tier above its capacity (chunks that appeared in it, or that others moved there) pushes victims down.
 
 Every move carried out is told to the policy (Policy.moved) and recorded on the engine's move ledger, which counts
-ping-pongs (a chunk moved back within PING_PONG_EPOCHS). Moves run within the migration budget (the engine's token
+ping-pongs (a chunk moved back within the engine's window). Moves run within the migration budget (the engine's token
 bucket on the epoch clock: budget x epoch per epoch, holding at least one chunk so a budget below a chunk per epoch
 still moves one now and then); a move the budget cannot pay for is skipped until a later epoch, so the bytes moved
 over any run of epochs never exceed what the budget allowed. Pages reported EBUSY are asked again (with THP the
@@ -64,7 +64,16 @@ from tieremu.numa.sysfs import format_list
 from tieremu.numa.topology import Topology, discover
 from tieremu.numbers import MAX_SECONDS, Range, number_problem
 from tieremu.policy.base import AccessEvent, Move, Plan, Policy, PolicyContext, TierState, checked_victim
-from tieremu.policy.engine import MoveLedger, Step, TokenBucket, admit, check_move, make_room, rank_in
+from tieremu.policy.engine import (
+    DEFAULT_PING_PONG_EPOCHS,
+    MoveLedger,
+    Step,
+    TokenBucket,
+    admit,
+    check_move,
+    make_room,
+    rank_in,
+)
 from tieremu.policy.registry import get_policy
 from tieremu.tiers.config import GBPS, TierMap, load_tier_map
 from tieremu.tiers.resolve import in_vm
@@ -72,7 +81,6 @@ from tieremu.tiers.resolve import in_vm
 DEFAULT_EPOCH_S = 0.5
 DEFAULT_SAMPLE_PAGES = 64
 KERNEL_POLICY = "kernel"
-PING_PONG_EPOCHS = 20  # a chunk moved back where it came from within this many epochs is a ping-pong (as simulate's)
 
 
 class TargetExitedError(TargetGoneError):
@@ -245,7 +253,7 @@ class AttachResult:
     migrations: list[MigrationRecord] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)  # moves not attempted, by reason
     moved_by_others: int = 0
-    ping_pongs: int = 0  # chunks moved back where they came from within PING_PONG_EPOCHS of their last move
+    ping_pongs: int = 0  # chunks moved back where they came from within DEFAULT_PING_PONG_EPOCHS of their last move
     chunks_seen: set[int] = field(default_factory=set)
     kernel: TieringDelta | None = None
     knobs_at_start: TieringKnobs | None = None
@@ -302,7 +310,7 @@ class AttachResult:
             "migration_gbps": self.gbps, "rate_gbps": self.rate_gbps,
             "failed_pages": dict(self.failed_pages), "skipped_moves": dict(self.skipped),
             "moved_by_others": self.moved_by_others, "ping_pongs": self.ping_pongs,
-            "ping_pong_epochs": PING_PONG_EPOCHS,
+            "ping_pong_epochs": DEFAULT_PING_PONG_EPOCHS,
             "kernel": self.kernel.to_dict() if self.kernel else None,
             "origin": "measured", "vm": self.vm,
         }
@@ -460,7 +468,7 @@ class AttachedDaemon:
         burst_s = config.epoch_s if config.budget_gbps is None else max(
             config.epoch_s, (tracker.chunk_bytes + 1) / (config.budget_gbps * 1e9))
         self.budget = TokenBucket(config.budget_gbps, burst_s)
-        self.ledger = MoveLedger(PING_PONG_EPOCHS)  # in epochs, as simulate counts them
+        self.ledger = MoveLedger(DEFAULT_PING_PONG_EPOCHS)  # in epochs, as simulate counts them
         self._clock = clock
         self._sleep = sleep
         self._states: dict[int, ChunkState] = {}

@@ -131,6 +131,11 @@ def check_move(block: int, source: str, target: str, reason: str, ranks: dict[st
                           "prefetch go to a faster tier, demote to a slower one")
 
 
+# A block moved back where it came from within this many epochs of its last move is a ping-pong: one window for
+# simulate, execute and both daemons, so their counts compare.
+DEFAULT_PING_PONG_EPOCHS = 20
+
+
 @dataclass
 class MoveLedger:
     """Moves carried out: counts by reason, bytes, and ping-pongs. `window` is in the unit of the times given

@@ -59,7 +59,16 @@ from tieremu.policy.base import (
     TierState,
     UpcomingRequest,
 )
-from tieremu.policy.engine import MigrationChannel, MoveLedger, Step, admit, check_move, make_room, rank_in
+from tieremu.policy.engine import (
+    DEFAULT_PING_PONG_EPOCHS,
+    MigrationChannel,
+    MoveLedger,
+    Step,
+    admit,
+    check_move,
+    make_room,
+    rank_in,
+)
 from tieremu.record.stats import percentile
 from tieremu.workloads.trace import MOONCAKE_BLOCK_TOKENS, Request
 
@@ -71,7 +80,6 @@ DEFAULT_EPOCH_S = 0.05
 # Requests told to the policy per arrival (the one about to run first): the most a look-ahead window can use.
 DEFAULT_UPCOMING = 16
 # A block moved back where it came from within this many epochs of its last move is a ping-pong.
-DEFAULT_PING_PONG_EPOCHS = 20
 # Bandwidth of a move between two tiers when neither has a read bandwidth: a PCIe 4.0 x16 link, order of magnitude.
 DEFAULT_MOVE_GBPS = 16.0
 CORES = ("auto", "python", "native")

@@ -98,6 +98,14 @@ def test_a_pull_moves_by_the_transfer_engine_and_is_checked(monkeypatch: pytest.
         old, new = stages[0].claim(0, 1, 7), stages[0].claim(0, 1, 8)
         assert not stages[0].write(0, 1, old, 0, memoryview(b"stale"))
         assert stages[0].write(0, 1, new, 0, memoryview(b"fresh")) and bytes(stages[1].slot_view(0, 1, 5)) == b"fresh"
+        # The holder restarts with a new engine (a new handshake port, a new buffer): the puller's read from the old
+        # one fails, it asks again where the engine is and reads from the new one.
+        stages[0].close()
+        stages[0] = mooncake.MooncakeStage(stages[0].spec, 0)
+        servers[0].pool = stages[0]
+        servers[0].read = lambda key: stages[0].describe() if key == mooncake.DESCRIBE_KEY else block
+        assert client.pull(5, 2.0).payload == block
+        assert stages[1]._peers[0] == (stages[0].session, stages[0].addr)
     finally:
         for c in clients:
             c.close()

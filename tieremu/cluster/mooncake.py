@@ -153,13 +153,22 @@ class MooncakeStage:
         return -1, 0
 
     def _read(self, holder: int, nbytes: int) -> memoryview:
-        session, base = self._peer(holder)
         size = self.spec.slot_bytes
         local = (self.spec.instances + holder) * size
+        cached = holder in self._peers
+        session, base = self._peer(holder)
         rc = self.engine.transfer_sync_read(session, self.addr + local, base + self.me * size, nbytes)
         if rc != 0:
-            self._peers.pop(holder, None)  # it may have restarted: ask again next time
-            raise PullError("unreachable", f"Mooncake transfer_sync_read from {session} returned {rc}")
+            self._peers.pop(holder, None)
+            if not cached:
+                raise PullError("unreachable", f"Mooncake transfer_sync_read from {session} returned {rc}")
+            # The holder answered on its control socket, so it is alive: it may have restarted with a new engine.
+            # Ask where its engine is now, once.
+            session, base = self._peer(holder)
+            rc = self.engine.transfer_sync_read(session, self.addr + local, base + self.me * size, nbytes)
+            if rc != 0:
+                self._peers.pop(holder, None)
+                raise PullError("unreachable", f"Mooncake transfer_sync_read from {session} returned {rc}")
         return self.view[local:local + nbytes]
 
     def _peer(self, holder: int) -> tuple[str, int]:

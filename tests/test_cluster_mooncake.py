@@ -1,6 +1,6 @@
 """The Mooncake transport: a pull whose payload moves by the Transfer Engine, checksummed end to end (a corrupted
-block refused); 3 instances pulling through it in a real replay, no process left; the missing package and
-namespaces refused before any work.
+block refused, a restarted holder's engine found again); 3 instances pulling through it in a real replay, on loopback
+and (as root) in network namespaces, no process or namespace left; the missing package refused before any work.
 
 The tests that need the package skip when it is not installed (`bash scripts/setup-mooncake.sh`), except under
 CI=true, where .ci/run installs it: there they fail instead."""
@@ -15,9 +15,9 @@ import pytest
 from click.testing import CliRunner
 
 from tieremu.cli.root import main as cli_main
-from tieremu.cluster import mooncake
+from tieremu.cluster import mooncake, netns
 from tieremu.cluster.link import LinkSpec
-from tieremu.cluster.replay import ClusterSpec, check, cluster_replay
+from tieremu.cluster.replay import ClusterSpec, check
 from tieremu.cluster.wire import BlockClient, BlockServer, LinkState, PullError
 from tieremu.errors import ConfigError
 
@@ -65,7 +65,7 @@ def test_a_pull_moves_by_the_transfer_engine_and_is_checked(monkeypatch: pytest.
             servers.append(BlockServer("127.0.0.1", 0, lambda _k: None, lambda _h: state, me=me))
         ports = [s.sock.getsockname()[1] for s in servers]
         for me in range(2):
-            stages.append(mooncake.MooncakeStage(mooncake.StageSpec(2, len(block), "127.0.0.1",
+            stages.append(mooncake.MooncakeStage(mooncake.StageSpec(2, len(block), {1 - me: "127.0.0.1"},
                                                                     {1 - me: ("127.0.0.1", ports[1 - me])}), me))
         for me, server in enumerate(servers):
             server.pool = stages[me]
@@ -105,7 +105,7 @@ def test_a_pull_moves_by_the_transfer_engine_and_is_checked(monkeypatch: pytest.
         servers[0].pool = stages[0]
         servers[0].read = lambda key: stages[0].describe() if key == mooncake.DESCRIBE_KEY else block
         assert client.pull(5, 2.0).payload == block
-        assert stages[1]._peers[0] == (stages[0].session, stages[0].addr)
+        assert stages[1]._peers[0] == (f"127.0.0.1:{stages[0].ports['127.0.0.1']}", stages[0].addr)
     finally:
         for c in clients:
             c.close()
@@ -116,37 +116,46 @@ def test_a_pull_moves_by_the_transfer_engine_and_is_checked(monkeypatch: pytest.
 
 
 @needs_mooncake
-def test_three_instances_pull_through_mooncake_and_leave_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("namespaces", [
+    False,
+    pytest.param(True, marks=pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")),
+])
+def test_three_instances_pull_through_mooncake_and_leave_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 namespaces: bool) -> None:
+    monkeypatch.setenv(netns.STATE_ENV, str(tmp_path / "state"))
     trace = _reuse_trace(tmp_path / "reuse.jsonl")
-    before = _children(os.getpid())
+    before, spaces = _children(os.getpid()), set(netns.list_namespaces()) if namespaces else set()
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(trace), "--tiers", str(TIERS), "--instances", "3",
-                                        "--transport", "mooncake", "--pull", "always", "--no-namespaces",
+                                        "--transport", "mooncake", "--pull", "always",
+                                        "--namespaces" if namespaces else "--no-namespaces",
                                         "--time-scale", "0.25", "--block-kib", "16", "--link", "10,10", "--json"])
     assert out.exit_code == 0, out.output
     doc = json.loads(out.output[out.output.index("{"):])
-    assert doc["transport"] == "mooncake" and not doc["namespaces"] and doc["completed"] == 9
+    assert doc["transport"] == "mooncake" and doc["namespaces"] == namespaces and doc["completed"] == 9
     # 2 of each group's 3 requests find its 8 prefix blocks on a peer: 48 of 81 block references (allow a lookup
     # that found nothing on a loaded machine).
     assert doc["hit_ratio"]["peer"] > 0 and 40 <= round(doc["hit_ratio"]["peer"] * 81) <= 48, doc
     assert doc["corrupted_blocks"] == 0 and doc["pulls_failed"] == 0
     assert doc["peer_bytes"] == sum(r["pulls"] for r in doc["instances"]) * 16 * 1024
-    assert doc["shaping"]["medium"] == "mooncake-transfer-engine-tcp-loopback"
-    assert doc["shaping"]["rate"] == "transport-pacing" and doc["origin"] == "emulated"
+    # In namespaces Mooncake's own TCP crosses the tbf-shaped veths (one engine per link address); on loopback the
+    # transport paces the holder's copy.
+    medium, rate = ("veth", "kernel-tbf") if namespaces else ("loopback", "transport-pacing")
+    assert doc["shaping"]["medium"] == f"mooncake-transfer-engine-tcp-{medium}"
+    assert doc["shaping"]["rate"] == rate and doc["origin"] == "emulated"
     assert any("Transfer Engine" in n for n in doc["notes"])
     assert _children(os.getpid()) <= before  # every instance process is gone
+    if namespaces:
+        assert set(netns.list_namespaces()) <= spaces  # and every namespace
 
 
-def test_a_missing_package_and_namespaces_are_refused_before_any_work(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_package_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     trace = _reuse_trace(tmp_path / "reuse.jsonl")
     before = _children(os.getpid())
-    with pytest.raises(ConfigError, match="drop --namespaces"):
-        check(ClusterSpec(trace=trace, tiers=TIERS, transport="mooncake", namespaces=True, link=LinkSpec(10, 10)))
     monkeypatch.setattr(mooncake, "available", lambda: "No module named 'mooncake'")
     with pytest.raises(ConfigError, match=r"needs the mooncake-transfer-engine-non-cuda package .*"
                                           r"bash scripts/setup-mooncake.sh"):
-        cluster_replay(ClusterSpec(trace=trace, tiers=TIERS, transport="mooncake", link=LinkSpec(10, 10)))
+        check(ClusterSpec(trace=trace, tiers=TIERS, transport="mooncake", link=LinkSpec(10, 10)))
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(trace), "--tiers", str(TIERS),
-                                        "--transport", "mooncake", "--link", "10,10"])
+                                        "--transport", "mooncake", "--link", "10,10", "--no-namespaces"])
     assert out.exit_code != 0 and "scripts/setup-mooncake.sh" in out.output
     assert _children(os.getpid()) <= before

@@ -3,13 +3,15 @@ package, its TCP transport, peers found by its P2P handshake: no metadata server
 
 Design: the control exchange stays the TCP transport's (tieremu.cluster.wire: request, reply head, CRC-32C
 trailer), so the peer index, the holder's lock, a dead peer (refused), a partition and loss (no reply: timeout)
-behave exactly as over the other transports; only the payload moves differently. Each instance starts one engine
-and registers one buffer with it: n staging slots (slot p holds the block this instance is serving to instance p)
-then n receive slots (slot h receives what instance h serves). The holder waits out the link's latency, copies the
-block from its tier into the puller's staging slot, extending the CRC-32C over each slice (paced at the link's rate:
-the transport, not Mooncake, shapes latency and rate), and replies with the head and the checksum. The puller then
+behave exactly as over the other transports; only the payload moves differently. Each instance starts an engine per
+local address (one on loopback, one per veth link in network namespaces) and registers one buffer with each: n
+staging slots (slot p holds the block this instance is serving to instance p) then n receive slots (slot h receives
+what instance h serves). The holder waits out the link's latency, copies the block from its tier into the puller's
+staging slot, extending the CRC-32C over each slice, and replies with the head and the checksum. The puller then
 issues a `transfer_sync_read` from the holder's engine (its registered staging slot) into its own receive slot and
 checks the CRC over the bytes that arrived: a block corrupted in transit is refused like a corrupted TCP block.
+Mooncake shapes nothing: on loopback the transport paces the holder's copy at the link's rate; in namespaces the
+engines' TCP crosses the tbf-shaped veths. Delay, jitter and loss are the transport's, on the control reply.
 
 The staging object quacks like the shared-memory pool (tieremu.cluster.shm) where wire.BlockServer and
 wire.BlockClient use it (slot_view, claim, write, progress): the view of one's own slot is local memory; the view of
@@ -63,29 +65,34 @@ def require() -> None:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """What an instance needs to start its engine and reach its peers' control sockets."""
+    """What an instance needs to start its engines and reach its peers' control sockets."""
 
     instances: int
     block_bytes: int
-    host: str  # this instance's address (the engine's local hostname)
-    peers: dict[int, tuple[str, int]]  # peer -> (host, block port): where to ask for its engine address
+    hosts: dict[int, str]  # peer -> this instance's address on the link to it (an engine's local hostname)
+    peers: dict[int, tuple[str, int]]  # peer -> (its address on that link, its block port): where to ask
 
     @property
     def slot_bytes(self) -> int:
         return slot_bytes(self.block_bytes)
 
     def to_json(self) -> dict[str, Any]:
-        return {"instances": self.instances, "block_bytes": self.block_bytes, "host": self.host,
+        return {"instances": self.instances, "block_bytes": self.block_bytes,
+                "hosts": {str(j): h for j, h in self.hosts.items()},
                 "peers": {str(j): list(p) for j, p in self.peers.items()}}
 
     @classmethod
     def of_json(cls, d: dict[str, Any]) -> StageSpec:
-        return cls(int(d["instances"]), int(d["block_bytes"]), str(d["host"]),
+        return cls(int(d["instances"]), int(d["block_bytes"]), {int(j): str(h) for j, h in d["hosts"].items()},
                    {int(j): (str(p[0]), int(p[1])) for j, p in d["peers"].items()})
 
 
 class MooncakeStage:
-    """This instance's Transfer Engine and its registered buffer (staging slots, then receive slots)."""
+    """This instance's Transfer Engines and their registered buffer (staging slots, then receive slots).
+
+    One engine per local address: an engine's TCP transport is reached at the address it was started with (a peer
+    connects to the host in the engine's name), and in network namespaces each link to a peer has its own address,
+    so each link gets its own engine, all registering the same buffer. On loopback one engine serves every peer."""
 
     def __init__(self, spec: StageSpec, me: int) -> None:
         require()
@@ -95,22 +102,24 @@ class MooncakeStage:
         self._lock = threading.Lock()
         self._owner: dict[int, int] = {}  # staging slot (puller) -> the claim that owns it
         self._claims = 0
-        self._peers: dict[int, tuple[str, int]] = {}  # holder -> (engine session, its buffer's address)
+        self._peers: dict[int, tuple[str, int]] = {}  # holder -> (its engine's session, its buffer's address)
         n, size = spec.instances, spec.slot_bytes
         self._map = mmap.mmap(-1, 2 * n * size)  # anonymous, page-aligned, faulted in below
         self.buf = np.frombuffer(self._map, dtype=np.uint8)
         self.buf[:] = 0
         self.view = memoryview(self._map)
         self.addr = int(self.buf.ctypes.data)
-        self.engine = TransferEngine()
-        rc = self.engine.initialize(spec.host, "P2PHANDSHAKE", "tcp", "")
-        if rc != 0:
-            raise PlacementError(f"Mooncake TransferEngine.initialize({spec.host!r}, 'P2PHANDSHAKE', 'tcp') "
-                                 f"returned {rc}")
-        rc = self.engine.register_memory(self.addr, len(self._map))
-        if rc != 0:
-            raise PlacementError(f"Mooncake register_memory of {len(self._map)} bytes returned {rc}")
-        self.session = f"{spec.host}:{self.engine.get_rpc_port()}"
+        self.engines: dict[str, Any] = {}  # local address -> its engine
+        for host in sorted(set(spec.hosts.values())):
+            engine = self.engines[host] = TransferEngine()
+            rc = engine.initialize(host, "P2PHANDSHAKE", "tcp", "")
+            if rc != 0:
+                raise PlacementError(f"Mooncake TransferEngine.initialize({host!r}, 'P2PHANDSHAKE', 'tcp') "
+                                     f"returned {rc}")
+            rc = engine.register_memory(self.addr, len(self._map))
+            if rc != 0:
+                raise PlacementError(f"Mooncake register_memory of {len(self._map)} bytes on {host} returned {rc}")
+        self.ports = {host: int(engine.get_rpc_port()) for host, engine in self.engines.items()}
         self._closed = False
 
     # -- what wire.BlockServer uses (this instance as the holder) ------------------------------------------------
@@ -142,8 +151,9 @@ class MooncakeStage:
         return True
 
     def describe(self) -> bytes:
-        """This instance's engine address, the reply to a DESCRIBE_KEY pull."""
-        return json.dumps({"session": self.session, "addr": self.addr}).encode()
+        """Where this instance's engines are (each local address's handshake port) and its buffer's address: the
+        reply to a DESCRIBE_KEY pull."""
+        return json.dumps({"ports": self.ports, "addr": self.addr}).encode()
 
     # -- what wire.BlockClient uses (this instance as the puller) ------------------------------------------------
 
@@ -156,8 +166,9 @@ class MooncakeStage:
         size = self.spec.slot_bytes
         local = (self.spec.instances + holder) * size
         cached = holder in self._peers
+        engine = self.engines[self.spec.hosts[holder]]  # the one on the link to the holder
         session, base = self._peer(holder)
-        rc = self.engine.transfer_sync_read(session, self.addr + local, base + self.me * size, nbytes)
+        rc = engine.transfer_sync_read(session, self.addr + local, base + self.me * size, nbytes)
         if rc != 0:
             self._peers.pop(holder, None)
             if not cached:
@@ -165,7 +176,7 @@ class MooncakeStage:
             # The holder answered on its control socket, so it is alive: it may have restarted with a new engine.
             # Ask where its engine is now, once.
             session, base = self._peer(holder)
-            rc = self.engine.transfer_sync_read(session, self.addr + local, base + self.me * size, nbytes)
+            rc = engine.transfer_sync_read(session, self.addr + local, base + self.me * size, nbytes)
             if rc != 0:
                 self._peers.pop(holder, None)
                 raise PullError("unreachable", f"Mooncake transfer_sync_read from {session} returned {rc}")
@@ -184,7 +195,9 @@ class MooncakeStage:
         if reply.payload is None:
             raise PullError("refused", f"{host}:{port} has no Mooncake engine to describe")
         d = json.loads(bytes(reply.payload))
-        known = self._peers[holder] = (str(d["session"]), int(d["addr"]))
+        if host not in d["ports"]:
+            raise PullError("refused", f"{host}:{port} runs no Mooncake engine on {host} (its engines: {d['ports']})")
+        known = self._peers[holder] = (f"{host}:{d['ports'][host]}", int(d["addr"]))
         return known
 
     @property
@@ -195,6 +208,7 @@ class MooncakeStage:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(Exception):
-            self.engine.unregister_memory(self.addr)
+        for engine in self.engines.values():
+            with contextlib.suppress(Exception):
+                engine.unregister_memory(self.addr)
         # The engine's threads may still touch the buffer until it is gone; the mapping is left to the process's end.

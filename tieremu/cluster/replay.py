@@ -107,9 +107,6 @@ def check(spec: ClusterSpec) -> Checked:
                               "blocks; the transport paces them): drop --namespaces")
         check_node(spec.shm_node)
     if spec.transport == "mooncake":
-        if spec.namespaces:
-            raise ConfigError("--transport mooncake runs the instances on loopback (its engines find each other by "
-                              "their loopback addresses; the transport paces the blocks): drop --namespaces")
         mooncake.require()
     if not 1 <= spec.instances <= MAX_INSTANCES:
         raise ConfigError(f"--instances {spec.instances}: give 1..{MAX_INSTANCES}")
@@ -141,7 +138,7 @@ def check(spec: ClusterSpec) -> Checked:
     faults = tuple(parse_fault(f, spec.instances, len(requests)) for f in spec.faults)
     if faults and spec.sharing != "p2p":
         raise ConfigError("--fault needs --sharing p2p (faults strike peers, links and the index)")
-    namespaces = (have_root() if spec.namespaces is None else spec.namespaces) and spec.transport == "tcp"
+    namespaces = (have_root() if spec.namespaces is None else spec.namespaces) and spec.transport != "shm"
     if namespaces:
         require_root()
     return Checked(spec, requests, link, faults, namespaces)
@@ -208,8 +205,10 @@ class Cluster:
         """--transport mooncake: what instance i needs to start its Transfer Engine and find its peers' engines."""
         if self.spec.transport != "mooncake" or self.spec.sharing != "p2p":
             return None
-        peers = {j: (self.host(j, i), self.ports_of(j)["blocks"]) for j in range(self.n) if j != i}
-        return mooncake.StageSpec(self.n, self.spec.block_kib * 1024, self.host(i, i), peers).to_json()
+        others = [j for j in range(self.n) if j != i]
+        hosts = {j: self.host(i, j) for j in others}
+        peers = {j: (self.host(j, i), self.ports_of(j)["blocks"]) for j in others}
+        return mooncake.StageSpec(self.n, self.spec.block_kib * 1024, hosts, peers).to_json()
 
     def spawn(self, i: int, incarnation: int) -> Proc:
         command = [sys.executable, "-m", "tieremu.cluster.instance"]
@@ -447,7 +446,7 @@ def cluster_replay(spec: ClusterSpec) -> ClusterResult:
                 cluster.pool = ShmPool.create(cluster.n, spec.block_kib * 1024, spec.shm_node)
                 cluster.notes.append(_pool_note(cluster.pool))
             if spec.transport == "mooncake" and spec.sharing == "p2p":
-                cluster.notes.append(MOONCAKE_NOTE)
+                cluster.notes.append(MOONCAKE_VETH_NOTE if cluster.mesh is not None else MOONCAKE_NOTE)
             if cluster.mesh is not None:
                 cluster.mesh.create()
             cluster.start()
@@ -470,6 +469,9 @@ def cluster_replay(spec: ClusterSpec) -> ClusterResult:
 MOONCAKE_NOTE = ("transport mooncake: payloads move by Mooncake's Transfer Engine (TCP transport, P2P handshake) over "
                  "loopback, unshaped; the link's latency, rate, jitter and loss are applied by the transport on the "
                  "holder's copy into its registered staging slot and on the control reply")
+MOONCAKE_VETH_NOTE = ("transport mooncake: payloads move by Mooncake's Transfer Engine (TCP transport, P2P handshake; "
+                      "one engine per link address) across the tbf-shaped veth links, which shape their rate; "
+                      "latency, jitter and loss are applied by the transport on the control reply")
 
 
 def _pool_note(pool: ShmPool) -> str:
@@ -516,7 +518,7 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
         node = c.spec.shm_node
         shaping |= {"medium": "shm-pool", "pool_node": str(node), "pool_memory": pool_backing(node)}
     if c.spec.transport == "mooncake":
-        shaping |= {"medium": "mooncake-transfer-engine-tcp-loopback"}
+        shaping |= {"medium": "mooncake-transfer-engine-tcp-" + ("veth" if cluster.mesh is not None else "loopback")}
     completed = len(cluster.ttft)
     notes = list(cluster.notes)
     if completed < len(c.requests):

@@ -41,7 +41,6 @@ def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(("change", "message"), [
     ({"index": "gossip"}, "unknown index design; valid: broadcast, hash"),
     ({"transport": "udp"}, "unknown transport; valid: tcp, shm, mooncake"),
-    ({"transport": "mooncake"}, "not built yet"),
     ({"sharing": "all"}, "valid: none, p2p"),
     ({"pull": "never"}, "valid: estimate, always"),
     ({"instances": 0}, "give 1.."),

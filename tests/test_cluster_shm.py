@@ -107,8 +107,6 @@ def test_a_node_that_does_not_exist_is_refused_before_any_work(tmp_path: Path) -
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(_trace(tmp_path)), "--tiers", str(TIERS),
                                         "--shm-node", "0", "--link", "10,10"])
     assert out.exit_code == 2 and "only used with --transport shm" in out.output
-    with pytest.raises(ConfigError, match="mooncake: not built yet"):
-        check(ClusterSpec(trace=_trace(tmp_path), tiers=TIERS, transport="mooncake", link=LinkSpec(10, 10)))
 
 
 def test_a_killed_replays_pool_is_removed_by_the_next(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

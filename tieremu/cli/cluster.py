@@ -62,7 +62,9 @@ def cluster() -> None:
 @click.option("--transport", default="tcp", show_default=True,
               help=f"{' | '.join(TRANSPORTS)}: blocks cross TCP sockets, or a shared-memory pool bound to --shm-node "
                    "and mapped by every instance (a CXL pool; emulated by a node with CPUs; instances on loopback, "
-                   "rate paced by the transport); mooncake is not built yet.")
+                   "rate paced by the transport), or each holder's registered staging slot read by Mooncake's Transfer "
+                   "Engine (mooncake: TCP, P2P handshake, over the veths or loopback like tcp; needs "
+                   "`bash scripts/setup-mooncake.sh`).")
 @click.option("--shm-node", type=int, default=0, show_default=True,
               help="--transport shm: the memory node the shared pool is bound to (mbind, checked with move_pages).")
 @click.option("--link", "link_text", default=None, metavar="LATENCY_US,GBPS",

@@ -30,6 +30,7 @@ import torch
 
 from tieremu.cluster.index import Endpoints, PeerIndex
 from tieremu.cluster.link import LinkSpec
+from tieremu.cluster.mooncake import DESCRIBE_KEY, MooncakeStage, StageSpec
 from tieremu.cluster.prefill import PrefillData, tensor_digest
 from tieremu.cluster.shm import PoolSpec, ShmPool
 from tieremu.cluster.wire import BlockClient, BlockServer, LinkState, PullError
@@ -105,7 +106,9 @@ class PeerRun(_Run):
         self.index: PeerIndex | None = None
         self.server: BlockServer | None = None
         self.clients: dict[int, BlockClient] = {}
-        self.pool: ShmPool | None = None  # --transport shm: the shared pool blocks cross (tieremu.cluster.shm)
+        # --transport shm: the shared pool blocks cross (tieremu.cluster.shm); --transport mooncake: the Transfer
+        # Engine and its staging slots (tieremu.cluster.mooncake)
+        self.pool: ShmPool | MooncakeStage | None = None
         self.prefill_s = self._warm_prefill()
         self.overhead: dict[int, float] = {}  # peer -> a pull's time beyond the link model (probed, then learned)
         if self.p2p:
@@ -115,6 +118,9 @@ class PeerRun(_Run):
                 self.pool = ShmPool.attach(PoolSpec(**settings["pool"]))
                 self.pool.require_on_node()
                 self.pool.slot_view(0, 0, self.layout.block_bytes)  # a block fits a slot, or refuse now
+            elif settings.get("mooncake"):
+                self.pool = MooncakeStage(StageSpec.of_json(settings["mooncake"]), self.me)
+                self.pool.slot_view(self.me, 0, self.layout.block_bytes)  # a block fits a slot, or refuse now
             self.server = BlockServer(settings["bind"], mine["blocks"], self._read_block, self._link_for,
                                       seed=self.me, pool=self.pool, me=self.me)
             self.index = PeerIndex(settings["index"], self.me, settings["incarnation"], peers, settings["bind"],
@@ -147,6 +153,8 @@ class PeerRun(_Run):
     # -- what peers ask of this instance ------------------------------------------------------------------------
 
     def _read_block(self, key: int) -> bytes | None:
+        if key == DESCRIBE_KEY and isinstance(self.pool, MooncakeStage):  # a peer asks where our engine is
+            return self.pool.describe()
         with self.cache.lock:
             block = self.cache.pool.by_key(key)
             if block is None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tieremu.cluster import mooncake
 from tieremu.cluster.faults import DROPPED_EVENTS, KILL_WAIT_S, REORDERED_EVENTS, Fault, parse_fault
 from tieremu.cluster.link import LinkSpec, Shaping
 from tieremu.cluster.netns import MAX_INSTANCES, Mesh, cleanup_stale, have_root, require_root
@@ -40,7 +41,7 @@ SHARING = ("none", "p2p")
 # peer holds it (the estimator still predicts, so its error is still measured).
 PULL_RULES = ("estimate", "always")
 TRANSPORTS = ("tcp", "shm", "mooncake")
-BUILT_TRANSPORTS = ("tcp", "shm")
+BUILT_TRANSPORTS = ("tcp", "shm", "mooncake")
 MODES = ("execute",)
 READY_TIMEOUT_S = 120.0
 QUIESCE_S = 0.5  # after the last request, for events in flight to land before the index is checked
@@ -105,6 +106,8 @@ def check(spec: ClusterSpec) -> Checked:
             raise ConfigError("--transport shm runs the instances on loopback (the pool, not a veth, carries the "
                               "blocks; the transport paces them): drop --namespaces")
         check_node(spec.shm_node)
+    if spec.transport == "mooncake":
+        mooncake.require()
     if not 1 <= spec.instances <= MAX_INSTANCES:
         raise ConfigError(f"--instances {spec.instances}: give 1..{MAX_INSTANCES}")
     if spec.sharing == "p2p" and spec.instances < 2:
@@ -195,13 +198,23 @@ class Cluster:
             "bind": "0.0.0.0" if self.mesh is not None else "127.0.0.1", "lease_s": self.spec.lease_s,
             "share": [[r.timestamp_ms, list(r.hash_ids)] for r in share],
             "pool": None if self.pool is None else self.pool.spec.to_json(),
+            "mooncake": self._stage(i),
         }
+
+    def _stage(self, i: int) -> dict[str, Any] | None:
+        """--transport mooncake: what instance i needs to start its Transfer Engine and find its peers' engines."""
+        if self.spec.transport != "mooncake" or self.spec.sharing != "p2p":
+            return None
+        others = [j for j in range(self.n) if j != i]
+        hosts = {j: self.host(i, j) for j in others}
+        peers = {j: (self.host(j, i), self.ports_of(j)["blocks"]) for j in others}
+        return mooncake.StageSpec(self.n, self.spec.block_kib * 1024, hosts, peers).to_json()
 
     def spawn(self, i: int, incarnation: int) -> Proc:
         command = [sys.executable, "-m", "tieremu.cluster.instance"]
         if self.mesh is not None:
             command = ["ip", "netns", "exec", self.mesh.namespaces[i], *command]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        env = {**mooncake.LOG_ENV, **os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
             [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
         popen = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, text=True,
                                  env=env, start_new_session=True)
@@ -432,6 +445,8 @@ def cluster_replay(spec: ClusterSpec) -> ClusterResult:
             if spec.transport == "shm" and spec.sharing == "p2p":  # (without sharing nothing crosses it)
                 cluster.pool = ShmPool.create(cluster.n, spec.block_kib * 1024, spec.shm_node)
                 cluster.notes.append(_pool_note(cluster.pool))
+            if spec.transport == "mooncake" and spec.sharing == "p2p":
+                cluster.notes.append(MOONCAKE_VETH_NOTE if cluster.mesh is not None else MOONCAKE_NOTE)
             if cluster.mesh is not None:
                 cluster.mesh.create()
             cluster.start()
@@ -449,6 +464,14 @@ def cluster_replay(spec: ClusterSpec) -> ClusterResult:
                         cluster.pool.close()
                         shm_remove(cluster.pool.spec.path)
     return _result(cluster, checked, time.time() - started)
+
+
+MOONCAKE_NOTE = ("transport mooncake: payloads move by Mooncake's Transfer Engine (TCP transport, P2P handshake) over "
+                 "loopback, unshaped; the link's latency, rate, jitter and loss are applied by the transport on the "
+                 "holder's copy into its registered staging slot and on the control reply")
+MOONCAKE_VETH_NOTE = ("transport mooncake: payloads move by Mooncake's Transfer Engine (TCP transport, P2P handshake; "
+                      "one engine per link address) across the tbf-shaped veth links, which shape their rate; "
+                      "latency, jitter and loss are applied by the transport on the control reply")
 
 
 def _pool_note(pool: ShmPool) -> str:
@@ -494,6 +517,8 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
     if cluster.pool is not None:
         node = c.spec.shm_node
         shaping |= {"medium": "shm-pool", "pool_node": str(node), "pool_memory": pool_backing(node)}
+    if c.spec.transport == "mooncake":
+        shaping |= {"medium": "mooncake-transfer-engine-tcp-" + ("veth" if cluster.mesh is not None else "loopback")}
     completed = len(cluster.ttft)
     notes = list(cluster.notes)
     if completed < len(c.requests):

@@ -346,7 +346,9 @@ JOB_HELP: dict[str, dict[str, str]] = {
                  "instances know its holders).",
         "transport": "`tcp` (namespaces joined by veth pairs when root, else loopback) or `shm` (a shared-memory "
                      "pool bound to `shm_node`, mapped by every instance: a CXL pool, emulated by a node with CPUs; "
-                     "instances on loopback, rate paced by the transport).",
+                     "instances on loopback, rate paced by the transport) or `mooncake` (payloads read by Mooncake's "
+                     "Transfer Engine, TCP, P2P handshake, over the veths or loopback like tcp; needs "
+                     "`bash scripts/setup-mooncake.sh`).",
         "link": "Every link: `LATENCY_US,GBPS` or `{latency_us, gbps, jitter_us, loss}`.",
         "faults": "Faults as `KIND@N` (kill-peer, restart-peer, drop-events, reorder-events, partition) at request N.",
         "policy": "Each instance's placement policy.",

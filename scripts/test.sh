@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 # The vllm extra (vLLM's CPU build): tests/test_engine_vllm.py needs it and fails under CI=true without it.
 bash scripts/setup-vllm.sh
+# The mooncake extra (Mooncake's Transfer Engine, ~46 MB): tests/test_cluster_mooncake.py fails under CI=true without it.
+bash scripts/setup-mooncake.sh
 
 echo "== lint (ruff)"
 .venv/bin/ruff check .

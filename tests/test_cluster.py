@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cluster_helpers import children, reuse_trace
 from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli.root import main as cli_main
@@ -125,23 +126,8 @@ def test_three_instances_on_300_requests_p2p_recomputes_less() -> None:
     assert not _ours()
 
 
-def _reuse_trace(path: Path, groups: int = 3, gap_ms: int = 2000) -> Path:
-    """Each group's prefix is prefilled by one instance, then asked for by the other two (round-robin), each
-    `gap_ms` of trace time later: a peer holds every shared block long before it is wanted, however slow the machine,
-    so a peer hit does not depend on the speed of prefill."""
-    lines = []
-    for g in range(groups):
-        prefix = list(range(100 * g, 100 * g + 8))
-        for k in range(3):
-            ids = [*prefix, 100 * g + 50 + k]
-            lines.append(json.dumps({"timestamp": (3 * g + k) * gap_ms, "input_length": 512 * len(ids),
-                                     "output_length": 2, "hash_ids": ids}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def test_hash_index_through_the_cli_json(tmp_path: Path) -> None:
-    trace = _reuse_trace(tmp_path / "reuse.jsonl")
+    trace = reuse_trace(tmp_path / "reuse.jsonl")
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(trace), "--tiers", str(TIERS),
                                         "--instances", "3", "--index", "hash", "--pull", "always",
                                         "--time-scale", "0.25", "--block-kib", "16", "--link", "10,10", "--json"])
@@ -162,14 +148,6 @@ def test_hash_index_through_the_cli_json(tmp_path: Path) -> None:
     assert not _ours()
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        text = (task / "children").read_text() if (task / "children").exists() else ""
-        found |= {int(p) for p in text.split()}
-    return found
-
-
 @needs_root
 def test_ctrl_c_removes_namespaces_and_instances(tmp_path: Path) -> None:
     state = tmp_path / "state"
@@ -186,13 +164,13 @@ def test_ctrl_c_removes_namespaces_and_instances(tmp_path: Path) -> None:
                 names = json.loads(records[0].read_text())["namespaces"]
             time.sleep(0.1)
         assert names, "no namespace record appeared"
-        while time.time() < deadline and len(_children(proc.pid)) < 3:
+        while time.time() < deadline and len(children(proc.pid)) < 3:
             time.sleep(0.1)
         time.sleep(1.0)  # instances up, the namespaces shaped
         assert set(names) <= set(netns.list_namespaces())
         shaped = subprocess.run(["tc", "-n", names[0], "qdisc", "show"], capture_output=True, text=True).stdout
         assert "tbf" in shaped
-        children = _children(proc.pid)
+        started = children(proc.pid)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     finally:
@@ -200,7 +178,7 @@ def test_ctrl_c_removes_namespaces_and_instances(tmp_path: Path) -> None:
             proc.kill()
     assert not set(names) & set(netns.list_namespaces())
     assert not list(state.glob("*.json"))
-    left = {c: Path(f"/proc/{c}/stat").read_text().split()[2] for c in children if Path(f"/proc/{c}").exists()}
+    left = {c: Path(f"/proc/{c}/stat").read_text().split()[2] for c in started if Path(f"/proc/{c}").exists()}
     assert not {c for c, st in left.items() if st != "Z"}, (left, proc.stderr.read() if proc.stderr else "")
 
 

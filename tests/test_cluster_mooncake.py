@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cluster_helpers import children, reuse_trace
 
 from tieremu.cli.root import main as cli_main
 from tieremu.cluster import mooncake, netns
@@ -27,28 +28,6 @@ MISSING = mooncake.available()
 needs_mooncake = pytest.mark.skipif(
     MISSING is not None and os.environ.get("CI") != "true",
     reason=f"{mooncake.PACKAGE} is not installed ({MISSING}); `bash {mooncake.SETUP}` installs it")
-
-
-def _reuse_trace(path: Path, groups: int = 3, gap_ms: int = 2000) -> Path:
-    """Each group's prefix is prefilled by one instance, then asked for by the other two (round-robin) `gap_ms` of
-    trace time apart: a peer holds every shared block long before it is wanted, however slow the machine."""
-    lines = []
-    for g in range(groups):
-        prefix = list(range(100 * g, 100 * g + 8))
-        for k in range(3):
-            ids = [*prefix, 100 * g + 50 + k]
-            lines.append(json.dumps({"timestamp": (3 * g + k) * gap_ms, "input_length": 512 * len(ids),
-                                     "output_length": 2, "hash_ids": ids}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def _children(pid: int) -> set[int]:
-    found = set()
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        text = (task / "children").read_text() if (task / "children").exists() else ""
-        found |= {int(p) for p in text.split()}
-    return found
 
 
 @needs_mooncake
@@ -123,8 +102,8 @@ def test_a_pull_moves_by_the_transfer_engine_and_is_checked(monkeypatch: pytest.
 def test_three_instances_pull_through_mooncake_and_leave_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                  namespaces: bool) -> None:
     monkeypatch.setenv(netns.STATE_ENV, str(tmp_path / "state"))
-    trace = _reuse_trace(tmp_path / "reuse.jsonl")
-    before = _children(os.getpid())
+    trace = reuse_trace(tmp_path / "reuse.jsonl")
+    before = children(os.getpid())
     made: list[str] = []  # this run's namespaces (other runs on the machine may make theirs meanwhile)
     create = netns.Mesh.create
 
@@ -150,13 +129,13 @@ def test_three_instances_pull_through_mooncake_and_leave_nothing(tmp_path: Path,
     assert doc["shaping"]["medium"] == f"mooncake-transfer-engine-tcp-{medium}"
     assert doc["shaping"]["rate"] == rate and doc["origin"] == "emulated"
     assert any("Transfer Engine" in n for n in doc["notes"])
-    assert _children(os.getpid()) <= before  # every instance process is gone
+    assert children(os.getpid()) <= before  # every instance process is gone
     assert len(made) == (3 if namespaces else 0) and not set(made) & set(netns.list_namespaces())  # and namespace
 
 
 def test_a_missing_package_is_refused_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    trace = _reuse_trace(tmp_path / "reuse.jsonl")
-    before = _children(os.getpid())
+    trace = reuse_trace(tmp_path / "reuse.jsonl")
+    before = children(os.getpid())
     monkeypatch.setattr(mooncake, "available", lambda: "No module named 'mooncake'")
     with pytest.raises(ConfigError, match=r"needs the mooncake-transfer-engine-non-cuda package .*"
                                           r"bash scripts/setup-mooncake.sh"):
@@ -164,4 +143,4 @@ def test_a_missing_package_is_refused_before_any_work(tmp_path: Path, monkeypatc
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(trace), "--tiers", str(TIERS),
                                         "--transport", "mooncake", "--link", "10,10", "--no-namespaces"])
     assert out.exit_code != 0 and "scripts/setup-mooncake.sh" in out.output
-    assert _children(os.getpid()) <= before
+    assert children(os.getpid()) <= before

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from processes import our_processes
 from test_engine_vllm import _need_vllm
 
 from tieremu.cli import main
@@ -41,17 +42,7 @@ EXPECTED_NONE = {0: (4, 0, 12), 1: (4, 0, 11)}
 
 
 def _instances() -> list[str]:
-    """vLLM instance processes of this checkout still alive (only those started by this interpreter's path)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "tieremu.cluster.vllm_instance" in cmdline and cmdline.startswith(sys.executable):
-                found.append(f"{entry.name}: {cmdline}")
-    return found
+    return our_processes("tieremu.cluster.vllm_instance")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from fixture_paths import MOONCAKE_TRACE
+from processes import our_processes
 
 from tieremu.cli import main
 from tieremu.engines.models import model_info, tiny_model
@@ -44,18 +44,7 @@ def _need_vllm() -> None:
 
 
 def _arm_processes() -> list[str]:
-    """Engine processes of this checkout's tieremu still alive (an orphan would be one after a command returned).
-    Only those started by this interpreter's path: another checkout's test run on the same machine is not ours."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "tieremu.engines.arm" in cmdline and cmdline.startswith(sys.executable):
-                found.append(f"{entry.name}: {cmdline}")
-    return found
+    return our_processes("tieremu.engines.arm")
 
 
 def _replay(*args: str) -> tuple[int, str]:

@@ -432,6 +432,15 @@ def _signals_raise() -> Iterator[None]:
 
 def cluster_replay(spec: ClusterSpec) -> ClusterResult:
     checked = check(spec)
+    cluster, wall_s = run_cluster(checked)
+    return _result(cluster, checked, wall_s)
+
+
+def run_cluster(checked: Checked) -> tuple[Cluster, float]:
+    """The executed run of a checked spec: what it needs created (namespaces, the shm pool), the instances started,
+    the requests dispatched, and everything removed again however the run ends. The cluster (with the instances'
+    own reports) and the wall seconds it took."""
+    spec = checked.spec
     if checked.namespaces:
         cleanup_stale()
     cleanup_stale_pools()
@@ -463,7 +472,7 @@ def cluster_replay(spec: ClusterSpec) -> ClusterResult:
                     if cluster.pool is not None:
                         cluster.pool.close()
                         shm_remove(cluster.pool.spec.path)
-    return _result(cluster, checked, time.time() - started)
+    return cluster, time.time() - started
 
 
 MOONCAKE_NOTE = ("transport mooncake: payloads move by Mooncake's Transfer Engine (TCP transport, P2P handshake) over "

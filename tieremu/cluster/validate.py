@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tieremu.cluster.instance import DEFAULT_OVERHEAD_S, local_tiers
 from tieremu.cluster.job import ClusterJob, ClusterParams
-from tieremu.cluster.netns import cleanup_stale
-from tieremu.cluster.replay import Checked, Cluster, _result, _signals_raise, check
+from tieremu.cluster.replay import Checked, Cluster, _result, check, run_cluster
 from tieremu.cluster.replay import ClusterSpec as ReplaySpec
 from tieremu.cluster.result import ClusterResult
 from tieremu.cluster.routers import RoundRobin
@@ -281,26 +279,8 @@ def _overlap(served: Sequence[_Served], ttft_ms: Mapping[int, float], arrivals: 
 
 def _execute(checked: Checked) -> tuple[Cluster, ClusterResult]:
     """cluster_replay's run, keeping the instances' own reports (their per-request logs)."""
-    if checked.namespaces:
-        cleanup_stale()
-    cluster = Cluster(checked)
-    if not checked.namespaces and checked.spec.namespaces is None:
-        cluster.notes.append("not root: instances on loopback TCP, rate paced by the transport")
-    started = time.time()
-    with _signals_raise():
-        try:
-            if cluster.mesh is not None:
-                cluster.mesh.create()
-            cluster.start()
-            cluster.dispatch()
-            cluster.finish()
-        finally:
-            try:
-                cluster.stop()
-            finally:
-                if cluster.mesh is not None:
-                    cluster.mesh.destroy()
-    return cluster, _result(cluster, checked, time.time() - started)
+    cluster, wall_s = run_cluster(checked)
+    return cluster, _result(cluster, checked, wall_s)
 
 
 def _pull_block_s(cluster: Cluster, checked: Checked, block_bytes: int) -> tuple[float, bool]:

@@ -74,6 +74,13 @@ class IndexStats:
     lookups: int = 0
     lookup_failures: int = 0  # a hash lookup no home answered
 
+    REPORTED = ("resyncs", "events_sent", "events_dropped", "events_reordered", "out_of_order", "late_ignored")
+
+    @classmethod
+    def reported(cls, stats: IndexStats | None) -> dict[str, int]:
+        """The figures an instance reports in its result (every instance kind alike); zeros without an index."""
+        return {name: getattr(stats, name) if stats is not None else 0 for name in cls.REPORTED}
+
 
 @dataclass(frozen=True)
 class Endpoints:

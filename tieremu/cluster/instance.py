@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from tieremu.cluster.index import Endpoints, PeerIndex
+from tieremu.cluster.index import Endpoints, IndexStats, PeerIndex
 from tieremu.cluster.link import LinkSpec
 from tieremu.cluster.mooncake import DESCRIBE_KEY, MooncakeStage, StageSpec
 from tieremu.cluster.prefill import PrefillData, tensor_digest
@@ -446,10 +446,7 @@ def main() -> None:
              peer_bytes=c.peer_bytes, served_bytes=served_bytes, pulls=c.pulls, pulls_failed=c.pulls_failed,
              stale=c.stale, corrupted=c.corrupted + len(run.final_check.corrupted),
              blocks_checked=run.final_check.checked,
-             resyncs=stats.resyncs if stats else 0, events_sent=stats.events_sent if stats else 0,
-             events_dropped=stats.events_dropped if stats else 0,
-             events_reordered=stats.events_reordered if stats else 0, out_of_order=stats.out_of_order if stats else 0,
-             late_ignored=stats.late_ignored if stats else 0, pull_ms=run.pull_ms, estimates=run.estimates,
+             **IndexStats.reported(stats), pull_ms=run.pull_ms, estimates=run.estimates,
              decisions={"pull": c.pull, "recompute": c.recompute}, entries={str(k): v for k, v in entries.items()},
              held=held, prefill_ms=run.prefill_s * 1e3, overhead_ms={str(p): s * 1e3 for p, s in run.overhead.items()},
              backings={t.name: t.backing.value for t in run.resolved.tiers}, uncached=run.uncached,

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from tieremu.cluster.index import Endpoints, PeerIndex
+from tieremu.cluster.index import Endpoints, IndexStats, PeerIndex
 from tieremu.cluster.instance import Inbox, Output
 from tieremu.cluster.link import LinkSpec
 from tieremu.cluster.wire import BlockClient, BlockServer, LinkState, PullError
@@ -283,8 +283,7 @@ def _report(out: Output, settings: dict[str, Any], hook: PeerHook | None, store:
     out.send(ev="result", me=settings["me"], requests=len(finished), local=local, peer=peer, miss=miss,
              peer_bytes=c.peer_bytes, served_bytes=hook.server.served_bytes if hook is not None else 0,
              pulls=c.pulls, pulls_failed=c.pulls_failed, stale=c.stale, corrupted=c.corrupted, blocks_checked=0,
-             resyncs=stats.resyncs if stats else 0, events_sent=stats.events_sent if stats else 0,
-             events_dropped=stats.events_dropped if stats else 0, pull_ms=c.pull_ms, estimates=[],
+             **IndexStats.reported(stats), pull_ms=c.pull_ms, estimates=[],
              decisions={"pull": sum(1 for n in c.pulled_by_request.values() if n), "recompute": 0},
              entries={str(k): v for k, v in (hook.index.entries() if hook is not None else {}).items()},
              held=sorted(store.held()), backings=backings, incarnation=settings["incarnation"],

@@ -10,7 +10,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "tieremu"
 # DESIGN.md's order, bottom first. Modules at the package's top level are listed by name.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("__init__", "errors", "record", "configfile", "numbers", "safefile"),
+    ("__init__", "errors", "record", "configfile", "numbers", "safefile", "processes"),
     ("numa", "native"),
     ("tiers",),
     ("probe",),

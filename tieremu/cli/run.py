@@ -148,7 +148,7 @@ def run(spec: Path | None, out_root: Path, resume: str | None, dry_run: bool, as
             reporter.close()
             if where is not None:
                 where.close()
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (runner.worker.Terminated)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP (tieremu.processes.Terminated)
         _interrupted(exc, spec)
     if as_json:
         click.echo(json.dumps(_as_json(result), indent=2))

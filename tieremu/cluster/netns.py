@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tieremu.cluster.link import LinkSpec
 from tieremu.errors import ConfigError, WorkloadError
+from tieremu.processes import alive
 
 STATE_ENV = "TIEREMU_CLUSTER_STATE"
 DEFAULT_STATE = "/run/tieremu/cluster"
@@ -172,7 +173,7 @@ def cleanup_stale() -> list[str]:
         except (OSError, ValueError):
             continue
         pid = int(doc.get("pid", 0))
-        if pid > 0 and _alive(pid):
+        if pid > 0 and alive(pid):
             continue
         remove(list(doc.get("namespaces", [])))
         removed += list(doc.get("namespaces", []))
@@ -181,11 +182,3 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

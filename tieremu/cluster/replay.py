@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from tieremu.cluster.ring import INDEXES, LEASE_S, ring_homes
 from tieremu.cluster.shm import ShmPool, check_node, cleanup_stale_pools, pool_backing
 from tieremu.cluster.shm import remove as shm_remove
 from tieremu.errors import ConfigError, TraceError, WorkloadError
+from tieremu.processes import terminate_raises
 from tieremu.tiers.config import load_tier_map
 from tieremu.workloads.trace import Request, read_trace
 
@@ -413,21 +414,6 @@ class Cluster:
                     proc.popen.wait(timeout=10)
 
 
-@contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise like Ctrl-C does, so the finally that removes namespaces runs."""
-    def raise_interrupt(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 def cluster_replay(spec: ClusterSpec) -> ClusterResult:
@@ -449,7 +435,7 @@ def run_cluster(checked: Checked) -> tuple[Cluster, float]:
         cluster.notes.append("not root: instances on loopback TCP, rate paced by the transport (network namespaces "
                              "with tbf-shaped veth links need root)")
     started = time.time()
-    with _signals_raise():
+    with terminate_raises():
         try:
             if spec.transport == "shm" and spec.sharing == "p2p":  # (without sharing nothing crosses it)
                 cluster.pool = ShmPool.create(cluster.n, spec.block_kib * 1024, spec.shm_node)

@@ -43,6 +43,7 @@ from tieremu.errors import ConfigError, NodeFullError, PlacementError
 from tieremu.numa import pages, syscalls
 from tieremu.numa.syscalls import Policy
 from tieremu.numa.topology import Topology, discover
+from tieremu.processes import alive
 
 SHM_DIR = Path(os.environ.get("TIEREMU_SHM_DIR", "/dev/shm"))
 PREFIX = "tieremu-pool-"
@@ -231,7 +232,7 @@ def cleanup_stale_pools() -> list[str]:
         return removed
     for path in SHM_DIR.glob(f"{PREFIX}*"):
         match = _NAME.match(path.name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or alive(int(match.group(1))):
             continue
         remove(path)
         removed.append(str(path))
@@ -243,11 +244,3 @@ def pools_of(pid: int) -> list[Path]:
     return sorted(SHM_DIR.glob(f"{PREFIX}{pid}-*")) if SHM_DIR.is_dir() else []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -29,12 +29,13 @@ import yaml
 from tieremu.cluster.replay import Checked, Cluster, ClusterSpec, Proc, _result, check
 from tieremu.cluster.result import ClusterResult
 from tieremu.engines.models import DTYPE_BYTES, model_info, tiny_model
-from tieremu.engines.procs import EngineError, kill_group, terminate_raises
+from tieremu.engines.procs import EngineError, kill_group
 from tieremu.engines.prompts import build_prompts
 from tieremu.engines.server import engine_env, reason, tail
 from tieremu.engines.store import check_capacities
 from tieremu.errors import ConfigError
 from tieremu.kv.cache import MIB
+from tieremu.processes import terminate_raises
 from tieremu.tiers.config import load_tier_map
 
 ENGINES = ("tieremu", "vllm")

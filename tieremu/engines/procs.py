@@ -8,10 +8,7 @@ import ctypes
 import os
 import signal
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from types import FrameType
 
 from tieremu.errors import TieremuError
 
@@ -59,23 +56,3 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP while an engine runs: handled like Ctrl-C, so the engine's group is killed on the way out."""
-
-
-@contextlib.contextmanager
-def terminate_raises() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise Terminated in the main thread while the block runs (elsewhere: no change)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(f"{signal.Signals(signum).name} received")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

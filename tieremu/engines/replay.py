@@ -30,11 +30,12 @@ from tieremu.engines.arm import ArmResult, ArmSpec, apply_report
 from tieremu.engines.client import ServerError, endpoint, models
 from tieremu.engines.drive import delta, drive, read_stats, wait_stats
 from tieremu.engines.models import DTYPE_BYTES, model_info, tiny_model
-from tieremu.engines.procs import EngineError, kill_group, terminate_raises
+from tieremu.engines.procs import EngineError, kill_group
 from tieremu.engines.prompts import EnginePrompt, build_prompts
 from tieremu.engines.server import ServerSpec, engine_env, reason, serving, tail
 from tieremu.engines.store import check_capacities
 from tieremu.errors import ConfigError
+from tieremu.processes import terminate_raises
 from tieremu.tiers.config import load_tier_map
 from tieremu.workloads.simulate import Tail
 from tieremu.workloads.trace import MOONCAKE_BLOCK_TOKENS, Request

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tieremu.engines.client import Endpoint, ServedModel, ServerError, models
-from tieremu.engines.procs import EngineError, kill_group, terminate_raises
+from tieremu.engines.procs import EngineError, kill_group
+from tieremu.processes import terminate_raises
 
 SERVED_NAME = "tieremu-engine"
 ENTRY = "vllm.entrypoints.openai.api_server"

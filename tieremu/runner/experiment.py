@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from tieremu.errors import ConfigError
 from tieremu.numa.topology import Topology, discover
 from tieremu.probe.calibrate import Anchor, anchor, calibration
+from tieremu.processes import terminate_raises
 from tieremu.record import SCHEMA_VERSION
 from tieremu.record.row import MetricRow
 from tieremu.record.runs import DONE, FAILED, LoadSample, RunRecord
@@ -45,7 +46,6 @@ from tieremu.runner.worker import (
     RunTask,
     WarmWorker,
     run_isolated,
-    terminate_raises,
 )
 from tieremu.safefile import UnsafeFileError, atomic_write, open_append
 from tieremu.tiers.resolve import ResolvedTierMap, resolve

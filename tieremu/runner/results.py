@@ -92,7 +92,7 @@ class ResultDir:
                 _rename(self.path, self.final.with_name(self.final.name + ".failed"))
                 self.path = self.final.with_name(self.final.name + ".failed")
             if isinstance(exc, KeyboardInterrupt):
-                # Ctrl-C or a signal (runner.worker.Terminated): the CLI names the folder left behind, which only
+                # Ctrl-C or a signal (tieremu.processes.Terminated): the CLI names the folder left behind, which only
                 # this object knows; an interrupt carries no other state, so the path rides on it.
                 exc.result_folder = self.path  # type: ignore[attr-defined]
         finally:

@@ -19,15 +19,12 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from tieremu.record.row import MetricRow
@@ -147,35 +144,6 @@ def _log_tail(workdir: Path) -> str:
     return f"\n--- worker output (last {LOG_TAIL} characters) ---\n{text[-LOG_TAIL:]}" if text else ""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP reached the runner: handled like Ctrl-C (the running worker is killed, the result folder
-    is marked failed and can be resumed)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} received")
-        self.signum = signum
-
-    @property
-    def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
-
-
-@contextmanager
-def terminate_raises() -> Iterator[None]:
-    """While a sweep runs, SIGTERM and SIGHUP (a closed terminal or ssh session) raise Terminated."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def die_with_parent(parent: int) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from processes import our_processes
-from test_engine_vllm import _need_vllm
+from vllm_guard import need_vllm
 
 from tieremu.cli import main
 
@@ -63,7 +63,7 @@ def _replay(trace: Path, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(trace: Path) -> dict[str, dict]:
-    _need_vllm()
+    need_vllm()
     return {"p2p": _replay(trace, "--sharing", "p2p"), "none": _replay(trace, "--sharing", "none")}
 
 
@@ -111,7 +111,7 @@ def test_no_engine_outlives_the_command(runs: dict[str, dict]) -> None:
 
 
 def test_an_interrupt_leaves_no_engine(trace: Path) -> None:
-    _need_vllm()
+    need_vllm()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-c", "from tieremu.cli import main; main()", "cluster", "replay",
                              str(trace), "--tiers", str(TIERS), "--instances", "2", "--engine", "vllm"],
@@ -134,7 +134,7 @@ def test_an_interrupt_leaves_no_engine(trace: Path) -> None:
 
 
 def test_an_engine_that_fails_to_start_is_a_clear_error_and_leaves_no_engine(trace: Path, tmp_path: Path) -> None:
-    _need_vllm()
+    need_vllm()
     from tieremu.cluster.replay import ClusterSpec
     from tieremu.cluster.vllm_replay import VllmOptions, vllm_cluster_replay
     from tieremu.engines.models import tiny_model

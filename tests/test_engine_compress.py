@@ -4,15 +4,14 @@ timed per tier. Without vLLM; the engine run on such a map is in test_engine_vll
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from vllm_guard import need_vllm
 
 from tieremu.cli import main
 from tieremu.engines.replay import compare_outputs
@@ -199,11 +198,7 @@ def test_vllm_loads_from_an_int8_tier_are_dequantized_counted_compressed_and_out
         tmp_path: Path) -> None:
     """all-slowest puts every block in the int8 tier: the three later requests load their 6 shared blocks from it.
     Whether int8 changes the generated tokens is reported (not asserted); the fields must be consistent."""
-    if importlib.util.find_spec("vllm") is None:
-        reason = "vLLM's CPU build is not installed: run scripts/setup-vllm.sh (scripts/test.sh does)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"under CI: {reason}")
-        pytest.skip(reason)
+    need_vllm()
     tiers, trace = tmp_path / "tiers.yaml", tmp_path / "trace.jsonl"
     tiers.write_text(ENGINE_MAP)
     _trace(trace)

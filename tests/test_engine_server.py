@@ -9,7 +9,6 @@ goes on the emulated tier `cxl`, so the run also shows what an emulated --kv-tie
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from vllm_guard import need_vllm
 
 from tieremu.cli import main
 from tieremu.engines.client import Streamed, _take, endpoint, events
@@ -43,15 +43,6 @@ def trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path.write_text("".join(json.dumps({"timestamp": t, "input_length": len(h) * BLOCK_TOKENS - 10,
                                         "output_length": OUTPUT, "hash_ids": h}) + "\n" for t, h in REQUESTS))
     return path
-
-
-def _need_vllm() -> None:
-    if importlib.util.find_spec("vllm") is not None:
-        return
-    reason = "vLLM's CPU build is not installed: run scripts/setup-vllm.sh (scripts/test.sh does)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"under CI: {reason}")
-    pytest.skip(reason)
 
 
 def _replay(trace: Path, *args: str) -> tuple[int, str]:
@@ -83,7 +74,7 @@ def _left_over(mark: str, rundirs: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def runs(trace: Path) -> Iterator[tuple[dict, dict, list[str]]]:
     """The same replay on a server tieremu starts and offline, and the processes of the served run still alive."""
-    _need_vllm()
+    need_vllm()
     mark = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="te-") as rundirs, pytest.MonkeyPatch.context() as mp:
         mp.setenv(MARK, mark)

@@ -11,15 +11,14 @@ the connector.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from fixture_paths import MOONCAKE_TRACE
 from processes import our_processes
+from vllm_guard import need_vllm
 
 from tieremu.cli import main
 from tieremu.engines.models import model_info, tiny_model
@@ -34,15 +33,6 @@ BLOCK_TOKENS = 64
 MAX_OUTPUT = 32  # the trace's outputs (9,995 tokens over 50 requests) would double the stage's time
 
 
-def _need_vllm() -> None:
-    if importlib.util.find_spec("vllm") is not None:
-        return
-    reason = "vLLM's CPU build is not installed: run scripts/setup-vllm.sh (scripts/test.sh does)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"under CI: {reason}")
-    pytest.skip(reason)
-
-
 def _arm_processes() -> list[str]:
     return our_processes("tieremu.engines.arm")
 
@@ -54,7 +44,7 @@ def _replay(*args: str) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def replay_json() -> dict:
-    _need_vllm()
+    need_vllm()
     code, out = _replay("--policy", "lru", "--kv-tier", "dram", "--max-requests", str(REQUESTS),
                         "--block-tokens", str(BLOCK_TOKENS), "--max-output-tokens", str(MAX_OUTPUT), "--check-outputs",
                         "--json")
@@ -129,7 +119,7 @@ def test_a_directory_that_is_not_a_model_is_refused(tmp_path: Path) -> None:
 
 
 def test_tiers_that_cannot_hold_one_block_are_refused(tmp_path: Path) -> None:
-    _need_vllm()  # the tiny model is built with transformers, which comes with the vllm extra
+    need_vllm()  # the tiny model is built with transformers, which comes with the vllm extra
     tiers = tmp_path / "tiny.yaml"
     tiers.write_text("name: tiny\ntiers:\n  - name: dram\n    nodes: [0]\n    capacity_mib: 1\n")
     # 512 tokens of the tiny model in float32: 4 layers x 2 x 2 heads x 64 x 4 bytes x 512 = 2 MiB > 1 MiB
@@ -140,7 +130,7 @@ def test_tiers_that_cannot_hold_one_block_are_refused(tmp_path: Path) -> None:
 
 
 def test_an_engine_that_fails_to_start_is_a_clear_error_and_leaves_no_process(tmp_path: Path) -> None:
-    _need_vllm()
+    need_vllm()
     model = tmp_path / "broken"
     model.mkdir()
     source = tiny_model()
@@ -169,7 +159,7 @@ def test_equal_hash_ids_give_equal_token_blocks() -> None:
 
 
 def test_the_tiny_model_is_a_model_with_its_kv_size() -> None:
-    _need_vllm()  # the tiny model is built with transformers, which comes with the vllm extra
+    need_vllm()  # the tiny model is built with transformers, which comes with the vllm extra
     info = model_info(tiny_model())
     assert (info.layers, info.kv_heads, info.head_dim, info.vocab_size) == (4, 2, 64, 1024)
     assert info.kv_bytes_per_token(2) == 2 * 4 * 2 * 64 * 2
@@ -179,7 +169,7 @@ def test_the_tiny_model_is_a_model_with_its_kv_size() -> None:
 
 
 def test_an_engine_job_runs_each_policy_with_the_bounds(tmp_path: Path) -> None:
-    _need_vllm()
+    need_vllm()
     from experiment_runs import run_jobs
 
     rows = run_jobs(tmp_path, TIERS, f"  - kind: engine\n    trace: {TRACE}\n    max_requests: 3\n"

@@ -22,6 +22,7 @@ from tieremu.cluster import netns
 from tieremu.cluster.link import LinkSpec
 from tieremu.cluster.replay import ClusterSpec, check, cluster_replay
 from tieremu.cluster.result import ClusterResult
+from tieremu.cluster.wire import paced_slice
 from tieremu.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +123,8 @@ def test_three_instances_on_300_requests_p2p_recomputes_less() -> None:
     assert p2p.hit_ratio.miss < none.hit_ratio.miss  # peer hits are blocks not recomputed
     assert p2p.index_stale_entries == 0 and p2p.index_missing_entries == 0
     assert p2p.shaping["rate"] == ("kernel-tbf" if is_root else "transport-pacing")
+    # the bucket the link was shaped with: tbf's (160 us of 10 Gb/s) or the transport's paced slice
+    assert p2p.shaping["rate_bucket_bytes"] == ("200000" if is_root else str(paced_slice(p2p.link["gbps"])))
     assert p2p.origin == "emulated"  # the link's delay is the transport's
     assert not _ours()
 
@@ -180,6 +183,25 @@ def test_ctrl_c_removes_namespaces_and_instances(tmp_path: Path) -> None:
     assert not list(state.glob("*.json"))
     left = {c: Path(f"/proc/{c}/stat").read_text().split()[2] for c in started if Path(f"/proc/{c}").exists()}
     assert not {c for c, st in left.items() if st != "Z"}, (left, proc.stderr.read() if proc.stderr else "")
+
+
+@needs_root
+@pytest.mark.parametrize("gbps", [1.0, 10.0])
+def test_the_kernel_shapes_each_veth_with_the_rate_and_bucket_asked_for(gbps: float) -> None:
+    mesh = netns.Mesh(2, LinkSpec(10.0, gbps))
+    try:
+        mesh.create()
+        for i, j in ((0, 1), (1, 0)):
+            shown = json.loads(subprocess.run(["tc", "-j", "-n", mesh.namespaces[i], "qdisc", "show", "dev",
+                                               mesh.dev(i, j)], capture_output=True, text=True, check=True).stdout)
+            (tbf,) = [q for q in shown if q["kind"] == "tbf"]
+            assert tbf["options"]["rate"] == gbps * 1e9 / 8  # bytes per second
+            # the kernel keeps the bucket in timer ticks: what it reports back is within 2% of what was asked
+            assert abs(tbf["options"]["burst"] / netns.burst_bytes(gbps) - 1) < 0.02
+    finally:
+        mesh.destroy()
+    assert netns.burst_bytes(1.0) == 2 * netns.GSO_PACKET + 2 * netns.FRAME  # 160 us of 1 Gb/s is less than that
+    assert netns.burst_bytes(10.0) == 200_000  # 160 us of 10 Gb/s
 
 
 @needs_root

@@ -53,11 +53,23 @@ def run(args: list[str]) -> str:
     return done.stdout
 
 
+GSO_PACKET = 64 * 1024  # the largest packet the veth hands tbf (GSO/TSO on)
+FRAME = 1514
+BUCKET_S = 160e-6  # tbf's bucket holds this long of the rate (measured, see burst_bytes)
+
+
 def burst_bytes(gbps: float) -> int:
-    """tbf's bucket: 20 us of the rate, and at least one 64 KiB GSO packet and two frames (a smaller bucket makes
-    tbf split every packet and wake per frame, which this 2-vCPU machine cannot keep up with). A message that fits
-    in the bucket after an idle moment passes at line rate: blocks well above it are what the rate shapes."""
-    return max(int(gbps * 1e9 / 8 * 20e-6), 64 * 1024 + 3000)
+    """tbf's bucket: 160 us of the rate, and at least two 64 KiB GSO packets and two frames.
+
+    Why so deep: tbf refills the bucket from a timer (the qdisc watchdog). When the bucket holds one GSO packet, the
+    link idles from the moment it empties until the timer fires, the softirq runs and TCP has queued the next packet;
+    on this 2-vCPU VM that gap is tens of microseconds each time, and the sender's CPU per 4 MiB block rose from
+    2.0 ms (unshaped) to 4.5 ms. Measured with benchmarks/link_shaping.py (4 MiB blocks, 10 us, 10 Gb/s, MTU 1500):
+    a 68 KiB bucket gave +46..51% over latency + bytes / rate, 135 KB +17%, 200 KB (160 us) +10%; at 1 Gb/s the
+    error stayed within +1..+7% for all of them. The price: a message that fits in the bucket after an idle moment
+    passes at line rate (at 10 Gb/s a 4 MiB block then arrives at most 160 us, 5%, before the model says), so
+    blocks well above the bucket are what the rate shapes; the link's record says `kernel-tbf` with this bucket."""
+    return max(int(gbps * 1e9 / 8 * BUCKET_S), 2 * GSO_PACKET + 2 * FRAME)
 
 
 @dataclass

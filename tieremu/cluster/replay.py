@@ -27,11 +27,12 @@ from typing import Any
 from tieremu.cluster import mooncake
 from tieremu.cluster.faults import DROPPED_EVENTS, KILL_WAIT_S, REORDERED_EVENTS, Fault, parse_fault
 from tieremu.cluster.link import LinkSpec, Shaping
-from tieremu.cluster.netns import MAX_INSTANCES, Mesh, cleanup_stale, have_root, require_root
+from tieremu.cluster.netns import MAX_INSTANCES, Mesh, burst_bytes, cleanup_stale, have_root, require_root
 from tieremu.cluster.result import ClusterResult, HitRatio, InstanceRow, Percentiles
 from tieremu.cluster.ring import INDEXES, LEASE_S, ring_homes
 from tieremu.cluster.shm import ShmPool, check_node, cleanup_stale_pools, pool_backing
 from tieremu.cluster.shm import remove as shm_remove
+from tieremu.cluster.wire import paced_slice
 from tieremu.errors import ConfigError, TraceError, WorkloadError
 from tieremu.processes import terminate_raises
 from tieremu.tiers.config import load_tier_map
@@ -509,6 +510,8 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
     shaped = c.spec.sharing == "p2p"
     origin = "emulated" if shaped or "emulated" in backings or "shaped" in backings else "measured"
     shaping = Shaping(rate="kernel-tbf" if cluster.mesh is not None else "transport-pacing").to_json()
+    shaping["rate_bucket_bytes"] = str(burst_bytes(c.link.gbps) if cluster.mesh is not None
+                                       else paced_slice(c.link.gbps))
     if cluster.pool is not None:
         node = c.spec.shm_node
         shaping |= {"medium": "shm-pool", "pool_node": str(node), "pool_memory": pool_backing(node)}

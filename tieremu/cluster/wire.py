@@ -8,7 +8,7 @@ the lock is let go), waits out the link's latency (plus uniform jitter), and dro
 probability. It then streams the payload in slices, extending the checksum over each slice just before that
 slice goes out, so hashing overlaps the wire instead of adding to it; where the kernel does not shape the rate
 (loopback) it also paces the slices at the link's bandwidth, each slice ~50 us of the rate and at least 64 KiB
-(tbf's smallest bucket here: the same burstiness). The client receives into a buffer it keeps (no allocation, no
+(one GSO packet, the unit the kernel hands tbf). The client receives into a buffer it keeps (no allocation, no
 page faults per pull), woken per 256 KiB rather than per packet (SO_RCVLOWAT), extends its own checksum over each
 piece as it arrives, and compares with the trailer before anything is stored: a block that fails is counted as
 corrupted and recomputed.
@@ -52,7 +52,7 @@ _REQ = struct.Struct("!BQHI")
 _HEAD = struct.Struct("!BQQ")  # status, hash id, payload length
 _TRAILER = struct.Struct("!I")  # CRC-32C of the payload
 SLICE = 256 * 1024  # unpaced: checksum one slice while the kernel drains the one before
-MIN_PACED_SLICE = 64 * 1024  # tbf's smallest bucket here (netns.burst_bytes): the same burstiness
+MIN_PACED_SLICE = 64 * 1024  # one GSO packet, the unit the kernel hands tbf (netns.burst_bytes)
 PACE_QUANTUM_S = 50e-6  # a paced slice holds this long of the link's rate (64 KiB at least)
 SPIN_S = 80e-6
 POLL_S = 100e-6  # a shared-memory pull looks at the holder's progress this often while it waits for the reply

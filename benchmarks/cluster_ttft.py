@@ -114,7 +114,7 @@ def concurrent_phase(args: argparse.Namespace) -> int:
     arms = (("none", "always"), ("p2p", "always"))
     print(f"\n== concurrent pairs: {arm_name(arms[0])} and {arm_name(arms[1])} at once, time scale "
           f"{args.time_scale} ==", flush=True)
-    diffs50, diffs99, bad = [], [], 0
+    diffs50, diffs99, ratios50, bad = [], [], [], 0
     for round_ in range(args.concurrent):
         out: dict[str, ClusterResult] = {}
         errors: list[BaseException] = []
@@ -141,6 +141,7 @@ def concurrent_phase(args: argparse.Namespace) -> int:
         bad += sum(1 for r in (none, p2p) if r.completed != r.requests or r.corrupted_blocks)
         diffs50.append(p2p.ttft_ms.p50 - none.ttft_ms.p50)
         diffs99.append(p2p.ttft_ms.p99 - none.ttft_ms.p99)
+        ratios50.append(p2p.ttft_ms.p50 / none.ttft_ms.p50 - 1)
         print(f"  round {round_}: TTFT p50 none {none.ttft_ms.p50:8.1f} p2p {p2p.ttft_ms.p50:8.1f} ms "
               f"({p2p.ttft_ms.p50 / none.ttft_ms.p50 - 1:+6.1%})  p99 none {none.ttft_ms.p99:8.1f} p2p "
               f"{p2p.ttft_ms.p99:8.1f} ms  peer hits {p2p.hit_ratio.peer:.4f}  wall {none.wall_s:.1f}/"
@@ -154,6 +155,8 @@ def concurrent_phase(args: argparse.Namespace) -> int:
         print(f"p2p - none, TTFT {label}: median paired difference {statistics.median(diffs):+.1f} ms, 95% CI "
               f"[{lo:+.1f}, {hi:+.1f}]: {verdict}; p2p lower in {lower} of {len(diffs)} rounds (sign test, "
               f"one-sided p = {sign_test(lower, len(diffs)):.4f})")
+    lo, hi = bootstrap(ratios50, statistics.median, rng)
+    print(f"p2p / none - 1, TTFT p50: median {statistics.median(ratios50):+.1%}, 95% CI [{lo:+.1%}, {hi:+.1%}]")
     return bad
 
 

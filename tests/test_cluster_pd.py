@@ -1,0 +1,121 @@
+"""tieremu cluster replay --pd P:D in execute mode: bad input refused before any work (nothing left behind); a real
+run where prefill instances hand every block of every request to decode instances over the block transport, and the
+counters add up to what the trace asks for; the CLI's JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from cluster_helpers import children, reuse_trace
+from fixture_paths import MOONCAKE_TRACE
+
+from tieremu.cli.root import main as cli_main
+from tieremu.cluster import netns
+from tieremu.cluster.link import LinkSpec
+from tieremu.cluster.replay import MAX_DECODE_STEPS, ClusterSpec, cluster_replay
+from tieremu.errors import ConfigError
+from tieremu.workloads.trace import read_trace
+
+ROOT = Path(__file__).resolve().parents[1]
+TIERS = ROOT / "configs" / "tiers" / "cluster-peer.yaml"
+BLOCK_KIB = 16
+
+
+def _ours() -> set[str]:
+    return {ns for ns in netns.list_namespaces() if ns.startswith(netns.PREFIX)}
+
+
+@pytest.fixture(autouse=True)
+def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(netns.STATE_ENV, str(tmp_path / "state"))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"pd": (2, 2)}, r"--pd 2:2: .*P \+ D = --instances 3"),
+    ({"pd": (0, 3)}, r"--pd 0:3: give P:D with P >= 1 prefill"),
+    ({"pd": (3, 0)}, r"--pd 3:0: give P:D .* D >= 1 decode"),
+    ({"pd": (1, 2), "faults": ("kill-peer@3",)}, r"--fault kill-peer@3 with --pd 1:2"),
+    ({"pd": (1, 2), "transport": "shm"}, r"--pd 1:2 with --transport shm: .* use --transport tcp"),
+])
+def test_bad_pd_is_refused_before_any_work(change: dict, message: str) -> None:
+    before, procs = _ours(), children(os.getpid())
+    spec = ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, instances=3, max_requests=10, link=LinkSpec(10, 10))
+    with pytest.raises(ConfigError, match=message):
+        cluster_replay(ClusterSpec(**{**spec.__dict__, **change}))
+    assert _ours() == before and children(os.getpid()) <= procs
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--pd", "1:2", "--engine", "vllm"], "--engine vllm"),
+    (["--pd", "1-2"], "must be P:D"),
+    (["--pd", "2:2"], "P + D = --instances 3"),
+])
+def test_bad_pd_from_the_cli_leaves_nothing(args: list[str], message: str) -> None:
+    before, procs = _ours(), children(os.getpid())
+    out = CliRunner().invoke(cli_main, ["cluster", "replay", str(MOONCAKE_TRACE), "--tiers", str(TIERS),
+                                        "--instances", "3", "--max-requests", "5", *args])
+    assert out.exit_code != 0 and message in out.output, out.output
+    assert _ours() == before and children(os.getpid()) <= procs
+
+
+def test_prefill_instances_hand_every_block_to_decode_instances() -> None:
+    n = 12
+    requests = read_trace(MOONCAKE_TRACE)[:n]
+    r = cluster_replay(ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, instances=3, pd=(2, 1), max_requests=n,
+                                   block_kib=BLOCK_KIB))
+    assert r.pd == "2:1" and r.completed == r.requests == n
+    assert r.corrupted_blocks == 0
+    prefill = [row for row in r.instances if row.role == "prefill"]
+    decode = [row for row in r.instances if row.role == "decode"]
+    assert [row.instance for row in prefill] == [0, 1] and [row.instance for row in decode] == [2]
+    # prefill instances decoded nothing, handed nothing in; decode instances prefilled nothing
+    for row in prefill:
+        assert row.decoded == row.decode_steps == row.pd_bytes == row.pd_handed == 0 and row.tpot_ms is None
+        assert row.requests == n // 2 and row.local + row.peer + row.miss > 0
+    for row in decode:
+        assert row.local == row.peer == row.miss == 0
+    # every distinct block of every request was pulled from its prefill instance or already held by the decode
+    # instance (a failed pull would be recomputed: none here on an idle link)
+    blocks = sum(len(set(q.hash_ids)) for q in requests)
+    assert r.pd_recomputed == 0 and r.pd_handed + r.pd_local == blocks
+    assert sum(row.pd_handed + row.pd_local for row in decode) == blocks
+    assert r.pd_bytes == r.pd_handed * BLOCK_KIB * 1024 == sum(row.pd_bytes for row in decode)
+    assert r.peer_bytes == sum(row.peer_bytes for row in prefill)  # hand-offs are not peer pulls
+    assert sum(row.decoded for row in decode) == n
+    assert sum(row.decode_steps for row in decode) == sum(max(1, min(q.output_length, MAX_DECODE_STEPS))
+                                                          for q in requests)
+    # every block a decode instance holds at the end passed the digest check taken on arrival
+    assert sum(row.blocks_checked for row in decode) > 0
+    assert r.tpot_ms is not None and r.tpot_ms.p50 > 0 and r.handoff_ms is not None and r.handoff_ms.p50 > 0
+    assert r.prefill_ms is not None and r.ttft_ms.p50 > 0
+    assert r.origin == "emulated" and r.shaping  # the hand-off crossed the shaped (or paced) link
+    assert not _ours()
+
+
+def test_pd_through_the_cli_json_blocks_held_by_the_decode_instance_are_not_pulled(tmp_path: Path) -> None:
+    # 3 groups of 3 requests sharing an 8-block prefix (9 blocks each). With 1:2, request k is decoded on instance
+    # 1 + k mod 2: the third request of each group meets its group's first on the same decode instance, which holds
+    # the prefix already: 3 x 8 blocks local there, the other 81 - 24 pulled. The one prefill instance serves each
+    # group's prefix from its own tiers after the group's first request: 48 local, 33 computed.
+    trace = reuse_trace(tmp_path / "reuse.jsonl")
+    out = CliRunner().invoke(cli_main, ["cluster", "replay", str(trace), "--tiers", str(TIERS), "--instances", "3",
+                                        "--pd", "1:2", "--block-kib", str(BLOCK_KIB), "--time-scale", "0.1",
+                                        "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output[out.output.index("{"):])
+    assert doc["pd"] == "1:2" and doc["completed"] == 9 and doc["corrupted_blocks"] == 0
+    for key in ("ttft_ms", "tpot_ms", "pd_bytes", "handoff_ms", "hit_ratio", "peer_bytes", "instances"):
+        assert key in doc
+    assert doc["pd_local"] == 24 and doc["pd_handed"] == 57 and doc["pd_recomputed"] == 0
+    assert doc["pd_bytes"] == 57 * BLOCK_KIB * 1024
+    rows = doc["instances"]
+    assert [row["role"] for row in rows] == ["prefill", "decode", "decode"]
+    assert (rows[0]["local"], rows[0]["miss"], rows[0]["decoded"]) == (48, 33, 0)
+    assert [row["decoded"] for row in rows[1:]] == [5, 4] and [row["pd_local"] for row in rows[1:]] == [16, 8]
+    assert doc["tpot_ms"] is not None and doc["tpot_ms"]["p50"] > 0  # each request asks for 2 tokens
+    assert any("single prefill instance" in note for note in doc["notes"])
+    assert not _ours()

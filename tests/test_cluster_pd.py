@@ -14,7 +14,7 @@ from cluster_helpers import children, reuse_trace
 from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli.root import main as cli_main
-from tieremu.cluster import netns
+from tieremu.cluster import netns, replay
 from tieremu.cluster.link import LinkSpec
 from tieremu.cluster.replay import MAX_DECODE_STEPS, ClusterSpec, cluster_replay
 from tieremu.errors import ConfigError
@@ -34,6 +34,20 @@ def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(netns.STATE_ENV, str(tmp_path / "state"))
 
 
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The namespaces this test's runs create (other runs on the machine may have theirs meanwhile)."""
+    names: list[str] = []
+
+    class Recorded(replay.Mesh):
+        def create(self) -> None:
+            names.extend(self.namespaces)
+            super().create()
+
+    monkeypatch.setattr(replay, "Mesh", Recorded)
+    return names
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"pd": (2, 2)}, r"--pd 2:2: .*P \+ D = --instances 3"),
     ({"pd": (0, 3)}, r"--pd 0:3: give P:D with P >= 1 prefill"),
@@ -41,12 +55,12 @@ def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ({"pd": (1, 2), "faults": ("kill-peer@3",)}, r"--fault kill-peer@3 with --pd 1:2"),
     ({"pd": (1, 2), "transport": "shm"}, r"--pd 1:2 with --transport shm: .* use --transport tcp"),
 ])
-def test_bad_pd_is_refused_before_any_work(change: dict, message: str) -> None:
-    before, procs = _ours(), children(os.getpid())
+def test_bad_pd_is_refused_before_any_work(change: dict, message: str, made: list[str]) -> None:
+    procs = children(os.getpid())
     spec = ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, instances=3, max_requests=10, link=LinkSpec(10, 10))
     with pytest.raises(ConfigError, match=message):
         cluster_replay(ClusterSpec(**{**spec.__dict__, **change}))
-    assert _ours() == before and children(os.getpid()) <= procs
+    assert not made and children(os.getpid()) <= procs  # no namespace made, no process left
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -54,15 +68,15 @@ def test_bad_pd_is_refused_before_any_work(change: dict, message: str) -> None:
     (["--pd", "1-2"], "must be P:D"),
     (["--pd", "2:2"], "P + D = --instances 3"),
 ])
-def test_bad_pd_from_the_cli_leaves_nothing(args: list[str], message: str) -> None:
-    before, procs = _ours(), children(os.getpid())
+def test_bad_pd_from_the_cli_leaves_nothing(args: list[str], message: str, made: list[str]) -> None:
+    procs = children(os.getpid())
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(MOONCAKE_TRACE), "--tiers", str(TIERS),
                                         "--instances", "3", "--max-requests", "5", *args])
     assert out.exit_code != 0 and message in out.output, out.output
-    assert _ours() == before and children(os.getpid()) <= procs
+    assert not made and children(os.getpid()) <= procs  # no namespace made, no process left
 
 
-def test_prefill_instances_hand_every_block_to_decode_instances() -> None:
+def test_prefill_instances_hand_every_block_to_decode_instances(made: list[str]) -> None:
     n = 12
     requests = read_trace(MOONCAKE_TRACE)[:n]
     r = cluster_replay(ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, instances=3, pd=(2, 1), max_requests=n,
@@ -93,10 +107,11 @@ def test_prefill_instances_hand_every_block_to_decode_instances() -> None:
     assert r.tpot_ms is not None and r.tpot_ms.p50 > 0 and r.handoff_ms is not None and r.handoff_ms.p50 > 0
     assert r.prefill_ms is not None and r.ttft_ms.p50 > 0
     assert r.origin == "emulated" and r.shaping  # the hand-off crossed the shaped (or paced) link
-    assert not _ours()
+    assert len(made) == (3 if os.geteuid() == 0 else 0) and not set(made) & _ours()
 
 
-def test_pd_through_the_cli_json_blocks_held_by_the_decode_instance_are_not_pulled(tmp_path: Path) -> None:
+def test_pd_through_the_cli_json_blocks_held_by_the_decode_instance_are_not_pulled(tmp_path: Path,
+                                                                                   made: list[str]) -> None:
     # 3 groups of 3 requests sharing an 8-block prefix (9 blocks each). With 1:2, request k is decoded on instance
     # 1 + k mod 2: the third request of each group meets its group's first on the same decode instance, which holds
     # the prefix already: 3 x 8 blocks local there, the other 81 - 24 pulled. The one prefill instance serves each
@@ -118,4 +133,23 @@ def test_pd_through_the_cli_json_blocks_held_by_the_decode_instance_are_not_pull
     assert [row["decoded"] for row in rows[1:]] == [5, 4] and [row["pd_local"] for row in rows[1:]] == [16, 8]
     assert doc["tpot_ms"] is not None and doc["tpot_ms"]["p50"] > 0  # each request asks for 2 tokens
     assert any("single prefill instance" in note for note in doc["notes"])
-    assert not _ours()
+    assert len(made) == (3 if os.geteuid() == 0 else 0) and not set(made) & _ours()
+
+
+@pytest.mark.parametrize(("pd", "problem"), [("1:2", None), ("2:2", r"pd: --pd 2:2: .*P \+ D = --instances 3"),
+                                             ("two", "must be P:D")])
+def test_a_cluster_job_takes_pd(tmp_path: Path, pd: str, problem: str | None) -> None:
+    from tieremu.runner.spec import load_experiment
+    from tieremu.runner.sweep import expand
+
+    spec = tmp_path / "pd.yaml"
+    spec.write_text((ROOT / "configs" / "experiments" / "cluster.yaml").read_text()
+                    .replace("../tiers/single-node.yaml", str(ROOT / "configs" / "tiers" / "single-node.yaml"))
+                    .replace("../../traces/", str(ROOT / "traces") + "/")
+                    .replace("    block_kib: 16\n", f"    block_kib: 16\n    pd: '{pd}'\n"))
+    if problem is not None:
+        with pytest.raises(ConfigError, match=problem):
+            expand(load_experiment(spec))
+        return
+    runs = [r for r in expand(load_experiment(spec)) if r.kind == "cluster"]
+    assert runs and all(r.params.pd == (1, 2) for r in runs)

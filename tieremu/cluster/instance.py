@@ -321,13 +321,13 @@ class PeerRun(_Run):
 
     # -- --pd: one handed-over request on a decode instance -------------------------------------------------------
 
-    def decode(self, request: Request, holder: int, due: float) -> tuple[float, float | None, float]:
+    def decode(self, index: int, request: Request, holder: int, due: float) -> tuple[float, float | None, float]:
         """Take the request's blocks from `holder` (those not held here), store them, run the decode steps: (TTFT
         ms from `due` to the first token, TPOT ms or None for a single step, hand-off ms)."""
         cache, view = self.cache, self.view
         keys = list(dict.fromkeys(request.hash_ids))
         with self.daemon.policy_lock:
-            self.policy.upcoming([UpcomingRequest(-1, request.arrival_s, request.hash_ids)])
+            self.policy.upcoming([UpcomingRequest(index, request.arrival_s, request.hash_ids)])
         seqs: list[int] = []
         events = []
         now = request.arrival_s
@@ -340,7 +340,7 @@ class PeerRun(_Run):
                 view.pin((key,))
             if tier is not None:
                 self.c.pd_local += 1
-                events.append(AccessEvent(key, tier, now, -1))
+                events.append(AccessEvent(key, tier, now, index))
                 continue
             data = None if failed else self._hand(client, key)
             if data is None:
@@ -351,7 +351,7 @@ class PeerRun(_Run):
                 self.digests[key] = tensor_digest(data)
             else:
                 self.uncached += 1
-            events.append(AccessEvent(key, None, now, -1))
+            events.append(AccessEvent(key, None, now, index))
         self.handoff_ms.append((time.perf_counter() - t0) * 1e3)
         with self.daemon.policy_lock:
             self.policy.observe(events)
@@ -542,7 +542,7 @@ def main() -> None:
         while (item := inbox.next(due_of)) is not None:
             i, request, due = item
             if run.role == "decode":
-                ttft, tpot, handoff = run.decode(request, inbox.holders.pop(i), due)
+                ttft, tpot, handoff = run.decode(i, request, inbox.holders.pop(i), due)
                 served += 1
                 out.send(ev="done", i=i, ttft_ms=ttft, tpot_ms=tpot, handoff_ms=handoff)
                 continue

@@ -153,3 +153,6 @@ def test_a_cluster_job_takes_pd(tmp_path: Path, pd: str, problem: str | None) ->
         return
     runs = [r for r in expand(load_experiment(spec)) if r.kind == "cluster"]
     assert runs and all(r.params.pd == (1, 2) for r in runs)
+    shipped = [r for r in expand(load_experiment(ROOT / "configs" / "experiments" / "cluster-pd.yaml"))
+               if r.kind == "cluster"]
+    assert [r.params.pd for r in shipped] == [(1, 2), (2, 1)]

@@ -136,6 +136,24 @@ def test_pd_through_the_cli_json_blocks_held_by_the_decode_instance_are_not_pull
     assert len(made) == (3 if os.geteuid() == 0 else 0) and not set(made) & _ours()
 
 
+def test_blocks_the_prefill_instance_does_not_hold_are_recomputed_by_the_decode_instance(tmp_path: Path,
+                                                                                         made: list[str]) -> None:
+    # Room for 4 blocks per instance: the prefill instance stores the first 4 of each request's 9 (the rest find its
+    # tier full of the request's pinned blocks), so the decode instance's pulls of the other 5 are answered "not
+    # held" and it recomputes them: counted (as stale answers too), checked at the end like any block, never an
+    # error. (A request served later could evict handed blocks first on a crawling machine: then more recomputed.)
+    trace = reuse_trace(tmp_path / "reuse.jsonl")
+    r = cluster_replay(ClusterSpec(trace=trace, tiers=TIERS, instances=3, pd=(1, 2), sharing="none",
+                                   capacity_blocks=4, block_kib=BLOCK_KIB, time_scale=0.25))
+    assert r.completed == 9 and r.corrupted_blocks == 0 and r.pulls_failed == 0
+    decode = [row for row in r.instances if row.role == "decode"]
+    assert r.pd_handed + r.pd_local + r.pd_recomputed == 81 and r.pd_recomputed >= 45
+    assert sum(row.stale_misses for row in decode) == r.pd_recomputed  # each after a "not held" reply
+    assert r.pd_bytes == r.pd_handed * BLOCK_KIB * 1024 and r.pd_handed > 0
+    assert all(row.blocks_checked > 0 for row in r.instances)
+    assert len(made) == (3 if os.geteuid() == 0 else 0) and not set(made) & _ours()
+
+
 @pytest.mark.parametrize(("pd", "problem"), [("1:2", None), ("2:2", r"pd: --pd 2:2: .*P \+ D = --instances 3"),
                                              ("two", "must be P:D")])
 def test_a_cluster_job_takes_pd(tmp_path: Path, pd: str, problem: str | None) -> None:

@@ -225,8 +225,7 @@ class Cluster:
 
     def sharing_of(self, i: int) -> str:
         """p2p among the prefill instances (all instances without pd); decode instances only take hand-offs."""
-        group = self.decode_set if i in self.decode_set else self.prefill_set
-        return self.spec.sharing if len(group) > 1 and i not in self.decode_set else "none"
+        return "none" if i in self.decode_set or len(self.prefill_set) < 2 else self.spec.sharing
 
     def settings(self, i: int, incarnation: int) -> dict[str, Any]:
         role = self.role(i)

@@ -401,7 +401,6 @@ class PeerRun(_Run):
         if reply.payload is None:
             self.c.stale += 1
             return None
-        self.c.pd_bytes += len(reply.payload)
         data = torch.frombuffer(bytearray(reply.payload), dtype=self.layout.dtype).view(self.layout.block_shape)
         if self.self_checked < SELF_CHECKS:  # the bytes the prefill instance computed are the bytes we would
             self.self_checked += 1
@@ -409,6 +408,7 @@ class PeerRun(_Run):
                 self.c.corrupted += 1
                 return None
         self.c.pd_handed += 1
+        self.c.pd_bytes += len(reply.payload)
         return data
 
     # -- the end -------------------------------------------------------------------------------------------------

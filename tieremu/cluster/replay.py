@@ -586,7 +586,7 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
     notes = list(cluster.notes)
     if completed < len(c.requests):
         notes.append(f"{len(c.requests) - completed} requests did not complete")
-    pd = {}
+    pd: dict[str, Any] = {}
     if c.spec.pd is not None:
         tpot = [cluster.tpot[i] for i in sorted(cluster.tpot)]
         pd = {"pd": pd_label(c.spec.pd), "tpot_ms": Percentiles.of(tpot) if tpot else None,

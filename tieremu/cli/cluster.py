@@ -28,6 +28,7 @@ from tieremu.cluster.link import parse_link
 from tieremu.cluster.replay import PULL_RULES, SHARING, TRANSPORTS, ClusterSpec, cluster_replay
 from tieremu.cluster.result import ClusterResult
 from tieremu.cluster.ring import INDEXES
+from tieremu.cluster.simulate import parse_pd
 from tieremu.cluster.vllm_replay import ENGINES, VllmOptions, vllm_cluster_replay
 from tieremu.errors import ConfigError, WorkloadError
 
@@ -35,7 +36,7 @@ MODES = ("execute", "simulate")
 # Options that mean something in one mode only: given in the other, they are refused rather than ignored.
 EXECUTE_ONLY = ("pull", "index", "transport", "shm_node", "link_text", "faults", "namespaces", "capacity_blocks",
                 "block_kib", "time_scale", "engine")
-SIMULATE_ONLY = ("pd_text", "slo_ms", "servtime", "token_budget", "max_batch")
+SIMULATE_ONLY = ("slo_ms", "servtime", "token_budget", "max_batch")
 
 
 @click.group()
@@ -80,7 +81,11 @@ def cluster() -> None:
                    "load_threshold, min_match; weighted: overlap_weight); repeat to compare routers on one trace. "
                    "execute routes round-robin only.")
 @click.option("--pd", "pd_text", default=None, metavar="P:D",
-              help="simulate: P prefill and D decode instances (P + D = --instances); prefill hands KV to decode.")
+              help="P prefill and D decode instances (P + D = --instances); prefill hands KV to decode. execute: "
+                   "request k is prefilled on instance k mod P, then decode instance P + k mod D pulls its blocks from "
+                   "it over TCP (the peer transport, whatever --sharing says; --sharing p2p still shares among the "
+                   "prefill instances; --transport tcp, no --fault, --engine tieremu) and runs min(output, 16) decode "
+                   "steps over them: TTFT to the first step, TPOT, hand-off bytes and time.")
 @click.option("--slo-ms", type=float, default=None,
               help="simulate: TTFT SLO in ms; a request predicted to miss it is rejected (counted).")
 @click.option("--servtime", default="reference", show_default=True,
@@ -129,10 +134,17 @@ def replay(trace: str, tier_file: str | None, instances: int | None, sharing: st
     if transport != "shm" and click.get_current_context().get_parameter_source("shm_node") is \
             ParameterSource.COMMANDLINE:
         raise ConfigError(f"--shm-node {shm_node}: only used with --transport shm (this run uses {transport})")
+    pd = None
+    if pd_text is not None:
+        if engine == "vllm":
+            raise ConfigError(f"--pd {pd_text} with --engine vllm: prefill/decode instances are tieremu's own "
+                              "(--engine tieremu)")
+        pd = parse_pd(pd_text)
     spec = ClusterSpec(trace=Path(trace), tiers=Path(tier_file), instances=instances, sharing=sharing, pull=pull,
                        index=index, transport=transport, link=None if link_text is None else parse_link(link_text),
                        max_requests=max_requests, faults=faults, mode=mode, namespaces=namespaces, policy=policy,
-                       capacity_blocks=capacity_blocks, block_kib=block_kib, time_scale=time_scale, shm_node=shm_node)
+                       capacity_blocks=capacity_blocks, block_kib=block_kib, time_scale=time_scale, shm_node=shm_node,
+                       pd=pd)
     if engine == "vllm":
         ctx = click.get_current_context()
         if ctx.get_parameter_source("block_kib") is ParameterSource.COMMANDLINE:
@@ -175,18 +187,26 @@ def _table(r: ClusterResult, engine: str = "tieremu") -> Table:
         where = f"a pool on node {r.shaping.get('pool_node', '?')} ({r.shaping.get('pool_memory', '?')})"
     table = Table(title=f"cluster replay: {r.instances_n} {engine} instances, sharing {r.sharing}, index {r.index}, "
                   f"{r.transport} over {where}, {r.completed}/{r.requests} requests [{r.origin}]")
+    pd_columns = ("role", "decoded", "handed MiB", "TPOT p50 ms") if r.pd else ()
     for column in ("instance", "requests", "local", "peer", "miss", "TTFT p50 ms", "TTFT p99 ms", "pulled MiB",
-                   "stale", "failed", "corrupt"):
+                   "stale", "failed", "corrupt", *pd_columns):
         table.add_column(column, justify="right")
     for row in r.instances:
         name = f"{row.instance}" + (f".{row.incarnation}" if row.incarnation else "") + (" killed" if row.killed
                                                                                         else "")
+        pd_cells = (row.role, str(row.decoded), f"{row.pd_bytes / 2**20:.1f}",
+                    "-" if row.tpot_ms is None else f"{row.tpot_ms.p50:.2f}") if r.pd else ()
         table.add_row(name, str(row.requests), str(row.local), str(row.peer), str(row.miss),
                       f"{row.ttft_ms.p50:.1f}", f"{row.ttft_ms.p99:.1f}", f"{row.peer_bytes / 2**20:.1f}",
-                      str(row.stale_misses), str(row.pulls_failed), str(row.corrupted_blocks))
+                      str(row.stale_misses), str(row.pulls_failed), str(row.corrupted_blocks), *pd_cells)
     error = "n/a" if r.estimator_error is None else f"{r.estimator_error:.2f}"
     table.caption = (f"hit ratio local {r.hit_ratio.local:.3f} peer {r.hit_ratio.peer:.3f} miss "
                      f"{r.hit_ratio.miss:.3f}; TTFT p50 {r.ttft_ms.p50:.1f} ms p99 {r.ttft_ms.p99:.1f} ms; pull p50 "
                      f"{r.pull_ms.p50:.2f} ms p99 {r.pull_ms.p99:.2f} ms; estimator error {error}; stale misses "
                      f"{r.stale_misses}; index stale entries {r.index_stale_entries}")
+    if r.pd:
+        tpot = "n/a" if r.tpot_ms is None else f"p50 {r.tpot_ms.p50:.2f} ms p99 {r.tpot_ms.p99:.2f} ms"
+        handoff = "n/a" if r.handoff_ms is None else f"p50 {r.handoff_ms.p50:.1f} ms p99 {r.handoff_ms.p99:.1f} ms"
+        table.caption += (f"; P:D {r.pd}: TPOT {tpot}; handed {r.pd_bytes / 2**20:.1f} MiB ({r.pd_handed} blocks, "
+                          f"{r.pd_local} already held, {r.pd_recomputed} recomputed), hand-off {handoff}")
     return table

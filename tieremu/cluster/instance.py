@@ -1,6 +1,13 @@
 """One serving instance, as its own process: execute-mode replay of the requests routed to it, against its own
 tiered KV store and policy, with a peer tier behind its own tiers.
 
+With `--pd P:D` (settings' `role`) an instance is a prefill instance (it serves its requests as below, keeps
+serving its blocks to the decode instances, and reports `prefilled` instead of `done`) or a decode instance: it
+is handed a prefilled request with its holder, pulls every block of it that it lacks from the holder over the
+block transport (checksummed; a failed pull is recomputed here, never used), stores them under its policy, and
+runs decode steps, each one query's attention over the request's blocks through the cache. Generated tokens' KV is
+not appended: every step attends over the prompt's blocks (the handed-over KV is what is measured).
+
 Run as `python -m tieremu.cluster.instance` (inside its network namespace when there are namespaces). The
 orchestrator (tieremu.cluster.replay) writes one JSON line of settings, then requests, faults and `end` on
 stdin; the instance answers with JSON lines on stdout (ready, one `done` per request, drained, result).
@@ -47,6 +54,7 @@ from tieremu.workloads.trace import Request
 
 SUSPECT_S = 1.0  # a peer whose pull failed is not asked again for this long
 SELF_CHECKS = 3  # pulled blocks per instance also recomputed here and compared byte for byte
+HANDOFF_TIMEOUT_S = 2.0  # a hand-off pull not answered in this long is recomputed here (the holder is then avoided)
 EMA = 0.2
 DEFAULT_OVERHEAD_S = 300e-6  # a pull's software cost before the first probe
 PROBE_KEY = 2**64 - 1  # a hash id no trace has: the reply is "not held", a round trip with no payload
@@ -71,6 +79,14 @@ class Counters:
     corrupted: int = 0
     pull: int = 0  # requests whose peer-held blocks were pulled
     recompute: int = 0  # requests whose peer-held blocks were recomputed (the estimate said so)
+    # --pd, decode instances: blocks handed over (pulled from the prefill instance), found already held here, or
+    # recomputed here after a failed or empty pull; their bytes; requests decoded and decode steps run.
+    pd_handed: int = 0
+    pd_local: int = 0
+    pd_recomputed: int = 0
+    pd_bytes: int = 0
+    decoded: int = 0
+    decode_steps: int = 0
 
 
 class PeerRun(_Run):
@@ -111,6 +127,9 @@ class PeerRun(_Run):
         self.pool: ShmPool | MooncakeStage | None = None
         self.prefill_s = self._warm_prefill()
         self.overhead: dict[int, float] = {}  # peer -> a pull's time beyond the link model (probed, then learned)
+        self.role = settings.get("role", "both")  # --pd: prefill | decode
+        self.handoff_ms: list[float] = []
+        self.tpot_ms: list[float] = []
         if self.p2p:
             peers = {int(j): Endpoints(p["host"], p["events"], p["queries"]) for j, p in settings["peers"].items()}
             mine = settings["mine"]
@@ -128,6 +147,12 @@ class PeerRun(_Run):
                                    self.server.queue_s, lease_s=settings["lease_s"])
             self.clients = {int(j): BlockClient(p["host"], p["blocks"], self.pool, self.me, int(j))
                             for j, p in settings["peers"].items()}
+        if self.role == "prefill" and self.server is None:  # the decode instances pull the prefilled blocks here
+            self.server = BlockServer(settings["bind"], settings["mine"]["blocks"], self._read_block, self._link_for,
+                                      seed=self.me, me=self.me)
+        if self.role == "decode":  # the prefill instances, over TCP whatever --sharing says
+            self.clients = {int(j): BlockClient(p["host"], p["blocks"], None, self.me, int(j))
+                            for j, p in settings["holders"].items()}
 
     def probe(self) -> None:
         """Time a few empty pulls from each peer: the estimator's first figure for a pull's cost beyond the link."""
@@ -294,6 +319,98 @@ class PeerRun(_Run):
             self.estimates.append((predicted, measured))
         return got
 
+    # -- --pd: one handed-over request on a decode instance -------------------------------------------------------
+
+    def decode(self, index: int, request: Request, holder: int, due: float) -> tuple[float, float | None, float]:
+        """Take the request's blocks from `holder` (those not held here), store them, run the decode steps: (TTFT
+        ms from `due` to the first token, TPOT ms or None for a single step, hand-off ms)."""
+        cache, view = self.cache, self.view
+        keys = list(dict.fromkeys(request.hash_ids))
+        with self.daemon.policy_lock:
+            self.policy.upcoming([UpcomingRequest(index, request.arrival_s, request.hash_ids)])
+        seqs: list[int] = []
+        events = []
+        now = request.arrival_s
+        t0 = time.perf_counter()
+        client = self.clients[holder]
+        failed = False
+        for key in keys:
+            with cache.lock:
+                tier = view.tier_of(key)
+                view.pin((key,))
+            if tier is not None:
+                self.c.pd_local += 1
+                events.append(AccessEvent(key, tier, now, index))
+                continue
+            data = None if failed else self._hand(client, key)
+            if data is None:
+                failed = failed or self.suspect.get(holder, 0) > time.monotonic()
+                data = self.prefill.of(key)
+                self.c.pd_recomputed += 1
+            if self._admit_and_write(key, data, seqs):
+                self.digests[key] = tensor_digest(data)
+            else:
+                self.uncached += 1
+            events.append(AccessEvent(key, None, now, index))
+        self.handoff_ms.append((time.perf_counter() - t0) * 1e3)
+        with self.daemon.policy_lock:
+            self.policy.observe(events)
+        with cache.lock:
+            resident = [k for k in keys if view.tier_of(k) is not None]
+        seq = self._new_seq(seqs)
+        cache.add_sequence(seq, keys=resident)
+        steps = max(1, min(request.output_length, self.s["max_decode_steps"]))
+        lay = self.layout
+        q = torch.randn(lay.kv_heads, lay.head_dim, generator=torch.Generator().manual_seed(request.timestamp_ms))
+        q = q.to(lay.dtype)
+        scale = lay.head_dim ** -0.5
+        first = time.time()
+        t1 = time.perf_counter()
+        for step in range(steps):
+            for layer in range(lay.layers):
+                if cache.attend(seq, layer, q, scale) is None:  # fp16 blocks: read them, attend here
+                    k, v = cache.read(seq, layer)
+                    torch.nn.functional.scaled_dot_product_attention(
+                        q.unsqueeze(1), k.transpose(0, 1), v.transpose(0, 1), scale=scale)
+            cache.end_step()
+            if step == 0:
+                first = time.time()
+                t1 = time.perf_counter()
+        tpot = (time.perf_counter() - t1) * 1e3 / (steps - 1) if steps > 1 else None
+        if tpot is not None:
+            self.tpot_ms.append(tpot)
+        self.c.decoded += 1
+        self.c.decode_steps += steps
+        for s in seqs:
+            cache.free_sequence(s)
+        view.unpin()
+        return (first - due) * 1e3, tpot, self.handoff_ms[-1]
+
+    def _hand(self, client: BlockClient, key: int) -> torch.Tensor | None:
+        """One block pulled from its prefill instance, checksummed by the transport; None if the pull failed or the
+        holder no longer has it (the caller recomputes it)."""
+        try:
+            reply = client.pull(key, HANDOFF_TIMEOUT_S)
+        except PullError as exc:
+            if exc.kind == "corrupt":
+                self.c.corrupted += 1
+            else:
+                self.c.pulls_failed += 1
+                self.suspect[client.holder] = time.monotonic() + SUSPECT_S
+            return None
+        if reply.payload is None:
+            self.c.stale += 1
+            return None
+        data = torch.frombuffer(bytearray(reply.payload), dtype=self.layout.dtype).view(self.layout.block_shape)
+        if self.self_checked < SELF_CHECKS:  # the bytes the prefill instance computed are the bytes we would
+            self.self_checked += 1
+            if not torch.equal(data, self.prefill.of(key)):
+                self.c.corrupted += 1
+                return None
+        self.c.pd_handed += 1
+        self.c.pd_bytes += len(reply.payload)
+        return data
+
     # -- the end -------------------------------------------------------------------------------------------------
 
     def finish(self) -> DaemonReport:
@@ -348,6 +465,7 @@ class Inbox:
     def __init__(self, run_ref: list[PeerRun]) -> None:
         self.cond = threading.Condition()
         self.heap: list[tuple[float, int, Request]] = []
+        self.holders: dict[int, int] = {}  # --pd: request -> the prefill instance holding its blocks
         self.ended = False
         self.report = threading.Event()
         self.run_ref = run_ref
@@ -360,6 +478,8 @@ class Inbox:
             if op == "request":
                 r = Request(timestamp_ms=msg["arrival_ms"], input_length=msg["input_length"],
                             output_length=msg["output_length"], hash_ids=tuple(msg["hash_ids"]))
+                if msg.get("holder") is not None:  # --pd: a prefilled request handed to this decode instance
+                    self.holders[msg["i"]] = int(msg["holder"])
                 with self.cond:
                     heapq.heappush(self.heap, (r.arrival_s, msg["i"], r))
                     self.cond.notify()
@@ -427,12 +547,18 @@ def main() -> None:
     try:
         while (item := inbox.next(due_of)) is not None:
             i, request, due = item
+            if run.role == "decode":
+                ttft, tpot, handoff = run.decode(i, request, inbox.holders.pop(i), due)
+                served += 1
+                out.send(ev="done", i=i, ttft_ms=ttft, tpot_ms=tpot, handoff_ms=handoff)
+                continue
             before, pulls, t0 = (run.c.local, run.c.peer, run.c.miss), len(run.pull_ms), time.perf_counter()
             run.serve(i, request)
             log.append((i, run.c.local - before[0], run.c.peer - before[1], run.c.miss - before[2],
                         time.perf_counter() - t0, sum(run.pull_ms[pulls:]) / 1e3))
             served += 1
-            out.send(ev="done", i=i, ttft_ms=(time.time() - due) * 1e3)
+            # a prefill instance's figure is its prefill's end, from the request's due time (the TTFT is decode's)
+            out.send(ev="prefilled" if run.role == "prefill" else "done", i=i, ttft_ms=(time.time() - due) * 1e3)
         out.send(ev="drained")
         inbox.report.wait()
         entries = run.index.entries() if run.index is not None else {}
@@ -450,7 +576,9 @@ def main() -> None:
              decisions={"pull": c.pull, "recompute": c.recompute}, entries={str(k): v for k, v in entries.items()},
              held=held, prefill_ms=run.prefill_s * 1e3, overhead_ms={str(p): s * 1e3 for p, s in run.overhead.items()},
              backings={t.name: t.backing.value for t in run.resolved.tiers}, uncached=run.uncached,
-             incarnation=settings["incarnation"], served=log)
+             incarnation=settings["incarnation"], served=log, role=run.role, decoded=c.decoded,
+             decode_steps=c.decode_steps, pd_handed=c.pd_handed, pd_local=c.pd_local, pd_recomputed=c.pd_recomputed,
+             pd_bytes=c.pd_bytes, tpot_ms=run.tpot_ms, handoff_ms=run.handoff_ms)
 
 
 if __name__ == "__main__":

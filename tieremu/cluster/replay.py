@@ -3,6 +3,10 @@ namespace (root) or all on loopback, the trace's requests routed to them in real
 namespaces always removed, one ClusterResult.
 
 Everything the user gave is checked (`ClusterSpec.check`) before any namespace or process exists.
+
+With `pd=(P, D)` instances 0..P-1 prefill and P..P+D-1 decode: request k is prefilled by prefill instance k mod P
+(sharing p2p among the prefill instances as without pd), then handed to decode instance P + k mod D, which pulls
+its blocks from that prefill instance over the block transport (TCP, whatever `sharing` says) and decodes it.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ MODES = ("execute",)
 READY_TIMEOUT_S = 120.0
 QUIESCE_S = 0.5  # after the last request, for events in flight to land before the index is checked
 DISPATCH_LEAD_S = 0.02  # a request is handed to its instance this long before it is due
+MAX_DECODE_STEPS = 16  # --pd: decode steps per request, as the vLLM engine caps outputs (tokens beyond are not run)
 
 
 def route_round_robin(index: int, live: Sequence[int]) -> int:
@@ -76,6 +81,7 @@ class ClusterSpec:
     epoch_s: float = 0.05
     lease_s: float = LEASE_S
     shm_node: int = 0  # --transport shm: the memory node the shared pool is bound to
+    pd: tuple[int, int] | None = None  # (prefill instances, decode instances): P + D = instances
 
 
 @dataclass(frozen=True)
@@ -114,6 +120,8 @@ def check(spec: ClusterSpec) -> Checked:
         raise ConfigError(f"--instances {spec.instances}: give 1..{MAX_INSTANCES}")
     if spec.sharing == "p2p" and spec.instances < 2:
         raise ConfigError("--sharing p2p needs at least 2 instances")
+    if spec.pd is not None:
+        check_pd(spec.pd, spec.instances, spec.transport)
     if spec.max_requests is not None and spec.max_requests < 1:
         raise ConfigError(f"--max-requests {spec.max_requests}: give 1 or more")
     if not 0 < spec.time_scale <= 100 or not 0.001 <= spec.epoch_s <= 60:
@@ -128,7 +136,7 @@ def check(spec: ClusterSpec) -> Checked:
     given = next((t.link for t in peer_tiers if t.link is not None), None)
     link = spec.link or (None if given is None else LinkSpec(given.latency_us, given.gbps, given.jitter_us, given.loss))
     if link is None:
-        if spec.sharing == "p2p":
+        if spec.sharing == "p2p" or spec.pd is not None:
             raise ConfigError(f"no link given: pass --link LATENCY_US,GBPS or give the peer tier of {spec.tiers} a "
                               "link: {latency_us: 10, gbps: 10}")
         link = LinkSpec(0.0, 100.0)
@@ -138,12 +146,30 @@ def check(spec: ClusterSpec) -> Checked:
     if not requests:
         raise TraceError(f"{spec.trace}: the trace has no request")
     faults = tuple(parse_fault(f, spec.instances, len(requests)) for f in spec.faults)
+    if spec.pd is not None and faults:
+        raise ConfigError(f"--fault {', '.join(spec.faults)} with --pd {pd_label(spec.pd)}: faults are injected "
+                          "without --pd only (a dead prefill instance's hand-offs are not rerouted)")
     if faults and spec.sharing != "p2p":
         raise ConfigError("--fault needs --sharing p2p (faults strike peers, links and the index)")
     namespaces = (have_root() if spec.namespaces is None else spec.namespaces) and spec.transport != "shm"
     if namespaces:
         require_root()
     return Checked(spec, requests, link, faults, namespaces)
+
+
+def check_pd(pd: tuple[int, int], instances: int, transport: str) -> None:
+    p, d = pd
+    half = max(1, instances // 2)
+    if p < 1 or d < 1 or p + d != instances:
+        raise ConfigError(f"--pd {p}:{d}: give P:D with P >= 1 prefill and D >= 1 decode instances, P + D = "
+                          f"--instances {instances} (e.g. {half}:{instances - half})")
+    if transport != "tcp":
+        raise ConfigError(f"--pd {p}:{d} with --transport {transport}: the KV hand-off crosses TCP (on the veths or "
+                          "loopback); use --transport tcp")
+
+
+def pd_label(pd: tuple[int, int] | None) -> str | None:
+    return None if pd is None else f"{pd[0]}:{pd[1]}"
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -159,6 +185,7 @@ class Proc:
     armed: bool = False  # fault kill-peer: it has been told to die in its next served pull, and said so
     kill_by: float | None = None  # fault kill-peer: the wall time it is killed at if no pull reached it
     drained: bool = False
+    ended: bool = False
     result: dict[str, Any] | None = None
     sent: set[int] = field(default_factory=set)
     done: set[int] = field(default_factory=set)
@@ -173,6 +200,12 @@ class Cluster:
         self.inbox: queue.Queue[tuple[int, int, dict[str, Any]]] = queue.Queue()
         self.procs: dict[int, Proc] = {}
         self.ttft: dict[int, float] = {}
+        self.tpot: dict[int, float] = {}  # --pd: per decoded request with 2 or more steps
+        self.handoff: dict[int, float] = {}  # --pd: per decoded request, pulling and storing its blocks
+        self.prefilled: dict[int, float] = {}  # --pd: per request, its prefill's end from its due time (ms)
+        pd = self.spec.pd
+        self.prefill_set = list(range(self.n)) if pd is None else list(range(pd[0]))
+        self.decode_set: list[int] = [] if pd is None else list(range(pd[0], self.n))
         self.rows_dead: list[dict[str, Any]] = []
         self.ports = _free_port_base(self.n)
         self.trace0 = c.requests[0].arrival_s
@@ -187,16 +220,27 @@ class Cluster:
         base = self.ports + 10 * i
         return {"events": base, "queries": base + 1, "blocks": base + 2}
 
+    def role(self, i: int) -> str:
+        return "both" if self.spec.pd is None else "prefill" if i in self.prefill_set else "decode"
+
+    def sharing_of(self, i: int) -> str:
+        """p2p among the prefill instances (all instances without pd); decode instances only take hand-offs."""
+        return "none" if i in self.decode_set or len(self.prefill_set) < 2 else self.spec.sharing
+
     def settings(self, i: int, incarnation: int) -> dict[str, Any]:
-        share = [r for k, r in enumerate(self.c.requests) if route_round_robin(k, range(self.n)) == i]
-        peers = {j: {"host": self.host(j, i), **self.ports_of(j)} for j in range(self.n) if j != i}
+        role = self.role(i)
+        group = self.decode_set if role == "decode" else self.prefill_set
+        share = [r for k, r in enumerate(self.c.requests) if route_round_robin(k, group) == i]
+        others = {j: {"host": self.host(j, i), **self.ports_of(j)} for j in range(self.n) if j != i}
+        peers = {j: p for j, p in others.items() if j in self.prefill_set and role != "decode"}
         return {
             "me": i, "incarnation": incarnation, "tiers": str(self.spec.tiers), "policy": self.spec.policy,
             "capacity_blocks": self.spec.capacity_blocks, "block_kib": self.spec.block_kib,
-            "time_scale": self.spec.time_scale, "epoch_s": self.spec.epoch_s, "sharing": self.spec.sharing,
-            "pull": self.spec.pull,
+            "time_scale": self.spec.time_scale, "epoch_s": self.spec.epoch_s, "sharing": self.sharing_of(i),
+            "pull": self.spec.pull, "role": role, "max_decode_steps": MAX_DECODE_STEPS,
+            "holders": {j: p for j, p in others.items() if j in self.prefill_set} if role == "decode" else {},
             "index": self.spec.index, "link": self.c.link.to_json(), "pace": self.mesh is None,
-            "peers": peers, "peer_hosts": [p["host"] for p in peers.values()], "mine": self.ports_of(i),
+            "peers": peers, "peer_hosts": [p["host"] for p in others.values()], "mine": self.ports_of(i),
             "bind": "0.0.0.0" if self.mesh is not None else "127.0.0.1", "lease_s": self.spec.lease_s,
             "share": [[r.timestamp_ms, list(r.hash_ids)] for r in share],
             "pool": None if self.pool is None else self.pool.spec.to_json(),
@@ -267,6 +311,15 @@ class Cluster:
         elif ev == "done":
             proc.done.add(msg["i"])
             self.ttft[msg["i"]] = msg["ttft_ms"]
+            if msg.get("tpot_ms") is not None:
+                self.tpot[msg["i"]] = msg["tpot_ms"]
+            if msg.get("handoff_ms") is not None:
+                self.handoff[msg["i"]] = msg["handoff_ms"]
+        elif ev == "prefilled":  # --pd: on to its decode instance, with the holder of its blocks
+            index = msg["i"]
+            proc.done.add(index)
+            self.prefilled[index] = msg["ttft_ms"]
+            self.send_request(index, self.c.requests[index], route_round_robin(index, self.decode_set), holder=me)
         elif ev == "drained":
             proc.drained = True
         elif ev == "result":
@@ -280,14 +333,14 @@ class Cluster:
             self._record_dead(proc)
 
     def live(self) -> list[int]:
-        return [i for i, p in sorted(self.procs.items()) if p.alive and p.ready]
+        return [i for i, p in sorted(self.procs.items()) if p.alive and p.ready and i in self.prefill_set]
 
-    def send_request(self, index: int, request: Request, target: int) -> None:
+    def send_request(self, index: int, request: Request, target: int, holder: int | None = None) -> None:
         proc = self.procs[target]
         proc.sent.add(index)
         self._write(proc, {"op": "request", "i": index, "arrival_ms": request.timestamp_ms,
                            "input_length": request.input_length, "output_length": request.output_length,
-                           "hash_ids": list(request.hash_ids)})
+                           "hash_ids": list(request.hash_ids), "holder": holder})
 
     def start(self) -> None:
         for i in range(self.n):
@@ -322,7 +375,7 @@ class Cluster:
         arrival: the time lost counts in their TTFT)."""
         live = self.live()
         for proc in list(self.procs.values()):
-            if proc.alive or not live:
+            if proc.alive or not live or proc.me in self.decode_set:
                 continue
             orphans = sorted(proc.sent - proc.done)
             proc.sent -= set(orphans)
@@ -383,9 +436,13 @@ class Cluster:
         self.pump(until=time.time() + KILL_WAIT_S + 1,
                   want=lambda: all(p.kill_by is None or not p.alive for p in self.procs.values()))
         self._reroute_orphans()
-        for proc in self.procs.values():
-            self._write(proc, {"op": "end"})
-        self.pump(until=time.time() + 600, want=self._drained)
+        # --pd: the decode instances end after the prefill instances have drained (and so handed over every
+        # request); the prefill instances keep serving blocks until the report.
+        for group in (self.prefill_set, self.decode_set):
+            for i in group:
+                self._write(self.procs[i], {"op": "end"})
+                self.procs[i].ended = True
+            self.pump(until=time.time() + 600, want=self._drained)
         # Entries of a dead sender last until their lease runs out: wait for it before the index is checked.
         wait = self.spec.lease_s + QUIESCE_S if any(not p.alive for p in self.procs.values()) else QUIESCE_S
         self.pump(until=time.time() + wait)
@@ -398,7 +455,7 @@ class Cluster:
         return self._all("drained")
 
     def _all(self, what: str) -> bool:
-        procs = [p for p in self.procs.values() if p.alive]
+        procs = [p for p in self.procs.values() if p.alive and (p.ended or what != "drained")]
         return all(p.drained if what == "drained" else p.result is not None for p in procs)
 
     def stop(self) -> None:
@@ -487,6 +544,11 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
         ttft_by_instance.setdefault(p.me, []).extend(cluster.ttft[i] for i in p.done if i in cluster.ttft)
     for r in results:
         me = r["me"]
+        pd_figures = {} if c.spec.pd is None else {
+            "role": r["role"], "decoded": r["decoded"], "decode_steps": r["decode_steps"], "pd_handed": r["pd_handed"],
+            "pd_local": r["pd_local"], "pd_recomputed": r["pd_recomputed"], "pd_bytes": r["pd_bytes"],
+            "tpot_ms": Percentiles.of(r["tpot_ms"]) if r["tpot_ms"] else None,
+            "handoff_ms": Percentiles.of(r["handoff_ms"]) if r["handoff_ms"] else None}
         rows.append(InstanceRow(
             instance=me, requests=r["requests"], local=r["local"], peer=r["peer"], miss=r["miss"],
             ttft_ms=Percentiles.of(ttft_by_instance.get(me, [])), peer_bytes=r["peer_bytes"],
@@ -494,7 +556,7 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
             corrupted_blocks=r["corrupted"], resyncs=r["resyncs"], events_sent=r["events_sent"],
             events_dropped=r["events_dropped"], blocks_checked=r["blocks_checked"], incarnation=r["incarnation"],
             events_reordered=r["events_reordered"], out_of_order=r["out_of_order"], late_ignored=r["late_ignored"],
-            estimates_ms=tuple((p * 1e3, m * 1e3) for p, m in r["estimates"])))
+            estimates_ms=tuple((p * 1e3, m * 1e3) for p, m in r["estimates"]), **pd_figures))
     for dead in cluster.rows_dead:
         rows.append(InstanceRow(instance=dead["me"], requests=dead["requests"], local=0, peer=0, miss=0,
                                 ttft_ms=Percentiles.of([]), peer_bytes=0, served_bytes=0, pulls=0, pulls_failed=0,
@@ -507,7 +569,10 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
     errors.sort()
     estimator_error = errors[len(errors) // 2] if errors else None
     backings = {v for r in results for v in r["backings"].values()}
-    shaped = c.spec.sharing == "p2p"
+    shaped = c.spec.sharing == "p2p" or c.spec.pd is not None  # the link carries pulls or hand-offs
+    # The index spans the instances that share peer to peer: all of them, or with --pd the prefill instances.
+    indexed = [r for r in results if r["me"] in cluster.prefill_set]
+    p2p = cluster.sharing_of(cluster.prefill_set[0]) == "p2p"
     origin = "emulated" if shaped or "emulated" in backings or "shaped" in backings else "measured"
     shaping = Shaping(rate="kernel-tbf" if cluster.mesh is not None else "transport-pacing").to_json()
     shaping["rate_bucket_bytes"] = str(burst_bytes(c.link.gbps) if cluster.mesh is not None
@@ -521,6 +586,20 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
     notes = list(cluster.notes)
     if completed < len(c.requests):
         notes.append(f"{len(c.requests) - completed} requests did not complete")
+    pd: dict[str, Any] = {}
+    if c.spec.pd is not None:
+        tpot = [cluster.tpot[i] for i in sorted(cluster.tpot)]
+        pd = {"pd": pd_label(c.spec.pd), "tpot_ms": Percentiles.of(tpot) if tpot else None,
+              "pd_bytes": sum(r["pd_bytes"] for r in results),
+              "handoff_ms": Percentiles.of(list(cluster.handoff.values())) if cluster.handoff else None,
+              "prefill_ms": Percentiles.of(list(cluster.prefilled.values())),
+              "pd_handed": sum(r["pd_handed"] for r in results), "pd_local": sum(r["pd_local"] for r in results),
+              "pd_recomputed": sum(r["pd_recomputed"] for r in results)}
+        notes.append(f"pd {pd['pd']}: each decode instance pulls a request's blocks from its prefill instance over "
+                     f"TCP and runs min(output_length, {MAX_DECODE_STEPS}) decode steps over them (one query's "
+                     "attention per step; generated tokens' KV is not appended); TTFT ends at the first step")
+        if c.spec.sharing == "p2p" and not p2p:
+            notes.append("sharing p2p: a single prefill instance has no peer to share with")
     return ClusterResult(
         mode=c.spec.mode, origin=origin, sharing=c.spec.sharing, index=c.spec.index, transport=c.spec.transport,
         namespaces=cluster.mesh is not None, instances_n=cluster.n, requests=len(c.requests), completed=completed,
@@ -530,11 +609,12 @@ def _result(cluster: Cluster, c: Checked, wall_s: float) -> ClusterResult:
         estimator_error=estimator_error if estimator_error is None or math.isfinite(estimator_error) else None,
         instances=tuple(sorted(rows, key=lambda r: (r.instance, r.incarnation))), link=c.link.to_json(),
         shaping=shaping if shaped else {}, faults=tuple(f.label() for f in c.faults),
-        index_stale_entries=_stale_entries(results, c.spec.index, cluster.n),
-        index_missing_entries=_missing_entries(results, c.spec.index, cluster.n) if shaped else 0,
+        index_stale_entries=_stale_entries(indexed, c.spec.index, len(cluster.prefill_set)),
+        index_missing_entries=_missing_entries(indexed, c.spec.index, len(cluster.prefill_set)) if p2p else 0,
         pulls_failed=sum(r["pulls_failed"] for r in results),
         decisions={k: sum(r["decisions"][k] for r in results) for k in ("pull", "recompute")},
-        wall_s=wall_s, notes=tuple(notes), ttft_samples_ms=tuple(cluster.ttft[i] for i in sorted(cluster.ttft)))
+        wall_s=wall_s, notes=tuple(notes), ttft_samples_ms=tuple(cluster.ttft[i] for i in sorted(cluster.ttft)),
+        **pd)
 
 
 def _stale_entries(results: list[dict[str, Any]], design: str, n: int) -> int:

@@ -65,6 +65,18 @@ class InstanceRow:
     late_ignored: int = 0  # peers' events received after a snapshot had covered them: not applied
     # The pull-or-recompute log: (predicted ms, measured ms) of every request whose peer-held blocks were pulled.
     estimates_ms: tuple[tuple[float, float], ...] = ()
+    # --pd: the instance's role (prefill | decode; both without pd); a decode instance's requests decoded, decode
+    # steps, blocks handed over (pulled from the prefill instance), already held, recomputed after a failed pull,
+    # the handed bytes, its TPOT and hand-off (pull and store of a request's blocks) tails.
+    role: str = "both"
+    decoded: int = 0
+    decode_steps: int = 0
+    pd_handed: int = 0
+    pd_local: int = 0
+    pd_recomputed: int = 0
+    pd_bytes: int = 0
+    tpot_ms: Percentiles | None = None
+    handoff_ms: Percentiles | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,18 @@ class ClusterResult:
     wall_s: float = 0.0
     notes: tuple[str, ...] = ()
     ttft_samples_ms: tuple[float, ...] = ()  # one per completed request (left out of the JSON)
+    # --pd P:D (None without): TTFT then ends at a decode instance's first token; TPOT over the decode steps after
+    # it (None when no request ran 2 or more); the KV handed from prefill to decode instances (bytes, blocks
+    # pulled, already held by the decode instance, recomputed there after a failed pull); hand-off and prefill
+    # (a prefill instance's end, from the request's due time) tails.
+    pd: str | None = None
+    tpot_ms: Percentiles | None = None
+    pd_bytes: int = 0
+    handoff_ms: Percentiles | None = None
+    prefill_ms: Percentiles | None = None
+    pd_handed: int = 0
+    pd_local: int = 0
+    pd_recomputed: int = 0
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)

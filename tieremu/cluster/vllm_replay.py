@@ -80,6 +80,9 @@ class VllmClusterResult:
 
 def check_vllm(spec: ClusterSpec, opts: VllmOptions) -> Checked:
     """ClusterSpec's checks, and what vLLM instances refuse, before any process exists."""
+    if spec.pd is not None:
+        raise ConfigError(f"--pd {spec.pd[0]}:{spec.pd[1]} with --engine vllm: prefill/decode instances are "
+                          "tieremu's own (--engine tieremu)")
     if spec.faults:
         raise ConfigError("--fault with --engine vllm: fault injection is built for tieremu's own instances only")
     if spec.transport != "tcp":

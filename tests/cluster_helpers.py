@@ -1,10 +1,15 @@
 """Shared by the cluster replay tests: a crafted trace whose cross-instance reuse is spaced so that a peer hit does not
-depend on the machine's speed, and the child processes of a process (to check none is left)."""
+depend on the machine's speed, the child processes of a process (to check none is left), and the namespaces a
+test's own runs create (other runs on the machine may have theirs meanwhile)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
+
+from tieremu.cluster import replay
 
 
 def reuse_trace(path: Path, groups: int = 3, gap_ms: int = 2000) -> Path:
@@ -29,3 +34,16 @@ def children(pid: int) -> set[int]:
         text = (task / "children").read_text() if (task / "children").exists() else ""
         found |= {int(p) for p in text.split()}
     return found
+
+
+def record_meshes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the names of every namespace a cluster replay in this process creates (before it creates it)."""
+    names: list[str] = []
+
+    class Recorded(replay.Mesh):
+        def create(self) -> None:
+            names.extend(self.namespaces)
+            super().create()
+
+    monkeypatch.setattr(replay, "Mesh", Recorded)
+    return names

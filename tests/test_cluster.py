@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from cluster_helpers import children, reuse_trace
+from cluster_helpers import children, record_meshes, reuse_trace
 from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli.root import main as cli_main
@@ -40,6 +40,11 @@ def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(netns.STATE_ENV, str(tmp_path / "state"))
 
 
+@pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    return record_meshes(monkeypatch)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"index": "gossip"}, "unknown index design; valid: broadcast, hash"),
     ({"transport": "udp"}, "unknown transport; valid: tcp, shm, mooncake"),
@@ -50,21 +55,19 @@ def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ({"faults": ("kill-peer@99999",)}, "must be in 0.."),
     ({"mode": "simulate"}, "execute mode"),
 ])
-def test_bad_input_is_refused_before_any_work(change: dict, message: str) -> None:
-    before = _ours()
+def test_bad_input_is_refused_before_any_work(change: dict, message: str, made: list[str]) -> None:
     spec = ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, max_requests=10, link=LinkSpec(10, 10))
     with pytest.raises(ConfigError, match=message):
         cluster_replay(ClusterSpec(**{**spec.__dict__, **change}))
-    assert _ours() == before
+    assert not made  # no namespace was even named for creation
 
 
 @pytest.mark.parametrize("link", ["-5,1", "10,-1", "10,1e9", "1e9,10", "10"])
-def test_bad_links_from_the_cli_leave_nothing(link: str) -> None:
-    before = _ours()
+def test_bad_links_from_the_cli_leave_nothing(link: str, made: list[str]) -> None:
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(MOONCAKE_TRACE), "--tiers", str(TIERS),
                                         "--link", link, "--max-requests", "5"])
     assert out.exit_code != 0 and "link" in out.output
-    assert _ours() == before
+    assert not made
 
 
 def test_namespaces_without_root_offer_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -101,7 +104,7 @@ def _arm(sharing: str, out: dict[str, ClusterResult], errors: list[BaseException
         errors.append(exc)
 
 
-def test_three_instances_on_300_requests_p2p_recomputes_less() -> None:
+def test_three_instances_on_300_requests_p2p_recomputes_less(made: list[str]) -> None:
     # Both arms run at once, so that the machine's other load falls on both alike. TTFT is a speed figure: it is
     # compared by benchmarks/cluster_ttft.py, not asserted here.
     out: dict[str, ClusterResult] = {}
@@ -126,10 +129,10 @@ def test_three_instances_on_300_requests_p2p_recomputes_less() -> None:
     # the bucket the link was shaped with: tbf's (160 us of 10 Gb/s) or the transport's paced slice
     assert p2p.shaping["rate_bucket_bytes"] == ("200000" if is_root else str(paced_slice(p2p.link["gbps"])))
     assert p2p.origin == "emulated"  # the link's delay is the transport's
-    assert not _ours()
+    assert len(made) == (6 if is_root else 0) and not set(made) & _ours()  # both arms' namespaces, all gone
 
 
-def test_hash_index_through_the_cli_json(tmp_path: Path) -> None:
+def test_hash_index_through_the_cli_json(tmp_path: Path, made: list[str]) -> None:
     trace = reuse_trace(tmp_path / "reuse.jsonl")
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(trace), "--tiers", str(TIERS),
                                         "--instances", "3", "--index", "hash", "--pull", "always",
@@ -148,7 +151,7 @@ def test_hash_index_through_the_cli_json(tmp_path: Path) -> None:
     assert decisions["recompute"] == 0 and 5 <= decisions["pull"] <= 6, doc
     assert 40 <= round(doc["hit_ratio"]["peer"] * 81) <= 48, doc
     assert doc["estimator_error"] is not None and len(doc["instances"]) == 3
-    assert not _ours()
+    assert len(made) == (3 if is_root else 0) and not set(made) & _ours()
 
 
 @needs_root

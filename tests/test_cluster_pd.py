@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from cluster_helpers import children, reuse_trace
+from cluster_helpers import children, record_meshes, reuse_trace
 from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli.root import main as cli_main
-from tieremu.cluster import netns, replay
+from tieremu.cluster import netns
 from tieremu.cluster.link import LinkSpec
 from tieremu.cluster.replay import MAX_DECODE_STEPS, ClusterSpec, cluster_replay
 from tieremu.errors import ConfigError
@@ -36,16 +36,7 @@ def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The namespaces this test's runs create (other runs on the machine may have theirs meanwhile)."""
-    names: list[str] = []
-
-    class Recorded(replay.Mesh):
-        def create(self) -> None:
-            names.extend(self.namespaces)
-            super().create()
-
-    monkeypatch.setattr(replay, "Mesh", Recorded)
-    return names
+    return record_meshes(monkeypatch)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -127,7 +127,7 @@ def parse_validate_spec(doc: Section) -> ValidateSpec:
     try:
         repeats = doc.get("repeats", int, DEFAULT_REPEATS, valid=REPEATS)
     except ConfigError as exc:
-        raise ConfigError(f"{exc} (repeats: the executed runs, 1..{MAX_REPEATS})") from None
+        raise ConfigError(f"{exc} (the number of executed runs: an integer 1..{MAX_REPEATS})") from None
     tiers = doc.relative_path(doc.get("tiers", str))
     if not tiers.is_file():
         raise doc.error("tiers", f"{tiers}: no such tier map file")

@@ -58,6 +58,9 @@ def test_validate_runs_both_modes_and_reports_finite_errors(tmp_path: Path) -> N
     for run in report["executed_runs"]:
         assert run["completed"] == 12 and run["wall_s"] > 0
         assert set(run["load"]) >= {"loadavg_1m", "steal_fraction", "noisy"} and run["noisy"] == run["load"]["noisy"]
+        # The diagnostic beside the check: this run simulated from its own fit, its errors against this run.
+        for key, error in run["own_fit_errors"].items():
+            assert error == pytest.approx(run["own_fit_simulated"][key] / run["figures"][key] - 1)
     assert report["completed_executed"] == report["completed_simulated"] == report["requests"] == 12
     assert len(report["per_request"]) == 24 and {p["run"] for p in report["per_request"]} == {0, 1}
     assert report["executed_origin"] in ("emulated", "measured") and report["simulated_origin"] == "simulated"

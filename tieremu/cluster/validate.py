@@ -176,6 +176,9 @@ class ExecutedRun:
     wall_s: float
     load: MachineLoad
     noisy: bool
+    # Diagnostic, not the check: this run simulated from a fit to this run alone, and its errors against this run.
+    own_fit_simulated: dict[str, float] | None = None
+    own_fit_errors: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -261,6 +264,7 @@ class _Served:
 class _Run:
     """What one executed run left: its result, its instances' own reports, its TTFTs, the load over it."""
 
+    index: int
     result: ClusterResult
     reports: list[dict]
     served: list[_Served]
@@ -273,7 +277,7 @@ def run_validation(spec: ValidateSpec) -> ValidationReport:
     pooled, simulate the same requests (same arrival times, round-robin, instances, capacities, sharing) serially
     once, and compare with the median of the executed runs."""
     checked = check(spec.cluster_spec())  # every input checked before any process or namespace exists
-    layout = scaled_layout(spec.params.block_kib, layers=1)
+    scaled_layout(spec.params.block_kib, layers=1)  # a bad block_kib refused before any process starts too
     runs = [_execute_run(checked, k) for k in range(spec.repeats)]
     served = [s for run in runs for s in run.served]
     if len(served) < len(FEATURES):
@@ -282,22 +286,18 @@ def run_validation(spec: ValidateSpec) -> ValidationReport:
     requests = checked.requests
     trace0 = requests[0].arrival_s
     arrivals = [(r.arrival_s - trace0) * checked.spec.time_scale for r in requests]
-    overlap = {}  # per run: which instances were busy together is that run's own
-    for k, run in enumerate(runs):
-        overlap |= {(k, i): v for i, v in _overlap(run.served, run.ttft_ms, arrivals).items()}
-    model, contention = fit_executed(served, overlap, layout.block_bytes, layout.block_tokens)
-    reports = [r for run in runs for r in run.reports]
-    pull_s, measured = _pull_block_s(reports, checked, layout.block_bytes)
-    # The executed instances decided pull or recompute per request; when they never pulled, neither does the
-    # simulation (its own cost comparison decides only where they did both).
-    never = sum(run.result.decisions.get("pull", 0) for run in runs) == 0
-    sim = _simulate(checked, model, contention, pull_s, layout.block_bytes, layout.block_tokens, arrivals,
-                    "none" if never else checked.spec.sharing)
-    sim_ttft = {q.index: (q.first_token - q.arrival) * 1e3 for q in sim.reqs if q.first_token >= 0}
+    fitted = _fit_and_simulate(checked, runs, arrivals)  # the reference: one fit over every run
+    model, contention, pull_s, measured, never, sim = fitted
+    sim_ttft = _sim_ttft(sim)
     tokens = [r.input_length for r in requests]
     simulated = _side(sim_ttft, arrivals, tokens)
     executed = [_figures(_side(run.ttft_ms, arrivals, tokens), "executed") for run in runs]
     sim_figures = _figures(simulated, "simulated")
+    # A diagnostic beside the reference: each run simulated from its own fit (cheap: no executed time). Where the
+    # runs met different loads, the pooled fit models none of them, and these show it.
+    own: list[dict[str, float] | None] = [sim_figures] if len(runs) == 1 else [
+        _figures(_side(_sim_ttft(_fit_and_simulate(checked, [run], arrivals)[-1]), arrivals, tokens), "simulated")
+        if len(run.served) >= len(FEATURES) else None for run in runs]
     refs = {key: reference([e[key] for e in executed], sim_figures[key]) for key in sim_figures
             if all(key in e for e in executed)}
     medians = {key: ref.median for key, ref in refs.items()}
@@ -338,9 +338,35 @@ def run_validation(spec: ValidateSpec) -> ValidationReport:
         repeats=spec.repeats,
         executed_runs=tuple(ExecutedRun(run=k, figures=e, completed=len(run.ttft_ms),
                                         pulls=sum(len(r["pull_ms"]) for r in run.reports), wall_s=run.result.wall_s,
-                                        load=run.load, noisy=run.load.noisy)
-                            for k, (run, e) in enumerate(zip(runs, executed, strict=True))),
+                                        load=run.load, noisy=run.load.noisy, own_fit_simulated=o,
+                                        own_fit_errors=None if o is None else {
+                                            key: _error(o[key], e[key]) for key in o if key in e})
+                            for k, (run, e, o) in enumerate(zip(runs, executed, own, strict=True))),
         executed_median=medians, executed_reference=refs)
+
+
+def _fit_and_simulate(checked: Checked, runs: Sequence[_Run], arrivals: Sequence[float]
+                      ) -> tuple[ServingTimeModel, float, float, bool, bool, ClusterSim]:
+    """The model fitted to the runs' served requests pooled (each run's overlaps its own), the pull time per block
+    over all their pulls, and the simulation of the requests with them: (model, contention, pull seconds per block,
+    whether pulls were measured, whether the instances never pulled, the simulation)."""
+    layout = scaled_layout(checked.spec.block_kib, layers=1)
+    served = [s for run in runs for s in run.served]
+    overlap = {}  # which instances were busy together is each run's own
+    for run in runs:
+        overlap |= {(run.index, i): v for i, v in _overlap(run.served, run.ttft_ms, arrivals).items()}
+    model, contention = fit_executed(served, overlap, layout.block_bytes, layout.block_tokens)
+    pull_s, measured = _pull_block_s([r for run in runs for r in run.reports], checked, layout.block_bytes)
+    # The executed instances decided pull or recompute per request; when they never pulled, neither does the
+    # simulation (its own cost comparison decides only where they did both).
+    never = sum(run.result.decisions.get("pull", 0) for run in runs) == 0
+    sim = _simulate(checked, model, contention, pull_s, layout.block_bytes, layout.block_tokens, arrivals,
+                    "none" if never else checked.spec.sharing)
+    return model, contention, pull_s, measured, never, sim
+
+
+def _sim_ttft(sim: ClusterSim) -> dict[int, float]:
+    return {q.index: (q.first_token - q.arrival) * 1e3 for q in sim.reqs if q.first_token >= 0}
 
 
 def _execute_run(checked: Checked, k: int) -> _Run:
@@ -351,7 +377,7 @@ def _execute_run(checked: Checked, k: int) -> _Run:
     reports = [p.result for p in cluster.procs.values() if p.result is not None]
     served = [_Served(p.me, *row, run=k) for p in cluster.procs.values() if p.result is not None
               for row in p.result["served"]]
-    return _Run(result=result, reports=reports, served=served, ttft_ms=dict(cluster.ttft), load=load)
+    return _Run(index=k, result=result, reports=reports, served=served, ttft_ms=dict(cluster.ttft), load=load)
 
 
 CONTENTION_GRID = tuple(k / 20 for k in range(41))  # 0 to 2 in steps of 0.05

@@ -31,23 +31,25 @@ FIGURES = (("TTFT p50 ms", "ttft_p50_ms", P50_LIMIT), ("TTFT p99 ms", "ttft_p99_
 
 def show(round_: int, r: ValidationReport) -> None:
     print(f"round {round_}: {r.repeats} executed runs of {r.spec} ({r.requests} requests, {r.instances} instances)")
-    print(f"{'run':>5}{'p50 ms':>10}{'p99 ms':>10}{'tok/s':>10}{'wall s':>8}{'load':>7}{'steal':>7}")
+    print(f"{'run':>5}{'p50 ms':>10}{'p99 ms':>10}{'tok/s':>10}{'wall s':>8}{'load':>7}{'steal':>7}"
+          f"{'own-fit p50 err':>17}{'p99 err':>9}")
     for run in r.executed_runs:
-        f, load = run.figures, run.load
+        f, load, own = run.figures, run.load, run.own_fit_errors or {}
         print(f"{run.run:>5}{f['ttft_p50_ms']:>10.1f}{f['ttft_p99_ms']:>10.1f}"
               f"{f.get('throughput_tokens_per_s', float('nan')):>10.0f}{run.wall_s:>8.1f}{load.loadavg_1m:>7.1f}"
-              f"{load.steal_fraction:>7.1%}{'  noisy' if run.noisy else ''}")
+              f"{load.steal_fraction:>7.1%}{own.get('ttft_p50_ms', float('nan')):>+17.1%}"
+              f"{own.get('ttft_p99_ms', float('nan')):>+9.1%}{'  noisy' if run.noisy else ''}")
     refs, v = r.executed_reference or {}, r.validation
     errors = {"ttft_p50_ms": v.ttft_p50_error, "ttft_p99_ms": v.ttft_p99_error,
               "throughput_tokens_per_s": v.throughput_error}
-    print(f"{'figure':>17}{'median':>10}{'CI of the median':>22}{'min..max':>20}{'CV':>7}{'simulated':>11}"
+    print(f"{'figure':>17}{'median':>10}{'CI of the median':>26}{'min..max':>22}{'CV':>7}{'simulated':>11}"
           f"{'in CI':>7}{'error':>8}{'target':>8}")
     for name, key, limit in FIGURES:
         ref, error = refs.get(key), errors[key]
         if ref is None or error is None:
             continue
         ci = f"{ref.ci.low:.1f}..{ref.ci.high:.1f} ({ref.ci.coverage:.0%})"
-        print(f"{name:>17}{ref.median:>10.1f}{ci:>22}{f'{ref.min:.1f}..{ref.max:.1f}':>20}{ref.cv:>7.1%}"
+        print(f"{name:>17}{ref.median:>10.1f}{ci:>26}{f'{ref.min:.1f}..{ref.max:.1f}':>22}{ref.cv:>7.1%}"
               f"{ref.simulated:>11.1f}{'yes' if ref.simulated_inside else 'no':>7}{error:>+8.1%}"
               f"{'-' if limit is None else f'<{limit:.0%}':>8}")
     print(f"contention {r.contention:.2f}; {'PASS' if v.passed else 'FAIL'} (|p50| < {P50_LIMIT:.0%}, |p99| < "

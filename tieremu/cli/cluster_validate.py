@@ -97,15 +97,15 @@ def _runs_table(r: ValidationReport) -> Table:
     and, as a diagnostic, the errors of the run simulated from a fit to that run alone."""
     table = Table(title=f"executed runs ({r.repeats}): the median above is over these")
     for column in ("run", "TTFT p50 ms", "TTFT p99 ms", "throughput tokens/s", "completed", "wall s",
-                   "load (1 min) / CPUs", "steal", "noisy", "own fit p50 / p99 error"):
+                   "load 1m/CPUs", "steal", "noisy", "own-fit error p50/p99"):
         table.add_column(column, justify="right")
     for run in r.executed_runs:
         f, load, own = run.figures, run.load, run.own_fit_errors
         table.add_row(str(run.run), f"{f['ttft_p50_ms']:.1f}", f"{f['ttft_p99_ms']:.1f}",
                       f"{f.get('throughput_tokens_per_s', math.nan):.0f}", str(run.completed), f"{run.wall_s:.1f}",
-                      f"{load.loadavg_1m:.1f} / {load.cpus}", f"{load.steal_fraction:.1%}",
+                      f"{load.loadavg_1m:.1f}/{load.cpus}", f"{load.steal_fraction:.1%}",
                       "NOISY" if run.noisy else "no",
-                      "-" if not own else f"{own['ttft_p50_ms']:+.1%} / {own['ttft_p99_ms']:+.1%}")
+                      "-" if not own else f"{own['ttft_p50_ms']:+.1%}/{own['ttft_p99_ms']:+.1%}")
     table.caption = ("own fit: the run simulated from a model fitted to that run alone (a diagnostic; the check "
                      "above uses one fit over every run)")
     return table

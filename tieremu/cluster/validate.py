@@ -2,12 +2,14 @@
 trace prefix (`tieremu cluster validate SPEC`).
 
 `run_validation` runs the executed cluster (tieremu.cluster.replay: real instance processes, real prefill, real
-pulls), fits the serving-time model to what its instances measured in that run (each request's serve time against
-its local and computed blocks; the mean time of a pull), then simulates the same requests with the same arrival
-times (scaled by time_scale), round-robin routing, instance count, capacities and sharing on the cluster simulator's
-serial serving (tieremu.cluster.simulate: one request at a time per instance, as an executed instance serves), and
-compares. An error is (simulated - executed) / executed; the check passes when |TTFT p50 error| < 10% and |p99
-error| < 20%.
+pulls) K times (`repeats`: on a shared machine one executed run moves as much as the target), fits the serving-time
+model once to what the instances measured in all K runs pooled (each request's serve time against its local and
+computed blocks; the mean time of a pull), then simulates the same requests once (the simulation is deterministic)
+with the same arrival times (scaled by time_scale), round-robin routing, instance count, capacities and sharing on
+the cluster simulator's serial serving (tieremu.cluster.simulate: one request at a time per instance, as an executed
+instance serves), and compares it with the median of the K executed runs, each figure with a distribution-free
+confidence interval of that median. An error is (simulated - executed median) / executed median; the check passes
+when |TTFT p50 error| < 10% and |p99 error| < 20%.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tieremu.cluster.instance import DEFAULT_OVERHEAD_S, local_tiers
@@ -29,7 +31,9 @@ from tieremu.cluster.simulate import ClusterSim, Link, SimSettings, SimTierSpec
 from tieremu.cluster.simulate import ClusterSpec as SimClusterSpec
 from tieremu.configfile import Section, load_yaml
 from tieremu.errors import ConfigError, WorkloadError
+from tieremu.numbers import Range
 from tieremu.record.origin import Origin
+from tieremu.record.stats import LoadMeter, MachineLoad, MedianCI, Summary, median_ci
 from tieremu.tiers.config import load_tier_map
 from tieremu.workloads.execute import scaled_layout
 from tieremu.workloads.simulate import Tail
@@ -87,6 +91,9 @@ def compare(simulated: Mapping[str, object], executed: Mapping[str, object]) -> 
 # -- `tieremu cluster validate SPEC` -----------------------------------------------------------------------------
 
 MAX_VALIDATE_REQUESTS = 5000  # the executed side runs in real time
+DEFAULT_REPEATS = 3
+MAX_REPEATS = 20  # each repeat is a whole executed run, in real time
+REPEATS = Range(1, MAX_REPEATS, integer=True)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,7 @@ class ValidateSpec:
     source: str
     tiers: str
     params: ClusterParams
+    repeats: int = DEFAULT_REPEATS  # executed runs, the reference being their median
 
     def cluster_spec(self) -> ReplaySpec:
         p = self.params
@@ -112,9 +120,14 @@ def load_validate_spec(path: str | Path) -> ValidateSpec:
 
 
 def parse_validate_spec(doc: Section) -> ValidateSpec:
-    """`name`, `tiers` (one instance's tier map) and the keys of a `kind: cluster` job (tieremu.cluster.job); no
-    faults (the simulator has none), `max_requests` required. Every key checked, nothing started."""
+    """`name`, `tiers` (one instance's tier map), `repeats` (executed runs, 1..20, default 3) and the keys of a
+    `kind: cluster` job (tieremu.cluster.job); no faults (the simulator has none), `max_requests` required. Every
+    key checked, nothing started."""
     name = doc.get("name", str, doc.source.stem)
+    try:
+        repeats = doc.get("repeats", int, DEFAULT_REPEATS, valid=REPEATS)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the number of executed runs: an integer 1..{MAX_REPEATS})") from None
     tiers = doc.relative_path(doc.get("tiers", str))
     if not tiers.is_file():
         raise doc.error("tiers", f"{tiers}: no such tier map file")
@@ -124,12 +137,21 @@ def parse_validate_spec(doc: Section) -> ValidateSpec:
     if params.max_requests is None or params.max_requests > MAX_VALIDATE_REQUESTS:
         raise doc.error("max_requests", f"give 1..{MAX_VALIDATE_REQUESTS}: the executed cluster replays the prefix "
                                         "in real time")
-    return ValidateSpec(name=name, source=str(doc.source), tiers=str(tiers), params=params)
+    return ValidateSpec(name=name, source=str(doc.source), tiers=str(tiers), params=params, repeats=repeats)
+
+
+def with_repeats(spec: ValidateSpec, repeats: int | None) -> ValidateSpec:
+    """The spec with `--repeats` over its own (None: the spec's), checked before any work."""
+    if repeats is None:
+        return spec
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= MAX_REPEATS:
+        raise ConfigError(f"--repeats {repeats!r}: give an integer 1..{MAX_REPEATS} (the executed runs)")
+    return replace(spec, repeats=repeats)
 
 
 @dataclass(frozen=True)
 class RequestPair:
-    """One request on both sides: where to look for a model gap."""
+    """One request of one executed run on both sides: where to look for a model gap."""
 
     index: int
     instance: int
@@ -139,38 +161,89 @@ class RequestPair:
     local: int
     peer: int
     miss: int
+    run: int = 0  # which executed run
+
+
+@dataclass(frozen=True)
+class ExecutedRun:
+    """One of the K executed runs: its figures (computed as the simulated side's are) and the machine's load over it
+    (a noisy run is flagged, and kept)."""
+
+    run: int
+    figures: dict[str, float]  # ttft_p50_ms, ttft_p99_ms, throughput_tokens_per_s
+    completed: int
+    pulls: int
+    wall_s: float
+    load: MachineLoad
+    noisy: bool
+    # Diagnostic, not the check: this run simulated from a fit to this run alone, and its errors against this run.
+    own_fit_simulated: dict[str, float] | None = None
+    own_fit_errors: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One executed figure over the K runs: the median the simulation is compared with, a distribution-free
+    confidence interval of that median (order statistics; when K is too small for 95%, `ci.reached` is False and the
+    interval is min..max with the coverage it has), the runs' spread, and whether the simulated value lies inside
+    the interval."""
+
+    median: float
+    ci: MedianCI
+    min: float
+    max: float
+    cv: float  # coefficient of variation over the runs: sample stdev / mean (0 for one run)
+    simulated: float
+    simulated_inside: bool
+
+
+def reference(values: Sequence[float], simulated: float) -> Reference:
+    """The reference of one figure from its K executed values."""
+    summary = Summary.of(list(values))
+    ci = median_ci(values)
+    return Reference(median=summary.median, ci=ci, min=summary.min, max=summary.max,
+                     cv=summary.stdev / summary.mean if summary.mean else 0.0, simulated=simulated,
+                     simulated_inside=ci.low <= simulated <= ci.high)
 
 
 @dataclass(frozen=True)
 class ValidationReport:
-    """What `cluster validate` prints: both sides' figures, their errors, the model the simulation used."""
+    """What `cluster validate` prints: the K executed runs, their median and its interval per figure, the simulated
+    figures, their errors against the medians, the model the simulation used."""
 
     spec: str
     requests: int
-    completed_executed: int
+    completed_executed: int  # the fewest any executed run completed
     completed_simulated: int
     instances: int
     sharing: str
     pull: str
     time_scale: float
     namespaces: bool
-    validation: Validation
-    per_request_error_p50: float  # median over requests of |simulated - executed| / executed TTFT
+    validation: Validation  # its `executed` figures are the medians over the runs
+    per_request_error_p50: float  # median over requests (of every run) of |simulated - executed| / executed TTFT
     per_request_error_p90: float
     model: dict[str, object]  # the serving-time model fitted from the executed instances' per-request times
     contention: float  # fitted: the slowdown each other busy instance causes (instances share the CPUs)
-    pull_block_ms: float  # per pulled block, measured in the run (or the probe's figure when nothing was pulled)
+    pull_block_ms: float  # per pulled block, measured in the runs (or the probe's figure when nothing was pulled)
     pull_measured: bool
-    executed_hits: dict[str, float]  # local / peer / miss shares of block references
+    executed_hits: dict[str, float]  # local / peer / miss shares of block references, all runs
     simulated_hits: dict[str, float]
     executed_origin: str
     simulated_origin: str
-    executed_wall_s: float
+    executed_wall_s: float  # all runs together
     notes: tuple[str, ...]
     per_request: tuple[RequestPair, ...] = ()
+    repeats: int = 1
+    executed_runs: tuple[ExecutedRun, ...] = ()
+    executed_median: dict[str, float] | None = None
+    executed_reference: dict[str, Reference] | None = None  # per figure: median, CI, spread, simulated inside
 
     def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+        out = asdict(self)
+        for run, d in zip(self.executed_runs, out["executed_runs"], strict=True):
+            d["load"] = run.load.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -184,79 +257,151 @@ class _Served:
     miss: int
     serve_s: float
     pull_s: float
+    run: int = 0
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What one executed run left: its result, its instances' own reports, its TTFTs, the load over it."""
+
+    index: int
+    result: ClusterResult
+    reports: list[dict]
+    served: list[_Served]
+    ttft_ms: dict[int, float]
+    load: MachineLoad
 
 
 def run_validation(spec: ValidateSpec) -> ValidationReport:
-    """Execute the spec's cluster, fit the serving-time model to its instances' per-request times, simulate the same
-    requests (same arrival times, round-robin, instances, capacities, sharing) serially, and compare."""
+    """Execute the spec's cluster `spec.repeats` times, fit the serving-time model to all runs' per-request times
+    pooled, simulate the same requests (same arrival times, round-robin, instances, capacities, sharing) serially
+    once, and compare with the median of the executed runs."""
     checked = check(spec.cluster_spec())  # every input checked before any process or namespace exists
-    layout = scaled_layout(spec.params.block_kib, layers=1)
-    cluster, executed = _execute(checked)
-    served = [_Served(p.me, *row) for p in cluster.procs.values() if p.result is not None
-              for row in p.result["served"]]
+    scaled_layout(spec.params.block_kib, layers=1)  # a bad block_kib refused before any process starts too
+    runs = [_execute_run(checked, k) for k in range(spec.repeats)]
+    served = [s for run in runs for s in run.served]
     if len(served) < len(FEATURES):
         raise WorkloadError(f"cluster validate: {len(served)} requests served; the fit needs {len(FEATURES)} or more "
                             "(raise max_requests)")
     requests = checked.requests
     trace0 = requests[0].arrival_s
     arrivals = [(r.arrival_s - trace0) * checked.spec.time_scale for r in requests]
-    overlap = _overlap(served, cluster.ttft, arrivals)
-    model, contention = fit_executed(served, overlap, layout.block_bytes, layout.block_tokens)
-    pull_s, measured = _pull_block_s(cluster, checked, layout.block_bytes)
-    # The executed instances decided pull or recompute per request; when they never pulled, neither does the
-    # simulation (its own cost comparison decides only where they did both).
-    never = executed.decisions.get("pull", 0) == 0
-    sim = _simulate(checked, model, contention, pull_s, layout.block_bytes, layout.block_tokens, arrivals,
-                    "none" if never else checked.spec.sharing)
-    exe_ttft = {i: ms for i, ms in cluster.ttft.items()}
-    sim_ttft = {q.index: (q.first_token - q.arrival) * 1e3 for q in sim.reqs if q.first_token >= 0}
+    fitted = _fit_and_simulate(checked, runs, arrivals)  # the reference: one fit over every run
+    model, contention, pull_s, measured, never, sim = fitted
+    sim_ttft = _sim_ttft(sim)
     tokens = [r.input_length for r in requests]
-    validation = compare(_side(sim_ttft, arrivals, tokens), _side(exe_ttft, arrivals, tokens))
-    both = set(exe_ttft) & set(sim_ttft)
-    per_request = sorted(abs(sim_ttft[i] - exe_ttft[i]) / exe_ttft[i] for i in both if exe_ttft[i] > 0)
+    simulated = _side(sim_ttft, arrivals, tokens)
+    executed = [_figures(_side(run.ttft_ms, arrivals, tokens), "executed") for run in runs]
+    sim_figures = _figures(simulated, "simulated")
+    # A diagnostic beside the reference: each run simulated from its own fit (cheap: no executed time). Where the
+    # runs met different loads, the pooled fit models none of them, and these show it.
+    own: list[dict[str, float] | None] = [sim_figures] if len(runs) == 1 else [
+        _figures(_side(_sim_ttft(_fit_and_simulate(checked, [run], arrivals)[-1]), arrivals, tokens), "simulated")
+        if len(run.served) >= len(FEATURES) else None for run in runs]
+    refs = {key: reference([e[key] for e in executed], sim_figures[key]) for key in sim_figures
+            if all(key in e for e in executed)}
+    medians = {key: ref.median for key, ref in refs.items()}
+    validation = compare(simulated, {"ttft_ms": {"p50": medians["ttft_p50_ms"], "p99": medians["ttft_p99_ms"]},
+                                     **{k: v for k, v in medians.items() if k == "throughput_tokens_per_s"}})
+    pairs = tuple(RequestPair(s.index, s.instance, run.ttft_ms[s.index], sim_ttft[s.index], s.serve_s * 1e3,
+                              s.local, s.peer, s.miss, k)
+                  for k, run in enumerate(runs) for s in sorted(run.served, key=lambda s: s.index)
+                  if s.index in run.ttft_ms and s.index in sim_ttft)
+    per_request = sorted(abs(p.simulated_ms - p.executed_ms) / p.executed_ms for p in pairs if p.executed_ms > 0)
     hits = [sum(getattr(s, k) for s in served) for k in ("local", "peer", "miss")]
     inst = sim.inst
     sim_hits = [sum(sum(i.hits) for i in inst), sum(i.peer_hits for i in inst), sum(i.misses for i in inst)]
-    notes = list(executed.notes)
+    notes = list(dict.fromkeys(note for run in runs for note in run.result.notes))
     if never and spec.params.sharing == "p2p":
         notes.append("the executed instances recomputed every peer-held block (their estimate said so): the "
                      "simulation does too")
     elif not measured and spec.params.sharing == "p2p":
-        notes.append("no block was pulled in the executed run: the simulated pull cost is the link's plus the "
+        notes.append("no block was pulled in the executed runs: the simulated pull cost is the link's plus the "
                      "instances' probed overhead")
+    noisy = [k for k, run in enumerate(runs) if run.load.noisy]
+    if noisy:
+        notes.append(f"executed run(s) {', '.join(map(str, noisy))} ran on a noisy machine (load or steal time over "
+                     "the limits): kept in the median, flagged")
+    if not all(ref.ci.reached for ref in refs.values()):
+        notes.append(f"{spec.repeats} executed run(s) are too few for a 95% confidence interval of the median (6 or "
+                     "more are needed): the interval shown is min..max, with the coverage it has")
+    first = runs[0].result
     return ValidationReport(
-        spec=spec.name, requests=len(requests), completed_executed=len(exe_ttft), completed_simulated=len(sim_ttft),
-        instances=checked.spec.instances, sharing=checked.spec.sharing, pull=checked.spec.pull,
-        time_scale=checked.spec.time_scale, namespaces=executed.namespaces, validation=validation,
-        per_request_error_p50=_quantile(per_request, 0.5), per_request_error_p90=_quantile(per_request, 0.9),
-        model=model.to_dict(), contention=contention, pull_block_ms=pull_s * 1e3, pull_measured=measured,
-        executed_hits=_shares(hits), simulated_hits=_shares(sim_hits), executed_origin=executed.origin,
-        simulated_origin=Origin.SIMULATED.value, executed_wall_s=executed.wall_s, notes=tuple(notes),
-        per_request=tuple(RequestPair(s.index, s.instance, exe_ttft[s.index], sim_ttft[s.index], s.serve_s * 1e3,
-                                      s.local, s.peer, s.miss)
-                          for s in sorted(served, key=lambda s: s.index) if s.index in both))
+        spec=spec.name, requests=len(requests), completed_executed=min(len(run.ttft_ms) for run in runs),
+        completed_simulated=len(sim_ttft), instances=checked.spec.instances, sharing=checked.spec.sharing,
+        pull=checked.spec.pull, time_scale=checked.spec.time_scale, namespaces=first.namespaces,
+        validation=validation, per_request_error_p50=_quantile(per_request, 0.5),
+        per_request_error_p90=_quantile(per_request, 0.9), model=model.to_dict(), contention=contention,
+        pull_block_ms=pull_s * 1e3, pull_measured=measured, executed_hits=_shares(hits),
+        simulated_hits=_shares(sim_hits), executed_origin=first.origin, simulated_origin=Origin.SIMULATED.value,
+        executed_wall_s=math.fsum(run.result.wall_s for run in runs), notes=tuple(notes), per_request=pairs,
+        repeats=spec.repeats,
+        executed_runs=tuple(ExecutedRun(run=k, figures=e, completed=len(run.ttft_ms),
+                                        pulls=sum(len(r["pull_ms"]) for r in run.reports), wall_s=run.result.wall_s,
+                                        load=run.load, noisy=run.load.noisy, own_fit_simulated=o,
+                                        own_fit_errors=None if o is None else {
+                                            key: _error(o[key], e[key]) for key in o if key in e})
+                            for k, (run, e, o) in enumerate(zip(runs, executed, own, strict=True))),
+        executed_median=medians, executed_reference=refs)
+
+
+def _fit_and_simulate(checked: Checked, runs: Sequence[_Run], arrivals: Sequence[float]
+                      ) -> tuple[ServingTimeModel, float, float, bool, bool, ClusterSim]:
+    """The model fitted to the runs' served requests pooled (each run's overlaps its own), the pull time per block
+    over all their pulls, and the simulation of the requests with them: (model, contention, pull seconds per block,
+    whether pulls were measured, whether the instances never pulled, the simulation)."""
+    layout = scaled_layout(checked.spec.block_kib, layers=1)
+    served = [s for run in runs for s in run.served]
+    overlap = {}  # which instances were busy together is each run's own
+    for run in runs:
+        overlap |= {(run.index, i): v for i, v in _overlap(run.served, run.ttft_ms, arrivals).items()}
+    model, contention = fit_executed(served, overlap, layout.block_bytes, layout.block_tokens)
+    pull_s, measured = _pull_block_s([r for run in runs for r in run.reports], checked, layout.block_bytes)
+    # The executed instances decided pull or recompute per request; when they never pulled, neither does the
+    # simulation (its own cost comparison decides only where they did both).
+    never = sum(run.result.decisions.get("pull", 0) for run in runs) == 0
+    sim = _simulate(checked, model, contention, pull_s, layout.block_bytes, layout.block_tokens, arrivals,
+                    "none" if never else checked.spec.sharing)
+    return model, contention, pull_s, measured, never, sim
+
+
+def _sim_ttft(sim: ClusterSim) -> dict[int, float]:
+    return {q.index: (q.first_token - q.arrival) * 1e3 for q in sim.reqs if q.first_token >= 0}
+
+
+def _execute_run(checked: Checked, k: int) -> _Run:
+    """Executed run k, the machine's load measured over it."""
+    meter = LoadMeter()
+    cluster, result = _execute(checked)
+    load = meter.stop()
+    reports = [p.result for p in cluster.procs.values() if p.result is not None]
+    served = [_Served(p.me, *row, run=k) for p in cluster.procs.values() if p.result is not None
+              for row in p.result["served"]]
+    return _Run(index=k, result=result, reports=reports, served=served, ttft_ms=dict(cluster.ttft), load=load)
 
 
 CONTENTION_GRID = tuple(k / 20 for k in range(41))  # 0 to 2 in steps of 0.05
 
 
-def fit_executed(served: Sequence[_Served], overlap: Mapping[int, float], block_bytes: int,
+def fit_executed(served: Sequence[_Served], overlap: Mapping[tuple[int, int], float], block_bytes: int,
                  block_tokens: int) -> tuple[ServingTimeModel, float]:
     """The serving-time model of the executed instances and their CPU contention. Each request's serve time less its
     pulls is (base + per computed token (the misses' blocks, whole) + per byte read locally) x (1 + contention x the
     mean number of other instances busy while it was served): for each contention on a grid the model is fitted
     (tieremu.cluster.servtime.fit, on seconds) to the serve times divided by that factor, and the contention whose
-    fit leaves the least squared error in seconds wins."""
+    fit leaves the least squared error in seconds wins. `served` may pool several runs: `overlap` is keyed by
+    (run, request index), each run's overlaps its own."""
     best: tuple[float, ServingTimeModel, float] | None = None
+    runs = len({s.run for s in served})
     for contention in CONTENTION_GRID:
-        factor = [1 + contention * overlap.get(s.index, 0.0) for s in served]
+        factor = [1 + contention * overlap.get((s.run, s.index), 0.0) for s in served]
         samples = [Sample(prefill_tokens=s.miss * block_tokens, decode_seqs=0, kv_bytes=s.local * block_bytes,
                           seconds=max(s.serve_s - s.pull_s, 1e-9) / f) for s, f in zip(served, factor, strict=True)]
         model = fit(samples, name="executed-instances", kv_bytes_per_token=max(1, block_bytes // block_tokens),
                     relative=False,
-                    source=f"measured: {len(samples)} requests served by this run's executed instances (serve time "
-                           f"less pulls against local and computed blocks, CPU contention {contention:.2f} per other "
-                           "busy instance; shared vCPUs)")
+                    source=f"measured: {len(samples)} requests served by the executed instances of {runs} run(s) "
+                           f"(serve time less pulls against local and computed blocks, CPU contention "
+                           f"{contention:.2f} per other busy instance; shared vCPUs)")
         error = math.fsum((model.predict(x) * f - x.seconds * f) ** 2 for x, f in zip(samples, factor, strict=True))
         if best is None or error < best[0]:
             best = (error, model, contention)
@@ -265,7 +410,7 @@ def fit_executed(served: Sequence[_Served], overlap: Mapping[int, float], block_
 
 
 def _overlap(served: Sequence[_Served], ttft_ms: Mapping[int, float], arrivals: Sequence[float]) -> dict[int, float]:
-    """Per request: the mean number of other instances serving while the executed instance served it."""
+    """Per request of one run: the mean number of other instances serving while the executed instance served it."""
     spans = [(s.instance, arrivals[s.index] + ttft_ms[s.index] / 1e3 - s.serve_s, arrivals[s.index]
               + ttft_ms[s.index] / 1e3, s.index) for s in served if s.index in ttft_ms]
     out = {}
@@ -283,9 +428,9 @@ def _execute(checked: Checked) -> tuple[Cluster, ClusterResult]:
     return cluster, _result(cluster, checked, wall_s)
 
 
-def _pull_block_s(cluster: Cluster, checked: Checked, block_bytes: int) -> tuple[float, bool]:
-    """Seconds per pulled block: the mean measured in the run, else the link's time plus the probed overhead."""
-    results = [p.result for p in cluster.procs.values() if p.result is not None]
+def _pull_block_s(results: Sequence[Mapping], checked: Checked, block_bytes: int) -> tuple[float, bool]:
+    """Seconds per pulled block: the mean over every pull the instances' reports (of all runs) measured, else the
+    link's time plus the probed overhead."""
     pulls = [ms for r in results for ms in r["pull_ms"]]
     if pulls:
         return math.fsum(pulls) / len(pulls) / 1e3, True

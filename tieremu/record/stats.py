@@ -69,6 +69,41 @@ def percentile(values: Iterable[float], q: float) -> float:
     hi = min(lo + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
+@dataclass(frozen=True)
+class MedianCI:
+    """A distribution-free confidence interval of the median: order statistics [x_(j), x_(n+1-j)] (1-based) of the
+    sorted values, whose coverage is P(j <= B <= n-j) for B ~ Binomial(n, 1/2) whatever the distribution. `reached`
+    is False when even [min, max] covers less than asked (n < 6 for 95%): the interval is then min..max and
+    `coverage` says how much it does cover."""
+
+    low: float
+    high: float
+    coverage: float
+    reached: bool
+
+    def to_dict(self) -> dict[str, float | bool]:
+        return asdict(self)
+
+
+def median_ci(values: Iterable[float], confidence: float = CONFIDENCE) -> MedianCI:
+    """The narrowest symmetric order-statistic interval of the median covering at least `confidence` (the finite
+    values only; NaN bounds when there are none)."""
+    xs = sorted(v for v in values if math.isfinite(v))
+    n = len(xs)
+    if n == 0:
+        return MedianCI(math.nan, math.nan, 0.0, False)
+    below = 0.0  # P(B <= j - 1) for the j being tried, j = 1, 2, ...
+    best = (1, 1.0 - 2 * 0.5 ** n)  # [min, max]: misses the median only when every value is on one side
+    for j in range(1, (n + 1) // 2 + 1):
+        below += math.comb(n, j - 1) * 0.5 ** n
+        coverage = 1.0 - 2 * below
+        if coverage < confidence:
+            break
+        best = (j, coverage)
+    j, coverage = best
+    return MedianCI(xs[j - 1], xs[n - j], coverage, coverage >= confidence)
+
+
 # A run during which more than this share of CPU time was stolen or spent by others is flagged noisy.
 NOISY_STEAL = 0.05
 NOISY_LOAD_PER_CPU = 0.5

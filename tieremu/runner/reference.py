@@ -373,14 +373,16 @@ JOB_HELP: dict[str, dict[str, str]] = {
 }
 VALIDATE_ABOUT = ("`tieremu cluster validate SPEC` (`configs/cluster/validate-*.yaml`): the executed cluster, then the "
                   "cluster simulator on the same requests and arrival times, TTFT p50/p99 and throughput errors "
-                  "printed (pass: |p50| < 10%, |p99| < 20%). The keys of a `cluster` job, plus `name` and `tiers`; "
-                  "no faults.")
+                  "printed (pass: |p50| < 10%, |p99| < 20%, against the median of `repeats` executed runs). The keys "
+                  "of a `cluster` job, plus `name`, `tiers` and `repeats`; no faults.")
 VALIDATE_HELP = {
     **{k: v for k, v in JOB_HELP["cluster"].items() if k not in ("max_requests", "faults")},
     "name": "The validation's name, shown in its report (unset: the file's stem).",
     "tiers": "One instance's tier map (relative to the spec); a peer tier in it is ignored (the link is `link`).",
     "max_requests": "The trace prefix both sides replay (required: the executed cluster runs in real time).",
     "faults": "Refused if given: the simulator injects no faults.",
+    "repeats": "Executed runs (`--repeats` overrides): the simulation is compared with their median, shown with a "
+               "distribution-free confidence interval of it (95% from 6 runs; fewer: min..max and its coverage).",
 }
 JOB_ABOUT = {
     "probe": "A quick per-tier probe (latency, bandwidth, loaded latency) through each tier's own path. "

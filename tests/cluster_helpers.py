@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tieremu.cluster import replay
+from tieremu.cluster import netns, replay
 
 
 def reuse_trace(path: Path, groups: int = 3, gap_ms: int = 2000) -> Path:
@@ -47,3 +47,8 @@ def record_meshes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(replay, "Mesh", Recorded)
     return names
+
+
+def live_namespaces() -> set[str]:
+    """tieremu's network namespaces that exist now (anyone's)."""
+    return {ns for ns in netns.list_namespaces() if ns.startswith(netns.PREFIX)}

@@ -34,3 +34,11 @@ def memory_nodes() -> tuple[int, ...]:
 def missing_node(memory_nodes: tuple[int, ...]) -> int:
     """A node id that has no memory on this machine."""
     return max(memory_nodes) + 1
+
+
+@pytest.fixture
+def meshes_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The network namespaces this test's cluster replays create (other runs on the machine may have theirs)."""
+    from cluster_helpers import record_meshes
+
+    return record_meshes(monkeypatch)

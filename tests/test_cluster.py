@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from cluster_helpers import children, record_meshes, reuse_trace
+from cluster_helpers import children, live_namespaces, reuse_trace
 from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli.root import main as cli_main
@@ -31,18 +31,9 @@ is_root = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not is_root, reason="network namespaces need root")
 
 
-def _ours() -> set[str]:
-    return {ns for ns in netns.list_namespaces() if ns.startswith(netns.PREFIX)}
-
-
 @pytest.fixture(autouse=True)
 def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(netns.STATE_ENV, str(tmp_path / "state"))
-
-
-@pytest.fixture
-def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    return record_meshes(monkeypatch)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -55,19 +46,19 @@ def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ({"faults": ("kill-peer@99999",)}, "must be in 0.."),
     ({"mode": "simulate"}, "execute mode"),
 ])
-def test_bad_input_is_refused_before_any_work(change: dict, message: str, made: list[str]) -> None:
+def test_bad_input_is_refused_before_any_work(change: dict, message: str, meshes_made: list[str]) -> None:
     spec = ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, max_requests=10, link=LinkSpec(10, 10))
     with pytest.raises(ConfigError, match=message):
         cluster_replay(ClusterSpec(**{**spec.__dict__, **change}))
-    assert not made  # no namespace was even named for creation
+    assert not meshes_made  # no namespace was even named for creation
 
 
 @pytest.mark.parametrize("link", ["-5,1", "10,-1", "10,1e9", "1e9,10", "10"])
-def test_bad_links_from_the_cli_leave_nothing(link: str, made: list[str]) -> None:
+def test_bad_links_from_the_cli_leave_nothing(link: str, meshes_made: list[str]) -> None:
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(MOONCAKE_TRACE), "--tiers", str(TIERS),
                                         "--link", link, "--max-requests", "5"])
     assert out.exit_code != 0 and "link" in out.output
-    assert not made
+    assert not meshes_made
 
 
 def test_namespaces_without_root_offer_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -104,7 +95,7 @@ def _arm(sharing: str, out: dict[str, ClusterResult], errors: list[BaseException
         errors.append(exc)
 
 
-def test_three_instances_on_300_requests_p2p_recomputes_less(made: list[str]) -> None:
+def test_three_instances_on_300_requests_p2p_recomputes_less(meshes_made: list[str]) -> None:
     # Both arms run at once, so that the machine's other load falls on both alike. TTFT is a speed figure: it is
     # compared by benchmarks/cluster_ttft.py, not asserted here.
     out: dict[str, ClusterResult] = {}
@@ -129,10 +120,11 @@ def test_three_instances_on_300_requests_p2p_recomputes_less(made: list[str]) ->
     # the bucket the link was shaped with: tbf's (160 us of 10 Gb/s) or the transport's paced slice
     assert p2p.shaping["rate_bucket_bytes"] == ("200000" if is_root else str(paced_slice(p2p.link["gbps"])))
     assert p2p.origin == "emulated"  # the link's delay is the transport's
-    assert len(made) == (6 if is_root else 0) and not set(made) & _ours()  # both arms' namespaces, all gone
+    # both arms' namespaces, all gone
+    assert len(meshes_made) == (6 if is_root else 0) and not set(meshes_made) & live_namespaces()
 
 
-def test_hash_index_through_the_cli_json(tmp_path: Path, made: list[str]) -> None:
+def test_hash_index_through_the_cli_json(tmp_path: Path, meshes_made: list[str]) -> None:
     trace = reuse_trace(tmp_path / "reuse.jsonl")
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(trace), "--tiers", str(TIERS),
                                         "--instances", "3", "--index", "hash", "--pull", "always",
@@ -151,7 +143,7 @@ def test_hash_index_through_the_cli_json(tmp_path: Path, made: list[str]) -> Non
     assert decisions["recompute"] == 0 and 5 <= decisions["pull"] <= 6, doc
     assert 40 <= round(doc["hit_ratio"]["peer"] * 81) <= 48, doc
     assert doc["estimator_error"] is not None and len(doc["instances"]) == 3
-    assert len(made) == (3 if is_root else 0) and not set(made) & _ours()
+    assert len(meshes_made) == (3 if is_root else 0) and not set(meshes_made) & live_namespaces()
 
 
 @needs_root

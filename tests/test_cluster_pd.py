@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from cluster_helpers import children, record_meshes, reuse_trace
+from cluster_helpers import children, live_namespaces, reuse_trace
 from fixture_paths import MOONCAKE_TRACE
 
 from tieremu.cli.root import main as cli_main
@@ -25,18 +25,9 @@ TIERS = ROOT / "configs" / "tiers" / "cluster-peer.yaml"
 BLOCK_KIB = 16
 
 
-def _ours() -> set[str]:
-    return {ns for ns in netns.list_namespaces() if ns.startswith(netns.PREFIX)}
-
-
 @pytest.fixture(autouse=True)
 def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(netns.STATE_ENV, str(tmp_path / "state"))
-
-
-@pytest.fixture
-def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    return record_meshes(monkeypatch)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -46,12 +37,12 @@ def made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     ({"pd": (1, 2), "faults": ("kill-peer@3",)}, r"--fault kill-peer@3 with --pd 1:2"),
     ({"pd": (1, 2), "transport": "shm"}, r"--pd 1:2 with --transport shm: .* use --transport tcp"),
 ])
-def test_bad_pd_is_refused_before_any_work(change: dict, message: str, made: list[str]) -> None:
+def test_bad_pd_is_refused_before_any_work(change: dict, message: str, meshes_made: list[str]) -> None:
     procs = children(os.getpid())
     spec = ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, instances=3, max_requests=10, link=LinkSpec(10, 10))
     with pytest.raises(ConfigError, match=message):
         cluster_replay(ClusterSpec(**{**spec.__dict__, **change}))
-    assert not made and children(os.getpid()) <= procs  # no namespace made, no process left
+    assert not meshes_made and children(os.getpid()) <= procs  # no namespace made, no process left
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -59,15 +50,15 @@ def test_bad_pd_is_refused_before_any_work(change: dict, message: str, made: lis
     (["--pd", "1-2"], "must be P:D"),
     (["--pd", "2:2"], "P + D = --instances 3"),
 ])
-def test_bad_pd_from_the_cli_leaves_nothing(args: list[str], message: str, made: list[str]) -> None:
+def test_bad_pd_from_the_cli_leaves_nothing(args: list[str], message: str, meshes_made: list[str]) -> None:
     procs = children(os.getpid())
     out = CliRunner().invoke(cli_main, ["cluster", "replay", str(MOONCAKE_TRACE), "--tiers", str(TIERS),
                                         "--instances", "3", "--max-requests", "5", *args])
     assert out.exit_code != 0 and message in out.output, out.output
-    assert not made and children(os.getpid()) <= procs  # no namespace made, no process left
+    assert not meshes_made and children(os.getpid()) <= procs  # no namespace made, no process left
 
 
-def test_prefill_instances_hand_every_block_to_decode_instances(made: list[str]) -> None:
+def test_prefill_instances_hand_every_block_to_decode_instances(meshes_made: list[str]) -> None:
     n = 12
     requests = read_trace(MOONCAKE_TRACE)[:n]
     r = cluster_replay(ClusterSpec(trace=MOONCAKE_TRACE, tiers=TIERS, instances=3, pd=(2, 1), max_requests=n,
@@ -98,11 +89,11 @@ def test_prefill_instances_hand_every_block_to_decode_instances(made: list[str])
     assert r.tpot_ms is not None and r.tpot_ms.p50 > 0 and r.handoff_ms is not None and r.handoff_ms.p50 > 0
     assert r.prefill_ms is not None and r.ttft_ms.p50 > 0
     assert r.origin == "emulated" and r.shaping  # the hand-off crossed the shaped (or paced) link
-    assert len(made) == (3 if os.geteuid() == 0 else 0) and not set(made) & _ours()
+    assert len(meshes_made) == (3 if os.geteuid() == 0 else 0) and not set(meshes_made) & live_namespaces()
 
 
 def test_pd_through_the_cli_json_blocks_held_by_the_decode_instance_are_not_pulled(tmp_path: Path,
-                                                                                   made: list[str]) -> None:
+                                                                                   meshes_made: list[str]) -> None:
     # 3 groups of 3 requests sharing an 8-block prefix (9 blocks each). With 1:2, request k is decoded on instance
     # 1 + k mod 2: the third request of each group meets its group's first on the same decode instance, which holds
     # the prefix already: 3 x 8 blocks local there, the other 81 - 24 pulled. The one prefill instance serves each
@@ -124,11 +115,11 @@ def test_pd_through_the_cli_json_blocks_held_by_the_decode_instance_are_not_pull
     assert [row["decoded"] for row in rows[1:]] == [5, 4] and [row["pd_local"] for row in rows[1:]] == [16, 8]
     assert doc["tpot_ms"] is not None and doc["tpot_ms"]["p50"] > 0  # each request asks for 2 tokens
     assert any("single prefill instance" in note for note in doc["notes"])
-    assert len(made) == (3 if os.geteuid() == 0 else 0) and not set(made) & _ours()
+    assert len(meshes_made) == (3 if os.geteuid() == 0 else 0) and not set(meshes_made) & live_namespaces()
 
 
-def test_blocks_the_prefill_instance_does_not_hold_are_recomputed_by_the_decode_instance(tmp_path: Path,
-                                                                                         made: list[str]) -> None:
+def test_blocks_the_prefill_instance_does_not_hold_are_recomputed_by_the_decode_instance(
+        tmp_path: Path, meshes_made: list[str]) -> None:
     # Room for 4 blocks per instance: the prefill instance stores the first 4 of each request's 9 (the rest find its
     # tier full of the request's pinned blocks), so the decode instance's pulls of the other 5 are answered "not
     # held" and it recomputes them: counted (as stale answers too), checked at the end like any block, never an
@@ -142,7 +133,7 @@ def test_blocks_the_prefill_instance_does_not_hold_are_recomputed_by_the_decode_
     assert sum(row.stale_misses for row in decode) == r.pd_recomputed  # each after a "not held" reply
     assert r.pd_bytes == r.pd_handed * BLOCK_KIB * 1024 and r.pd_handed > 0
     assert all(row.blocks_checked > 0 for row in r.instances)
-    assert len(made) == (3 if os.geteuid() == 0 else 0) and not set(made) & _ours()
+    assert len(meshes_made) == (3 if os.geteuid() == 0 else 0) and not set(meshes_made) & live_namespaces()
 
 
 @pytest.mark.parametrize(("pd", "problem"), [("1:2", None), ("2:2", r"pd: --pd 2:2: .*P \+ D = --instances 3"),

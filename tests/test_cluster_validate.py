@@ -108,6 +108,7 @@ def test_validate_runs_both_modes_and_reports_finite_errors(tmp_path: Path) -> N
     ({"repeats": 2.5}, "repeats: expected int, got 2.5 .*1..20"),
     ({"repeats": "three"}, "repeats: expected int, got .three. .*1..20"),
     ({"faults": ["kill-peer@3"]}, "faults"),
+    ({"pd": "1:2"}, "pd: a validation serves round-robin without prefill/decode disaggregation"),
     ({"max_requests": None}, "max_requests"),
     ({"sharing": "all"}, "sharing"),
     ({"tiers": "nowhere.yaml"}, "tiers"),

@@ -571,8 +571,10 @@ def checksum_run(cache: TieredKVCache, migrations: int, timeout_s: float,
     daemon.start()
     deadline = time.monotonic() + timeout_s
     try:
-        while (daemon.report().moved < migrations or workload.rounds < rounds) and time.monotonic() < deadline \
-                and workload.error is None:
+        # Also until the reader has checked more blocks than the daemon must move: how fast each goes is the
+        # machine's business, that both ran together until then is the test's.
+        while (daemon.report().moved < migrations or workload.rounds < rounds or workload.checked <= migrations) \
+                and time.monotonic() < deadline and workload.error is None:
             time.sleep(0.05)
     finally:
         report = daemon.stop()

@@ -140,6 +140,8 @@ def parse_validate_spec(doc: Section) -> ValidateSpec:
     params = ClusterJob.parse(doc)  # the job's keys, checked; any other key is refused there
     if params.faults:
         raise doc.error("faults", "a validation runs without faults (the simulator injects none); remove the key")
+    if params.pd is not None:
+        raise doc.error("pd", "a validation serves round-robin without prefill/decode disaggregation; remove the key")
     if params.max_requests is None or params.max_requests > MAX_VALIDATE_REQUESTS:
         raise doc.error("max_requests", f"give 1..{MAX_VALIDATE_REQUESTS}: the executed cluster replays the prefix "
                                         "in real time")

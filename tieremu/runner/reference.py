@@ -358,6 +358,10 @@ JOB_HELP: dict[str, dict[str, str]] = {
         "namespaces": "Run in network namespaces (root) or on loopback (unset: namespaces when root).",
         "shm_node": "`transport: shm`: the memory node the shared pool is bound to (mbind, checked with "
                     "move_pages).",
+        "pd": "`P:D`: P prefill and D decode instances (P + D = `instances`): each request is prefilled on a prefill "
+              "instance, which hands every block to a decode instance over the tcp block transport (checksummed); "
+              "the decode instance runs its decode steps (TTFT, TPOT, `pd_bytes`, `handoff_ms`). tcp only, no "
+              "faults.",
     },
     "synthetic": {
         "tokens": "TPOT samples per run.",
@@ -373,16 +377,19 @@ JOB_HELP: dict[str, dict[str, str]] = {
 }
 VALIDATE_ABOUT = ("`tieremu cluster validate SPEC` (`configs/cluster/validate-*.yaml`): the executed cluster, then the "
                   "cluster simulator on the same requests and arrival times, TTFT p50/p99 and throughput errors "
-                  "printed (pass: |p50| < 10%, |p99| < 20%, against the median of `repeats` executed runs). The keys "
-                  "of a `cluster` job, plus `name`, `tiers` and `repeats`; no faults.")
+                  "printed (pass: |p50| < 10%, |p99| < 20%, the median over `repeats` executed runs of each run's "
+                  "error against its simulation from the model fitted to it). The keys of a `cluster` job, plus "
+                  "`name`, `tiers` and `repeats`; no faults, no pd.")
 VALIDATE_HELP = {
-    **{k: v for k, v in JOB_HELP["cluster"].items() if k not in ("max_requests", "faults")},
+    **{k: v for k, v in JOB_HELP["cluster"].items() if k not in ("max_requests", "faults", "pd")},
     "name": "The validation's name, shown in its report (unset: the file's stem).",
     "tiers": "One instance's tier map (relative to the spec); a peer tier in it is ignored (the link is `link`).",
     "max_requests": "The trace prefix both sides replay (required: the executed cluster runs in real time).",
     "faults": "Refused if given: the simulator injects no faults.",
-    "repeats": "Executed runs (`--repeats` overrides): the simulation is compared with their median, shown with a "
-               "distribution-free confidence interval of it (95% from 6 runs; fewer: min..max and its coverage).",
+    "pd": "Refused if given: a validation serves round-robin without disaggregation.",
+    "repeats": "Executed runs (`--repeats` overrides): each is simulated from the model fitted to it and the check "
+               "is the median of the runs' errors; the executed median is shown with a distribution-free "
+               "confidence interval of it (95% from 6 runs; fewer: min..max and its coverage).",
 }
 JOB_ABOUT = {
     "probe": "A quick per-tier probe (latency, bandwidth, loaded latency) through each tier's own path. "

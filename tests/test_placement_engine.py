@@ -135,3 +135,22 @@ def test_the_token_bucket_keeps_the_rate_and_saves_up_at_most_its_burst() -> Non
     assert bucket.allowance(0.0) == 0 and bucket.wait_s(0.0) == pytest.approx(0.2, rel=1e-6)
     assert bucket.allowance(10.0) == 500_000_000  # ten seconds idle still save up only the burst
     assert TokenBucket(None, 0.5).allowance(0.0) is None and TokenBucket(None, 0.5).wait_s(0.0) == 0.0
+
+
+def test_a_trials_staging_shows_blocks_where_they_are_headed_and_forgets_them_after() -> None:
+    from tieremu.policy.staging import Staging
+
+    real = {1: "dram", 2: "dram", 3: "cxl"}
+    staging = Staging()
+    staging.stage(1, real[1], "cxl")  # pushed down
+    staging.stage(4, None, "dram", pinned=True)  # the newcomer, shown in the room made for it
+    staging.stage(3, staging.tier_of(3, real.get), None)  # dropped from the last tier
+    assert [staging.tier_of(b, real.get) for b in (1, 2, 3, 4)] == ["cxl", "dram", None, "dram"]
+    assert staging.blocks_in("dram", [1, 2]) == [2, 4] and staging.blocks_in("cxl", [3]) == [1]
+    assert (staging.change("dram"), staging.change("cxl")) == (0, 0)  # one out, one in, for each tier
+    assert staging.pins == {4}
+    staging.stage(4, "dram", "cxl")  # restaged unpinned
+    assert staging.pins == set() and (staging.change("dram"), staging.change("cxl")) == (-1, 1)
+    staging.clear()
+    assert staging.tier_of(1, real.get) == "dram" and staging.blocks_in("dram", [1, 2]) == [1, 2]
+    assert staging.change("cxl") == 0

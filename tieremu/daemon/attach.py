@@ -75,6 +75,7 @@ from tieremu.policy.engine import (
     rank_in,
 )
 from tieremu.policy.registry import get_policy
+from tieremu.policy.staging import Staging
 from tieremu.tiers.config import GBPS, TierMap, load_tier_map
 from tieremu.tiers.resolve import in_vm
 
@@ -344,9 +345,7 @@ class ChunkView:
         self.rank = {t.name: t.rank for t in tiers}
         self.members: dict[str, dict[int, None]] = {t.name: {} for t in tiers}
         self.where: dict[int, str] = {}
-        self._staged: dict[int, str | None] = {}  # chunk -> tier shown during a trial (None: in no tier)
-        self._pins: set[int] = set()
-        self._delta: dict[str, int] = {}  # staged change of each tier's chunk count
+        self._staging = Staging()  # chunks shown where they are headed during a trial (its pins: the newcomer)
 
     # -- BlockView -----------------------------------------------------------------------------------------------
 
@@ -355,18 +354,16 @@ class ChunkView:
         return [TierState(t.name, t.rank, t.capacity_chunks, self.used(t.name)) for t in self._tiers]
 
     def tier_of(self, block: int) -> str | None:
-        return self._staged[block] if block in self._staged else self.where.get(block)
+        return self._staging.tier_of(block, self.where.get)
 
     def blocks_in(self, tier: str) -> Iterator[int]:
-        staged = self._staged
-        real = [b for b in self.members.get(tier, {}) if b not in staged]
-        return iter(real + [b for b, t in staged.items() if t == tier] if staged else real)
+        return iter(self._staging.blocks_in(tier, self.members.get(tier, {})))
 
     def pinned(self, block: int) -> bool:
-        return block in self._pins
+        return block in self._staging.pins
 
     def used(self, tier: str) -> int:
-        return len(self.members[tier]) + self._delta.get(tier, 0)
+        return len(self.members[tier]) + self._staging.change(tier)
 
     # -- where chunks really are ---------------------------------------------------------------------------------
 
@@ -388,25 +385,14 @@ class ChunkView:
 
     def stage(self, block: int, tier: str | None, *, pinned: bool = False) -> None:
         """Show a chunk in tier (None: in no tier) until the trial ends."""
-        old = self.tier_of(block)
-        if old is not None:
-            self._delta[old] = self._delta.get(old, 0) - 1
-        if tier is not None:
-            self._delta[tier] = self._delta.get(tier, 0) + 1
-        self._staged[block] = tier
-        if pinned:
-            self._pins.add(block)
-        else:
-            self._pins.discard(block)
+        self._staging.stage(block, self.tier_of(block), tier, pinned=pinned)
 
     @contextmanager
     def trial(self) -> Iterator[None]:
         try:
             yield
         finally:
-            self._staged.clear()
-            self._pins.clear()
-            self._delta.clear()
+            self._staging.clear()
 
     def used_in(self, rank: int) -> int:
         return self.used(self.names[rank])
@@ -415,7 +401,7 @@ class ChunkView:
         return self._tiers[rank].capacity_chunks
 
     def pinned_count(self, rank: int) -> int:
-        return sum(1 for b in self._pins if self.tier_of(b) == self.names[rank])
+        return sum(1 for b in self._staging.pins if self.tier_of(b) == self.names[rank])
 
     def show(self, block: int, rank: int) -> None:
         self.stage(block, self.names[rank], pinned=True)

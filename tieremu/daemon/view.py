@@ -22,6 +22,7 @@ from tieremu.errors import ConfigError
 from tieremu.kv.cache import TieredKVCache
 from tieremu.kv.pool import Block
 from tieremu.policy.base import TierState
+from tieremu.policy.staging import Staging
 
 IDENTS = ("id", "key")
 
@@ -41,37 +42,28 @@ class PoolView:
         self.ident = ident
         self.rank = {name: i for i, name in enumerate(self.pool.order)}
         self._pins: set[int] = set()
-        self._staged: dict[int, str | None] = {}  # ident -> tier shown (None: in no tier)
-        self._staged_pins: set[int] = set()
-        self._delta: dict[str, int] = {}  # staged change of each tier's used blocks
+        self._staging = Staging()  # the executor's trial: blocks shown where they are headed
 
     # -- BlockView -----------------------------------------------------------------------------------------------
 
     @property
     def tiers(self) -> list[TierState]:
-        pool, delta = self.pool, self._delta
-        return [TierState(name, i, pool.capacity[name], pool.used(name) + delta.get(name, 0))
-                for i, name in enumerate(pool.order)]
+        pool = self.pool
+        return [TierState(name, i, pool.capacity[name], self.used(name)) for i, name in enumerate(pool.order)]
 
     def tier_of(self, block: int) -> str | None:
-        if block in self._staged:
-            return self._staged[block]
-        found = self.block(block)
-        return None if found is None else found.tier
+        return self._staging.tier_of(block, self._real_tier)
 
     def blocks_in(self, tier: str) -> Iterable[int]:
-        staged = self._staged
         if self.ident == "id":
             real = [b.id for b in self.pool.on(tier)]
         else:
             by_key = self.pool.by_key
             real = [b.key for b in self.pool.on(tier) if b.key is not None and by_key(b.key) is b]
-        if not staged:
-            return real
-        return [b for b in real if b not in staged] + [b for b, t in staged.items() if t == tier]
+        return self._staging.blocks_in(tier, real)
 
     def pinned(self, block: int) -> bool:
-        return block in self._pins or block in self._staged_pins
+        return block in self._pins or block in self._staging.pins
 
     # -- beyond the protocol -------------------------------------------------------------------------------------
 
@@ -98,11 +90,11 @@ class PoolView:
 
     def pinned_in(self, tier: str) -> int:
         """Pinned blocks shown in a tier (pins are few: this walks them, not the tier)."""
-        return sum(1 for b in self._pins | self._staged_pins if self.tier_of(b) == tier)
+        return sum(1 for b in self._pins | self._staging.pins if self.tier_of(b) == tier)
 
     def used(self, tier: str) -> int:
         """Blocks shown in a tier, staging included."""
-        return self.pool.used(tier) + self._delta.get(tier, 0)
+        return self.pool.used(tier) + self._staging.change(tier)
 
     # -- staging (the executor's, while it decides how to make room) --------------------------------------------
 
@@ -112,19 +104,12 @@ class PoolView:
         try:
             yield
         finally:
-            self._staged.clear()
-            self._staged_pins.clear()
-            self._delta.clear()
+            self._staging.clear()
 
     def stage(self, ident: int, tier: str | None, *, pinned: bool = False) -> None:
         """Show block ident in tier (None: in no tier) from now until the staging scope ends."""
-        old = self.tier_of(ident)
-        if old is not None:
-            self._delta[old] = self._delta.get(old, 0) - 1
-        if tier is not None:
-            self._delta[tier] = self._delta.get(tier, 0) + 1
-        self._staged[ident] = tier
-        if pinned:
-            self._staged_pins.add(ident)
-        else:
-            self._staged_pins.discard(ident)
+        self._staging.stage(ident, self.tier_of(ident), tier, pinned=pinned)
+
+    def _real_tier(self, ident: int) -> str | None:
+        found = self.block(ident)
+        return None if found is None else found.tier

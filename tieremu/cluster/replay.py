@@ -50,7 +50,10 @@ TRANSPORTS = ("tcp", "shm", "mooncake")
 BUILT_TRANSPORTS = ("tcp", "shm", "mooncake")
 MODES = ("execute",)
 READY_TIMEOUT_S = 120.0
-QUIESCE_S = 0.5  # after the last request, for events in flight to land before the index is checked
+# After the last request, before the index is checked: events in flight land, and a gap one shows is noticed at
+# the next heartbeat (index.HEARTBEAT_S) and resynced by the peer's thread. 0.5 s (2.5 heartbeats) was once too
+# short on the loaded 2-vCPU CI machine (restart-peer: 6 entries still missing); 5 heartbeats.
+QUIESCE_S = 1.0
 DISPATCH_LEAD_S = 0.02  # a request is handed to its instance this long before it is due
 MAX_DECODE_STEPS = 16  # --pd: decode steps per request, as the vLLM engine caps outputs (tokens beyond are not run)
 
